@@ -1,0 +1,267 @@
+"""Artifact folders: one folder per stage run, described by a ``manifest.json``.
+
+A manifest says what ran (stage, stage version, resolved config), on what (inputs with fingerprints), what came out
+(outputs, metrics) and how it went (status, timings).  The *fingerprint* of a run is a hash of the stage version, the
+config and the identities of its inputs; ``lmforge run`` skips a stage whose folder already holds a ``done`` manifest
+with the same fingerprint.
+
+The identity of an input that is itself an artifact is its manifest's ``run_id``: when an upstream stage is re-run,
+everything downstream of it is re-run too (make-like).  The identity of a raw input (a file, a folder, a glob) is a
+hash of its content.
+
+Every file is written to a temporary name and renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from lmforge import __version__
+
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def hash_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hash_file(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def expand_paths(spec: str | os.PathLike) -> list[Path]:
+    """A path, a folder (all files below it, recursively) or a glob, as a sorted list of files."""
+    spec = str(spec)
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    else:
+        matches = [Path(spec)]
+    files: list[Path] = []
+    for m in matches:
+        if m.is_dir():
+            files.extend(sorted(p for p in m.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif m.exists():
+            files.append(m)
+    return files
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def fingerprint_input(spec: str | os.PathLike) -> str:
+    """Identity of an input: the run id of an artifact folder, else a content hash of the files it names."""
+    path = Path(spec)
+    if is_artifact(path):
+        m = read_manifest(path)
+        if m.status != "done":
+            raise ValueError(f"{path} is an unfinished artifact (status {m.status}); run its stage first")
+        return f"run:{m.run_id}"
+    files = expand_paths(spec)
+    if not files:
+        raise FileNotFoundError(f"input {spec} matches no file")
+    h = hashlib.sha256()
+    base = path if path.is_dir() else None
+    for f in files:
+        h.update(str(f.relative_to(base) if base else f.name).encode())
+        _hash_file(f, h)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# manifests
+
+
+class InputRef(BaseModel):
+    path: str
+    fingerprint: str
+
+
+class Manifest(BaseModel):
+    stage: str
+    stage_version: str
+    fingerprint: str
+    run_id: str
+    status: str  # running / done / failed
+    config: dict[str, Any]
+    inputs: dict[str, InputRef] = {}
+    outputs: list[str] = []
+    metrics: dict[str, Any] = {}
+    started_at: float
+    finished_at: float | None = None
+    duration_s: float | None = None
+    lmforge_version: str = __version__
+    host: dict[str, str] = {}
+    error: str | None = None
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = Path(folder) / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not an lmforge artifact (no {MANIFEST})") from None
+
+
+def compute_fingerprint(stage: str, stage_version: str, config: dict[str, Any], inputs: dict[str, InputRef]) -> str:
+    return hash_json(
+        {
+            "stage": stage,
+            "version": stage_version,
+            "config": config,
+            "inputs": {k: v.fingerprint for k, v in sorted(inputs.items())},
+        }
+    )
+
+
+class StageRun:
+    """One run of a stage writing one artifact folder.
+
+    Usage::
+
+        run = StageRun("tokenizer", "1", out_dir, config.model_dump(), inputs={"data": data_dir})
+        if run.up_to_date():
+            ...  # skip
+        with run:
+            ...  # write files into run.dir, fill run.metrics
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        stage_version: str,
+        out_dir: str | os.PathLike,
+        config: dict[str, Any],
+        inputs: dict[str, str | os.PathLike] | None = None,
+    ) -> None:
+        self.stage = stage
+        self.stage_version = stage_version
+        self.dir = Path(out_dir)
+        self.config = json.loads(json.dumps(config, default=str))
+        self.inputs = {
+            name: InputRef(path=str(Path(p).resolve()) if not any(c in str(p) for c in "*?[") else str(p),
+                           fingerprint=fingerprint_input(p))
+            for name, p in (inputs or {}).items()
+        }
+        self.fingerprint = compute_fingerprint(stage, stage_version, self.config, self.inputs)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.metrics: dict[str, Any] = {}
+        self.outputs: list[str] = []
+        self._started = 0.0
+
+    # -- state of an existing folder ----------------------------------------------------------------------------------
+    def previous(self) -> Manifest | None:
+        try:
+            return read_manifest(self.dir)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def up_to_date(self) -> bool:
+        """True when the folder holds a finished run with the same fingerprint."""
+        prev = self.previous()
+        return prev is not None and prev.status == "done" and prev.fingerprint == self.fingerprint
+
+    def resumable(self) -> bool:
+        """True when the folder holds an unfinished (crashed or killed) run of the same fingerprint."""
+        prev = self.previous()
+        return prev is not None and prev.status in ("running", "failed") and prev.fingerprint == self.fingerprint
+
+    # -- running ------------------------------------------------------------------------------------------------------
+    def _manifest(self, status: str, error: str | None = None) -> Manifest:
+        now = time.time()
+        done = status != "running"
+        return Manifest(
+            stage=self.stage,
+            stage_version=self.stage_version,
+            fingerprint=self.fingerprint,
+            run_id=self.run_id,
+            status=status,
+            config=self.config,
+            inputs=self.inputs,
+            outputs=sorted(self.outputs),
+            metrics=self.metrics,
+            started_at=self._started,
+            finished_at=now if done else None,
+            duration_s=round(now - self._started, 3) if done else None,
+            host={"python": platform.python_version(), "machine": platform.machine(), "node": platform.node()},
+            error=error,
+        )
+
+    def __enter__(self) -> "StageRun":
+        from lmforge import registry
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.time()
+        write_json(self.dir / MANIFEST, self._manifest("running").model_dump())
+        registry.record_start(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from lmforge import registry
+
+        if exc is None:
+            if not self.outputs:
+                self.outputs = sorted(
+                    str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file() and p.name != MANIFEST
+                )
+            manifest = self._manifest("done")
+        else:
+            detail = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+            manifest = self._manifest("failed", error=detail)
+        write_json(self.dir / MANIFEST, manifest.model_dump())
+        registry.record_finish(self, manifest)
+        return False

@@ -1,0 +1,38 @@
+"""What every stage shares: run-or-skip around a ``StageRun``.
+
+A stage module exposes ``STAGE`` (name), ``VERSION`` (bump it when outputs change meaning), a ``Config`` (a
+``StageConfig``) and ``run(config, out_dir, force=False) -> Manifest``.  Inside ``run`` a stage calls
+``begin(...)``: it returns ``None`` when the folder already holds a finished run with the same fingerprint (and says
+so), else a ``StageRun`` to use as a context manager.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lmforge.artifacts import Manifest, StageRun, read_manifest
+from lmforge.progress import console
+
+
+def begin(
+    stage: str,
+    version: str,
+    out_dir: str | os.PathLike,
+    config: dict[str, Any],
+    inputs: dict[str, str | os.PathLike] | None = None,
+    force: bool = False,
+) -> StageRun | None:
+    run = StageRun(stage, version, out_dir, config, inputs)
+    if not force and run.up_to_date():
+        console.print(f"[green]✓ {stage}[/]: up to date in {out_dir} (fingerprint {run.fingerprint}), skipped")
+        return None
+    if run.resumable():
+        console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run in {out_dir}")
+    else:
+        console.print(f"[bold]▶ {stage}[/] → {out_dir}")
+    return run
+
+
+def finished(out_dir: str | os.PathLike) -> Manifest:
+    return read_manifest(out_dir)

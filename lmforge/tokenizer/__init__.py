@@ -1,0 +1,1 @@
+"""Tokenizer stage: train a byte-level BPE (HF ``tokenizers``) and pack documents into token shards."""

@@ -1,0 +1,91 @@
+"""Byte-level BPE training with HF ``tokenizers``, saved as ``tokenizer.json`` + ``tokenizer_config.json``.
+
+The pre-tokenizer is GPT-2's byte-level split (a regex llama.cpp knows as ``gpt-2``), so every input round-trips and
+GGUF export can reproduce our tokenization.  Special tokens follow ChatML, as SmolLM2 does: ``<|endoftext|>`` ends a
+document (bos/eos/pad), ``<|im_start|>`` / ``<|im_end|>`` frame chat turns, and the chat template renders messages
+into them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from lmforge.artifacts import write_json, write_text
+
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, IM_START, IM_END]
+
+# ChatML, the same layout SmolLM2-Instruct uses; a default system prompt is not injected.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2,
+              max_length: int = 2048, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` in ``out_dir``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    save_tokenizer(tok, out_dir, max_length=max_length)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, max_length: int = 2048) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "tokenizer.json", tok.to_str(pretty=False))
+    added = {
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                  "single_word": False, "special": True}
+        for t in SPECIAL_TOKENS
+    }
+    write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": EOS,
+            "eos_token": EOS,
+            "pad_token": EOS,
+            "unk_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": max_length,
+            "additional_special_tokens": [IM_START, IM_END],
+            "added_tokens_decoder": added,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    write_json(out / "special_tokens_map.json",
+               {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "additional_special_tokens": [IM_START, IM_END]})
+
+
+def load_tokenizer(folder: str | os.PathLike) -> tuple[Tokenizer, dict]:
+    """``(tokenizer, tokenizer_config)`` from a folder holding ``tokenizer.json`` (+ optional ``tokenizer_config.json``)."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    return Tokenizer.from_file(str(path)), cfg
