@@ -92,8 +92,13 @@ def _cli_type(annotation: Any) -> Any:
     return annotation
 
 
-def command_from_config(cls: type[C], run: Callable[[C], Any], help_text: str | None = None) -> Callable[..., Any]:
-    """A typer-ready function with one option per config field plus ``--config``; calls ``run(config)``."""
+def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | None = None,
+                        default_out: str | None = None) -> Callable[..., Any]:
+    """A typer-ready function with one option per config field plus ``--config``; calls ``run(config)``.
+
+    With ``default_out`` (a folder name under ``$LMFORGE_HOME``) the command also takes ``--out DIR`` and ``--force``
+    and calls ``run(config, out, force=force)``: the shape of every artifact-writing stage.
+    """
     params = [
         inspect.Parameter(
             "config_file",
@@ -102,6 +107,14 @@ def command_from_config(cls: type[C], run: Callable[[C], Any], help_text: str | 
             annotation=typing.Optional[Path],
         )
     ]
+    if default_out is not None:
+        params += [
+            inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
+                              default=typer.Option(None, "--out", "-o",
+                                                   help=f"Artifact folder  [default: $LMFORGE_HOME/{default_out}]")),
+            inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                              default=typer.Option(False, "--force", help="Re-run even if the folder is up to date.")),
+        ]
     cli_fields: list[str] = []
     for name, field in cls.model_fields.items():
         ann = _cli_type(field.annotation)
@@ -124,13 +137,19 @@ def command_from_config(cls: type[C], run: Callable[[C], Any], help_text: str | 
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config_file", None)
+        out = kwargs.pop("out", None)
+        force = kwargs.pop("force", False)
         overrides = {k: v for k, v in kwargs.items() if v is not None and v != []}
         try:
             config = load_config(cls, config_file, overrides)
         except ConfigError as err:
             typer.secho(str(err), fg="red", err=True)
             raise typer.Exit(2) from None
-        return run(config)
+        if default_out is None:
+            return run(config)
+        from lmforge.registry import home
+
+        return run(config, out or home() / default_out, force=force)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = help_text or cls.__doc__

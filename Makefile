@@ -1,0 +1,32 @@
+# Two commands for a fresh machine:  `make demo` (raw data → served model)  and  `make test`.
+# Both create .venv and install lmforge with the CPU build of PyTorch (torch==2.13.0).
+# On a GPU machine: install the CUDA build of torch that matches your driver into the venv first (see README).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/lmforge run recipes/demo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/demo_stages.py
+
+clean:
+	rm -rf runs

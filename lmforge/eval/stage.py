@@ -1,0 +1,122 @@
+"""The eval stage: validation loss, perplexity and bits-per-byte on held-out text, and greedy samples.
+
+Bits-per-byte divides the summed negative log-likelihood (in bits) by the UTF-8 bytes of the predicted tokens, so it
+compares models whose tokenizers differ.  With a byte-level BPE every character of a token's string stands for one
+byte, which gives each token's byte length exactly; special tokens count zero bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from lmforge.artifacts import Manifest, write_json, write_text
+from lmforge.config import StageConfig
+from lmforge.model.generate import generate
+from lmforge.model.hf import load_model
+from lmforge.progress import console, progress, rate_text
+from lmforge.stages import begin, finished
+from lmforge.tokenizer.bpe import load_tokenizer
+from lmforge.tokenizer.shards import eval_windows, load_split
+
+STAGE = "eval"
+VERSION = "1"
+
+DEFAULT_PROMPTS = ["To be, or not to be", "In the beginning God created", "The Python interpreter"]
+
+
+class Config(StageConfig):
+    """Evaluate a model folder on the held-out split of a tokenizer artifact."""
+
+    model: str = Field(description="Model folder (HF layout with tokenizer files), e.g. a pretrain artifact.")
+    data: str = Field(description="Tokenizer artifact whose `val` split is the held-out text.")
+    split: str = Field("val", description="Split of the token shards to evaluate on.")
+    seq_len: int = Field(0, ge=0, description="Window length; 0 uses the model's context length.")
+    max_windows: int = Field(64, ge=1, description="At most this many windows are scored.")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts for greedy samples.")
+    max_new_tokens: int = Field(40, ge=1, description="Tokens generated per sample.")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token stands for (0 for special tokens)."""
+    byte_chars = set(_bytes_to_unicode().values())
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, idx in tokenizer.get_vocab().items():
+        if token in specials:
+            continue
+        if all(c in byte_chars for c in token):
+            lengths[idx] = len(token)
+        else:  # not byte-level: fall back to decoding the token
+            lengths[idx] = len(tokenizer.decode([idx], skip_special_tokens=True).encode("utf-8"))
+    return lengths
+
+
+@torch.no_grad()
+def score(model, tokens: np.ndarray, seq_len: int, max_windows: int, byte_lengths: np.ndarray) -> dict:
+    """Summed NLL over consecutive windows → loss (nats/token), perplexity and bits per byte."""
+    nll, n_tokens, n_bytes = 0.0, 0, 0
+    windows = min(max_windows, max(1, math.ceil((len(tokens) - 1) / seq_len)))
+    t0 = time.time()
+    with progress() as bar:
+        task = bar.add_task("scoring held-out text", total=windows, rate="")
+        for i, (x, y) in enumerate(eval_windows(tokens, seq_len, max_windows)):
+            logits = model(x)
+            nll += float(torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                                                           reduction="sum"))
+            n_tokens += y.numel()
+            n_bytes += int(byte_lengths[y.numpy()].sum())
+            bar.update(task, completed=i + 1, rate=rate_text(n_tokens, time.time() - t0, "tok"))
+    loss = nll / max(1, n_tokens)
+    return {"val_loss": round(loss, 4), "val_ppl": round(math.exp(min(loss, 50)), 3),
+            "val_bpb": round(nll / math.log(2) / max(1, n_bytes), 4), "val_tokens_scored": n_tokens,
+            "val_bytes_scored": n_bytes}
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    out = Path(out_dir)
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs={"model": config.model, "data": config.data},
+                 force=force)
+    if run_ is None:
+        return finished(out)
+    with run_:
+        model = load_model(config.model)
+        tokenizer, tok_cfg = load_tokenizer(config.model)
+        tokens = load_split(Path(config.data) / "tokens", config.split)
+        seq_len = config.seq_len or model.config.max_position_embeddings
+        metrics = score(model, tokens, seq_len, config.max_windows, token_byte_lengths(tokenizer))
+        eos = tokenizer.token_to_id(tok_cfg.get("eos_token") or "<|endoftext|>")
+        samples = []
+        for prompt in config.prompts:
+            ids = tokenizer.encode(prompt).ids
+            new = generate(model, ids, config.max_new_tokens, temperature=0.0, eos_token_id=eos)
+            samples.append({"prompt": prompt, "completion": tokenizer.decode(new)})
+        run_.metrics.update(metrics)
+        write_json(out / "results.json", {"model": str(Path(config.model).resolve()), "metrics": metrics,
+                                          "samples": samples})
+        lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
+        lines += ["", "## Greedy samples", ""] + [f"- **{s['prompt']}** → {s['completion']!r}" for s in samples]
+        write_text(out / "results.md", "\n".join(lines) + "\n")
+        console.print(f"  val loss {metrics['val_loss']}, ppl {metrics['val_ppl']}, bits/byte {metrics['val_bpb']}")
+        for s in samples:
+            console.print(f"  [dim]{s['prompt']}[/] → {s['completion']!r}")
+    return finished(out)
