@@ -99,17 +99,20 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients use [default: the folder name]."),
+    max_num_seqs: int = typer.Option(4, help="Requests decoded together (continuous batching)."),
+    max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens (and the model's context)."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from lmforge.serve.api import serve
 
-    serve(str(model), host=host, port=port, model_name=model_name)
+    serve(str(model), host=host, port=port, model_name=model_name, max_num_seqs=max_num_seqs,
+          max_model_len=max_model_len)
 
 
 @app.command("chat")
 def chat_cmd(model: Path = typer.Argument(..., help="Model folder.")) -> None:
     """Chat with a model in the terminal (streams answers; Ctrl-D to quit)."""
-    from lmforge.serve.chat import chat_repl
+    from lmforge.serve.repl import chat_repl
 
     chat_repl(str(model))
 

@@ -1,0 +1,427 @@
+"""The serving engine: model + tokenizer + a preallocated KV cache, driven by a scheduler step loop.
+
+Requests are submitted from any thread (``add_request``) and land in a waiting queue.  One worker thread runs
+``Engine.step()`` while there is work; each step
+
+1. retires aborted requests,
+2. decodes one token for every running sequence in a single batched forward pass (rows of the batch sit at different
+   positions, each in its own KV-cache slot),
+3. admits waiting requests into free cache slots and prefills them (which yields their first token).
+
+That is continuous batching at the granularity of a step: a request joins or leaves between any two steps.  Chunked
+prefill, prefix caching and quantized weights/caches slot in here without touching the HTTP layer.  Outputs go to a
+per-request *sink* callable (a ``queue.Queue.put`` for sync callers, an asyncio hand-off for the API).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.model.hf import load_model
+from lmforge.model.llama import KVCache, Llama
+from lmforge.serve.detokenize import IncrementalDetokenizer, StopStringMatcher
+from lmforge.serve.sampling import LogitsProcessor, SamplerState, SamplingParams, sample
+from lmforge.tokenizer.bpe import CHAT_TEMPLATE, load_tokenizer
+
+__all__ = ["Engine", "SamplingParams", "LogitsProcessor", "GenerationOutput", "GenerationResult",
+           "PromptTooLongError", "ChatTemplateError", "EngineError"]
+
+log = logging.getLogger("lmforge.serve")
+
+# end-of-turn tokens of common chat formats (ChatML, Llama 3, Phi-3); chat requests stop at whichever the vocab has
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the requested max_tokens) does not fit in the context window."""
+
+
+class ChatTemplateError(ValueError):
+    """The chat template rejected the messages (e.g. via ``raise_exception``)."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while generating (a bug or an out-of-memory, not a bad request)."""
+
+
+@dataclass
+class GenerationOutput:
+    """One increment of one request's output.  ``text`` / ``token_ids`` are new since the previous output."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Sink = Callable[[GenerationOutput], None]
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    output_ids: list[int] = field(default_factory=list)
+    unsent_ids: list[int] = field(default_factory=list)  # tokens not yet reported in an output
+    slot: int | None = None
+    num_cached: int = 0  # tokens whose keys/values are in the cache
+    aborted: bool = False
+    finished: bool = False
+
+
+class Engine:
+    """Owns a ``Llama`` model, its tokenizer and a ``KVCache`` with ``max_num_seqs`` slots of ``max_model_len``."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, tokenizer_config: dict | None = None, *,
+                 max_num_seqs: int = 4, max_model_len: int | None = None,
+                 generation_config: dict | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer_config = tokenizer_config or {}
+        cfg = model.config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache.allocate(cfg, max_num_seqs, self.max_model_len, dtype=param.dtype, device=param.device)
+        self.vocab_size = cfg.vocab_size
+
+        self.eos_token_ids = self._eos_ids(generation_config or {})
+        eot = {i for t in END_OF_TURN_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+        self.chat_stop_token_ids = frozenset(self.eos_token_ids | eot)
+        self.chat_template = self._pick_template(self.tokenizer_config.get("chat_template"))
+
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[str, _Sequence] = {}
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+
+    # -- construction ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, *, max_num_seqs: int = 4, max_model_len: int | None = 2048,
+                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> "Engine":
+        """Load an HF-layout model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+
+        ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
+        ``None`` uses the model's full ``max_position_embeddings``."""
+        path = Path(path)
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer, tok_cfg = load_tokenizer(path)
+        gen_path = path / "generation_config.json"
+        gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        return cls(model, tokenizer, tok_cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                   generation_config=gen_cfg)
+
+    def _eos_ids(self, generation_config: dict) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.model.config.eos_token_id, generation_config.get("eos_token_id")):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list):
+                ids.update(int(i) for i in src)
+        eos = self.tokenizer_config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        for tok in (eos, "<|endoftext|>") if eos is None else (eos,):
+            if tok is not None and (i := self.tokenizer.token_to_id(tok)) is not None:
+                ids.add(i)
+        return ids
+
+    @staticmethod
+    def _pick_template(tpl) -> str:
+        if isinstance(tpl, list):  # HF allows [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default") or next(iter(named.values()), None)
+        return tpl or CHAT_TEMPLATE
+
+    # -- text <-> tokens -----------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` ([{"role", "content"}]) with the tokenizer's jinja chat template, as HF does."""
+        return _render_chat_template(self.chat_template, messages, add_generation_prompt, self.tokenizer_config)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # the template already contains any special tokens it wants (HF apply_chat_template does the same)
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    # -- requests --------------------------------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise ``ValueError`` / ``PromptTooLongError`` for a request that cannot run; return its max_tokens."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        room = self.max_model_len - n
+        if room < 1:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is "
+                f"{n} tokens long, which leaves no room for a completion. Please reduce the length of the prompt.")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the completion). "
+                f"Please reduce the length of the prompt or max_tokens.")
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None, sink: Sink,
+                    request_id: str | None = None) -> str:
+        """Queue a request (thread-safe); outputs are delivered by calling ``sink`` from the engine thread.
+
+        Stop token ids are ``params.stop_token_ids`` plus the model's eos token(s)."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self.check_request(prompt_ids, params)
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        seq = _Sequence(
+            request_id=rid, prompt_ids=prompt_ids, params=params, sink=sink, max_tokens=max_tokens,
+            stop_token_ids=frozenset(self.eos_token_ids | set(params.stop_token_ids)),
+            sampler=SamplerState(params), detok=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStringMatcher(params.stop))
+        with self._lock:
+            if rid in self._by_id:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._by_id[rid] = seq
+            self._waiting.append(seq)
+            self._ensure_worker()
+            self._lock.notify_all()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (e.g. the client went away); its slot is freed at the next step."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                seq.aborted = True
+                self._lock.notify_all()
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[GenerationOutput]:
+        """Blocking, streaming: yields outputs as the engine produces them (the last has ``finished=True``)."""
+        q: queue.Queue[GenerationOutput] = queue.Queue()
+        rid = self.add_request(prompt, params, q.put)
+        done = False
+        try:
+            while True:
+                out = q.get()
+                if out.error is not None:
+                    done = True
+                    raise EngineError(out.error)
+                yield out
+                if out.finished:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+        text, ids, last = [], [], None
+        for last in self.generate(prompt, params):
+            text.append(last.text)
+            ids.extend(last.token_ids)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    # -- the scheduler ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One scheduler iteration; returns how many sequences it advanced."""
+        with self._lock:
+            for seq in [s for s in self._waiting if s.aborted]:
+                self._waiting.remove(seq)
+                self._finish(seq, "abort", "")
+            for seq in [s for s in self._running if s.aborted]:
+                self._finish(seq, "abort", "")
+            admitted = []
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = self._free_slots.pop()
+                admitted.append(seq)
+        decoding = list(self._running)
+        if decoding:
+            self._decode(decoding)
+        for seq in admitted:
+            self._running.append(seq)
+            self._prefill(seq)
+        return len(decoding) + len(admitted)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        n = len(seq.prompt_ids)
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        rows = torch.tensor([seq.slot], device=self.device)
+        logits = self.model(ids, positions=positions, cache=self.cache, rows=rows, last_only=True)[:, -1]
+        seq.num_cached = n
+        self._append(seq, sample(logits, [seq.sampler], [seq.output_ids])[0])
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model(ids, positions=positions, cache=self.cache, rows=rows, last_only=True)[:, -1]
+        for s in seqs:
+            s.num_cached += 1
+        tokens = sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])
+        for s, tok in zip(seqs, tokens):
+            self._append(s, tok)
+
+    def _append(self, seq: _Sequence, token: int) -> None:
+        """Take one sampled token: detokenize, check stop conditions, emit."""
+        seq.output_ids.append(token)
+        seq.unsent_ids.append(token)
+        if token in seq.stop_token_ids:  # the stop token itself is not part of the text
+            text, hit = seq.stops.feed(seq.detok.flush())
+            self._finish(seq, "stop", text + ("" if hit else seq.stops.flush()))
+            return
+        text, hit = seq.stops.feed(seq.detok.push(token))
+        if hit:
+            self._finish(seq, "stop", text)
+        elif len(seq.output_ids) >= seq.max_tokens:
+            more, hit = seq.stops.feed(seq.detok.flush())
+            text += more if hit else more + seq.stops.flush()
+            self._finish(seq, "stop" if hit else "length", text)
+        elif text:
+            ids, seq.unsent_ids = seq.unsent_ids, []
+            self._emit(seq, GenerationOutput(seq.request_id, text, ids, prompt_tokens=len(seq.prompt_ids),
+                                             completion_tokens=len(seq.output_ids)))
+
+    def _finish(self, seq: _Sequence, reason: str, text: str, error: str | None = None) -> None:
+        with self._lock:
+            if seq.finished:
+                return
+            seq.finished = True
+            if seq in self._running:
+                self._running.remove(seq)
+            if seq.slot is not None:
+                self._free_slots.append(seq.slot)
+                seq.slot = None
+            self._by_id.pop(seq.request_id, None)
+            ids, seq.unsent_ids = seq.unsent_ids, []
+        self._emit(seq, GenerationOutput(seq.request_id, text, ids, True, reason, len(seq.prompt_ids),
+                                         len(seq.output_ids), error))
+
+    @staticmethod
+    def _emit(seq: _Sequence, out: GenerationOutput) -> None:
+        try:
+            seq.sink(out)
+        except Exception:  # a sink whose consumer is gone must not take the engine down
+            log.debug("sink of %s failed", seq.request_id, exc_info=True)
+            seq.aborted = True
+
+    # -- the worker thread -------------------------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:  # called with the lock held
+        if self._worker is None or not self._worker.is_alive():
+            self._stopping = False
+            self._worker = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._running or self._stopping):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # fail every in-flight request instead of hanging its client
+                log.exception("engine step failed")
+                with self._lock:
+                    victims = list(self._running) + list(self._waiting)
+                    self._waiting.clear()
+                for seq in victims:
+                    self._finish(seq, "error", "", error=f"{type(err).__name__}: {err}")
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (in-flight requests are aborted)."""
+        with self._lock:
+            self._stopping = True
+            for seq in list(self._running) + list(self._waiting):
+                seq.aborted = True
+            self._lock.notify_all()
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=10)
+        with self._lock:
+            victims = list(self._running) + list(self._waiting)
+            self._waiting.clear()
+        for seq in victims:
+            self._finish(seq, "abort", "")
+        self._worker = None
+
+
+def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                          tokenizer_config: dict) -> str:
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ChatTemplateError(message)
+
+    env = _TEMPLATE_ENVS.get(template)
+    if env is None:
+        jenv = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        jenv.globals["raise_exception"] = raise_exception
+        jenv.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env = _TEMPLATE_ENVS[template] = jenv.from_string(template)
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        val = tokenizer_config.get(key)
+        special[key] = val.get("content") if isinstance(val, dict) else val
+    try:
+        return env.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as err:
+        raise ChatTemplateError(f"the chat template failed: {err}") from None
+
+
+_TEMPLATE_ENVS: dict[str, object] = {}
