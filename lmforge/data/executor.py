@@ -1,0 +1,385 @@
+"""The local executor: shard the input files, run the same steps on every shard (in worker processes if asked),
+write per-shard outputs with a completion marker, then a final pass for global exact dedup, and merge the stats.
+
+Layout of the output folder::
+
+    docs/part-00000.jsonl.zst            kept documents (what later stages read)
+    dropped/part-00000.jsonl.zst         documents dropped by a filter, with meta.drop_reason / meta.drop_step
+    dropped/dedup-part-00000.jsonl.zst   exact duplicates (meta.duplicate_of names the kept copy)
+    work/part-00000.stats.json           per-shard counts (the survivors of phase 1 live here until phase 2 is done)
+    .done/part-00000                     completion marker holding the run fingerprint
+    stats.json, report.html
+
+Phase 1 (parallel, resumable): read → steps → ``work/part-i.jsonl.zst`` + ``dropped/part-i.jsonl.zst``, then the
+marker.  A resumed run skips every shard whose marker holds the same fingerprint.  Phase 2 (sequential, cheap): the
+dedup step over all shards in shard order, so "first copy wins" is global and deterministic; it writes ``docs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from lmforge.artifacts import write_json, write_text
+from lmforge.data.documents import Document
+from lmforge.data.io import ShardWriter, iter_jsonl
+from lmforge.data.readers import ReadLog
+from lmforge.data.steps import Step, StepStats
+
+EXAMPLES_PER_REASON = 3
+SNIPPET_CHARS = 400
+
+StepsFactory = Callable[[], list[Step]]
+Reader = Callable[[Path, ReadLog], Iterator[Document]]
+
+
+def part(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def plan_shards(files: list[Path], n_shards: int) -> list[list[Path]]:
+    """Deterministic size-balanced assignment: biggest file first onto the lightest shard (lowest index on ties);
+    within a shard, files keep their input order."""
+    n_shards = max(1, n_shards)
+    order = {f: i for i, f in enumerate(files)}
+    loads = [0] * n_shards
+    shards: list[list[Path]] = [[] for _ in range(n_shards)]
+    for f in sorted(files, key=lambda f: (-f.stat().st_size, order[f])):
+        k = min(range(n_shards), key=lambda j: (loads[j], j))
+        shards[k].append(f)
+        loads[k] += f.stat().st_size
+    return [sorted(s, key=order.__getitem__) for s in shards]
+
+
+def _example(doc: Document) -> dict[str, Any]:
+    return {
+        "id": doc.id,
+        "source": doc.meta.get("source"),
+        "url": doc.meta.get("url"),
+        "snippet": doc.text[:SNIPPET_CHARS],
+        "scores": doc.meta.get("scores", {}),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# phase 1: one shard
+
+
+@dataclass
+class ShardTask:
+    index: int
+    files: list[str]
+    out_dir: str
+    fingerprint: str
+    make_steps: StepsFactory
+    reader: Reader
+
+
+def shard_done(out_dir: Path, i: int, fingerprint: str) -> bool:
+    marker = out_dir / ".done" / part(i)
+    return (
+        marker.is_file()
+        and marker.read_text().strip() == fingerprint
+        and (out_dir / "work" / f"{part(i)}.jsonl.zst").is_file()
+        and (out_dir / "work" / f"{part(i)}.stats.json").is_file()
+    )
+
+
+def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Read the shard's files, run the steps, write survivors and dropped docs, then the marker; returns its stats.
+
+    ``on_file(files_done, docs_read)`` is called after each file (for a progress bar in the parent process).
+    """
+    out = Path(task.out_dir)
+    t0 = time.time()
+    log = ReadLog()
+    steps = task.make_steps()
+    counter = {"docs": 0, "chars": 0}
+
+    def read_all() -> Iterator[Document]:
+        for k, f in enumerate(task.files, 1):
+            for doc in task.reader(Path(f), log):
+                counter["docs"] += 1
+                counter["chars"] += len(doc.text)
+                yield doc
+            if on_file:
+                on_file(k, counter["docs"])
+
+    stream: Iterable[Document] = read_all()
+    for step in steps:
+        stream = step(stream)
+
+    examples: dict[str, list[dict[str, Any]]] = {}
+    dropped_bytes = 0
+    with ShardWriter(out / "work" / f"{part(task.index)}.jsonl.zst") as keep, \
+            ShardWriter(out / "dropped" / f"{part(task.index)}.jsonl.zst") as drop:
+        for doc in stream:
+            if doc.dropped:
+                drop.write(doc)
+                ex = examples.setdefault(doc.meta["drop_reason"], [])
+                if len(ex) < EXAMPLES_PER_REASON:
+                    ex.append(_example(doc))
+            else:
+                keep.write(doc)
+        kept_count, kept_bytes, dropped_bytes = keep.count, keep.text_bytes, drop.text_bytes
+        dropped_count = drop.count
+
+    step_stats = [s.stats for s in steps]
+    check_chain(counter["docs"], step_stats, kept_count)
+    if counter["docs"] != kept_count + dropped_count:
+        raise AssertionError(f"shard {task.index}: {counter['docs']} read != {kept_count} kept + {dropped_count} dropped")
+    for reason, exs in log.examples.items():
+        examples.setdefault(reason, exs)
+    stats = {
+        "index": task.index,
+        "files": task.files,
+        "docs_read": counter["docs"],
+        "chars_read": counter["chars"],
+        "read_errors": dict(log.errors),
+        "records_skipped": dict(log.skipped),
+        "steps": [s.to_dict() for s in step_stats],
+        "kept": kept_count,
+        "kept_bytes": kept_bytes,
+        "dropped": dropped_count,
+        "dropped_bytes": dropped_bytes,
+        "examples": examples,
+        "seconds": round(time.time() - t0, 3),
+    }
+    write_json(out / "work" / f"{part(task.index)}.stats.json", stats)
+    (out / ".done").mkdir(parents=True, exist_ok=True)
+    write_text(out / ".done" / part(task.index), task.fingerprint + "\n")
+    return stats
+
+
+def check_chain(docs_read: int, steps: list[StepStats], kept: int) -> None:
+    """Conservation: every step's in = kept + dropped, each step sees what the previous one kept."""
+    expected = docs_read
+    for s in steps:
+        s.check()
+        if s.docs_in != expected:
+            raise AssertionError(f"conservation violated: {s.name} saw {s.docs_in} documents, expected {expected}")
+        expected = s.kept
+    if kept != expected:
+        raise AssertionError(f"conservation violated: {kept} documents written, the last step kept {expected}")
+
+
+def _run_task(task: ShardTask) -> dict[str, Any]:  # top level: picklable for worker processes
+    return run_shard(task)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# phase 2: global exact dedup
+
+
+def dedup_pass(out_dir: Path, n_shards: int, dedup: Step | None) -> dict[str, Any]:
+    """Run ``dedup`` over the survivors of all shards in shard order; write ``docs/`` (and the duplicates)."""
+    examples: list[dict[str, Any]] = []
+    kept = kept_bytes = 0
+    for i in range(n_shards):
+        src = out_dir / "work" / f"{part(i)}.jsonl.zst"
+
+        def on_error(reason: str, line: int | None, detail: str, src: Path = src) -> None:
+            raise RuntimeError(f"{src}:{line}: {reason} {detail} (an intermediate shard is damaged; re-run with force)")
+
+        docs: Iterable[Document] = (Document.from_dict(rec) for _, rec in iter_jsonl(src, on_error))
+        if dedup is not None:
+            docs = dedup(docs)
+        with ShardWriter(out_dir / "docs" / f"{part(i)}.jsonl.zst") as keep:
+            drop = ShardWriter(out_dir / "dropped" / f"dedup-{part(i)}.jsonl.zst") if dedup is not None else None
+            try:
+                for doc in docs:
+                    if doc.dropped:
+                        drop.write(doc)  # type: ignore[union-attr]
+                        if len(examples) < EXAMPLES_PER_REASON:
+                            examples.append(_example(doc))
+                    else:
+                        keep.write(doc)
+            finally:
+                if drop is not None:
+                    drop.close()
+            kept += keep.count
+            kept_bytes += keep.text_bytes
+    if dedup is not None:
+        dedup.stats.check()
+    return {"kept": kept, "kept_bytes": kept_bytes, "examples": examples,
+            "step": dedup.stats.to_dict() if dedup is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+def clean(out_dir: Path) -> None:
+    """Remove the outputs of an earlier (different or finished) run, before starting afresh."""
+    for name in ("docs", "dropped", "work", ".done"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("stats.json", "report.html"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def execute(
+    files: list[Path],
+    out_dir: Path,
+    *,
+    make_steps: StepsFactory,
+    reader: Reader,
+    dedup: Step | None,
+    shards: int,
+    workers: int,
+    fingerprint: str,
+    skipped_files: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content."""
+    from lmforge.progress import console, progress, rate_text
+
+    t0 = time.time()
+    plan = plan_shards(files, shards)
+    results: dict[int, dict[str, Any]] = {}
+    pending: list[ShardTask] = []
+    for i, shard_files in enumerate(plan):
+        if shard_done(out_dir, i, fingerprint):
+            stats = json.loads((out_dir / "work" / f"{part(i)}.stats.json").read_text())
+            stats["resumed"] = True
+            results[i] = stats
+        else:
+            pending.append(ShardTask(i, [str(f) for f in shard_files], str(out_dir), fingerprint, make_steps, reader))
+    if results:
+        console.print(f"[yellow]↻ data[/]: {len(results)} of {len(plan)} shards already done, skipped: "
+                      + ", ".join(part(i) for i in sorted(results)))
+
+    total_files = sum(len(t.files) for t in pending)
+    with progress() as bar:
+        task_id = bar.add_task("data: files", total=total_files, rate="")
+        done_files = done_docs = 0
+        started = time.time()
+
+        def advance(files_now: int, docs_now: int) -> None:
+            bar.update(task_id, completed=files_now,
+                       rate=rate_text(docs_now, time.time() - started, "docs"))
+
+        if workers <= 1 or len(pending) <= 1:
+            for t in pending:
+                base_files, base_docs = done_files, done_docs
+                results[t.index] = run_shard(
+                    t, on_file=lambda k, d, bf=base_files, bd=base_docs: advance(bf + k, bd + d))
+                done_files += len(t.files)
+                done_docs += results[t.index]["docs_read"]
+                advance(done_files, done_docs)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_task, t): t for t in pending}
+                for fut in as_completed(futures):
+                    t = futures[fut]
+                    results[t.index] = fut.result()
+                    done_files += len(t.files)
+                    done_docs += results[t.index]["docs_read"]
+                    advance(done_files, done_docs)
+    phase1_s = time.time() - t0
+
+    final = dedup_pass(out_dir, len(plan), dedup)
+    stats = merge_stats([results[i] for i in range(len(plan))], final, files, skipped_files or {},
+                        seconds=time.time() - t0, phase1_seconds=phase1_s)
+    write_json(out_dir / "stats.json", stats)
+    for i in range(len(plan)):  # the survivors now live in docs/ (and dropped/dedup-*)
+        (out_dir / "work" / f"{part(i)}.jsonl.zst").unlink(missing_ok=True)
+    return stats
+
+
+def merge_stats(
+    shards: list[dict[str, Any]],
+    final: dict[str, Any],
+    files: list[Path],
+    skipped_files: dict[str, list[str]],
+    seconds: float,
+    phase1_seconds: float,
+) -> dict[str, Any]:
+    read_errors: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    steps: list[dict[str, Any]] = []
+    for s in shards:
+        read_errors.update(s["read_errors"])
+        skipped.update(s["records_skipped"])
+        for reason, exs in s["examples"].items():
+            have = examples.setdefault(reason, [])
+            have.extend(exs[: EXAMPLES_PER_REASON - len(have)])
+        for k, st in enumerate(s["steps"]):
+            if k == len(steps):
+                steps.append({"name": st["name"], "in": 0, "kept": 0, "dropped": Counter()})
+            steps[k]["in"] += st["in"]
+            steps[k]["kept"] += st["kept"]
+            steps[k]["dropped"].update(st["dropped"])
+    docs_read = sum(s["docs_read"] for s in shards)
+    if final["step"] is not None:
+        steps.append({**final["step"], "dropped": Counter(final["step"]["dropped"])})
+        if final["examples"]:
+            examples["exact_duplicate"] = final["examples"]
+    for st in steps:
+        st["dropped"] = dict(sorted(st["dropped"].items()))
+    dropped_by_reason: Counter[str] = Counter()
+    for st in steps:
+        dropped_by_reason.update(st["dropped"])
+    docs_kept = final["kept"]
+    docs_dropped = sum(dropped_by_reason.values())
+
+    # conservation, across shards and the final pass
+    expected = docs_read
+    for st in steps:
+        if st["in"] != expected or st["in"] != st["kept"] + sum(st["dropped"].values()):
+            raise AssertionError(f"conservation violated in {st['name']}: {st}")
+        expected = st["kept"]
+    if docs_kept != expected or docs_read != docs_kept + docs_dropped:
+        raise AssertionError(f"conservation violated: read {docs_read}, kept {docs_kept}, dropped {docs_dropped}")
+
+    bytes_in = sum(f.stat().st_size for f in files)
+    chars_read = sum(s["chars_read"] for s in shards)
+    fresh = [s for s in shards if not s.get("resumed")]  # throughput counts the work done in this run only
+    fresh_docs = sum(s["docs_read"] for s in fresh)
+    fresh_bytes = sum(Path(f).stat().st_size for s in fresh for f in s["files"])
+    fresh_chars = sum(s["chars_read"] for s in fresh)
+    return {
+        "inputs": {
+            "files": len(files),
+            "bytes": bytes_in,
+            "skipped_files": {k: len(v) for k, v in skipped_files.items()},
+            "skipped_file_names": skipped_files,
+        },
+        "read": {
+            "docs": docs_read,
+            "chars": chars_read,
+            "errors": dict(sorted(read_errors.items())),
+            "error_total": sum(read_errors.values()),
+            "records_skipped": dict(sorted(skipped.items())),
+        },
+        "steps": steps,
+        "totals": {
+            "docs_in": docs_read,
+            "docs_kept": docs_kept,
+            "docs_dropped": docs_dropped,
+            "bytes_kept": final["kept_bytes"],
+            "read_errors": sum(read_errors.values()),
+        },
+        "dropped_by_reason": dict(sorted(dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "shards": [
+            {"index": s["index"], "files": len(s["files"]), "docs_read": s["docs_read"],
+             "kept_before_dedup": s["kept"], "seconds": s["seconds"], "resumed": bool(s.get("resumed"))}
+            for s in shards
+        ],
+        "timing": {
+            "seconds": round(seconds, 3),
+            "phase1_seconds": round(phase1_seconds, 3),
+            "shards_processed": len(fresh),
+            "docs_per_s": round(fresh_docs / seconds, 1) if seconds else None,
+            "input_mb_per_s": round(fresh_bytes / 1e6 / seconds, 3) if seconds else None,
+            "text_mchars_per_s": round(fresh_chars / 1e6 / seconds, 3) if seconds else None,
+        },
+        "examples": examples,
+    }

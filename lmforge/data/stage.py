@@ -1,0 +1,190 @@
+"""The data stage: raw files → clean, deduplicated ``{id, text, meta}`` JSONL.zst shards.
+
+Pipeline: read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
+``gopher_repetition_v1`` → ``gopher_quality_v1`` → ``exact_dedup_v1`` (global, final pass).
+
+    from lmforge.data.stage import Config, run
+    manifest = run(Config(inputs=["data/demo"]), "runs/data")
+    manifest.metrics["docs_kept"]
+
+Later stages read the result with :func:`lmforge.data.io.iter_documents`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmforge.artifacts import Manifest, expand_paths, write_text
+from lmforge.config import StageConfig
+from lmforge.stages import begin, finished
+
+STAGE = "data"
+VERSION = "1"
+
+
+class Config(StageConfig):
+    """Read raw text (WARC, HTML, JSONL, plain text), extract, normalise, filter and deduplicate it."""
+
+    inputs: list[str] = Field(
+        default_factory=lambda: ["data/demo"],
+        description="Input files, folders (read recursively) or globs: .warc(.gz), .html, .jsonl(.gz/.zst), .txt(.gz).",
+    )
+    shards: int = Field(4, ge=1, description="Number of output shards (input files are spread over them by size).")
+    workers: int = Field(1, ge=1, description="Worker processes for the shards (1 = in this process).")
+    extractor: Literal["resiliparse", "trafilatura"] = Field(
+        "resiliparse", description="HTML main-text extractor (trafilatura is an optional extra)."
+    )
+    main_content: bool = Field(True, description="Keep the main content of HTML pages only (drop navigation etc.).")
+    txt_chunk_chars: int = Field(
+        20_000, ge=0, description="Split plain-text files into documents of about this many characters at blank "
+                                  "lines (0 = one document per file)."
+    )
+    # gopher_quality_v1 (Rae et al. 2021 defaults)
+    min_words: int = Field(50, ge=0, description="Drop documents with fewer words (CJK characters count as words).")
+    max_words: int = Field(100_000, ge=1, description="Drop documents with more words.")
+    min_mean_word_length: float = Field(3.0, description="Drop documents whose mean word length is below this.")
+    max_mean_word_length: float = Field(10.0, description="Drop documents whose mean word length is above this.")
+    max_symbol_word_ratio: float = Field(0.1, description="Max ratio of '#' and ellipses to words.")
+    max_bullet_lines_frac: float = Field(0.9, description="Max fraction of lines that start with a bullet.")
+    max_ellipsis_lines_frac: float = Field(0.3, description="Max fraction of lines that end with an ellipsis.")
+    min_alpha_words_frac: float = Field(0.8, description="Min fraction of words that contain a letter.")
+    min_stop_words: int = Field(
+        2, ge=0, description="Min number of distinct English stop words (the, be, to, of, and, that, have, with); "
+                             "0 turns the rule off (non-English corpora)."
+    )
+    # gopher_repetition_v1
+    max_dup_line_frac: float = Field(0.30, description="Max fraction of lines that repeat an earlier line.")
+    max_dup_para_frac: float = Field(0.30, description="Max fraction of paragraphs that repeat an earlier one.")
+    max_dup_line_char_frac: float = Field(0.20, description="Max fraction of characters in repeated lines.")
+    max_dup_para_char_frac: float = Field(0.20, description="Max fraction of characters in repeated paragraphs.")
+    top_ngram_fracs: list[float] = Field(
+        default_factory=lambda: [0.20, 0.18, 0.16],
+        description="Max fraction of characters covered by the most frequent 2-, 3-, 4-gram.",
+    )
+    dup_ngram_fracs: list[float] = Field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10],
+        description="Max fraction of characters in repeated 5-, 6-, … 10-grams.",
+    )
+    # switches
+    gopher_repetition: bool = Field(True, description="Run the Gopher repetition filter.")
+    gopher_quality: bool = Field(True, description="Run the Gopher quality filter.")
+    dedup: bool = Field(True, description="Drop exact duplicates (after normalising case, punctuation, whitespace).")
+
+
+def build_steps(config: dict[str, Any]) -> list:
+    """The per-shard steps for a config (a plain dict, so worker processes can rebuild them)."""
+    from lmforge.data.filters import GopherQuality, GopherRepetition
+    from lmforge.data.steps import HtmlExtract, UnicodeNormalize
+
+    c = Config.model_validate(config)
+    steps: list = [HtmlExtract(c.extractor, c.main_content), UnicodeNormalize()]
+    if c.gopher_repetition:
+        steps.append(GopherRepetition(
+            max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
+            max_dup_line_char_frac=c.max_dup_line_char_frac, max_dup_para_char_frac=c.max_dup_para_char_frac,
+            top_ngram_fracs=tuple(c.top_ngram_fracs), dup_ngram_fracs=tuple(c.dup_ngram_fracs),
+        ))
+    if c.gopher_quality:
+        steps.append(GopherQuality(
+            min_words=c.min_words, max_words=c.max_words, min_mean_word_length=c.min_mean_word_length,
+            max_mean_word_length=c.max_mean_word_length, max_symbol_word_ratio=c.max_symbol_word_ratio,
+            max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
+            min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words,
+        ))
+    return steps
+
+
+def step_names(config: Config) -> list[str]:
+    names = [s.name for s in build_steps(config.model_dump())]
+    return names + (["exact_dedup_v1"] if config.dedup else [])
+
+
+def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
+    """Expand the input specs to a de-duplicated list of readable files, and the files skipped by reason."""
+    from lmforge.data.readers import file_format
+
+    files: list[Path] = []
+    seen: set[Path] = set()
+    skipped: dict[str, list[str]] = {}
+    for spec in specs:
+        matched = expand_paths(spec)
+        if not matched:
+            raise FileNotFoundError(f"data input {spec!r} matches no file")
+        for f in matched:
+            key = f.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            if file_format(f) is None:
+                skipped.setdefault("unknown_format", []).append(str(f))
+            else:
+                files.append(f)
+    return files, skipped
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    from lmforge.data.executor import clean, execute
+    from lmforge.data.readers import read_file
+    from lmforge.data.report import render
+    from lmforge.data.steps import ExactDedup, HtmlExtract
+    from lmforge.progress import console
+
+    out = Path(out_dir)
+    if not config.inputs:
+        raise ValueError("data: no inputs given")
+    inputs = {f"raw{i}": spec for i, spec in enumerate(config.inputs)}
+    cfg = config.model_dump()
+    stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force)
+    if stage_run is None:
+        return finished(out)
+    resume = stage_run.resumable() and not force
+    if config.extractor == "trafilatura":
+        HtmlExtract("trafilatura")  # fail now, with the install hint, not inside a worker
+
+    files, skipped = collect_inputs(config.inputs)
+    for reason, names in skipped.items():
+        console.print(f"[yellow]⚠ {reason}[/]: {len(names)} file(s) not read: {', '.join(names[:5])}"
+                      + (" …" if len(names) > 5 else ""), highlight=False)
+    with stage_run:
+        if not resume:
+            clean(out)
+        stats = execute(
+            files, out,
+            make_steps=functools.partial(build_steps, cfg),
+            reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars),
+            dedup=ExactDedup() if config.dedup else None,
+            shards=config.shards,
+            workers=config.workers,
+            fingerprint=stage_run.fingerprint,
+            skipped_files=skipped,
+        )
+        write_text(out / "report.html", render(stats, title=f"lmforge data report: {out}"))
+        t = stats["totals"]
+        stage_run.metrics.update(
+            docs_in=t["docs_in"],
+            docs_kept=t["docs_kept"],
+            docs_dropped=t["docs_dropped"],
+            bytes_kept=t["bytes_kept"],
+            read_errors=t["read_errors"],
+            files=stats["inputs"]["files"],
+            bytes_in=stats["inputs"]["bytes"],
+            shards=config.shards,
+            shards_resumed=sum(1 for s in stats["shards"] if s["resumed"]),
+            seconds=stats["timing"]["seconds"],
+            docs_per_s=stats["timing"]["docs_per_s"],
+            input_mb_per_s=stats["timing"]["input_mb_per_s"],
+            steps=step_names(config),
+            dropped_by_reason=stats["dropped_by_reason"],
+            read_errors_by_reason=stats["read"]["errors"],
+        )
+        console.print(
+            f"[green]✓ data[/]: {t['docs_kept']:,} of {t['docs_in']:,} documents kept "
+            f"({t['bytes_kept'] / 1e6:,.2f} MB), {t['docs_dropped']:,} dropped, {t['read_errors']:,} read errors; "
+            f"{stats['timing']['docs_per_s'] or 0:,.0f} docs/s → {out}"
+        )
+    return finished(out)

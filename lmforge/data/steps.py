@@ -1,0 +1,218 @@
+"""Pipeline steps: small objects with one method over a stream of documents.
+
+A step is called on an iterable of :class:`Document` and yields every document it was given, in order: kept ones
+(possibly changed) and dropped ones, marked with ``meta["drop_reason"]`` / ``meta["drop_step"]``.  A document that an
+earlier step dropped passes through untouched and uncounted, so steps compose freely::
+
+    docs = read(...)
+    for step in (HtmlExtract(), UnicodeNormalize(), GopherRepetition(), GopherQuality()):
+        docs = step(docs)
+    for doc in docs: ...  # doc.dropped tells where it goes
+
+Each step counts what it saw in ``step.stats`` (documents in, kept, dropped by reason), and the executor checks
+conservation: in = kept + dropped.  Names carry a version (``html_extract_v1``): bump it when a step's output changes
+so manifests say exactly what ran.  Filters put their scores in ``meta`` so thresholds can be re-tuned later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from lmforge.data.documents import Document
+
+
+@dataclass
+class StepStats:
+    name: str
+    docs_in: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "in": self.docs_in, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
+
+    def check(self) -> None:
+        if self.docs_in != self.kept + sum(self.dropped.values()):
+            raise AssertionError(
+                f"conservation violated in {self.name}: {self.docs_in} in != {self.kept} kept + "
+                f"{sum(self.dropped.values())} dropped"
+            )
+
+
+class Step:
+    """Base class: override :meth:`process` (return the document, changed or not, or a drop reason string)."""
+
+    name = "step_v0"
+
+    def __init__(self) -> None:
+        self.stats = StepStats(self.name)
+
+    def process(self, doc: Document) -> Document | str:
+        raise NotImplementedError
+
+    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        stats = self.stats
+        for doc in docs:
+            if doc.dropped:
+                yield doc
+                continue
+            stats.docs_in += 1
+            out = self.process(doc)
+            if isinstance(out, str):
+                stats.dropped[out] += 1
+                yield doc.drop(self.name, out)
+            else:
+                stats.kept += 1
+                yield out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HTML → text
+
+
+class HtmlExtract(Step):
+    """Main-content text of HTML documents (``meta.format == "html"``); other documents pass unchanged.
+
+    ``resiliparse`` (default, fast) or ``trafilatura`` (optional extra).  When the main-content heuristic leaves
+    nothing, the full page text is used instead (``meta.extract_fallback``) and the quality filters judge it; drops
+    ``html_no_text`` when even that is empty.  Records ``meta.title`` and ``meta.extractor``.
+    """
+
+    name = "html_extract_v1"
+
+    def __init__(self, extractor: str = "resiliparse", main_content: bool = True) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.main_content = main_content
+        if extractor == "resiliparse":
+            from resiliparse.extract.html2text import extract_plain_text
+            from resiliparse.parse.html import HTMLTree
+
+            self._extract_plain_text = extract_plain_text
+            self._parse = HTMLTree.parse
+        elif extractor == "trafilatura":
+            try:
+                import trafilatura
+            except Exception as err:  # ImportError, or lxml 6 without lxml_html_clean
+                raise RuntimeError(
+                    f"extractor 'trafilatura' is not usable here ({type(err).__name__}: {err}); "
+                    "install it with `pip install trafilatura lxml_html_clean`, or use --extractor resiliparse"
+                ) from None
+            self._trafilatura = trafilatura
+        else:
+            raise ValueError(f"unknown extractor {extractor!r} (resiliparse or trafilatura)")
+
+    def process(self, doc: Document) -> Document | str:
+        if doc.meta.get("format") != "html":
+            return doc
+        html = doc.text
+        if self.extractor == "resiliparse":
+            tree = self._parse(html)
+            title = tree.title or ""
+            text = self._extract_plain_text(tree, main_content=self.main_content, alt_texts=False)
+            if self.main_content and not text.strip():
+                # resiliparse's boilerplate heuristic sometimes removes a whole real page (e.g. some Django docs
+                # pages); fall back to the full page text and let the quality filters judge it
+                text = self._extract_plain_text(tree, main_content=False, alt_texts=False)
+                doc.meta["extract_fallback"] = "full_page"
+        else:
+            text = self._trafilatura.extract(html, include_comments=False, favor_recall=True) or ""
+            m = re.search(r"<title[^>]*>(.*?)</title>", html, re.I | re.S)
+            title = m.group(1).strip() if m else ""
+        if not text or not text.strip():
+            return "html_no_text"
+        doc.text = text
+        doc.meta["format"] = "text"
+        doc.meta["extractor"] = self.extractor
+        if title:
+            doc.meta["title"] = title.strip()
+        return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# unicode
+
+
+# C0/C1 control characters except \t and \n, plus zero-width and BOM characters
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\u2060\ufeff]")
+_TRAILING_WS = re.compile(r"[ \t\u00a0]+$", re.M)
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+class UnicodeNormalize(Step):
+    """Fix mojibake (ftfy), NFC, drop control / zero-width characters, normalise line ends and trailing space.
+
+    Leading indentation is kept (code), runs of 3+ newlines become 2.  ftfy's fixers run only on text that its
+    mojibake detector flags (ASCII text is never checked), which makes this step several times faster on clean text.
+    Drops ``empty_after_normalize``.
+    """
+
+    name = "unicode_normalize_v1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ftfy
+        from ftfy.badness import is_bad
+
+        self._fix = ftfy.fix_text
+        self._is_bad = is_bad
+
+    def process(self, doc: Document) -> Document | str:
+        text = doc.text
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if not text.isascii():
+            if self._is_bad(text):  # ftfy's mojibake detector is ~3x faster than running every fixer
+                # keep typographic quotes and full-width CJK punctuation: they are information, not damage
+                text = self._fix(text, normalization="NFC", unescape_html=False, uncurl_quotes=False,
+                                 fix_character_width=False)
+            if not unicodedata.is_normalized("NFC", text):
+                text = unicodedata.normalize("NFC", text)
+        text = _CONTROL.sub("", text)
+        text = _TRAILING_WS.sub("", text)
+        text = _MANY_NEWLINES.sub("\n\n", text).strip("\n")
+        if not text.strip():
+            return "empty_after_normalize"
+        doc.text = text
+        return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# exact dedup
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def dedup_key(text: str) -> bytes:
+    """Hash of the text with case, punctuation and whitespace differences removed."""
+    simplified = _NON_WORD.sub(" ", text.casefold()).strip()
+    return hashlib.blake2b(simplified.encode("utf-8"), digest_size=16).digest()
+
+
+class ExactDedup(Step):
+    """Drops ``exact_duplicate`` for every document whose normalised text was seen before (first one wins).
+
+    The executor runs it in one final pass over all shards in shard order, so it is global and deterministic; the
+    memory is 16 bytes per distinct document.  ``meta.duplicate_of`` names the id of the kept copy.
+    """
+
+    name = "exact_dedup_v1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[bytes, str] = {}
+
+    def process(self, doc: Document) -> Document | str:
+        key = dedup_key(doc.text)
+        first = self.seen.get(key)
+        if first is not None:
+            doc.meta["duplicate_of"] = first
+            return "exact_duplicate"
+        self.seen[key] = doc.id
+        return doc
