@@ -187,7 +187,10 @@ class StageRun:
         out_dir: str | os.PathLike,
         config: dict[str, Any],
         inputs: dict[str, str | os.PathLike] | None = None,
+        execution_fields: frozenset[str] | set[str] = frozenset(),
     ) -> None:
+        """``execution_fields``: config keys that change how a run executes but not what it produces (worker counts,
+        thread counts); they are recorded in the manifest but left out of the fingerprint."""
         self.stage = stage
         self.stage_version = stage_version
         self.dir = Path(out_dir)
@@ -197,7 +200,8 @@ class StageRun:
                            fingerprint=fingerprint_input(p))
             for name, p in (inputs or {}).items()
         }
-        self.fingerprint = compute_fingerprint(stage, stage_version, self.config, self.inputs)
+        produced_by = {k: v for k, v in self.config.items() if k not in execution_fields}
+        self.fingerprint = compute_fingerprint(stage, stage_version, produced_by, self.inputs)
         self.run_id = uuid.uuid4().hex[:12]
         self.metrics: dict[str, Any] = {}
         self.outputs: list[str] = []

@@ -13,7 +13,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# soft_wrap: log lines stay whole (greppable) when stderr is not a terminal
+console = Console(stderr=True, soft_wrap=True)
 
 
 def progress(unit: str = "it") -> Progress:

@@ -22,8 +22,9 @@ def begin(
     config: dict[str, Any],
     inputs: dict[str, str | os.PathLike] | None = None,
     force: bool = False,
+    execution_fields: frozenset[str] | set[str] = frozenset(),
 ) -> StageRun | None:
-    run = StageRun(stage, version, out_dir, config, inputs)
+    run = StageRun(stage, version, out_dir, config, inputs, execution_fields)
     if not force and run.up_to_date():
         console.print(f"[green]✓ {stage}[/]: up to date in {out_dir} (fingerprint {run.fingerprint}), skipped")
         return None

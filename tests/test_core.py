@@ -117,3 +117,10 @@ def test_cli_flags_map_one_to_one_onto_config_fields(tmp_path):
     help_text = runner.invoke(app, ["toy", "--help"]).output
     for flag in ("--size", "--name", "--tags", "--fast", "--mode", "--config"):
         assert flag in help_text
+
+
+def test_execution_fields_do_not_change_the_fingerprint(tmp_path):
+    a = StageRun("toy", "1", tmp_path / "o", {"k": 1, "workers": 1}, {}, execution_fields={"workers"})
+    b = StageRun("toy", "1", tmp_path / "o", {"k": 1, "workers": 4}, {}, execution_fields={"workers"})
+    c = StageRun("toy", "1", tmp_path / "o", {"k": 2, "workers": 4}, {}, execution_fields={"workers"})
+    assert a.fingerprint == b.fingerprint != c.fingerprint

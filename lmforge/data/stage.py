@@ -139,7 +139,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         raise ValueError("data: no inputs given")
     inputs = {f"raw{i}": spec for i, spec in enumerate(config.inputs)}
     cfg = config.model_dump()
-    stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force)
+    stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
+                      execution_fields={"workers"})
     if stage_run is None:
         return finished(out)
     resume = stage_run.resumable() and not force
