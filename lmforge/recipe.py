@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from lmforge.artifacts import Manifest, read_manifest
 from lmforge.config import ConfigError, StageConfig, read_yaml, validate
 from lmforge.progress import console
+from lmforge.stages import overwrite_allowed
 
 # stage kind -> module exposing STAGE, VERSION, Config, run(config, out_dir, force)
 STAGE_MODULES = {
@@ -39,6 +40,10 @@ STAGE_MODULES = {
     "pretrain": "lmforge.train.pretrain",
     "eval": "lmforge.eval.stage",
     "serve_smoke": "lmforge.serve.stage",
+    "sft": "lmforge.align.sft",
+    "dpo": "lmforge.align.dpo",
+    "synth": "lmforge.align.synth",
+    "rag_index": "lmforge.rag.stage",
 }
 
 
@@ -148,7 +153,9 @@ def run_recipe(recipe: Recipe, force: list[str] | None = None, only: list[str] |
                                        prefix=f"stages.{st.name}.")
         before = _run_id(folders[st.name])
         t0 = time.time()
-        manifest = module.run(config, folders[st.name], force=st.name in force)
+        # a recipe is make-like: a finished stage whose config or inputs changed is re-run, not refused
+        with overwrite_allowed():
+            manifest = module.run(config, folders[st.name], force=st.name in force)
         results.append(StageResult(st.name, st.kind, folders[st.name], manifest.run_id != before,
                                    time.time() - t0, manifest))
     return results

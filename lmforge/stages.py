@@ -8,11 +8,31 @@ so), else a ``StageRun`` to use as a context manager.
 
 from __future__ import annotations
 
+import contextvars
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from lmforge.artifacts import Manifest, StageRun, read_manifest
 from lmforge.progress import console
+
+
+_OVERWRITE = contextvars.ContextVar("lmforge_overwrite", default=False)
+
+
+@contextmanager
+def overwrite_allowed() -> Iterator[None]:
+    """Within this block, stages that refuse to overwrite a finished run with a different config (pretraining) do
+    overwrite it: the recipe runner uses it, because a recipe re-runs changed stages by design."""
+    token = _OVERWRITE.set(True)
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
+
+
+def overwrite_is_allowed() -> bool:
+    return _OVERWRITE.get()
 
 
 def begin(

@@ -25,10 +25,12 @@ def dtype_for(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends token arrays to ``{split}-NNNNN.bin`` files of at most ``shard_tokens`` tokens."""
 
-    def __init__(self, folder: str | os.PathLike, split: str, vocab_size: int, shard_tokens: int = 50_000_000) -> None:
+    def __init__(self, folder: str | os.PathLike, split: str, vocab_size: int, shard_tokens: int = 50_000_000,
+                 prefix: str = "") -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.split, self.dtype, self.shard_tokens = split, dtype_for(vocab_size), shard_tokens
+        self.prefix = prefix
         self.shards: list[dict] = []
         self._buf: list[np.ndarray] = []
         self._buffered = 0
@@ -47,7 +49,7 @@ class ShardWriter:
         if not self._buf:
             return
         arr = np.concatenate(self._buf)
-        name = f"{self.split}-{len(self.shards):05d}.bin"
+        name = f"{self.prefix}{self.split}-{len(self.shards):05d}.bin"
         with atomic_path(self.folder / name) as tmp:
             arr.tofile(tmp)
         self.shards.append({"file": name, "tokens": int(arr.size)})
@@ -59,9 +61,20 @@ class ShardWriter:
                 "bytes": self.bytes}
 
 
-def write_index(folder: str | os.PathLike, vocab_size: int, eos_id: int, splits: dict[str, dict]) -> None:
-    write_json(Path(folder) / INDEX, {"format": "lmforge-tokens-v1", "dtype": dtype_for(vocab_size).name,
-                                      "vocab_size": vocab_size, "eos_id": eos_id, "splits": splits})
+def merge_splits(parts: list[dict]) -> dict:
+    """One split summary (shards, tokens, docs, bytes) covering several sources' summaries of that split."""
+    return {"shards": [s for p in parts for s in p["shards"]], "tokens": sum(p["tokens"] for p in parts),
+            "docs": sum(p["docs"] for p in parts), "bytes": sum(p["bytes"] for p in parts)}
+
+
+def write_index(folder: str | os.PathLike, vocab_size: int, eos_id: int, splits: dict[str, dict],
+                sources: list[dict] | None = None) -> None:
+    """``splits`` covers every source; ``sources`` (a mixture) lists ``{name, weight, splits}`` per source."""
+    index = {"format": "lmforge-tokens-v1", "dtype": dtype_for(vocab_size).name, "vocab_size": vocab_size,
+             "eos_id": eos_id, "splits": splits}
+    if sources:
+        index["sources"] = sources
+    write_json(Path(folder) / INDEX, index)
 
 
 def read_index(folder: str | os.PathLike) -> dict:
@@ -77,10 +90,24 @@ def load_split(folder: str | os.PathLike, split: str) -> np.ndarray:
     index = read_index(folder)
     if split not in index["splits"]:
         raise KeyError(f"{folder}: no split {split!r} (have {sorted(index['splits'])})")
-    arrays = [np.memmap(folder / s["file"], dtype=index["dtype"], mode="r") for s in index["splits"][split]["shards"]]
+    return _load_shards(folder, index["splits"][split]["shards"], index["dtype"])
+
+
+def _load_shards(folder: Path, shards: list[dict], dtype: str) -> np.ndarray:
+    arrays = [np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in shards]
     if not arrays:
-        return np.zeros(0, dtype=index["dtype"])
+        return np.zeros(0, dtype=dtype)
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def load_sources(folder: str | os.PathLike, split: str) -> list[tuple[str, float, np.ndarray]]:
+    """``(name, target weight, tokens)`` per mixture source of ``split``; one source when the shards hold no mixture."""
+    folder = Path(folder)
+    index = read_index(folder)
+    if "sources" not in index:
+        return [("all", 1.0, load_split(folder, split))]
+    return [(s["name"], float(s["weight"]), _load_shards(folder, s["splits"][split]["shards"], index["dtype"]))
+            for s in index["sources"]]
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None):

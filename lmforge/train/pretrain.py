@@ -1,33 +1,43 @@
 """The pretraining stage: train a Llama from scratch on packed token shards.
 
-AdamW with weight-decay groups, linear warmup + cosine decay, gradient accumulation and clipping, periodic validation
-loss, atomic checkpoints (resume after a crash picks up at the newest one), ``metrics.jsonl`` and ``loss.png``.  The
-artifact folder is itself a Hugging Face model folder (``config.json``, ``model.safetensors``, tokenizer files), so
-``transformers``, ``lmforge serve`` and ``lmforge eval`` load it directly.
+AdamW with weight-decay groups, linear warmup + cosine or WSD decay, gradient accumulation and clipping, periodic
+validation loss, atomic checkpoints (resume after a crash picks up at the newest one, bit-exactly), ``metrics.jsonl``
+(loss, lr, grad norm, tokens/s, MFU, validation loss), TensorBoard events under ``tensorboard/`` and ``loss.png``.
+The artifact folder is itself a Hugging Face model folder (``config.json``, ``model.safetensors``, tokenizer files),
+so ``transformers``, ``lmforge serve`` and ``lmforge eval`` load it directly.
+
+Data parallel: ``torchrun --nproc_per_node N -m lmforge.cli pretrain ...`` runs DDP (gloo on CPU, nccl on GPU); every
+rank trains on its rows of the same global batch, so the run equals a single-process run up to float rounding, and
+only rank 0 writes files.  A token mixture (several sources in the tokenizer artifact) is sampled by target weights,
+optionally moving linearly to ``mixture_weights_end`` over training (a curriculum).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from lmforge.artifacts import Manifest
-from lmforge.config import StageConfig
+from lmforge.artifacts import Manifest, read_manifest
+from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import save_model
 from lmforge.model.llama import Llama, LlamaConfig
 from lmforge.progress import console, progress, rate_text
-from lmforge.stages import begin, finished
-from lmforge.tokenizer.shards import eval_windows, load_split, read_index
-from lmforge.train.batches import sample_batch
+from lmforge.stages import begin, finished, overwrite_is_allowed
+from lmforge.tokenizer.shards import eval_windows, load_sources, load_split, read_index
+from lmforge.train import distributed
+from lmforge.train.batches import mixture_weights_at, sample_batch, sample_mixture_batch
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.distributed import World
+from lmforge.train.flops import flops_per_token, mfu, peak_flops
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -54,6 +64,8 @@ class Config(StageConfig):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
     warmup_steps: int = Field(40, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="LR decay: cosine, or wsd (warmup-stable-decay).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying (at the end).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
@@ -64,6 +76,13 @@ class Config(StageConfig):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device (auto: CUDA when present).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    mixture_weights: list[float] = Field(default_factory=list,
+                                         description="Target weight per mixture source (empty: the tokenizer's).")
+    mixture_weights_end: list[float] = Field(default_factory=list,
+                                             description="Curriculum: weights reached at max_steps (linear); empty: fixed.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under tensorboard/.")
     seed: int = Field(1337, description="Seed for initialisation and batch sampling.")
 
 
@@ -82,15 +101,18 @@ def make_optimizer(model: Llama, cfg: Config) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    fused = next(model.parameters()).is_cuda  # fused kernels on GPU; CPU keeps the default (bit-exact resume tested)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
 @torch.no_grad()
-def validation_loss(model: Llama, tokens, seq_len: int, max_windows: int, dtype: torch.dtype) -> float:
+def validation_loss(model: Llama, tokens, seq_len: int, max_windows: int, dtype: torch.dtype,
+                    device: torch.device = torch.device("cpu")) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_windows(tokens, seq_len, max_windows):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         total += float(loss)
@@ -99,99 +121,238 @@ def validation_loss(model: Llama, tokens, seq_len: int, max_windows: int, dtype:
     return total / max(1, count)
 
 
-def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
-    out = Path(out_dir)
+# fields whose change makes an existing checkpoint unusable: a changed run with any of these starts afresh
+SHAPE_FIELDS = ("tokenizer", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                "tie_embeddings")
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field: old → new`` for every config field that differs."""
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _plan(config: Config, out: Path, force: bool) -> tuple[str, Any]:
+    """Rank 0 decides: ``("skip", None)``, ``("error", message)`` or ``("train", (StageRun, resume))``."""
     run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs={"tokenizer": config.tokenizer}, force=force)
     if run_ is None:
-        return finished(out)
+        return "skip", None
+    prev = run_.previous()
+    if prev is not None and prev.status == "done" and not force and not overwrite_is_allowed():
+        changes = changed_fields(prev.config, run_.config) or ["inputs (the tokenizer artifact was re-run)"]
+        return "error", (f"{out} holds a finished pretraining run with a different config ({'; '.join(changes)}); "
+                         f"pass force=True (--force) to overwrite it, or choose another --out")
     resume = run_.resumable()
-    with run_:
-        if not resume:  # a fresh run starts from an empty folder
-            for stale in ("checkpoints", "metrics.jsonl"):
-                p = out / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        run_.metrics.update(train(config, out))
-    return finished(out)
+    has_ckpt = latest_checkpoint(out / "checkpoints") is not None
+    if prev is not None and prev.status != "done" and not resume and has_ckpt:
+        changes = changed_fields(prev.config, run_.config)
+        if any(c.split(":")[0] in SHAPE_FIELDS for c in changes) or not changes:
+            console.print(f"[yellow]  the unfinished run in {out} has another model shape or input "
+                          f"({'; '.join(changes) or 'tokenizer artifact re-run'}): starting afresh[/]")
+        else:
+            console.print(f"[yellow]  warning: resuming with a changed config: {'; '.join(changes)}[/]")
+            resume = True
+    if not resume:  # a fresh run starts from an empty folder
+        for stale in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return "train", (run_, resume)
 
 
-def train(cfg: Config, out: Path) -> dict:
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    """Train (or resume, or skip when up to date) into ``out_dir``; under torchrun every rank calls this."""
+    out = Path(out_dir)
+    world = distributed.setup(config.device)
+    try:
+        action, detail = _plan(config, out, force) if world.is_main else ("", None)
+        action, message = distributed.broadcast((action, detail if action == "error" else None), world)
+        if action == "skip":
+            return finished(out)
+        if action == "error":
+            raise ConfigError(message)
+        if world.is_main:
+            run_, _ = detail
+            with run_:
+                run_.metrics.update(train(config, out, world))
+        else:
+            train(config, out, world)
+        distributed.barrier(world)  # rank 0 has written the manifest
+        return finished(out)
+    finally:
+        distributed.teardown(world)
+
+
+class _NoBar(contextlib.nullcontext):
+    """Stands in for the progress bar on ranks other than 0."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _step_of(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class _Logger:
+    """``metrics.jsonl`` + TensorBoard on rank 0; nothing on other ranks."""
+
+    def __init__(self, out: Path, world: World, tensorboard: bool, resume_step: int) -> None:
+        self.path = out / "metrics.jsonl"
+        self.file = None
+        self.tb = None
+        if not world.is_main:
+            return
+        if resume_step and self.path.exists():  # drop records logged after the checkpoint: they are logged again
+            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                console.print("[yellow]  tensorboard is not installed: no event files[/]")
+            else:
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, rec: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, rec["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = world.device
     tok_dir = Path(cfg.tokenizer)
     index = read_index(tok_dir / "tokens")
-    train_tokens = load_split(tok_dir / "tokens", "train")
+    sources = load_sources(tok_dir / "tokens", "train")
+    train_tokens = sources[0][2] if len(sources) == 1 else None
     val_tokens = load_split(tok_dir / "tokens", "val")
+    weights = cfg.mixture_weights or [w for _, w, _ in sources]
+    for field, w in (("mixture_weights", cfg.mixture_weights), ("mixture_weights_end", cfg.mixture_weights_end)):
+        if w and len(w) != len(sources):
+            raise ConfigError(f"{field}: {len(w)} weights given but {tok_dir} holds {len(sources)} sources "
+                              f"({', '.join(n for n, _, _ in sources)})")
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not a multiple of the {world.world_size} processes")
+
     mcfg = model_config(cfg, index["vocab_size"], index["eos_id"])
     torch.manual_seed(cfg.seed)
     model = Llama(mcfg)
     model.init_weights(seed=cfg.seed)
-    model.train()
+    model.to(device).train()
     opt = make_optimizer(model, cfg)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
     step = 0
     ckpt = latest_checkpoint(out / "checkpoints")
-    metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         step = state["step"]
-        console.print(f"  resumed from {ckpt} (step {step})")
-        # drop metrics logged after the checkpoint: they will be logged again
-        if metrics_path.exists():
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            metrics_path.write_text("".join(l + "\n" for l in kept))
+        if world.is_main:
+            console.print(f"  resumed from {ckpt} (step {step})")
+    forward = torch.compile(model) if cfg.compile else model
+    ddp = distributed.parallelize(forward, world)
+
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    console.print(f"  model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers x {mcfg.hidden_size}; "
-                  f"{len(train_tokens):,} train tokens, {tokens_per_step:,} tokens/step, {cfg.max_steps} steps")
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global, over all ranks
+    flops_token = flops_per_token(mcfg, cfg.seq_len)
+    peak, device_name = peak_flops(device, cfg.dtype)
+    peak *= world.world_size
+    if world.is_main:
+        console.print(f"  model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers x "
+                      f"{mcfg.hidden_size}; {sum(len(t) for _, _, t in sources):,} train tokens in {len(sources)} "
+                      f"source(s), {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {world.world_size} x "
+                      f"{device_name}")
+
+    def global_batch(index_: int, at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if train_tokens is not None:
+            return sample_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, index_)
+        w = mixture_weights_at(at_step, cfg.max_steps, weights, cfg.mixture_weights_end or None)
+        x, y, _ = sample_mixture_batch([t for _, _, t in sources], w, cfg.batch_size, cfg.seq_len, cfg.seed, index_)
+        return x, y
 
     last_loss = float("nan")
     val_loss = float("nan")
     t_start = time.time()
     tokens_seen = 0
-    with open(metrics_path, "a") as mf, progress() as bar:
-        task = bar.add_task("pretraining", total=cfg.max_steps, completed=step, rate="")
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = sample_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, step * cfg.grad_accum + micro)
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    logits = model(x)
-                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().item() / cfg.grad_accum
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate "
-                                         f"(lr={cfg.lr}) or check the data")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            last_loss = loss_sum
-            rec = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens": step * tokens_per_step}
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val_loss = validation_loss(model, val_tokens, cfg.seq_len, cfg.eval_windows, dtype)
-                rec["val_loss"] = round(val_loss, 5)
-            elapsed = time.time() - t_start
-            rec["tokens_per_s"] = round(tokens_seen / max(elapsed, 1e-9))
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(out / "checkpoints", step, model, opt, {"seed": cfg.seed}, keep=cfg.keep_checkpoints)
-            bar.update(task, completed=step,
-                       rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
+    logger = _Logger(out, world, cfg.tensorboard and world.is_main, step)
+    try:
+        with (progress() if world.is_main else _NoBar()) as bar:
+            task = bar.add_task("pretraining", total=cfg.max_steps, completed=step, rate="")
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
+                           cfg.decay_fraction)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = global_batch(step * cfg.grad_accum + micro, step)
+                    x, y = distributed.shard_rows(x, world).to(device), distributed.shard_rows(y, world).to(device)
+                    last_micro = micro == cfg.grad_accum - 1
+                    sync = contextlib.nullcontext() if last_micro or not world.distributed else ddp.no_sync()
+                    with sync:
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            logits = ddp(x)
+                        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                                                 y.reshape(-1))
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().item() / cfg.grad_accum
+                loss_sum = distributed.mean_over_ranks(loss_sum, world)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate "
+                                             f"(lr={cfg.lr}) or check the data")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                last_loss = loss_sum
+                elapsed = time.time() - t_start
+                tps = tokens_seen / max(elapsed, 1e-9)
+                rec = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                       "tokens": step * tokens_per_step, "tokens_per_s": round(tps),
+                       "mfu": round(mfu(tps, flops_token, peak), 5)}
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    val_loss = validation_loss(model, val_tokens, cfg.seq_len, cfg.eval_windows, dtype, device)
+                    rec["val_loss"] = round(val_loss, 5)
+                logger.log(rec)
+                if world.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+                    save_checkpoint(out / "checkpoints", step, model, opt, {"seed": cfg.seed},
+                                    keep=cfg.keep_checkpoints)
+                bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
+    finally:
+        logger.close()
 
     train_seconds = time.time() - t_start
-    save_model(model.eval(), out)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).exists():
-            shutil.copy(tok_dir / name, out / name)
-    plot_loss(metrics_path, out / "loss.png", title=f"pretraining ({n_params / 1e6:.2f}M params)")
+    tps = tokens_seen / max(train_seconds, 1e-9)
+    if world.is_main:
+        save_model(model.eval(), out)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).exists():
+                shutil.copy(tok_dir / name, out / name)
+        plot_loss(logger.path, out / "loss.png", title=f"pretraining ({n_params / 1e6:.2f}M params)")
     return {
         "params": n_params,
         "steps": step,
@@ -199,5 +360,8 @@ def train(cfg: Config, out: Path) -> dict:
         "final_train_loss": round(last_loss, 4),
         "final_val_loss": round(val_loss, 4),
         "train_seconds": round(train_seconds, 1),
-        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9)),
+        "tokens_per_s": round(tps),
+        "mfu": round(mfu(tps, flops_token, peak), 5),
+        "world_size": world.world_size,
+        "device": device_name,
     }
