@@ -149,14 +149,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, h, bias=b)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None, rows: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, rows: torch.Tensor | None,
+                doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:  # training / full recompute: plain causal attention over this chunk
+        if cache is None and doc_mask is not None:  # packed sequences: causal within each segment only
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, enable_gqa=self.n_kv != self.n_head)
+        elif cache is None:  # training / full recompute: plain causal attention over this chunk
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_head)
         else:
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
@@ -192,8 +195,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, cache, rows):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows)
+    def forward(self, x, cos, sin, positions, cache, rows, doc_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows, doc_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -205,6 +208,22 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever ``segment_ids`` [B, T] changes value along a row."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.cummax(torch.where(is_start, idx, 0), dim=1).values
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, T]: a token sees the earlier tokens of its own segment only."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
 
 
 class Llama(nn.Module):
@@ -236,13 +255,23 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
 
         ``positions`` [B, T]: absolute position of each token (default 0..T-1).  With a ``cache``, ``rows`` [B] names the
         cache slot of each batch row (default 0..B-1) and keys/values are read from and written to it.
+
+        ``segment_ids`` [B, T] (training path only, no cache): several documents packed into one row; a token attends
+        only to earlier tokens with the same id, and positions restart at 0 at each new segment (unless given).
         """
         B, T = input_ids.shape
+        doc_mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids is for the training path; it cannot be combined with a KV cache")
+            doc_mask = segment_mask(segment_ids)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if int(positions.max()) >= self.config.max_position_embeddings:
@@ -255,13 +284,14 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, rows)
+            x = layer(x, cos, sin, positions, cache, rows, doc_mask)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(x)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy; ``targets`` equal to ``ignore_index`` do not count."""
-        logits = self(input_ids)
+        logits = self(input_ids, segment_ids=segment_ids)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)

@@ -1,0 +1,331 @@
+"""The DPO stage: align a model folder with preference pairs (chosen vs. rejected answers).
+
+Data: JSONL records ``{"prompt": str | [messages], "chosen": str, "rejected": str}``; a bad line raises
+``ChatDataError("file:line: field: why")`` or is a counted skip (``on_error``).  Each answer is rendered after its
+prompt with the chat template; only the answer's tokens (and its end-of-turn marker) count in its log-probability.
+
+Losses (``loss``):
+
+* ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log σ(β [(π_c - ref_c) - (π_r - ref_r)])`` on summed log-probs;
+* ``ipo`` (Azar et al. 2023): ``(h - 1/(2β))²`` with ``h`` the same difference on per-token mean log-probs;
+* ``simpo`` (Meng et al. 2024): ``-log σ(β (π̄_c - π̄_r) - γ)`` on per-token means, reference-free.
+
+The reference model's log-probs are computed once, before training, and cached in ``reference_logps.json``; the
+reference model is then dropped, so only the policy is in memory while training (and a resumed run reuses the cache).
+Works with LoRA (``lora_r > 0``): the adapter folder is the output, as for SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lmforge.align.chat_data import (IGNORE, ChatDataError, ChatTokenizer, DataStats, Example, _check_text,
+                                     _reason, encode_conversation, read_jsonl, validate_messages)
+from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
+from lmforge.align.sft import (collate, load_trainable_checkpoint, make_optimizer, pad_id_of, peak_rss_mb,
+                               save_trainable_checkpoint)
+from lmforge.artifacts import Manifest, write_json
+from lmforge.config import StageConfig
+from lmforge.model.hf import load_model, save_model
+from lmforge.progress import console, progress
+from lmforge.stages import begin, finished
+from lmforge.train.plots import plot_loss
+from lmforge.train.schedule import lr_at
+
+STAGE = "dpo"
+VERSION = "1"
+REF_CACHE = "reference_logps.json"
+
+
+class Config(StageConfig):
+    """Preference alignment (DPO / IPO / SimPO) of a model folder on chosen/rejected JSONL."""
+
+    model: str = Field(description="Model folder to start from; also the frozen reference.")
+    data: str = Field(description="Preference JSONL: {prompt, chosen, rejected}.")
+    val_data: str | None = Field(None, description="Held-out preference JSONL; default: a val_fraction split.")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Share of pairs held out when val_data is not given.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Bad or over-long records: error or counted skip.")
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field("sigmoid", description="Preference loss.")
+    beta: float = Field(0.1, gt=0, description="Strength of the preference (inverse KL weight for DPO/IPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    seq_len: int = Field(512, ge=8, description="Longest prompt + answer kept.")
+    batch_size: int = Field(4, ge=1, description="Pairs per optimizer step.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 disables).")
+    eval_every: int = Field(25, ge=1, description="Steps between held-out margin measurements.")
+    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description="LoRA target layers.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    seed: int = Field(1337, description="Seed for the data order.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def pair_to_conversations(record: Any, where: str) -> tuple[list[dict], list[dict]]:
+    """``(chosen_messages, rejected_messages)`` of a preference record."""
+    if not isinstance(record, dict):
+        raise ChatDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in record:
+            raise ChatDataError(f"{where}: {key}: missing")
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        prompt_msgs = [{"role": "user", "content": _check_text(prompt, "prompt", where)}]
+    else:
+        prompt_msgs = validate_messages(prompt, where, "prompt", require_assistant_last=False)
+        if prompt_msgs[-1]["role"] != "user":
+            raise ChatDataError(f"{where}: prompt: the prompt must end with a user message")
+    chosen = _check_text(record["chosen"], "chosen", where)
+    rejected = _check_text(record["rejected"], "rejected", where)
+    return (prompt_msgs + [{"role": "assistant", "content": chosen}],
+            prompt_msgs + [{"role": "assistant", "content": rejected}])
+
+
+def encode_pairs(tok: ChatTokenizer, path: str | os.PathLike, max_len: int, on_error: Literal["raise", "skip"] = "raise",
+                 stats: DataStats | None = None) -> list[tuple[Example, Example]]:
+    stats = stats if stats is not None else DataStats()
+    pairs = []
+    for where, record, error in read_jsonl(path):
+        stats.lines += 1
+        try:
+            if error is not None:
+                raise error
+            chosen, rejected = pair_to_conversations(record, where)
+            c, r = encode_conversation(tok, chosen, "last", where), encode_conversation(tok, rejected, "last", where)
+            longest = max(len(c.input_ids), len(r.input_ids))
+            if longest > max_len:
+                raise ChatDataError(f"{where}: pair is {longest} tokens, over seq_len {max_len}: too long")
+        except ChatDataError as err:
+            if on_error == "raise":
+                raise
+            stats.skipped["invalid_json" if error is not None else _reason(str(err))] += 1
+            continue
+        stats.kept += 1
+        pairs.append((c, r))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log-probs and losses
+
+
+def sequence_logps(model: nn.Module, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each example's target tokens [N] and the number of those tokens [N]."""
+    batch = collate(examples, [[i] for i in range(len(examples))], pad_id, packed=False)
+    logits = model(batch.input_ids)
+    mask = batch.labels != IGNORE
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), batch.labels.clamp(min=0), reduction="none")
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, pairs: list[tuple[Example, Example]], pad_id: int,
+                    batch_size: int = 8) -> list[tuple[float, float]]:
+    model.eval()
+    out = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        lp, _ = sequence_logps(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id)
+        out.extend(zip(lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()))
+    return out
+
+
+def preference_loss(kind: str, beta: float, pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor,
+                    rc: torch.Tensor, rr: torch.Tensor, gamma: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss over pairs and the logged statistics (implicit rewards, margin, accuracy).
+
+    ``pc/pr``: policy summed log-probs of chosen/rejected; ``nc/nr`` their token counts; ``rc/rr`` the reference's."""
+    if kind == "sigmoid":
+        rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+        loss = -F.logsigmoid(rew_c - rew_r)
+    elif kind == "ipo":
+        h = (pc - rc) / nc - (pr - rr) / nr
+        rew_c, rew_r = beta * (pc - rc) / nc, beta * (pr - rr) / nr
+        loss = (h - 1 / (2 * beta)) ** 2
+    elif kind == "simpo":
+        rew_c, rew_r = beta * pc / nc, beta * pr / nr
+        loss = -F.logsigmoid(rew_c - rew_r - gamma)
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    rew_c, rew_r = rew_c.detach(), rew_r.detach()
+    stats = {"reward_chosen": float(rew_c.mean()), "reward_rejected": float(rew_r.mean()),
+             "reward_margin": float((rew_c - rew_r).mean()), "reward_accuracy": float((rew_c > rew_r).float().mean())}
+    return loss.mean(), stats
+
+
+@torch.no_grad()
+def preference_margin(model: nn.Module, pairs: list[tuple[Example, Example]], pad_id: int,
+                      ref: list[tuple[float, float]] | None = None) -> dict[str, float]:
+    """Held-out statistics: ``logp_margin`` = mean log p(chosen) - log p(rejected); with the reference's log-probs,
+    ``reward_margin`` = mean (π_c - ref_c) - (π_r - ref_r) and ``accuracy`` = share of pairs where it is > 0 (the
+    implicit-reward preference accuracy); without them ``accuracy`` compares per-token mean log-probs."""
+    if not pairs:
+        return {}
+    was = model.training
+    model.eval()
+    policy = reference_logps(model, pairs, pad_id)
+    model.train(was)
+    out = {"logp_margin": sum(c - r for c, r in policy) / len(pairs)}
+    if ref is not None:
+        rewards = [(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(policy, ref)]
+        out["reward_margin"] = sum(rewards) / len(rewards)
+        out["accuracy"] = sum(r > 0 for r in rewards) / len(rewards)
+    else:
+        lens = [(c.n_target_tokens, r.n_target_tokens) for c, r in pairs]
+        out["accuracy"] = sum(pc / nc > pr / nr for (pc, pr), (nc, nr) in zip(policy, lens)) / len(pairs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    out = Path(out_dir)
+    inputs = {"model": config.model, "data": config.data}
+    if config.val_data:
+        inputs["val_data"] = config.val_data
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
+    if run_ is None:
+        return finished(out)
+    resume = run_.resumable()
+    with run_:
+        if not resume:
+            for stale in ("checkpoints", "metrics.jsonl", REF_CACHE):
+                p = out / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_.metrics.update(train(config, out))
+    return finished(out)
+
+
+def _cached_reference(path: Path, model_dir: Path, pairs, pad_id: int) -> list[tuple[float, float]]:
+    """Reference log-probs of the training pairs: read from ``path`` or computed with a temporary reference model."""
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if len(cached["logps"]) == len(pairs):
+            return [tuple(x) for x in cached["logps"]]
+    ref_model = load_model(model_dir)
+    logps = reference_logps(ref_model, pairs, pad_id)
+    del ref_model  # the reference is not held during training
+    write_json(path, {"model": str(model_dir.resolve()), "logps": logps})
+    return logps
+
+
+def train(cfg: Config, out: Path) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = Path(cfg.model)
+    tok = ChatTokenizer.from_folder(model_dir)
+    pad_id = pad_id_of(model_dir, tok)
+    stats = DataStats()
+    pairs = encode_pairs(tok, cfg.data, cfg.seq_len, cfg.on_error, stats)
+    if cfg.val_data:
+        train_pairs, val_pairs = pairs, encode_pairs(tok, cfg.val_data, cfg.seq_len, cfg.on_error)
+    else:
+        order = np.random.default_rng([cfg.seed, 999]).permutation(len(pairs)).tolist()
+        n_val = int(round(len(pairs) * cfg.val_fraction))
+        val_idx = set(order[:n_val])
+        train_pairs = [p for i, p in enumerate(pairs) if i not in val_idx]
+        val_pairs = [p for i, p in enumerate(pairs) if i in val_idx]
+    if not train_pairs:
+        raise ValueError(f"{cfg.data}: no usable preference pair ({stats.as_dict()})")
+
+    # reference log-probs of train + held-out pairs, computed once (SimPO is reference-free: held-out only)
+    ref_all = _cached_reference(out / REF_CACHE, model_dir, train_pairs + val_pairs, pad_id)
+    ref, val_ref = ref_all[:len(train_pairs)], ref_all[len(train_pairs):]
+    torch.manual_seed(cfg.seed)
+    base = load_model(model_dir)
+    model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
+        if cfg.lora_r else base
+    model.train()
+    share = trainable_share(model)
+    opt = make_optimizer(model, cfg.lr, 0.0)
+    step = load_trainable_checkpoint(out / "checkpoints", model, opt)
+    metrics_path = out / "metrics.jsonl"
+    if step and metrics_path.exists():
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    before = preference_margin(model, val_pairs, pad_id, val_ref)
+    console.print(f"  {len(train_pairs)} train / {len(val_pairs)} held-out pairs, loss {cfg.loss}, beta {cfg.beta}; "
+                  f"held-out margin before {before.get('logp_margin', float('nan')):.3f}")
+
+    def pair_indices(b: int) -> list[int]:
+        n = len(train_pairs)
+        flat = [b * cfg.batch_size + k for k in range(cfg.batch_size)]
+        return [int(np.random.default_rng([cfg.seed, i // n]).permutation(n)[i % n]) for i in flat]
+
+    t0 = time.time()
+    last: dict[str, float] = {}
+    after = before
+    with open(metrics_path, "a") as mf, progress() as bar:
+        task = bar.add_task(f"dpo ({cfg.loss})", total=cfg.max_steps, completed=step, rate="")
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = pair_indices(step)
+            lp, n = sequence_logps(model, [train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx], pad_id)
+            B = len(idx)
+            rc = torch.tensor([ref[i][0] for i in idx])
+            rr = torch.tensor([ref[i][1] for i in idx])
+            loss, st = preference_loss(cfg.loss, cfg.beta, lp[:B], lp[B:], n[:B], n[B:], rc, rr, cfg.simpo_gamma)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
+            loss.backward()
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last = {"loss": loss_value, **st}
+            rec = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                   **{k: round(v, 5) for k, v in st.items()}}
+            if val_pairs and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                after = preference_margin(model, val_pairs, pad_id, val_ref)
+                rec.update({f"val_{k}": round(v, 5) for k, v in after.items()})
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
+            bar.update(task, completed=step, rate=f"loss {loss_value:.3f} margin {st['reward_margin']:.3f}")
+    seconds = time.time() - t0
+
+    model.eval()
+    if cfg.lora_r:
+        save_adapter(model, out, model_dir)
+    else:
+        save_model(model, out)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    plot_loss(metrics_path, out / "loss.png", title=f"preference loss ({cfg.loss})")
+    return {
+        "mode": "lora" if cfg.lora_r else "full", **share, "loss": cfg.loss, "steps": step,
+        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "data": stats.as_dict(),
+        "final": {k: round(v, 4) for k, v in last.items()},
+        "val_before": {k: round(v, 4) for k, v in before.items()},
+        "val_after": {k: round(v, 4) for k, v in after.items()},
+        "train_seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+    }

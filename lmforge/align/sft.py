@@ -1,0 +1,383 @@
+"""The SFT stage: supervised fine-tuning of a model folder on chat JSONL, fully or with LoRA adapters.
+
+Conversations are rendered with the model's chat template and trained with the loss on assistant tokens only (see
+``chat_data``).  With ``pack`` (the default) short conversations share a row of ``seq_len`` tokens: ``segment_ids``
+keep attention inside each conversation and restart positions, so a packed batch gives every conversation exactly the
+loss it has alone (``tests/test_align.py`` checks it).  The loop reuses the pretraining machinery: AdamW with decay
+groups, warmup + cosine (``train/schedule.py``), gradient accumulation and clipping, ``metrics.jsonl`` + ``loss.png``,
+and atomic checkpoints from which a crashed run resumes exactly (batches are a pure function of seed and step).
+
+Full fine-tuning writes an HF model folder (weights + tokenizer files); LoRA writes an adapter folder (``lora.py``)
+that ``lmforge merge`` turns into a model folder.  Checkpoints hold only the trainable tensors (the adapters, for LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.align.chat_data import IGNORE, ChatTokenizer, DataStats, Example, encode_file
+from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
+from lmforge.artifacts import Manifest
+from lmforge.config import StageConfig
+from lmforge.model.hf import load_model, save_model
+from lmforge.progress import console, progress, rate_text
+from lmforge.stages import begin, finished
+from lmforge.train.plots import plot_loss
+from lmforge.train.schedule import lr_at
+
+STAGE = "sft"
+VERSION = "1"
+
+
+class Config(StageConfig):
+    """Supervised fine-tuning of a model folder on chat JSONL (OpenAI messages or Alpaca records)."""
+
+    model: str = Field(description="Model folder to start from (HF layout with tokenizer files).")
+    data: str = Field(description="Chat JSONL: OpenAI {'messages': [...]} or Alpaca {instruction, input, output}.")
+    val_data: str | None = Field(None, description="Held-out chat JSONL; default: a val_fraction split of data.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of data held out when val_data is not given.")
+    mask: Literal["assistant", "last", "all"] = Field("assistant", description="Tokens that carry loss.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Bad or over-long records: error or counted skip.")
+    seq_len: int = Field(512, ge=8, description="Tokens per row (and the longest conversation kept).")
+    pack: bool = Field(True, description="Pack several conversations per row (no cross-attention between them).")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 disables).")
+    eval_every: int = Field(50, ge=1, description="Steps between held-out loss measurements.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                    description="Linear layers (name suffixes) that get adapters.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    seed: int = Field(1337, description="Seed for the data order and LoRA init.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], IGNORE where no loss
+    segment_ids: torch.Tensor | None  # [B, T] for packed rows (0 = padding), else None
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Greedy, order-keeping packing: indices of consecutive examples that fit together in ``seq_len`` tokens."""
+    rows: list[list[int]] = []
+    used = seq_len + 1
+    for i, n in enumerate(lengths):
+        if n > seq_len:
+            raise ValueError(f"example {i} has {n} tokens, more than seq_len {seq_len}")
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool,
+            seq_len: int | None = None) -> Batch:
+    """Rows of example indices → padded tensors.  Packed rows get segment ids 1, 2, ... and 0 for padding."""
+    seqs = [[t for i in row for t in examples[i].input_ids] for row in rows]
+    T = seq_len or max(len(s) for s in seqs)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    segs = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row, 1):
+            ex = examples[i]
+            n = len(ex.input_ids)
+            ids[r, at:at + n] = torch.tensor(ex.input_ids)
+            labels[r, at:at + n] = torch.tensor(ex.labels)
+            segs[r, at:at + n] = k
+            at += n
+    return Batch(ids, labels, segs if packed else None)
+
+
+class BatchPlan:
+    """Batch ``b`` of a run is a pure function of (seed, b): epochs are seeded permutations of the examples, packed
+    into rows in that order; so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, packed: bool, seed: int) -> None:
+        self.examples, self.batch_size, self.seq_len, self.packed, self.seed = examples, batch_size, seq_len, packed, seed
+        self._epochs: list[list[list[int]]] = []
+
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        while len(self._epochs) <= epoch:
+            order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.examples)).tolist()
+            if self.packed:
+                rows = pack_rows([len(self.examples[i].input_ids) for i in order], self.seq_len)
+                rows = [[order[j] for j in row] for row in rows]
+            else:
+                rows = [[i] for i in order]
+            self._epochs.append(rows)
+        return self._epochs[epoch]
+
+    def rows(self, b: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        start, epoch = b * self.batch_size, 0
+        while len(out) < self.batch_size:  # walk the concatenated row stream of all epochs
+            rows = self._epoch_rows(epoch)
+            if start < len(rows):
+                take = rows[start:start + self.batch_size - len(out)]
+                out.extend(take)
+                start = 0
+            else:
+                start -= len(rows)
+            epoch += 1
+        return out
+
+    def batch(self, b: int, pad_id: int) -> Batch:
+        return collate(self.examples, self.rows(b), pad_id, self.packed, self.seq_len if self.packed else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token cross-entropy [B, T] (0 where the label is ignored)."""
+    logits = model(batch.input_ids, segment_ids=batch.segment_ids)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), batch.labels.clamp(min=0), reduction="none")
+    return ce * (batch.labels != IGNORE)
+
+
+@torch.no_grad()
+def assistant_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per target token over ``examples`` (each alone in its row)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples, [[i] for i in range(s, min(s + batch_size, len(examples)))], pad_id, packed=False)
+        total += float(token_losses(model, batch).sum())
+        count += batch.n_targets
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints of the trainable tensors
+
+
+def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, keep: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sd = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(sd, str(tmp / "trainable.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "rng_torch": torch.get_rng_state().tolist()}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
+    if not found:
+        return 0
+    sd = load_file(str(found[-1] / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in sd.items():
+            params[name].copy_(t)
+    opt.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
+    state = json.loads((found[-1] / "state.json").read_text())
+    torch.set_rng_state(torch.tensor(state["rng_torch"], dtype=torch.uint8))
+    console.print(f"  resumed from {found[-1]} (step {state['step']})")
+    return int(state["step"])
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = np.random.default_rng([seed, 999]).permutation(len(examples))
+    n_val = max(1, int(round(len(examples) * fraction)))
+    val = set(order[:n_val].tolist())
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def pad_id_of(model_dir: Path, tok: ChatTokenizer) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for key in ("pad_token_id", "eos_token_id"):
+        v = cfg.get(key)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    out = Path(out_dir)
+    inputs = {"model": config.model, "data": config.data}
+    if config.val_data:
+        inputs["val_data"] = config.val_data
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
+    if run_ is None:
+        return finished(out)
+    resume = run_.resumable()
+    with run_:
+        if not resume:
+            for stale in ("checkpoints", "metrics.jsonl"):
+                p = out / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_.metrics.update(train(config, out))
+    return finished(out)
+
+
+def load_examples(cfg: Config, tok: ChatTokenizer) -> tuple[list[Example], list[Example], DataStats]:
+    stats = DataStats()
+    examples = encode_file(tok, cfg.data, cfg.seq_len, cfg.mask, cfg.on_error, stats)
+    if cfg.val_data:
+        train_ex, val_ex = examples, encode_file(tok, cfg.val_data, cfg.seq_len, cfg.mask, cfg.on_error)
+    else:
+        train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    if not train_ex:
+        raise ValueError(f"{cfg.data}: no usable training conversation ({stats.as_dict()})")
+    return train_ex, val_ex, stats
+
+
+def train(cfg: Config, out: Path) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = Path(cfg.model)
+    tok = ChatTokenizer.from_folder(model_dir)
+    train_ex, val_ex, stats = load_examples(cfg, tok)
+    pad_id = pad_id_of(model_dir, tok)
+    torch.manual_seed(cfg.seed)
+    base = load_model(model_dir)
+    if cfg.seq_len > base.config.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context {base.config.max_position_embeddings}")
+    model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
+        if cfg.lora_r else base
+    model.train()
+    share = trainable_share(model)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    plan = BatchPlan(train_ex, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
+
+    metrics_path = out / "metrics.jsonl"
+    step = load_trainable_checkpoint(out / "checkpoints", model, opt)
+    if step and metrics_path.exists():
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    val_before = assistant_loss(model, val_ex, pad_id) if val_ex and step == 0 else float("nan")
+    console.print(f"  {len(train_ex)} train / {len(val_ex)} held-out conversations; "
+                  f"{share['trainable_params'] / 1e6:.3f}M of {share['total_params'] / 1e6:.2f}M parameters trained "
+                  f"({100 * share['trainable_share']:.2f}%)" + ("; LoRA r=%d" % cfg.lora_r if cfg.lora_r else ""))
+
+    val_loss, last_loss, tokens_seen, targets_seen = val_before, float("nan"), 0, 0
+    t_start = time.time()
+    with open(metrics_path, "a") as mf, progress() as bar:
+        task = bar.add_task("sft", total=cfg.max_steps, completed=step, rate="")
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batches = [plan.batch(step * cfg.grad_accum + m, pad_id) for m in range(cfg.grad_accum)]
+            n_targets = max(1, sum(b.n_targets for b in batches))
+            loss_sum = 0.0
+            for batch in batches:  # mean over every target token of the step, however they fall into micro-batches
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = token_losses(model, batch).sum() / n_targets
+                loss.backward()
+                loss_sum += float(loss.detach())
+                tokens_seen += int((batch.input_ids != pad_id).sum()) if batch.segment_ids is None \
+                    else int((batch.segment_ids > 0).sum())
+            targets_seen += n_targets
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate (lr={cfg.lr})")
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_sum
+            elapsed = time.time() - t_start
+            rec = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                   "target_tokens": n_targets, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
+            if val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val_loss = assistant_loss(model, val_ex, pad_id)
+                rec["val_loss"] = round(val_loss, 5)
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
+            bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
+    seconds = time.time() - t_start
+
+    model.eval()
+    if cfg.lora_r:
+        save_adapter(model, out, model_dir)
+    else:
+        save_model(model, out)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    plot_loss(metrics_path, out / "loss.png", title="SFT" + (f" (LoRA r={cfg.lora_r})" if cfg.lora_r else ""))
+    return {
+        "mode": "lora" if cfg.lora_r else "full",
+        **share,
+        "steps": step,
+        "train_conversations": len(train_ex),
+        "val_conversations": len(val_ex),
+        "data": stats.as_dict(),
+        "val_loss_before": round(val_before, 4) if math.isfinite(val_before) else None,
+        "final_val_loss": round(val_loss, 4) if math.isfinite(val_loss) else None,
+        "final_train_loss": round(last_loss, 4),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
