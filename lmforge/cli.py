@@ -23,16 +23,26 @@ app = typer.Typer(help="lmforge: raw web data → corpus → tokenizer → pretr
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Data stage: read, extract, clean, filter and dedup raw documents.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Tokenizer stage: train a BPE tokenizer and pack token shards.", no_args_is_help=True)
+train_app = typer.Typer(help="Training utilities: compare runs.", no_args_is_help=True)
+scaling_app = typer.Typer(help="Scaling laws: sweep small models, fit L(N, D).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+rag_app = typer.Typer(help="Knowledge-base question answering (RAG): index, ask, chat, eval.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(scaling_app, name="scaling")
+app.add_typer(rag_app, name="rag")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
     "data": ["docs_in", "docs_kept", "docs_dropped", "docs_per_s"],
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "bytes_per_token"],
-    "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s"],
+    "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s", "mfu"],
     "eval": ["val_loss", "val_ppl", "val_bpb"],
     "serve_smoke": ["latency_s", "tokens_per_s"],
+    "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb"],
+    "dpo": ["loss", "val_before", "val_after"],
+    "synth": ["kept", "rejected", "prompt_tokens", "completion_tokens", "cost_usd"],
+    "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
 }
 
 
@@ -51,6 +61,18 @@ def _register() -> None:
         _stage_command("lmforge.train.pretrain", "pretrain"))
     app.command("eval", help="Evaluate a model: held-out loss, perplexity, bits per byte, samples.")(
         _stage_command("lmforge.eval.stage", "eval"))
+    app.command("sft", help="Supervised fine-tuning (full or LoRA) on chat JSONL.")(
+        _stage_command("lmforge.align.sft", "sft"))
+    app.command("dpo", help="Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.")(
+        _stage_command("lmforge.align.dpo", "dpo"))
+    app.command("synth", help="Generate instruction/response pairs through an OpenAI-compatible endpoint.")(
+        _stage_command("lmforge.align.synth", "synth"))
+    rag_app.command("index", help="Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.")(
+        _stage_command("lmforge.rag.stage", "rag"))
+    from lmforge.train import scaling
+
+    scaling_app.command("sweep", help=scaling.SweepConfig.__doc__)(
+        command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling"))
 
 
 def _fmt(v) -> str:
@@ -91,6 +113,135 @@ def run_cmd(
         console.print(f"Chat with the model:   [bold]lmforge chat {models[-1]}[/]")
         console.print(f"Serve it (OpenAI API): [bold]lmforge serve {models[-1]}[/]")
         console.print(f"Where it came from:    [bold]lmforge lineage {models[-1]}[/]")
+
+
+@train_app.command("compare")
+def train_compare(
+    runs: list[Path] = typer.Argument(..., help="Pretraining run folders."),
+    out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="PNG to write."),
+) -> None:
+    """Overlay several runs' train/validation loss curves (against tokens seen) in one PNG."""
+    from lmforge.train.compare import compare_runs
+
+    console.print(f"wrote {compare_runs(runs, out)}")
+
+
+@scaling_app.command("fit")
+def scaling_fit(
+    sweep_jsonl: Path = typer.Argument(..., help="sweep.jsonl written by `lmforge scaling sweep`."),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for fit.json and scaling.png."),
+    predict: list[str] = typer.Option([], help="N:D to predict, e.g. 1e8:2e9 (repeatable)."),
+    bootstrap: int = typer.Option(100, help="Bootstrap resamples for the uncertainty."),
+) -> None:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla approach 3) and the iso-FLOP optimum."""
+    from lmforge.train.scaling import fit_sweep
+
+    r = fit_sweep(sweep_jsonl, out, [tuple(map(float, p.split(":"))) for p in predict], bootstrap)
+    f, se = r["fit"], r["fit"]["stderr"] or {}
+    for k in ("E", "A", "B", "alpha", "beta"):
+        console.print(f"{k:>5} = {f[k]:.4g} ± {se.get(k, float('nan')):.2g}")
+    for p in r["predictions"]:
+        console.print(f"L(N={p['params']:.3g}, D={p['tokens']:.3g}) = {p['loss']:.4f}")
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter: Path = typer.Argument(..., help="LoRA adapter folder (from `lmforge sft --lora-r N`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged model folder to write."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder [default: the one the adapter records]."),
+) -> None:
+    """Fold LoRA adapters into the base weights: a plain HF model folder."""
+    from lmforge.align.lora import merge_adapter
+
+    console.print(f"merged → {merge_adapter(adapter, out, base_model)}")
+
+
+def _answerer(index: Path, model: Optional[str], base_url: Optional[str], k: int, min_score: float,
+              system: Optional[str]):
+    from lmforge.rag.answer import Answerer, EngineGenerator, OpenAIGenerator
+    from lmforge.rag.index import KnowledgeBase
+
+    gen = None
+    if base_url:
+        gen = OpenAIGenerator(model or "default", base_url=base_url)
+    elif model:
+        from lmforge.serve.engine import Engine
+
+        gen = EngineGenerator(Engine.from_folder(model, max_num_seqs=1))
+    return Answerer(KnowledgeBase.load(index), gen, k=k, min_score=min_score, system_prompt=system)
+
+
+def _print_answer(answerer, question: str, history: list[dict] | None = None):
+    final = None
+    for ev in answerer.stream(question, history or []):
+        typer.echo(ev.delta, nl=False)
+        final = ev.final or final
+    typer.echo("")
+    for c in final.citations:
+        typer.echo(f"  [{c.number}] {c.path} {' > '.join(c.heading_path)} (chars {c.start}-{c.end})")
+    return final
+
+
+RAG_MODEL = typer.Option(None, help="Model folder to answer with (served in-process).")
+RAG_URL = typer.Option(None, help="OpenAI-compatible endpoint to answer with instead (e.g. lmforge serve).")
+
+
+@rag_app.command("ask")
+def rag_ask(
+    question: str = typer.Argument(..., help="The question."),
+    index: Path = typer.Option(..., "--index", help="Index folder (from `lmforge rag index`)."),
+    model: Optional[str] = RAG_MODEL,
+    base_url: Optional[str] = RAG_URL,
+    k: int = typer.Option(4, help="Sources retrieved."),
+    min_score: float = typer.Option(0.3, help="Below this best similarity the answer is 'not in the knowledge base'."),
+    system: Optional[str] = typer.Option(None, help="Persona / system prompt."),
+) -> None:
+    """Answer QUESTION from the knowledge base, with numbered citations."""
+    _print_answer(_answerer(index, model, base_url, k, min_score, system), question)
+
+
+@rag_app.command("chat")
+def rag_chat(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    model: Optional[str] = RAG_MODEL,
+    base_url: Optional[str] = RAG_URL,
+    k: int = typer.Option(4, help="Sources retrieved."),
+    min_score: float = typer.Option(0.3, help="Relevance threshold."),
+    system: Optional[str] = typer.Option(None, help="Persona / system prompt."),
+) -> None:
+    """Multi-turn chat over the knowledge base (follow-ups are rewritten with the history); empty line quits."""
+    answerer = _answerer(index, model, base_url, k, min_score, system)
+    history: list[dict] = []
+    while True:
+        try:
+            q = input("you> ").strip()
+        except EOFError:
+            break
+        if q in ("", "/exit"):
+            break
+        final = _print_answer(answerer, q, history)
+        history += [{"role": "user", "content": q}, {"role": "assistant", "content": final.answer}]
+
+
+@rag_app.command("eval")
+def rag_eval(
+    qa: Path = typer.Argument(..., help="QA JSONL (question, answers, gold passages)."),
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    model: Optional[str] = RAG_MODEL,
+    base_url: Optional[str] = RAG_URL,
+    k: int = typer.Option(4, help="Sources retrieved for answers."),
+) -> None:
+    """Retrieval recall@k / MRR / nDCG (dense, bm25, hybrid); answer EM / F1 / faithfulness with a model."""
+    from lmforge.rag.evaluate import answer_metrics, load_qa, retrieval_metrics
+    from lmforge.rag.index import KnowledgeBase
+
+    kb, items = KnowledgeBase.load(index), load_qa(qa)
+    out = {m: retrieval_metrics(kb, items, mode=m) for m in ("dense", "bm25", "hybrid")}
+    if model or base_url:
+        res = answer_metrics(_answerer(index, model, base_url, k, 0.3, None), items)
+        res.pop("rows", None)
+        out["answers"] = res
+    typer.echo(json.dumps(out, indent=2))
 
 
 @app.command("serve")

@@ -1,0 +1,255 @@
+"""Grounded answers: retrieve, number the sources in the prompt, generate, keep only citations of retrieved sources.
+
+* Refusal: when the best retrieved chunk's cosine similarity is below ``min_score``, no model is called and the answer
+  is ``NOT_FOUND`` ("The knowledge base does not contain ...") with no sources - never a guess.
+* Citations ``[1]``, ``[2, 3]`` in the model's text are parsed; a number that does not name a retrieved source is
+  removed from the text (also while streaming), so an answer never cites a source that was not retrieved.
+* Follow-ups: with a chat history, the question is first rewritten into a standalone question by the model (falling
+  back to "previous question + this one" when the model gives nothing usable); retrieval uses the rewrite.
+* Persona: ``system_prompt`` replaces the default instructions' first line (a customer-service voice, a character).
+
+Generators: ``EngineGenerator`` (lmforge's serving engine, in process) or ``OpenAIGenerator`` (any OpenAI-compatible
+chat endpoint).  Both stream text deltas.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+from lmforge.rag.index import Filters, Hit, KnowledgeBase, Mode
+
+NOT_FOUND = "The knowledge base does not contain information to answer this question."
+DEFAULT_PERSONA = "You are a helpful assistant that answers questions using only the numbered sources below."
+INSTRUCTIONS = (
+    "Answer the question using only these sources. After each sentence, cite the sources it relies on with their "
+    "numbers in square brackets, like [1] or [2][3]. If the sources do not contain the answer, reply exactly: "
+    f"\"{NOT_FOUND}\"")
+
+
+class Generator(Protocol):
+    def stream(self, messages: list[dict], max_tokens: int) -> Iterator[str]:
+        """Text deltas of the assistant's reply to ``messages``."""
+        ...
+
+
+class EngineGenerator:
+    """lmforge's ``Engine`` (chat template, greedy by default)."""
+
+    def __init__(self, engine, temperature: float = 0.0) -> None:
+        self.engine = engine
+        self.temperature = temperature
+
+    def stream(self, messages: list[dict], max_tokens: int) -> Iterator[str]:
+        from lmforge.serve.sampling import SamplingParams
+
+        ids = self.engine.encode_chat(messages)
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            ids = ids[-(self.engine.max_model_len - min(max_tokens, self.engine.max_model_len // 2)):]
+            room = self.engine.max_model_len - len(ids)
+        params = SamplingParams(temperature=self.temperature, max_tokens=min(max_tokens, room),
+                                stop_token_ids=sorted(self.engine.chat_stop_token_ids))
+        for out in self.engine.generate(ids, params):
+            if out.text:
+                yield out.text
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint, streamed."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 temperature: float = 0.0) -> None:
+        import os
+
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
+        self.model = model
+        self.temperature = temperature
+
+    def stream(self, messages: list[dict], max_tokens: int) -> Iterator[str]:
+        resp = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                   temperature=self.temperature, stream=True)
+        for chunk in resp:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+
+@dataclass
+class Source:
+    number: int
+    path: str
+    title: str
+    heading_path: list[str]
+    start: int
+    end: int
+    text: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"number": self.number, "path": self.path, "title": self.title, "heading_path": self.heading_path,
+                "start": self.start, "end": self.end, "score": round(self.score, 4), "text": self.text}
+
+
+@dataclass
+class RagAnswer:
+    question: str
+    answer: str
+    sources: list[Source]  # what was retrieved and shown to the model, numbered from 1
+    citations: list[Source]  # the sources the answer cites (a subset of ``sources``)
+    refused: bool = False
+    standalone_question: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
+                "refused": self.refused, "citations": [c.to_dict() for c in self.citations],
+                "sources": [s.to_dict() for s in self.sources]}
+
+
+@dataclass
+class StreamEvent:
+    delta: str = ""
+    final: RagAnswer | None = None  # set on the last event only
+
+
+_CITE = re.compile(r"\[(\s*\d+(?:\s*[,;]\s*\d+)*\s*)\]")
+
+
+def clean_citations(text: str, valid: set[int]) -> tuple[str, list[int]]:
+    """Drop citation numbers not in ``valid`` (and brackets left empty); return the text and the cited numbers in
+    order of first use."""
+    cited: list[int] = []
+
+    def repl(m: re.Match) -> str:
+        nums = [int(n) for n in re.split(r"[,;]", m.group(1))]
+        keep = [n for n in nums if n in valid]
+        for n in keep:
+            if n not in cited:
+                cited.append(n)
+        return "[" + ", ".join(map(str, keep)) + "]" if keep else ""
+
+    cleaned = _CITE.sub(repl, text)
+    return re.sub(r"[ \t]+([.,;:!?])", r"\1", cleaned) if cleaned != text else cleaned, cited
+
+
+class CitationStreamFilter:
+    """Streaming version of ``clean_citations``: holds back text from an unclosed ``[`` until it is decided."""
+
+    def __init__(self, valid: set[int], max_hold: int = 16) -> None:
+        self.valid = valid
+        self.max_hold = max_hold
+        self.buf = ""
+
+    def feed(self, delta: str) -> str:
+        self.buf += delta
+        out = ""
+        while self.buf:
+            i = self.buf.find("[")
+            if i < 0:
+                out, self.buf = out + self.buf, ""
+                break
+            out, self.buf = out + self.buf[:i], self.buf[i:]
+            j = self.buf.find("]")
+            if j < 0:
+                if len(self.buf) > self.max_hold or not re.fullmatch(r"\[[\d\s,;]*", self.buf):
+                    out, self.buf = out + self.buf[0], self.buf[1:]
+                    continue
+                break  # wait for more text
+            piece, self.buf = self.buf[:j + 1], self.buf[j + 1:]
+            out += clean_citations(piece, self.valid)[0] if _CITE.fullmatch(piece) else piece
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def format_sources(sources: list[Source]) -> str:
+    parts = []
+    for s in sources:
+        where = " > ".join([s.title, *s.heading_path[1:]]) if s.heading_path else s.title
+        parts.append(f"[{s.number}] {s.path} ({where})\n{s.text}")
+    return "\n\n".join(parts)
+
+
+class Answerer:
+    """Retrieval + generation over a ``KnowledgeBase``.  ``generator=None`` answers only refusals (retrieval-only use)."""
+
+    def __init__(self, kb: KnowledgeBase, generator: Generator | None, *, k: int = 4, mode: Mode = "hybrid",
+                 min_score: float = 0.3, system_prompt: str | None = None, max_tokens: int = 256,
+                 filters: Filters | None = None) -> None:
+        self.kb = kb
+        self.generator = generator
+        self.k = k
+        self.mode = mode
+        self.min_score = min_score
+        self.system_prompt = system_prompt or DEFAULT_PERSONA
+        self.max_tokens = max_tokens
+        self.filters = filters
+
+    # -- steps ---------------------------------------------------------------------------------------------------------
+    def rewrite(self, question: str, history: list[dict] | None) -> str:
+        """A standalone version of a follow-up question (unchanged without history)."""
+        prior = [m["content"] for m in history or [] if m.get("role") == "user" and m.get("content")]
+        if not prior:
+            return question
+        fallback = f"{prior[-1]} {question}"
+        if self.generator is None:
+            return fallback
+        convo = "\n".join(f"{m['role']}: {m['content']}" for m in (history or [])[-6:] if m.get("content"))
+        messages = [{"role": "system", "content": "Rewrite the user's last question as a standalone question that "
+                     "can be understood without the conversation. Reply with the question only."},
+                    {"role": "user", "content": f"Conversation:\n{convo}\n\nLast question: {question}"}]
+        text = "".join(self.generator.stream(messages, 64)).strip().splitlines()
+        rewritten = text[0].strip() if text else ""
+        return rewritten if 3 <= len(rewritten) <= 4 * len(fallback) + 40 else fallback
+
+    def retrieve(self, question: str) -> tuple[list[Source], bool]:
+        """Numbered sources for ``question`` and whether they are relevant enough to answer from."""
+        hits: list[Hit] = self.kb.search(question, k=self.k, mode=self.mode, filters=self.filters)
+        sources = [Source(i, h.chunk.path, h.chunk.title, list(h.chunk.heading_path), h.chunk.start, h.chunk.end,
+                          h.chunk.text, h.dense_score) for i, h in enumerate(hits, 1)]
+        relevant = bool(sources) and max(s.score for s in sources) >= self.min_score
+        return sources, relevant
+
+    def messages(self, question: str, sources: list[Source], history: list[dict] | None = None) -> list[dict]:
+        system = f"{self.system_prompt}\n\n{INSTRUCTIONS}\n\nSources:\n\n{format_sources(sources)}"
+        turns = [m for m in history or [] if m.get("role") in ("user", "assistant")][-4:]
+        return [{"role": "system", "content": system}, *turns, {"role": "user", "content": question}]
+
+    # -- public --------------------------------------------------------------------------------------------------------
+    def stream(self, question: str, history: list[dict] | None = None) -> Iterator[StreamEvent]:
+        """Text deltas (citations already cleaned), then a final event carrying the whole ``RagAnswer``."""
+        standalone = self.rewrite(question, history)
+        sources, relevant = self.retrieve(standalone)
+        if not relevant or self.generator is None:
+            yield StreamEvent(NOT_FOUND)
+            yield StreamEvent(final=RagAnswer(question, NOT_FOUND, [], [], True, standalone))
+            return
+        valid = {s.number for s in sources}
+        filt = CitationStreamFilter(valid)
+        parts: list[str] = []
+        for delta in self.generator.stream(self.messages(question if not history else standalone, sources, history),
+                                           self.max_tokens):
+            out = filt.feed(delta)
+            if out:
+                parts.append(out)
+                yield StreamEvent(out)
+        tail = filt.flush()
+        if tail:
+            parts.append(tail)
+            yield StreamEvent(tail)
+        text, cited = clean_citations("".join(parts).strip(), valid)
+        text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text))  # gaps left by dropped citations
+        refused = NOT_FOUND.lower().rstrip(".") in text.lower()
+        by_number = {s.number: s for s in sources}
+        yield StreamEvent(final=RagAnswer(question, text, sources, [by_number[n] for n in cited], refused, standalone))
+
+    def ask(self, question: str, history: list[dict] | None = None) -> RagAnswer:
+        final = None
+        for event in self.stream(question, history):
+            final = event.final or final
+        assert final is not None
+        return final
