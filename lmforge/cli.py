@@ -37,7 +37,7 @@ HEADLINE = {
     "data": ["docs_in", "docs_kept", "docs_dropped", "docs_per_s"],
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "bytes_per_token"],
     "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s", "mfu"],
-    "eval": ["val_loss", "val_ppl", "val_bpb"],
+    "eval": ["val_loss", "val_ppl", "val_bpb", "aggregate_centered"],
     "serve_smoke": ["latency_s", "tokens_per_s"],
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb"],
     "dpo": ["loss", "val_before", "val_after"],
@@ -59,8 +59,10 @@ def _register() -> None:
         _stage_command("lmforge.tokenizer.stage", "tokenizer"))
     app.command("pretrain", help="Pretrain a Llama model on a tokenizer artifact.")(
         _stage_command("lmforge.train.pretrain", "pretrain"))
-    app.command("eval", help="Evaluate a model: held-out loss, perplexity, bits per byte, samples.")(
-        _stage_command("lmforge.eval.stage", "eval"))
+    app.command("eval", help="Evaluate a model: held-out loss / perplexity / bits per byte, benchmark tasks "
+                             "(--tasks tasks/core), samples.")(_stage_command("lmforge.eval.stage", "eval"))
+    app.command("ablate", help="Data ablation: data-pipeline variants → tokenizer → proxy pretrain → eval, compared.")(
+        _stage_command("lmforge.eval.ablate", "ablate"))
     app.command("sft", help="Supervised fine-tuning (full or LoRA) on chat JSONL.")(
         _stage_command("lmforge.align.sft", "sft"))
     app.command("dpo", help="Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.")(
@@ -142,6 +144,32 @@ def scaling_fit(
         console.print(f"{k:>5} = {f[k]:.4g} ± {se.get(k, float('nan')):.2g}")
     for p in r["predictions"]:
         console.print(f"L(N={p['params']:.3g}, D={p['tokens']:.3g}) = {p['loss']:.4f}")
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown to this file."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the table as an HTML page to this file."),
+) -> None:
+    """Compare evaluated models: one row per model (data lineage, params, tokens, each task, aggregate)."""
+    from lmforge.artifacts import write_text
+    from lmforge.eval import leaderboard
+
+    rows = leaderboard.collect()
+    if not rows:
+        console.print("[yellow]no eval run with tasks in the registry; run `lmforge eval --model DIR --tasks tasks/core`[/]")
+        raise typer.Exit(1)
+    header, cells = leaderboard.table(rows)
+    table = Table(title="leaderboard (score ± 95% CI half-width; aggregate = mean centred accuracy)")
+    for col in header:
+        table.add_column(col)
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
+    if markdown:
+        write_text(markdown, leaderboard.to_markdown(rows))
+    if html:
+        write_text(html, leaderboard.to_html(rows))
 
 
 @app.command("merge")

@@ -1,4 +1,9 @@
-"""The eval stage: validation loss, perplexity and bits-per-byte on held-out text, and greedy samples.
+"""The eval stage: validation loss, perplexity and bits-per-byte on held-out text, benchmark tasks, greedy samples.
+
+With ``tasks`` (task YAML files or suite folders such as ``tasks/core``, see ``lmforge.eval.tasks``) every task is
+scored; ``results.json`` holds each task's metrics with bootstrap confidence intervals and the aggregate centred score,
+``items/<task>.jsonl`` the per-item records, and the registry gets ``<task>.<metric>`` metrics (``lmforge
+leaderboard`` reads them).  ``data`` (the held-out token split of a tokenizer artifact) is optional when tasks are given.
 
 Bits-per-byte divides the summed negative log-likelihood (in bits) by the UTF-8 bytes of the predicted tokens, so it
 compares models whose tokenizers differ.  With a byte-level BPE every character of a token's string stands for one
@@ -7,6 +12,7 @@ byte, which gives each token's byte length exactly; special tokens count zero by
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -17,7 +23,9 @@ import torch
 from pydantic import Field
 
 from lmforge.artifacts import Manifest, write_json, write_text
-from lmforge.config import StageConfig
+from lmforge.config import ConfigError, StageConfig
+from lmforge.eval.harness import LM, aggregate, run_task
+from lmforge.eval.tasks import find_tasks, load_task
 from lmforge.model.generate import generate
 from lmforge.model.hf import load_model
 from lmforge.progress import console, progress, rate_text
@@ -26,7 +34,7 @@ from lmforge.tokenizer.bpe import load_tokenizer
 from lmforge.tokenizer.shards import eval_windows, load_split
 
 STAGE = "eval"
-VERSION = "1"
+VERSION = "2"
 
 DEFAULT_PROMPTS = ["To be, or not to be", "In the beginning God created", "The Python interpreter"]
 
@@ -35,7 +43,12 @@ class Config(StageConfig):
     """Evaluate a model folder on the held-out split of a tokenizer artifact."""
 
     model: str = Field(description="Model folder (HF layout with tokenizer files), e.g. a pretrain artifact.")
-    data: str = Field(description="Tokenizer artifact whose `val` split is the held-out text.")
+    data: str | None = Field(None, description="Tokenizer artifact whose `val` split is the held-out text "
+                                               "(optional when tasks are given).")
+    tasks: list[str] = Field(default_factory=list, description="Task YAML files or suite folders (e.g. tasks/core).")
+    task_limit: int | None = Field(None, ge=1, description="Score at most this many items per task.")
+    task_max_len: int = Field(1024, ge=16, description="Longest context (tokens) fed to the model for tasks.")
+    batch_tokens: int = Field(4096, ge=64, description="Tokens per forward pass when scoring tasks.")
     split: str = Field("val", description="Split of the token shards to evaluate on.")
     seq_len: int = Field(0, ge=0, description="Window length; 0 uses the model's context length.")
     max_windows: int = Field(64, ge=1, description="At most this many windows are scored.")
@@ -92,18 +105,53 @@ def score(model, tokens: np.ndarray, seq_len: int, max_windows: int, byte_length
             "val_bytes_scored": n_bytes}
 
 
+def _task_inputs(config: Config) -> dict[str, str]:
+    """Each task's YAML and JSONL as fingerprinted inputs (a changed item re-runs the eval)."""
+    inputs = {}
+    for i, path in enumerate(find_tasks(config.tasks)):
+        task = load_task(path)
+        inputs[f"task{i}"] = str(path)
+        inputs[f"task{i}_data"] = str((path.parent / task.spec.data).resolve())
+    return inputs
+
+
+def run_tasks(config: Config, model, tokenizer, tok_cfg: dict, out: Path) -> tuple[dict, dict]:
+    """Score every task; writes ``items/<task>.jsonl``; returns ``(per-task results, registry metrics)``."""
+    lm = LM(model, tokenizer, tok_cfg, batch_tokens=config.batch_tokens, max_len=config.task_max_len)
+    results, metrics = {}, {}
+    for path in find_tasks(config.tasks):
+        task = load_task(path)
+        if config.task_limit:
+            task.items = task.items[:config.task_limit]
+        res = run_task(lm, task)
+        items = res.pop("items")
+        write_text(out / "items" / f"{task.name}.jsonl", "".join(json.dumps(r) + "\n" for r in items))
+        results[task.name] = res
+        metrics[f"{task.name}.{res['metric']}"] = round(res["score"], 5)
+        metrics[f"{task.name}.ci_low"], metrics[f"{task.name}.ci_high"] = (round(v, 5) for v in res["ci"])
+    agg = aggregate(list(results.values()))
+    if agg is not None:
+        metrics["aggregate_centered"] = round(agg, 5)
+    return results, metrics
+
+
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs={"model": config.model, "data": config.data},
-                 force=force)
+    if config.data is None and not config.tasks:
+        raise ConfigError("eval: give `data` (a tokenizer artifact), `tasks`, or both")
+    inputs = {"model": config.model, **({"data": config.data} if config.data else {}), **_task_inputs(config)}
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
         return finished(out)
     with run_:
         model = load_model(config.model)
         tokenizer, tok_cfg = load_tokenizer(config.model)
-        tokens = load_split(Path(config.data) / "tokens", config.split)
-        seq_len = config.seq_len or model.config.max_position_embeddings
-        metrics = score(model, tokens, seq_len, config.max_windows, token_byte_lengths(tokenizer))
+        metrics: dict = {}
+        if config.data:
+            tokens = load_split(Path(config.data) / "tokens", config.split)
+            seq_len = config.seq_len or model.config.max_position_embeddings
+            metrics = score(model, tokens, seq_len, config.max_windows, token_byte_lengths(tokenizer))
+        task_results, task_metrics = run_tasks(config, model, tokenizer, tok_cfg, out) if config.tasks else ({}, {})
         eos = tokenizer.token_to_id(tok_cfg.get("eos_token") or "<|endoftext|>")
         samples = []
         for prompt in config.prompts:
@@ -111,12 +159,20 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             new = generate(model, ids, config.max_new_tokens, temperature=0.0, eos_token_id=eos)
             samples.append({"prompt": prompt, "completion": tokenizer.decode(new)})
         run_.metrics.update(metrics)
+        run_.metrics.update(task_metrics)
         write_json(out / "results.json", {"model": str(Path(config.model).resolve()), "metrics": metrics,
+                                          "tasks": task_results,
+                                          "aggregate_centered": task_metrics.get("aggregate_centered"),
                                           "samples": samples})
         lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
+        if task_results:
+            lines += ["", "| task | metric | score | 95% CI | n |", "|---|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r['metric']} | {r['score']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
+                      f"| {r['n']} |" for r in task_results.values()]
         lines += ["", "## Greedy samples", ""] + [f"- **{s['prompt']}** → {s['completion']!r}" for s in samples]
         write_text(out / "results.md", "\n".join(lines) + "\n")
-        console.print(f"  val loss {metrics['val_loss']}, ppl {metrics['val_ppl']}, bits/byte {metrics['val_bpb']}")
+        if metrics:
+            console.print(f"  val loss {metrics['val_loss']}, ppl {metrics['val_ppl']}, bits/byte {metrics['val_bpb']}")
         for s in samples:
             console.print(f"  [dim]{s['prompt']}[/] → {s['completion']!r}")
     return finished(out)

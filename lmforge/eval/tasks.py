@@ -1,0 +1,172 @@
+"""Evaluation tasks as files: a YAML spec next to a JSONL of items.
+
+```yaml
+name: cloze_henry_v
+type: multiple_choice          # multiple_choice | generation | perplexity
+data: cloze_henry_v.jsonl      # relative to this YAML file
+prompt: "{{context}}"          # Jinja2 over the item's fields (the same syntax lm-evaluation-harness uses)
+choices_field: choices         # multiple_choice: a list of strings
+answer_field: answer           # multiple_choice: index of the right choice; generation: a string or list of strings
+metric: acc                    # acc | acc_norm | exact_match | f1 | contains | bpb
+num_fewshot: 0
+fewshot_seed: 1234
+stop: ["\\n"]                  # generation: stop sequences
+chat: false                    # render prompts through the model's chat template
+```
+
+``load_task`` validates the YAML (unknown keys are errors naming the file and the key) and every JSONL line (errors name
+``file:line`` and the field).  ``find_tasks`` expands task files and suite folders into a sorted list of YAML paths.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from pydantic import Field, model_validator
+
+from lmforge.config import ConfigError, StageConfig, read_yaml, validate
+
+TaskType = Literal["multiple_choice", "generation", "perplexity"]
+METRICS_BY_TYPE = {
+    "multiple_choice": ("acc", "acc_norm"),
+    "generation": ("exact_match", "f1", "contains"),
+    "perplexity": ("bpb",),
+}
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+class TaskSpec(StageConfig):
+    """One evaluation task (the YAML file)."""
+
+    name: str = Field(description="Task name, used as the column in results and leaderboards.")
+    type: TaskType
+    data: str = Field(description="JSONL file of items, relative to the YAML file.")
+    description: str = ""
+    source: str = Field("", description="Where the items come from.")
+    license: str = ""
+    prompt: str = Field("{{context}}", description="Jinja2 template rendering an item into the model's context.")
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    text_field: str = Field("text", description="perplexity: the field holding the text.")
+    target_delimiter: str = Field(" ", description="Between the context and a choice / answer.")
+    fewshot_delimiter: str = Field("\n\n", description="Between few-shot examples.")
+    num_fewshot: int = Field(0, ge=0)
+    fewshot_seed: int = 1234
+    metric: str = Field("", description="Primary metric; default acc / exact_match / bpb by type.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="generation: stop sequences.")
+    max_new_tokens: int = Field(32, ge=1)
+    chat: bool = Field(False, description="Render prompts (and few-shot turns) through the model's chat template.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N items.")
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> "TaskSpec":
+        allowed = METRICS_BY_TYPE[self.type]
+        if not self.metric:
+            self.metric = allowed[0]
+        if self.metric not in allowed:
+            raise ValueError(f"metric {self.metric!r} is not one of {list(allowed)} for type {self.type}")
+        return self
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    path: Path  # the YAML file
+    items: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def render(self, item: dict[str, Any]) -> str:
+        return _JINJA.from_string(self.spec.prompt).render(**item)
+
+    def choices(self, item: dict[str, Any]) -> list[str]:
+        return list(item[self.spec.choices_field])
+
+    def answers(self, item: dict[str, Any]) -> list[str]:
+        a = item[self.spec.answer_field]
+        if self.spec.type == "multiple_choice":
+            return [self.choices(item)[a]]
+        return [a] if isinstance(a, str) else list(a)
+
+    def fewshot(self, index: int) -> list[dict[str, Any]]:
+        """``num_fewshot`` other items, drawn with a fixed seed per item (the same for every model)."""
+        k = self.spec.num_fewshot
+        if k == 0:
+            return []
+        rng = random.Random(f"{self.spec.fewshot_seed}-{index}")
+        pool = [i for i in range(len(self.items)) if i != index]
+        return [self.items[i] for i in rng.sample(pool, min(k, len(pool)))]
+
+
+def _check_item(spec: TaskSpec, item: Any, where: str) -> None:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    if spec.type == "perplexity":
+        if not isinstance(item.get(spec.text_field), str) or not item[spec.text_field]:
+            raise ConfigError(f"{where}: field {spec.text_field!r}: expected a non-empty string")
+        return
+    answer = item.get(spec.answer_field)
+    if spec.type == "multiple_choice":
+        choices = item.get(spec.choices_field)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ConfigError(f"{where}: field {spec.choices_field!r}: expected a list of at least 2 strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise ConfigError(f"{where}: field {spec.answer_field!r}: expected an index into {spec.choices_field} "
+                              f"(0..{len(choices) - 1}), got {answer!r}")
+    elif not (isinstance(answer, str) or (isinstance(answer, list) and answer and
+                                          all(isinstance(a, str) for a in answer))):
+        raise ConfigError(f"{where}: field {spec.answer_field!r}: expected a string or a list of strings")
+    try:
+        _JINJA.from_string(spec.prompt).render(**item)
+    except jinja2.exceptions.UndefinedError as err:
+        raise ConfigError(f"{where}: prompt template: {err.message}") from None
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate a task YAML and its JSONL items."""
+    path = Path(path)
+    spec = validate(TaskSpec, read_yaml(path), str(path))
+    data = (path.parent / spec.data).resolve()
+    if not data.is_file():
+        raise ConfigError(f"{path}: data: file {data} not found")
+    items = []
+    with open(data, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{data}:{lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: invalid JSON: {err.msg}") from None
+            _check_item(spec, item, where)
+            items.append(item)
+    if not items:
+        raise ConfigError(f"{data}: no items")
+    if spec.limit:
+        items = items[:spec.limit]
+    return Task(spec, path, items)
+
+
+def find_tasks(specs: list[str | Path]) -> list[Path]:
+    """Task YAML files from a list of YAML paths and/or suite folders (every ``*.yaml`` inside, sorted)."""
+    out: list[Path] = []
+    for s in specs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml"))
+            if not found:
+                raise ConfigError(f"{p}: a task folder with no *.yaml task files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p}: no such task file or folder")
+    return out
