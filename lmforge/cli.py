@@ -146,6 +146,25 @@ def scaling_fit(
         console.print(f"L(N={p['params']:.3g}, D={p['tokens']:.3g}) = {p['loss']:.4f}")
 
 
+@data_app.command("train-quality")
+def data_train_quality(
+    good: list[str] = typer.Option(..., help="Good reference text: files, folders or globs (repeatable)."),
+    bad: list[str] = typer.Option(..., help="Raw web text to tell apart from it (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the classifier."),
+) -> None:
+    """Train the quality classifier (hashed n-gram logistic regression); print held-out precision / recall / AUC."""
+    from lmforge.data.quality import train_quality
+    from lmforge.data.readers import ReadLog, read_file
+    from lmforge.data.stage import collect_inputs
+    from lmforge.data.steps import HtmlExtract
+
+    def texts(specs: list[str]) -> list[str]:
+        docs = [d for f in collect_inputs(specs)[0] for d in read_file(f, ReadLog(quiet=True))]
+        return [d.text for d in HtmlExtract()(docs) if not d.dropped]
+
+    typer.echo(json.dumps(train_quality(texts(good), texts(bad), out), indent=2))
+
+
 @app.command("leaderboard")
 def leaderboard_cmd(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown to this file."),
@@ -357,6 +376,12 @@ def main() -> None:
         app()
     except ConfigError as err:
         console.print(f"[red]{err}[/]")
+        sys.exit(2)
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:
+        # errors about the user's input or data: one clear line, no traceback (LMFORGE_DEBUG=1 shows it)
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        console.print(f"[red]error: {err}[/]")
         sys.exit(2)
 
 

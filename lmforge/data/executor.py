@@ -28,7 +28,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from lmforge.artifacts import write_json, write_text
+import numpy as np
+
+from lmforge.artifacts import atomic_path, write_json, write_text
 from lmforge.data.documents import Document
 from lmforge.data.io import ShardWriter, iter_jsonl
 from lmforge.data.readers import ReadLog
@@ -81,16 +83,24 @@ class ShardTask:
     fingerprint: str
     make_steps: StepsFactory
     reader: Reader
+    minhash: Any = None  # MinHashParams: also write the kept documents' LSH band keys
 
 
-def shard_done(out_dir: Path, i: int, fingerprint: str) -> bool:
+def shard_done(out_dir: Path, i: int, fingerprint: str, minhash: bool = False) -> bool:
     marker = out_dir / ".done" / part(i)
     return (
         marker.is_file()
         and marker.read_text().strip() == fingerprint
         and (out_dir / "work" / f"{part(i)}.jsonl.zst").is_file()
         and (out_dir / "work" / f"{part(i)}.stats.json").is_file()
+        and (not minhash or (out_dir / "work" / f"{part(i)}.minhash.npy").is_file())
     )
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
 
 
 def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -119,6 +129,13 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
 
     examples: dict[str, list[dict[str, Any]]] = {}
     dropped_bytes = 0
+    hasher = None
+    band_keys: list[np.ndarray] = []
+    if task.minhash is not None:
+        from lmforge.data.minhash import MinHasher
+
+        hasher = MinHasher(task.minhash)
+    t_minhash = 0.0
     with ShardWriter(out / "work" / f"{part(task.index)}.jsonl.zst") as keep, \
             ShardWriter(out / "dropped" / f"{part(task.index)}.jsonl.zst") as drop:
         for doc in stream:
@@ -129,9 +146,16 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
                     ex.append(_example(doc))
             else:
                 keep.write(doc)
+                if hasher is not None:
+                    t = time.perf_counter()
+                    band_keys.append(hasher.band_keys(doc.text))
+                    t_minhash += time.perf_counter() - t
         kept_count, kept_bytes, dropped_bytes = keep.count, keep.text_bytes, drop.text_bytes
         dropped_count = drop.count
 
+    if hasher is not None:
+        keys = np.stack(band_keys) if band_keys else np.zeros((0, task.minhash.bands), dtype=np.uint64)
+        _save_npy(out / "work" / f"{part(task.index)}.minhash.npy", keys)
     step_stats = [s.stats for s in steps]
     check_chain(counter["docs"], step_stats, kept_count)
     if counter["docs"] != kept_count + dropped_count:
@@ -145,7 +169,8 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
         "chars_read": counter["chars"],
         "read_errors": dict(log.errors),
         "records_skipped": dict(log.skipped),
-        "steps": [s.to_dict() for s in step_stats],
+        "steps": [s.to_dict(full=True) for s in step_stats],
+        "minhash_seconds": round(t_minhash, 4),
         "kept": kept_count,
         "kept_bytes": kept_bytes,
         "dropped": dropped_count,
@@ -179,10 +204,52 @@ def _run_task(task: ShardTask) -> dict[str, Any]:  # top level: picklable for wo
 # phase 2: global exact dedup
 
 
-def dedup_pass(out_dir: Path, n_shards: int, dedup: Step | None) -> dict[str, Any]:
-    """Run ``dedup`` over the survivors of all shards in shard order; write ``docs/`` (and the duplicates)."""
-    examples: list[dict[str, Any]] = []
+def _bin(x: float, edges: tuple[float, ...]) -> str:
+    """The label of the histogram bin of ``x`` (edges ascending; the last bin is open)."""
+    for lo, hi in zip(edges, edges[1:]):
+        if x < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"{edges[-1]:g}+"
+
+
+LENGTH_EDGES = (0, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
+SCORE_EDGES = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class Profile:
+    """Histograms of the kept documents: length (chars), language, language score, quality score, domain."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Counter] = {k: Counter() for k in ("length", "lang", "lang_score", "quality", "domain")}
+        self.chars: dict[str, Counter] = {"lang": Counter(), "domain": Counter()}
+
+    def add(self, doc: Document) -> None:
+        m = doc.meta
+        n = len(doc.text)
+        self.tables["length"][_bin(n, LENGTH_EDGES)] += 1
+        for key in ("lang", "domain"):
+            if key in m:
+                self.tables[key][str(m[key])] += 1
+                self.chars[key][str(m[key])] += n
+        if "lang_score" in m:
+            self.tables["lang_score"][_bin(float(m["lang_score"]), SCORE_EDGES)] += 1
+        if "quality" in m:
+            self.tables["quality"][_bin(float(m["quality"]), SCORE_EDGES)] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: dict(v) for k, v in self.tables.items() if v}
+        for key, c in self.chars.items():
+            if c:
+                d[f"{key}_chars"] = dict(c)
+        return d
+
+
+def dedup_pass(out_dir: Path, n_shards: int, steps: list[Step]) -> dict[str, Any]:
+    """Run the global ``steps`` (exact dedup, near dedup, mixing ...) over the survivors of all shards in shard order;
+    write ``docs/`` (and the documents they drop to ``dropped/dedup-part-*``)."""
+    examples: dict[str, list[dict[str, Any]]] = {}
     kept = kept_bytes = 0
+    profile = Profile()
     for i in range(n_shards):
         src = out_dir / "work" / f"{part(i)}.jsonl.zst"
 
@@ -190,27 +257,32 @@ def dedup_pass(out_dir: Path, n_shards: int, dedup: Step | None) -> dict[str, An
             raise RuntimeError(f"{src}:{line}: {reason} {detail} (an intermediate shard is damaged; re-run with force)")
 
         docs: Iterable[Document] = (Document.from_dict(rec) for _, rec in iter_jsonl(src, on_error))
-        if dedup is not None:
-            docs = dedup(docs)
+        for step in steps:
+            docs = step(docs)
         with ShardWriter(out_dir / "docs" / f"{part(i)}.jsonl.zst") as keep:
-            drop = ShardWriter(out_dir / "dropped" / f"dedup-{part(i)}.jsonl.zst") if dedup is not None else None
+            drop = ShardWriter(out_dir / "dropped" / f"dedup-{part(i)}.jsonl.zst") if steps else None
             try:
                 for doc in docs:
                     if doc.dropped:
                         drop.write(doc)  # type: ignore[union-attr]
-                        if len(examples) < EXAMPLES_PER_REASON:
-                            examples.append(_example(doc))
+                        ex = examples.setdefault(doc.meta["drop_reason"], [])
+                        if len(ex) < EXAMPLES_PER_REASON:
+                            ex.append(_example(doc))
                     else:
                         keep.write(doc)
+                        profile.add(doc)
             finally:
                 if drop is not None:
                     drop.close()
             kept += keep.count
             kept_bytes += keep.text_bytes
-    if dedup is not None:
-        dedup.stats.check()
+    for step in steps:
+        finish = getattr(step, "finish", None)
+        if finish is not None:
+            finish()
+        step.stats.check()
     return {"kept": kept, "kept_bytes": kept_bytes, "examples": examples,
-            "step": dedup.stats.to_dict() if dedup is not None else None}
+            "steps": [step.stats.to_dict(full=True) for step in steps], "profile": profile.to_dict()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,13 +303,18 @@ def execute(
     *,
     make_steps: StepsFactory,
     reader: Reader,
-    dedup: Step | None,
+    dedup: Step | None = None,
     shards: int,
     workers: int,
     fingerprint: str,
     skipped_files: dict[str, list[str]] | None = None,
+    minhash: Any = None,
+    final_steps: Callable[[], list[Step]] | None = None,
 ) -> dict[str, Any]:
-    """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content."""
+    """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content.
+
+    Phase 2 runs ``dedup`` (exact), then MinHash near-dedup when ``minhash`` (a ``MinHashParams``) is given, then the
+    steps of ``final_steps()`` (e.g. mixing), over all shards in order."""
     from lmforge.progress import console, progress, rate_text
 
     t0 = time.time()
@@ -245,12 +322,13 @@ def execute(
     results: dict[int, dict[str, Any]] = {}
     pending: list[ShardTask] = []
     for i, shard_files in enumerate(plan):
-        if shard_done(out_dir, i, fingerprint):
+        if shard_done(out_dir, i, fingerprint, minhash is not None):
             stats = json.loads((out_dir / "work" / f"{part(i)}.stats.json").read_text())
             stats["resumed"] = True
             results[i] = stats
         else:
-            pending.append(ShardTask(i, [str(f) for f in shard_files], str(out_dir), fingerprint, make_steps, reader))
+            pending.append(ShardTask(i, [str(f) for f in shard_files], str(out_dir), fingerprint, make_steps, reader,
+                                     minhash))
     if results:
         console.print(f"[yellow]↻ data[/]: {len(results)} of {len(plan)} shards already done, skipped: "
                       + ", ".join(part(i) for i in sorted(results)))
@@ -284,12 +362,23 @@ def execute(
                     advance(done_files, done_docs)
     phase1_s = time.time() - t0
 
-    final = dedup_pass(out_dir, len(plan), dedup)
+    steps2: list[Step] = [dedup] if dedup is not None else []
+    if minhash is not None:
+        from lmforge.data.minhash import NearDedup, cluster_roots
+
+        t_cluster = time.time()
+        roots = cluster_roots([out_dir / "work" / f"{part(i)}.minhash.npy" for i in range(len(plan))], minhash.bands)
+        near = NearDedup(roots)
+        near.stats.seconds = time.time() - t_cluster + sum(r.get("minhash_seconds", 0.0) for r in results.values())
+        steps2.append(near)
+    steps2 += final_steps() if final_steps else []
+    final = dedup_pass(out_dir, len(plan), steps2)
     stats = merge_stats([results[i] for i in range(len(plan))], final, files, skipped_files or {},
                         seconds=time.time() - t0, phase1_seconds=phase1_s)
     write_json(out_dir / "stats.json", stats)
     for i in range(len(plan)):  # the survivors now live in docs/ (and dropped/dedup-*)
         (out_dir / "work" / f"{part(i)}.jsonl.zst").unlink(missing_ok=True)
+        (out_dir / "work" / f"{part(i)}.minhash.npy").unlink(missing_ok=True)
     return stats
 
 
@@ -313,17 +402,24 @@ def merge_stats(
             have.extend(exs[: EXAMPLES_PER_REASON - len(have)])
         for k, st in enumerate(s["steps"]):
             if k == len(steps):
-                steps.append({"name": st["name"], "in": 0, "kept": 0, "dropped": Counter()})
+                steps.append({"name": st["name"], "in": 0, "kept": 0, "dropped": Counter(), "seconds": 0.0,
+                              "tallies": {}})
             steps[k]["in"] += st["in"]
             steps[k]["kept"] += st["kept"]
             steps[k]["dropped"].update(st["dropped"])
+            steps[k]["seconds"] += st.get("seconds", 0.0)
+            for table, counts in st.get("tallies", {}).items():
+                steps[k]["tallies"].setdefault(table, Counter()).update(counts)
     docs_read = sum(s["docs_read"] for s in shards)
-    if final["step"] is not None:
-        steps.append({**final["step"], "dropped": Counter(final["step"]["dropped"])})
-        if final["examples"]:
-            examples["exact_duplicate"] = final["examples"]
+    for st in final["steps"]:
+        steps.append({**st, "dropped": Counter(st["dropped"])})
+    for reason, exs in final["examples"].items():
+        examples.setdefault(reason, exs)
     for st in steps:
         st["dropped"] = dict(sorted(st["dropped"].items()))
+        st["seconds"] = round(st["seconds"], 4)
+        st["us_per_doc"] = round(st["seconds"] / st["in"] * 1e6, 1) if st["in"] else None
+        st["tallies"] = {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for k, v in st["tallies"].items()}
     dropped_by_reason: Counter[str] = Counter()
     for st in steps:
         dropped_by_reason.update(st["dropped"])
@@ -381,5 +477,6 @@ def merge_stats(
             "input_mb_per_s": round(fresh_bytes / 1e6 / seconds, 3) if seconds else None,
             "text_mchars_per_s": round(fresh_chars / 1e6 / seconds, 3) if seconds else None,
         },
+        "profile": final["profile"],
         "examples": examples,
     }

@@ -251,3 +251,222 @@ class GopherQuality(Step):
             if stop is not None and stop < self.min_stop_words:
                 return "stop_words"
         return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# C4 (Raffel et al. 2020) and FineWeb (Penedo et al. 2024) rules, with the published defaults
+
+
+# Unicode terminal punctuation (the Basic Multilingual Plane part of the Terminal_Punctuation property, as FineWeb uses)
+TERMINAL_PUNCTUATION = (
+    "!.?\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837\u0839\u083d\u083e\u0964\u0965\u104a\u104b"
+    "\u1362\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa"
+    "\u1aab\u1b5a\u1b5b\u1b5e\u1b5f\u1b7d\u1b7e\u1c3b\u1c3c\u1c7e\u1c7f\u203c\u203d\u2047\u2048\u2049\u2e2e\u2e3c"
+    "\u2e53\u2e54\u3002\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f"
+    "\uaaf0\uaaf1\uabeb\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61"
+)
+# C4 keeps lines ending in . ? ! " ' ; the CJK full stops are added so Chinese and Japanese lines are not all removed
+C4_END_PUNCTUATION = (".", "?", "!", '"', "'", "\u3002", "\uff01", "\uff1f", "\u201d", "\u2019")
+CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+# a sentence ends at . ! ? (or a CJK full stop), possibly followed by closing quotes/brackets, before a space or the end
+SENTENCE_END_RE = re.compile("[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\\]]*(?=\\s|$)|[\u3002\uff01\uff1f]")
+# words and punctuation marks as separate tokens (what a spaCy-like tokenizer counts), CJK characters one each
+TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+(?:['’.\\-][^\\W{_CJK}]+)*|[^\\w\\s]")
+
+
+def count_sentences(line: str) -> int:
+    """Sentences in one line: terminal punctuation followed by a space or the end (at least 1 for a non-empty line)."""
+    return max(1, len(SENTENCE_END_RE.findall(line))) if line.strip() else 0
+
+
+class C4Quality(Step):
+    """C4's rules (as in the T5 code and datatrove's ``C4QualityFilter``): keep only lines that end in terminal
+    punctuation and have at least 3 words, drop lines with "javascript", cookie/terms-of-use lines and lines with a
+    word over 1,000 characters, remove citation marks like ``[3]``; drop the document for "lorem ipsum", a curly
+    bracket, or fewer than 5 sentences left.  The document's text becomes the kept lines.
+
+    CJK-aware: words are counted with :data:`WORD_RE` (one per ideograph) and the CJK full stops end lines and
+    sentences.  Removed-line counts go to ``meta.scores.c4_lines_removed``.
+    """
+
+    name = "c4_quality_v1"
+
+    def __init__(
+        self,
+        min_sentences: int = 5,
+        min_words_per_line: int = 3,
+        max_word_length: int = 1000,
+        filter_no_terminal_punct: bool = True,
+        remove_citations: bool = True,
+        filter_lorem_ipsum: bool = True,
+        filter_javascript: bool = True,
+        filter_curly_bracket: bool = True,
+        filter_policy: bool = True,
+    ) -> None:
+        super().__init__()
+        self.min_sentences = min_sentences
+        self.min_words_per_line = min_words_per_line
+        self.max_word_length = max_word_length
+        self.filter_no_terminal_punct = filter_no_terminal_punct
+        self.remove_citations = remove_citations
+        self.filter_lorem_ipsum = filter_lorem_ipsum
+        self.filter_javascript = filter_javascript
+        self.filter_curly_bracket = filter_curly_bracket
+        self.filter_policy = filter_policy
+
+    def process(self, doc: Document) -> Document | str:
+        kept: list[str] = []
+        sentences = 0
+        removed = 0
+        for line in doc.text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            toks = line.split()
+            if self.max_word_length > 0 and any(len(w) > self.max_word_length for w in toks):
+                removed += 1
+                continue
+            if self.remove_citations:
+                line = CITATION_RE.sub("", line)
+            if self.filter_no_terminal_punct and (not line.endswith(C4_END_PUNCTUATION) or line.endswith("...")):
+                removed += 1
+                continue
+            if len(WORD_RE.findall(line)) < self.min_words_per_line:
+                removed += 1
+                continue
+            low = line.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in low:
+                return "lorem_ipsum"
+            if self.filter_javascript and "javascript" in low:
+                removed += 1
+                continue
+            if self.filter_curly_bracket and "{" in line:
+                return "curly_bracket"
+            if self.filter_policy and any(p in low for p in POLICY_SUBSTRINGS):
+                removed += 1
+                continue
+            sentences += count_sentences(line)
+            kept.append(line)
+        doc.meta.setdefault("scores", {}).update(c4_lines_removed=removed, sentences=sentences)
+        if sentences < self.min_sentences:
+            return "too_few_sentences"
+        doc.text = "\n".join(kept).strip()
+        return doc
+
+
+class FineWebQuality(Step):
+    """FineWeb's extra rules (datatrove ``FineWebQualityFilter`` defaults): drop when fewer than 12 % of lines end in
+    terminal punctuation, more than 67 % of lines are ≤ 30 characters, more than 1 % of characters are in repeated
+    lines, or there are more than 0.3 newlines per word (lists).  Word and punctuation tokens are counted with a
+    regex (CJK characters one each) instead of spaCy."""
+
+    name = "fineweb_quality_v1"
+
+    def __init__(
+        self,
+        line_punct_thr: float = 0.12,
+        line_punct_exclude_zero: bool = False,
+        short_line_thr: float = 0.67,
+        short_line_length: int = 30,
+        char_duplicates_ratio: float = 0.01,
+        new_line_ratio: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.line_punct_thr = line_punct_thr
+        self.line_punct_exclude_zero = line_punct_exclude_zero
+        self.short_line_thr = short_line_thr
+        self.short_line_length = short_line_length
+        self.char_duplicates_ratio = char_duplicates_ratio
+        self.new_line_ratio = new_line_ratio
+        self._stops = tuple(TERMINAL_PUNCTUATION)
+
+    def process(self, doc: Document) -> Document | str:
+        text = doc.text
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        if not lines:
+            return "empty"
+        scores = doc.meta.setdefault("scores", {})
+        n = len(lines)
+        punct = sum(1 for ln in lines if ln.endswith(self._stops)) / n
+        short = sum(1 for ln in lines if len(ln) <= self.short_line_length) / n
+        dup = _dup_stats(lines)[1] / max(len(text) - text.count("\n"), 1)
+        n_tokens = len(TOKEN_RE.findall(text))
+        newline = text.count("\n") / max(n_tokens, 1)
+        scores.update(line_punct_ratio=round(punct, 4), short_line_ratio=round(short, 4),
+                      char_dup_ratio=round(dup, 4), newline_ratio=round(newline, 4))
+        if punct < self.line_punct_thr and not (punct == 0 and self.line_punct_exclude_zero):
+            return "line_punct_ratio"
+        if short > self.short_line_thr:
+            return "short_line_ratio"
+        if dup > self.char_duplicates_ratio:
+            return "char_dup_ratio"
+        if newline > self.new_line_ratio:
+            return "list_ratio"
+        return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# line-level junk removal
+
+
+# navigation / consent / call-to-action lines: only whole short lines are removed, never prose that mentions the words
+_JUNK_LINE_RE = re.compile(
+    r"^\W*(?:"
+    r"(?:read|see|show|load|view) (?:more|all|less)|continue reading|click here.*|skip to (?:main )?content|"
+    r"back to top|(?:sign|log) ?(?:in|up|out)|register|subscribe.*|share (?:this|on).*|follow us.*|"
+    r"(?:accept|allow|reject|manage) (?:all )?cookies?.*|we use cookies.*|this (?:web)?site uses cookies.*|"
+    r"cookie (?:settings|policy|preferences)|privacy policy|terms (?:of (?:use|service)|and conditions)|"
+    r"all rights reserved.*|(?:©|\(c\)|copyright) .{0,80}|home|menu|search|next|previous|prev|navigation|"
+    r"table of contents|print(?: this page)?|loading\.*|advertisement|sponsored"
+    r")\W*$",
+    re.I,
+)
+
+
+class LineJunk(Step):
+    """Removes junk lines: navigation, cookie banners, "read more", copyright footers (whole short lines only),
+    symbol-heavy lines (more than ``max_symbol_frac`` of the non-space characters are neither letters nor digits), and
+    optionally, as C4 does, every line without terminal punctuation.  Counts per kind go to ``meta.lines_removed`` and
+    the step's tallies; drops ``empty_after_line_filter`` when nothing is left."""
+
+    name = "line_junk_v1"
+
+    def __init__(self, max_symbol_frac: float = 0.5, max_junk_line_chars: int = 120,
+                 require_terminal_punct: bool = False) -> None:
+        super().__init__()
+        self.max_symbol_frac = max_symbol_frac
+        self.max_junk_line_chars = max_junk_line_chars
+        self.require_terminal_punct = require_terminal_punct
+        self._stops = tuple(TERMINAL_PUNCTUATION) + ('"', "'", "\u201d", "\u2019")
+
+    def line_kind(self, line: str) -> str | None:
+        """Why a (stripped, non-empty) line is junk, or None."""
+        if len(line) <= self.max_junk_line_chars and _JUNK_LINE_RE.match(line):
+            return "boilerplate"
+        chars = line.replace(" ", "")
+        if chars:
+            symbols = sum(1 for c in chars if not c.isalnum())
+            if symbols / len(chars) > self.max_symbol_frac:
+                return "symbols"
+        if self.require_terminal_punct and not line.endswith(self._stops):
+            return "no_terminal_punct"
+        return None
+
+    def process(self, doc: Document) -> Document | str:
+        out: list[str] = []
+        removed: dict[str, int] = {}
+        for line in doc.text.split("\n"):
+            s = line.strip()
+            kind = self.line_kind(s) if s else None
+            if kind is None:
+                out.append(line)
+            else:
+                removed[kind] = removed.get(kind, 0) + 1
+                self.stats.tally("lines_removed", kind)
+        if removed:
+            doc.meta["lines_removed"] = removed
+            doc.text = re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
+        if not doc.text.strip():
+            return "empty_after_line_filter"
+        return doc

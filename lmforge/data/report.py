@@ -1,4 +1,7 @@
-"""``report.html``: one static page with the per-step counts, drop reasons, read errors and example dropped docs."""
+"""``report.html``: one self-contained static page: per-step counts (in / kept / dropped by reason, time per document),
+step tallies (languages, PII kinds, removed lines, near-duplicate cluster sizes), histograms of the kept documents
+(length, language, language score, quality) as inline SVG bars, read errors and up to 3 example dropped documents per
+reason."""
 
 from __future__ import annotations
 
@@ -18,6 +21,37 @@ def _n(x: Any) -> str:
     return f'<td class="n">{x:,}</td>' if isinstance(x, int) else f'<td class="n">{escape(str(x))}</td>'
 
 
+def bars(counts: dict[str, int], title: str, sort_by_count: bool = True) -> str:
+    """A horizontal bar chart as inline SVG (no external files), one bar per key, with count and share."""
+    if not counts:
+        return ""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if sort_by_count else list(counts.items())
+    items = items[:30]
+    total = sum(counts.values()) or 1
+    top = max(v for _, v in items) or 1
+    row, label_w, bar_w = 18, 140, 360
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 150}" height="{row * len(items) + 24}"'
+             f' font-size="12" font-family="sans-serif"><text x="0" y="13" font-weight="bold">{escape(title)}</text>']
+    for k, (key, v) in enumerate(items):
+        y = 20 + k * row
+        w = max(1, round(bar_w * v / top))
+        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{escape(str(key))[:22]}</text>'
+                     f'<rect x="{label_w}" y="{y + 2}" width="{w}" height="{row - 5}" fill="#4a7bb7"/>'
+                     f'<text x="{label_w + w + 4}" y="{y + 12}">{v:,} ({100 * v / total:.1f}%)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_BIN_ORDER = ("length", "lang_score", "quality")
+
+
+def _sorted_bins(counts: dict[str, int]) -> dict[str, int]:
+    def lo(label: str) -> float:
+        return float(label.rstrip("+").split("-")[0])
+
+    return dict(sorted(counts.items(), key=lambda kv: lo(kv[0])))
+
+
 def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
     t = stats["totals"]
     rows = []
@@ -25,10 +59,25 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
         dropped = sum(st["dropped"].values())
         ok = st["in"] == st["kept"] + dropped
         reasons = ", ".join(f"{escape(k)}: {v:,}" for k, v in st["dropped"].items()) or "–"
+        us = st.get("us_per_doc")
         rows.append(
             f"<tr><td>{escape(st['name'])}</td>{_n(st['in'])}{_n(st['kept'])}{_n(dropped)}<td>{reasons}</td>"
+            f"{_n(f'{us:,.0f}' if us is not None else '–')}"
             f"<td class={'ok' if ok else 'bad'}>{'✓' if ok else '✗'}</td></tr>"
         )
+    tallies = []
+    for st in stats["steps"]:
+        for table, counts in (st.get("tallies") or {}).items():
+            tallies.append(bars(counts, f"{st['name']}: {table}", sort_by_count=table != "cluster_size"))
+    profile = stats.get("profile") or {}
+    charts = []
+    for key, label in (("length", "kept documents by length (characters)"), ("lang", "kept documents by language"),
+                       ("lang_chars", "kept text by language (characters)"),
+                       ("lang_score", "kept documents by language score"), ("quality", "kept documents by quality"),
+                       ("domain", "kept documents by domain"), ("domain_chars", "kept text by domain (characters)")):
+        if key in profile:
+            counts = _sorted_bins(profile[key]) if key in _BIN_ORDER else profile[key]
+            charts.append(bars(counts, label, sort_by_count=key not in _BIN_ORDER))
     errors = "".join(f"<tr><td>{escape(k)}</td>{_n(v)}</tr>" for k, v in stats["read"]["errors"].items())
     skipped = "".join(f"<tr><td>{escape(k)}</td>{_n(v)}</tr>" for k, v in stats["read"]["records_skipped"].items())
     skipped += "".join(
@@ -54,8 +103,13 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
 {t['docs_dropped']:,} dropped; {t['read_errors']:,} read errors.
 {timing.get('seconds', 0):.1f} s, {timing.get('docs_per_s') or 0:,.0f} docs/s.</p>
 <h2>Steps</h2>
-<table><tr><th>step</th><th>in</th><th>kept</th><th>dropped</th><th>drop reasons</th><th>in = kept + dropped</th></tr>
+<table><tr><th>step</th><th>in</th><th>kept</th><th>dropped</th><th>drop reasons</th><th>µs / doc</th>
+<th>in = kept + dropped</th></tr>
 {''.join(rows)}</table>
+<h2>Kept documents</h2>
+{'<br>'.join(charts) or '<p>none</p>'}
+<h2>Step tallies</h2>
+{'<br>'.join(t for t in tallies if t) or '<p>none</p>'}
 <h2>Read errors</h2>
 <table><tr><th>reason</th><th>count</th></tr>{errors or '<tr><td colspan=2>none</td></tr>'}</table>
 <h2>Skipped (not documents)</h2>

@@ -1,7 +1,9 @@
 """The data stage: raw files → clean, deduplicated ``{id, text, meta}`` JSONL.zst shards.
 
-Pipeline: read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
-``gopher_repetition_v1`` → ``gopher_quality_v1`` → ``exact_dedup_v1`` (global, final pass).
+Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
+[``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v1`` → ``gopher_quality_v1`` → [``c4_quality_v1``] →
+[``fineweb_quality_v1``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards: ``exact_dedup_v1`` →
+[``minhash_dedup_v1``].  Bracketed steps are off by default.
 
     from lmforge.data.stage import Config, run
     manifest = run(Config(inputs=["data/demo"]), "runs/data")
@@ -15,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -24,7 +26,7 @@ from lmforge.config import StageConfig
 from lmforge.stages import begin, finished
 
 STAGE = "data"
-VERSION = "1"
+VERSION = "2"
 
 
 class Config(StageConfig):
@@ -74,6 +76,42 @@ class Config(StageConfig):
     gopher_repetition: bool = Field(True, description="Run the Gopher repetition filter.")
     gopher_quality: bool = Field(True, description="Run the Gopher quality filter.")
     dedup: bool = Field(True, description="Drop exact duplicates (after normalising case, punctuation, whitespace).")
+    # line_junk_v1
+    line_junk: bool = Field(False, description="Remove navigation / cookie / 'read more' / symbol-heavy lines.")
+    line_junk_require_punct: bool = Field(
+        False, description="Also remove every line without terminal punctuation (as C4 does).")
+    # langid_v1
+    langid: bool = Field(True, description="Identify the language (fastText lid.176): meta.lang, meta.lang_score.")
+    langs: list[str] = Field(default_factory=list,
+                             description="Keep only these languages (ISO codes, e.g. en zh); empty keeps all.")
+    lang_min_score: float = Field(0.0, ge=0, le=1, description="Drop documents whose language score is lower "
+                                                               "(FineWeb uses 0.65).")
+    lang_thresholds: dict[str, float] = Field(default_factory=dict,
+                                              description="Per-language minimum scores (YAML only), e.g. {en: 0.65}.")
+    # c4_quality_v1 / fineweb_quality_v1
+    c4_quality: bool = Field(False, description="Run C4's line and document rules (removes lines from the text).")
+    c4_min_sentences: int = Field(5, description="C4: drop documents with fewer sentences after line filtering.")
+    c4_curly_bracket: bool = Field(True, description="C4: drop documents containing '{' (drops code pages).")
+    fineweb_quality: bool = Field(False, description="Run FineWeb's quality rules (punctuation, short lines, "
+                                                     "duplicated lines, lists).")
+    # toxicity_v1 / pii_redact_v1
+    toxicity: bool = Field(False, description="Score offensive language (word lists + classifier) and drop above "
+                                              "the thresholds.")
+    max_badword_ratio: float = Field(0.02, description="Toxicity: max fraction of words on the bad-word lists.")
+    max_toxicity: float = Field(0.95, description="Toxicity: max classifier score (alt-profanity-check).")
+    toxicity_classifier: bool = Field(True, description="Toxicity: run the classifier too (English model).")
+    pii: bool = Field(False, description="Redact e-mails, phones, IP addresses, card numbers, Chinese ID numbers.")
+    pii_kinds: list[str] = Field(default_factory=list, description="PII kinds to redact (empty = all): email, phone, "
+                                                                   "ipv4, ipv6, credit_card, cn_id.")
+    # quality_v1
+    quality_model: Optional[str] = Field(None, description="Folder of a model from `lmforge data train-quality`: "
+                                                           "score every document (meta.quality).")
+    quality_threshold: float = Field(0.0, ge=0, le=1, description="Drop documents whose quality score is lower.")
+    # minhash_dedup_v1
+    minhash: bool = Field(False, description="Drop near-duplicates (MinHash-LSH across all shards).")
+    minhash_ngram: int = Field(5, ge=1, description="MinHash: words per shingle.")
+    minhash_bands: int = Field(14, ge=1, description="MinHash: LSH bands.")
+    minhash_rows: int = Field(8, ge=1, description="MinHash: rows (hashes) per band.")
 
 
 def build_steps(config: dict[str, Any]) -> list:
@@ -83,6 +121,14 @@ def build_steps(config: dict[str, Any]) -> list:
 
     c = Config.model_validate(config)
     steps: list = [HtmlExtract(c.extractor, c.main_content), UnicodeNormalize()]
+    if c.line_junk:
+        from lmforge.data.filters import LineJunk
+
+        steps.append(LineJunk(require_terminal_punct=c.line_junk_require_punct))
+    if c.langid:
+        from lmforge.data.langid import LanguageId
+
+        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds))
     if c.gopher_repetition:
         steps.append(GopherRepetition(
             max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
@@ -96,12 +142,40 @@ def build_steps(config: dict[str, Any]) -> list:
             max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
             min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words,
         ))
+    if c.c4_quality:
+        from lmforge.data.filters import C4Quality
+
+        steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket))
+    if c.fineweb_quality:
+        from lmforge.data.filters import FineWebQuality
+
+        steps.append(FineWebQuality())
+    if c.toxicity:
+        from lmforge.data.toxicity import Toxicity
+
+        steps.append(Toxicity(c.max_badword_ratio, c.max_toxicity, c.toxicity_classifier))
+    if c.quality_model:
+        from lmforge.data.quality import QualityScore
+
+        steps.append(QualityScore(c.quality_model, c.quality_threshold))
+    if c.pii:
+        from lmforge.data.pii import PiiRedact
+
+        steps.append(PiiRedact(c.pii_kinds or None))
     return steps
+
+
+def minhash_params(config: Config):
+    from lmforge.data.minhash import MinHashParams
+
+    if not config.minhash:
+        return None
+    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows)
 
 
 def step_names(config: Config) -> list[str]:
     names = [s.name for s in build_steps(config.model_dump())]
-    return names + (["exact_dedup_v1"] if config.dedup else [])
+    return names + (["exact_dedup_v1"] if config.dedup else []) + (["minhash_dedup_v1"] if config.minhash else [])
 
 
 def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
@@ -138,6 +212,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     if not config.inputs:
         raise ValueError("data: no inputs given")
     inputs = {f"raw{i}": spec for i, spec in enumerate(config.inputs)}
+    if config.quality_model:
+        inputs["quality_model"] = config.quality_model
     cfg = config.model_dump()
     stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
                       execution_fields={"workers"})
@@ -163,6 +239,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             workers=config.workers,
             fingerprint=stage_run.fingerprint,
             skipped_files=skipped,
+            minhash=minhash_params(config),
         )
         write_text(out / "report.html", render(stats, title=f"lmforge data report: {out}"))
         t = stats["totals"]

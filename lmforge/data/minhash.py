@@ -1,0 +1,216 @@
+"""Near-duplicate removal with MinHash-LSH, across shards, in bounded memory.
+
+1. **Signatures** (per shard, in the workers): the text is lower-cased, punctuation removed, split into words (CJK
+   characters one each) and cut into word ``ngram``-shingles (5 by default, as datatrove); each shingle gets a 32-bit
+   hash and ``bands × rows`` (14 × 8) min-hashes ``min(((a·x + b) mod 2^64) >> 32)`` (multiply-shift hashing).  Each band's ``rows`` values are
+   hashed to one 64-bit bucket key: a shard writes ``work/part-i.minhash.npy`` (documents × bands, uint64).
+2. **Buckets → union-find** (once, over all shards): one band at a time, the band's keys of every document are sorted;
+   documents sharing a key are linked to the first of them.  Memory is about 16 bytes per document per band pass plus
+   the links, never all signatures at once.
+3. **Keep one per cluster**: the document with the lowest global index (shard order, then position) is kept; the
+   others are dropped as ``near_duplicate`` with ``meta.duplicate_of``.
+
+Two documents with Jaccard similarity ``s`` share at least one bucket with probability ``1 − (1 − s^rows)^bands``:
+0.97 at s = 0.8, 0.08 at s = 0.5 for 14 × 8.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from lmforge.data.documents import Document
+from lmforge.data.filters import WORD_RE
+from lmforge.data.steps import Step
+
+_SHIFT = np.uint64(32)
+_PUNCT = re.compile(r"[^\w\s]+")
+_MUL = np.uint64(0x9E3779B97F4A7C15)
+_BLOCK = 4096  # shingles per block when min-hashing a long document (bounds the temporary matrix)
+
+
+@dataclass(frozen=True)
+class MinHashParams:
+    ngram: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+
+
+class MinHasher:
+    """Shingles, signatures and band keys for one parameter set (the same in every process)."""
+
+    def __init__(self, params: MinHashParams = MinHashParams()) -> None:
+        import xxhash
+
+        self.p = params
+        rng = np.random.default_rng(params.seed)
+        n = params.bands * params.rows
+        # multiply-shift hashing (Dietzfelbinger): h(x) = ((a·x + b) mod 2^64) >> 32 with random 64-bit a, b is a
+        # strongly universal family for 32-bit x, and needs no modulo (numpy's uint64 arithmetic wraps)
+        self.a = rng.integers(0, 1 << 64, n, dtype=np.uint64, endpoint=False) | np.uint64(1)
+        self.b = rng.integers(0, 1 << 64, n, dtype=np.uint64, endpoint=False)
+        self._word_hash = xxhash.xxh32_intdigest
+        self._band_hash = xxhash.xxh64_intdigest
+
+    def words(self, text: str) -> list[str]:
+        return WORD_RE.findall(_PUNCT.sub(" ", text.lower()))
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Distinct 32-bit hashes of the document's word n-grams (one shingle of all words if it is shorter)."""
+        toks = self.words(text)
+        if not toks:
+            return np.zeros(1, dtype=np.uint64)
+        h32 = self._word_hash
+        wh = np.fromiter((h32(t.encode("utf-8")) for t in toks), dtype=np.uint64, count=len(toks))
+        n = min(self.p.ngram, len(toks))
+        h = wh[: len(wh) - n + 1].copy()
+        for k in range(1, n):
+            h = h * _MUL + wh[k : len(wh) - n + 1 + k]  # wraps modulo 2^64: an order-sensitive n-gram hash
+        h = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+        return np.unique(h)
+
+    def signature(self, text: str) -> np.ndarray:
+        """``bands × rows`` min-hashes (uint64)."""
+        sh = self.shingles(text)
+        sig = np.full(self.a.shape, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for i in range(0, len(sh), _BLOCK):
+            block = sh[i : i + _BLOCK, None]
+            np.minimum(sig, ((block * self.a + self.b) >> _SHIFT).min(axis=0), out=sig)
+        return sig
+
+    def band_keys(self, text: str) -> np.ndarray:
+        """One 64-bit bucket key per band."""
+        sig = self.signature(text).reshape(self.p.bands, self.p.rows)
+        h = self._band_hash
+        return np.fromiter((h(row.tobytes()) for row in sig), dtype=np.uint64, count=self.p.bands)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two shingle-hash sets."""
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter) if len(a) + len(b) else 1.0
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 whose root is always the smallest member."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = int(parent[root])
+        while parent[x] != root:  # path compression
+            parent[x], x = root, int(parent[x])
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            lo, hi = (rx, ry) if rx < ry else (ry, rx)
+            self.parent[hi] = lo
+
+    def roots(self) -> np.ndarray:
+        for i in range(len(self.parent)):
+            self.find(i)
+        return self.parent
+
+
+def cluster_roots(key_files: list[Path], bands: int) -> np.ndarray:
+    """For the documents of ``key_files`` (in order), the global index of their cluster's first document."""
+    sizes = [np.load(f, mmap_mode="r").shape[0] for f in key_files]
+    n = sum(sizes)
+    uf = UnionFind(n)
+    if n == 0:
+        return uf.parent
+    for band in range(bands):
+        keys = np.empty(n, dtype=np.uint64)
+        at = 0
+        for f, size in zip(key_files, sizes):
+            if size:
+                keys[at : at + size] = np.load(f, mmap_mode="r")[:, band]
+            at += size
+        order = np.argsort(keys, kind="stable")  # equal keys stay in index order: the first is the smallest
+        sk = keys[order]
+        same = np.flatnonzero(sk[1:] == sk[:-1]) + 1  # positions whose key equals the previous one
+        if same.size == 0:
+            continue
+        # the first position of each run of equal keys, for every position in `same`
+        run_start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        first = run_start[np.searchsorted(run_start, same, side="right") - 1]
+        for x, y in zip(order[first].tolist(), order[same].tolist()):
+            uf.union(x, y)
+        del keys, order, sk
+    return uf.roots()
+
+
+class NearDedup(Step):
+    """Drops ``near_duplicate`` documents given the cluster roots of :func:`cluster_roots`.
+
+    It counts every document it is handed (dropped ones too) to know the global index, so it must see exactly the
+    documents the signatures were computed for, in the same order.
+    """
+
+    name = "minhash_dedup_v1"
+
+    def __init__(self, roots: np.ndarray) -> None:
+        super().__init__()
+        self.roots = roots
+        self.index = 0
+        self.root_ids: dict[int, str] = {}
+        has_members = np.zeros(len(roots), dtype=bool)
+        has_members[roots[roots != np.arange(len(roots))]] = True
+        self.has_members = has_members
+        self.cluster_sizes: dict[int, int] = {}
+
+    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        for doc in docs:
+            i = self.index
+            self.index += 1
+            if self.has_members[i]:
+                self.root_ids[i] = doc.id
+            root = int(self.roots[i])
+            if root != i:
+                self.cluster_sizes[root] = self.cluster_sizes.get(root, 1) + 1
+            if doc.dropped:
+                yield doc
+                continue
+            self.stats.docs_in += 1
+            if root != i:
+                doc.meta["duplicate_of"] = self.root_ids.get(root, str(root))
+                self.stats.dropped["near_duplicate"] += 1
+                yield doc.drop(self.name, "near_duplicate")
+            else:
+                self.stats.kept += 1
+                yield doc
+
+    def finish(self) -> None:
+        if self.index != len(self.roots):
+            raise AssertionError(f"{self.name}: saw {self.index} documents, signatures were computed for "
+                                 f"{len(self.roots)}")
+        for size in self.cluster_sizes.values():
+            self.stats.tally("cluster_size", str(size))
+
+
+def near_duplicate_pairs(texts: list[str], params: MinHashParams = MinHashParams()) -> set[tuple[int, int]]:
+    """In-memory helper (tests, benchmarks): the pairs ``(i, j)``, i < j, that MinHash-LSH puts in one cluster."""
+    import os
+    import tempfile
+
+    hasher = MinHasher(params)
+    keys = np.stack([hasher.band_keys(t) for t in texts]) if texts else np.zeros((0, params.bands), np.uint64)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(os.path.join(tmp, "keys.npy"))
+        np.save(path, keys)
+        roots = cluster_roots([path], params.bands)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(roots.tolist()):
+        groups.setdefault(r, []).append(i)
+    return {(a, b) for g in groups.values() for k, a in enumerate(g) for b in g[k + 1 :]}
