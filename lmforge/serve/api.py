@@ -1,15 +1,19 @@
 """OpenAI-compatible HTTP API over an ``Engine``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
-``/health``.
+``/v1/embeddings`` (mean-pooled hidden states), ``/health``, and Prometheus ``/metrics`` under vLLM's metric names.
 
 Each choice of a request (``n`` choices x prompts) becomes one engine request; their outputs are handed from the engine
 thread to the event loop and either collected (JSON) or streamed as server-sent events ending in ``data: [DONE]``.
 Every error is OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}`` with a 4xx for a bad request:
-validation errors and malformed JSON are 400 (not FastAPI's 422), an unknown model 404, a too-long prompt 400.
+validation errors and malformed JSON are 400 (not FastAPI's 422), an unknown model 404, a too-long prompt 400,
+a missing / wrong API key 401 (with ``api_key`` set), a body over ``max_body_bytes`` 413, and more than
+``max_concurrent_requests`` requests in flight 429.  A client that disconnects (streaming or not) has its requests
+aborted, which frees their cache slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -20,7 +24,7 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serve.engine import ChatTemplateError, Engine, GenerationOutput, PromptTooLongError
@@ -31,18 +35,25 @@ from lmforge.serve.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TopLogprob,
     UsageInfo,
 )
-from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.sampling import Sampled, SamplingParams
 
 log = logging.getLogger("lmforge.serve")
 
@@ -79,14 +90,56 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "Invalid request body", param
 
 
+class _Limiter:
+    """Counts HTTP requests that hold engine work; refuses one over the limit with a 429."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+
+    def acquire(self) -> None:
+        if self.active >= self.limit:
+            raise APIError(429, f"The server is busy: {self.active} requests are in flight (limit {self.limit}). "
+                                "Retry later.", type="rate_limit_exceeded", code="too_many_requests")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+class _Guard:
+    """Pure ASGI middleware (so disconnect detection keeps working): API key on ``/v1/*``, body size limit."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            error = None
+            if self.api_key is not None and scope["path"].startswith("/v1/") \
+                    and headers.get("authorization", "") != f"Bearer {self.api_key}":
+                error = error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
+                                       code="invalid_api_key")
+            length = headers.get("content-length", "")
+            if error is None and length.isdigit() and int(length) > self.max_body_bytes:
+                error = error_response(413, f"The request body is {length} bytes; the limit is {self.max_body_bytes}.",
+                                       code="request_too_large")
+            if error is not None:
+                await error(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Fanout:
     """Engine requests of one HTTP request; their outputs arrive on an asyncio queue as ``(choice_index, output)``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, limiter: _Limiter) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, GenerationOutput]] = asyncio.Queue()
         self.live: dict[str, int] = {}
+        limiter.acquire()
+        self._limiter: _Limiter | None = limiter
 
     def add(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
         def sink(out: GenerationOutput) -> None:
@@ -106,16 +159,32 @@ class _Fanout:
             yield index, out
 
     def abort(self) -> None:
+        """Abort what is still running and give the request's concurrency slot back (idempotent)."""
         for rid in list(self.live):
             self.engine.abort(rid)
         self.live.clear()
+        if self._limiter is not None:
+            self._limiter.release()
+            self._limiter = None
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """An OpenAI-compatible FastAPI app serving ``engine`` as model ``model_name``."""
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_tokens_limit: int | None = None,
+               max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving ``engine`` as model ``model_name``.
+
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on ``/v1/*``.  ``max_tokens_limit``: reject requests
+    asking for more completion tokens (400).  ``max_concurrent_requests``: HTTP requests generating at once before
+    a 429.  ``max_body_bytes``: larger request bodies get a 413."""
+    from lmforge.serve.metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
+
     app = FastAPI(title="lmforge", description="OpenAI-compatible API served by lmforge")
     app.state.engine = engine
     app.state.model_name = model_name
+    metrics = PrometheusMetrics(engine, model_name)
+    engine.metrics = metrics
+    limiter = _Limiter(max_concurrent_requests)
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     # -- errors in OpenAI's envelope ---------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -147,6 +216,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            logprobs=req.num_logprobs,
             max_tokens=max_tokens,
             stop=req.stop_list,
             stop_token_ids=sorted(stop_token_ids),
@@ -157,6 +230,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         )
 
     def submit(req, prompts: list[list[int]], max_tokens: int | None, stop_token_ids, prompt_param: str) -> _Fanout:
+        if max_tokens_limit is not None and max_tokens is not None and max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}",
+                           param="max_tokens")
+        if max_tokens_limit is not None and max_tokens is None:
+            max_tokens = max_tokens_limit
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n), got {len(prompts) * req.n}",
                            param="n")
@@ -168,7 +246,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise APIError(400, str(err), param=prompt_param, code="context_length_exceeded") from None
         except ValueError as err:
             raise APIError(400, str(err), param=prompt_param) from None
-        fan = _Fanout(engine)
+        fan = _Fanout(engine, limiter)
         try:
             for p, ids in enumerate(prompts):
                 for j in range(req.n):
@@ -201,12 +279,85 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def token_text(tok: int) -> str:
+        return engine.tokenizer.decode([tok], skip_special_tokens=False)
+
+    def chat_logprobs(items: list[Sampled] | None) -> ChoiceLogprobs | None:
+        if items is None:
+            return None
+        content = []
+        for it in items:
+            t = token_text(it.token)
+            top = [TopLogprob(token=(a := token_text(i)), logprob=lp, bytes=list(a.encode())) for i, lp in it.top or []]
+            content.append(ChatTokenLogprob(token=t, logprob=it.logprob, bytes=list(t.encode()), top_logprobs=top))
+        return ChoiceLogprobs(content=content)
+
+    def completion_logprobs(items: list[Sampled] | None, offset: int = 0) -> CompletionLogprobs | None:
+        if items is None:
+            return None
+        out = CompletionLogprobs()
+        for it in items:
+            t = token_text(it.token)
+            out.tokens.append(t)
+            out.token_logprobs.append(it.logprob)
+            out.top_logprobs.append({token_text(i): lp for i, lp in it.top or []})
+            out.text_offset.append(offset)
+            offset += len(t)
+        return out
+
+    async def watch_disconnect(request: Request, fan: _Fanout) -> None:
+        """Abort ``fan`` when the client of a non-streaming request goes away (streams notice on their own)."""
+        while fan.live:
+            if await request.is_disconnected():
+                fan.abort()
+                return
+            await asyncio.sleep(0.1)
+
+    async def collect(request: Request, fan: _Fanout, count: int):
+        watcher = asyncio.create_task(watch_disconnect(request, fan))
+        try:
+            return await _collect(fan, count)
+        finally:
+            watcher.cancel()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        check_model(req.model)
+        if req.dimensions is not None and req.dimensions != engine.model.config.hidden_size:
+            raise APIError(400, f"dimensions must be {engine.model.config.hidden_size} for this model", param="dimensions")
+        inputs = [engine.encode(x, add_special_tokens=False) if isinstance(x, str) else list(x) for x in req.inputs()]
+        if len(inputs) > MAX_CHOICES * 4:
+            raise APIError(400, f"at most {MAX_CHOICES * 4} inputs per request, got {len(inputs)}", param="input")
+        limiter.acquire()
+        try:
+            vectors = []
+            for ids in inputs:
+                try:
+                    vectors.append(await asyncio.to_thread(engine.embed, ids))
+                except PromptTooLongError as err:
+                    raise APIError(400, str(err), param="input", code="context_length_exceeded") from None
+                except ValueError as err:
+                    raise APIError(400, str(err), param="input") from None
+        finally:
+            limiter.release()
+        data = []
+        for i, v in enumerate(vectors):
+            emb = (base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
+                   else v.tolist())
+            data.append(EmbeddingData(index=i, embedding=emb))
+        n = sum(len(x) for x in inputs)
+        return EmbeddingResponse(data=data, model=model_name, usage=UsageInfo(prompt_tokens=n, total_tokens=n))
+
     @app.get("/v1/models", response_model=ModelList)
     async def models():
         return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len)])
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0])
@@ -233,24 +384,26 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 async for i, out in fan.outputs():
                     if out.finished:
                         completion += out.completion_tokens
-                    if out.text or out.finished:
+                    if out.text or out.finished or out.logprobs:
                         delta = DeltaMessage(content=out.text or None)
-                        yield chunk([ChatCompletionStreamChoice(index=i, delta=delta,
-                                                                finish_reason=_reason(out))])
+                        yield chunk([ChatCompletionStreamChoice(index=i, delta=delta, finish_reason=_reason(out),
+                                                                logprobs=chat_logprobs(out.logprobs))])
                 if req.include_usage:
                     yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
                                               total_tokens=n_prompt + completion))
 
             return streaming(events(), fan)
 
-        texts, reasons, completion = await _collect(fan, req.n)
+        texts, reasons, completion, lps = await collect(request, fan, req.n)
         choices = [ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=texts[i]),
-                                        finish_reason=reasons[i]) for i in range(req.n)]
+                                        finish_reason=reasons[i],
+                                        logprobs=chat_logprobs(lps[i] if req.logprobs else None))
+                   for i in range(req.n)]
         usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
         return ChatCompletionResponse(id=rid, created=created, model=model_name, choices=choices, usage=usage)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0])
@@ -273,20 +426,29 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 if req.echo:
                     for i in range(total):
                         yield chunk([CompletionChoice(index=i, text=prompt_texts[i // req.n])])
+                offsets = [0] * total
                 async for i, out in fan.outputs():
                     if out.finished:
                         completion += out.completion_tokens
-                    if out.text or out.finished:
-                        yield chunk([CompletionChoice(index=i, text=out.text, finish_reason=_reason(out))])
+                    if out.text or out.finished or out.logprobs:
+                        lp = completion_logprobs(out.logprobs, offsets[i])
+                        if lp is not None and lp.tokens:
+                            offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
+                        yield chunk([CompletionChoice(index=i, text=out.text, finish_reason=_reason(out),
+                                                      logprobs=lp)])
                 if req.include_usage:
                     yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
                                               total_tokens=n_prompt + completion))
 
             return streaming(events(), fan)
 
-        texts, reasons, completion = await _collect(fan, total)
+        texts, reasons, completion, lps = await collect(request, fan, total)
         choices = [CompletionChoice(index=i, text=(prompt_texts[i // req.n] if req.echo else "") + texts[i],
-                                    finish_reason=reasons[i]) for i in range(total)]
+                                    finish_reason=reasons[i],
+                                    logprobs=completion_logprobs(
+                                        lps[i] if req.logprobs is not None else None,
+                                        len(prompt_texts[i // req.n]) if req.echo else 0))
+                   for i in range(total)]
         usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
         return CompletionResponse(id=rid, created=created, model=model_name, choices=choices, usage=usage)
 
@@ -297,29 +459,50 @@ def _reason(out: GenerationOutput) -> str | None:
     return out.finish_reason if out.finish_reason in ("stop", "length") else None
 
 
-async def _collect(fan: _Fanout, count: int) -> tuple[list[str], list[str | None], int]:
+async def _collect(fan: _Fanout, count: int) -> tuple[list[str], list[str | None], int, list[list[Sampled]]]:
     texts: list[list[str]] = [[] for _ in range(count)]
     reasons: list[str | None] = [None] * count
+    logprobs: list[list[Sampled]] = [[] for _ in range(count)]
     completion = 0
     try:
         async for i, out in fan.outputs():
             texts[i].append(out.text)
+            logprobs[i].extend(out.logprobs or [])
             if out.finished:
                 reasons[i] = _reason(out)
                 completion += out.completion_tokens
     finally:
         fan.abort()  # no-op when all finished; frees slots if the client disconnected mid-request
-    return ["".join(t) for t in texts], reasons, completion
+    return ["".join(t) for t in texts], reasons, completion, logprobs
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          *, max_num_seqs: int = 4, max_model_len: int | None = 2048, log_level: str = "info") -> None:
-    """Load ``model_dir`` and serve it with uvicorn until interrupted.  The model name defaults to the folder name."""
+          *, max_num_seqs: int = 4, max_model_len: int | None = 2048, log_level: str = "info",
+          dtype: str = "float32", quantize: str | None = None, api_key: str | None = None,
+          max_tokens_limit: int | None = None, max_concurrent_requests: int = 256,
+          max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge") -> None:
+    """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
+    and serve it with uvicorn until interrupted.  The model name defaults to the folder name.  ``engine_kind="vllm"`` hands
+    the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed)."""
     import uvicorn
 
-    engine = Engine.from_folder(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    if str(model_dir).endswith(".gguf"):
+        from lmforge.model.pretrained import materialize_gguf
+
+        model_dir = materialize_gguf(Path(model_dir))
     name = model_name or Path(model_dir).resolve().name
+    if engine_kind == "vllm":
+        from lmforge.serve.vllm_backend import serve_with_vllm
+
+        serve_with_vllm(model_dir, host, port, name, max_model_len, max_num_seqs, api_key)
+        return
+    if engine_kind != "lmforge":
+        raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
+    engine = Engine.from_folder(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
+                                quantize=quantize)
+    app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                     max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
     try:
-        uvicorn.run(create_app(engine, name), host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.shutdown()

@@ -6,10 +6,12 @@ Requests are submitted from any thread (``add_request``) and land in a waiting q
 1. retires aborted requests,
 2. decodes one token for every running sequence in a single batched forward pass (rows of the batch sit at different
    positions, each in its own KV-cache slot),
-3. admits waiting requests into free cache slots and prefills them (which yields their first token).
+3. admits waiting requests into free cache slots (at most ``max_num_seqs`` running, at most
+   ``max_prefill_tokens`` prompt tokens per step) and prefills them together in one padded forward pass, which
+   yields their first tokens.
 
-That is continuous batching at the granularity of a step: a request joins or leaves between any two steps.  Chunked
-prefill, prefix caching and quantized weights/caches slot in here without touching the HTTP layer.  Outputs go to a
+That is continuous batching at the granularity of a step: a request joins or leaves between any two steps.  The forward
+pass is ``runner.ModelRunner`` (fused, bf16 or int8 weights); the cache is preallocated once.  Outputs go to a
 per-request *sink* callable (a ``queue.Queue.put`` for sync callers, an asyncio hand-off for the API).
 """
 
@@ -21,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,7 +36,8 @@ from tokenizers import Tokenizer
 from lmforge.model.hf import load_model
 from lmforge.model.llama import KVCache, Llama
 from lmforge.serve.detokenize import IncrementalDetokenizer, StopStringMatcher
-from lmforge.serve.sampling import LogitsProcessor, SamplerState, SamplingParams, sample
+from lmforge.serve.runner import ModelRunner
+from lmforge.serve.sampling import LogitsProcessor, Sampled, SamplerState, SamplingParams, sample
 from lmforge.tokenizer.bpe import CHAT_TEMPLATE, load_tokenizer
 
 __all__ = ["Engine", "SamplingParams", "LogitsProcessor", "GenerationOutput", "GenerationResult",
@@ -69,6 +73,7 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[Sampled] | None = None  # one per token of ``token_ids`` when the request asked for logprobs
 
 
 @dataclass
@@ -78,6 +83,19 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[Sampled] | None = None
+
+
+class EngineMetrics:
+    """Hooks the engine calls (from its thread); the HTTP server plugs Prometheus counters in here."""
+
+    def on_prompt(self, num_tokens: int) -> None: ...
+
+    def on_first_token(self, seconds: float) -> None: ...
+
+    def on_output_token(self, seconds: float) -> None: ...
+
+    def on_finish(self, seq_prompt_tokens: int, completion_tokens: int, reason: str, e2e_seconds: float) -> None: ...
 
 
 Sink = Callable[[GenerationOutput], None]
@@ -96,6 +114,9 @@ class _Sequence:
     stops: StopStringMatcher
     output_ids: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)  # tokens not yet reported in an output
+    unsent_logprobs: list[Sampled] = field(default_factory=list)
+    arrival: float = 0.0
+    last_token_time: float = 0.0
     slot: int | None = None
     num_cached: int = 0  # tokens whose keys/values are in the cache
     aborted: bool = False
@@ -107,17 +128,20 @@ class Engine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, tokenizer_config: dict | None = None, *,
                  max_num_seqs: int = 4, max_model_len: int | None = None,
-                 generation_config: dict | None = None) -> None:
+                 generation_config: dict | None = None, dtype: str = "float32", quantize: str | None = None,
+                 max_prefill_tokens: int = 4096, metrics: EngineMetrics | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer_config = tokenizer_config or {}
         cfg = model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = KVCache.allocate(cfg, max_num_seqs, self.max_model_len, dtype=param.dtype, device=param.device)
+        self.max_prefill_tokens = max(max_prefill_tokens, self.max_model_len)
+        self.runner = ModelRunner(model, dtype, quantize)
+        self.device = self.runner.device
+        self.cache: KVCache = self.runner.allocate_cache(max_num_seqs, self.max_model_len)
         self.vocab_size = cfg.vocab_size
+        self.metrics = metrics or EngineMetrics()
 
         self.eos_token_ids = self._eos_ids(generation_config or {})
         eot = {i for t in END_OF_TURN_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
@@ -136,18 +160,20 @@ class Engine:
     # -- construction ------------------------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, max_num_seqs: int = 4, max_model_len: int | None = 2048,
-                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> "Engine":
+                    dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
+                    max_prefill_tokens: int = 4096) -> "Engine":
         """Load an HF-layout model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
         ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
-        ``None`` uses the model's full ``max_position_embeddings``."""
+        ``None`` uses the model's full ``max_position_embeddings``.  ``dtype`` ("float32", "bfloat16") is what the
+        serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 (bf16 activations)."""
         path = Path(path)
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=torch.float32, device=device)
         tokenizer, tok_cfg = load_tokenizer(path)
         gen_path = path / "generation_config.json"
         gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         return cls(model, tokenizer, tok_cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                   generation_config=gen_cfg)
+                   generation_config=gen_cfg, dtype=dtype, quantize=quantize, max_prefill_tokens=max_prefill_tokens)
 
     def _eos_ids(self, generation_config: dict) -> set[int]:
         ids: set[int] = set()
@@ -220,8 +246,8 @@ class Engine:
         seq = _Sequence(
             request_id=rid, prompt_ids=prompt_ids, params=params, sink=sink, max_tokens=max_tokens,
             stop_token_ids=frozenset(self.eos_token_ids | set(params.stop_token_ids)),
-            sampler=SamplerState(params), detok=IncrementalDetokenizer(self.tokenizer),
-            stops=StopStringMatcher(params.stop))
+            sampler=SamplerState(params, prompt_ids), detok=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStringMatcher(params.stop), arrival=time.perf_counter())
         with self._lock:
             if rid in self._by_id:
                 raise ValueError(f"request id {rid!r} is already in use")
@@ -259,15 +285,51 @@ class Engine:
                 self.abort(rid)
 
     def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
-        text, ids, last = [], [], None
+        text, ids, lps, last = [], [], [], None
         for last in self.generate(prompt, params):
             text.append(last.text)
             ids.extend(last.token_ids)
-        return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+            lps.extend(last.logprobs or [])
+        return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                                lps if params is not None and params.logprobs is not None else None)
 
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running)
+
+    # -- load figures (what /metrics reports) ----------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's token positions holding a running sequence's keys/values (0..1)."""
+        used = sum(s.num_cached for s in list(self._running))
+        return used / (self.max_num_seqs * self.max_model_len)
+
+    # -- embeddings ------------------------------------------------------------------------------------------------------
+    def embed(self, prompt: str | list[int]) -> torch.Tensor:
+        """Mean-pooled final hidden states (after the last norm) of one input, float32 [hidden_size].
+
+        Runs on the caller's thread with its own small cache, so it does not take a slot from generation."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the input is empty")
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError(f"This model's maximum context length is {self.max_model_len} tokens. "
+                                     f"However, the input is {len(ids)} tokens long.")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        cache = self.runner.allocate_cache(1, len(ids))
+        x = torch.tensor([ids], device=self.device)
+        h = self.runner.forward(x, torch.arange(len(ids), device=self.device)[None], cache,
+                                torch.zeros(1, dtype=torch.long, device=self.device), hidden=True)
+        return h[0].float().mean(dim=0)
 
     # -- the scheduler ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -279,43 +341,64 @@ class Engine:
                 self._finish(seq, "abort", "")
             for seq in [s for s in self._running if s.aborted]:
                 self._finish(seq, "abort", "")
-            admitted = []
-            while self._waiting and self._free_slots:
+            admitted: list[_Sequence] = []
+            budget = self.max_prefill_tokens
+            while self._waiting and self._free_slots and len(self._waiting[0].prompt_ids) <= budget:
                 seq = self._waiting.popleft()
+                budget -= len(seq.prompt_ids)
                 seq.slot = self._free_slots.pop()
                 admitted.append(seq)
         decoding = list(self._running)
         if decoding:
             self._decode(decoding)
-        for seq in admitted:
-            self._running.append(seq)
-            self._prefill(seq)
+        if admitted:
+            self._running.extend(admitted)
+            self._prefill(admitted)
         return len(decoding) + len(admitted)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        rows = torch.tensor([seq.slot], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache, rows=rows, last_only=True)[:, -1]
-        seq.num_cached = n
-        self._append(seq, sample(logits, [seq.sampler], [seq.output_ids])[0])
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """All admitted prompts in one forward pass, right-padded to the longest.  A pad token's key lands at a
+        position past its row's prompt, which no real query attends to and the next decode step overwrites."""
+        lens = [len(s.prompt_ids) for s in seqs]
+        T = max(lens)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :lens[i]] = torch.tensor(s.prompt_ids)
+        positions = torch.arange(T).expand(len(seqs), T)
+        rows = torch.tensor([s.slot for s in seqs])
+        last = torch.tensor([n - 1 for n in lens])
+        logits = self.runner.forward(ids.to(self.device), positions.to(self.device), self.cache,
+                                     rows.to(self.device), last.to(self.device))
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
+            self.metrics.on_prompt(n)
+        for s, res in zip(seqs, sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])):
+            self._append(s, res)
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache, rows=rows, last_only=True)[:, -1]
+        logits = self.runner.forward(ids, positions, self.cache, rows)
         for s in seqs:
             s.num_cached += 1
-        tokens = sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])
-        for s, tok in zip(seqs, tokens):
-            self._append(s, tok)
+        results = sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])
+        for s, res in zip(seqs, results):
+            self._append(s, res)
 
-    def _append(self, seq: _Sequence, token: int) -> None:
+    def _append(self, seq: _Sequence, res: Sampled) -> None:
         """Take one sampled token: detokenize, check stop conditions, emit."""
+        token = res.token
+        now = time.perf_counter()
+        if not seq.output_ids:
+            self.metrics.on_first_token(now - seq.arrival)
+        else:
+            self.metrics.on_output_token(now - seq.last_token_time)
+        seq.last_token_time = now
         seq.output_ids.append(token)
         seq.unsent_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.unsent_logprobs.append(res)
         if token in seq.stop_token_ids:  # the stop token itself is not part of the text
             text, hit = seq.stops.feed(seq.detok.flush())
             self._finish(seq, "stop", text + ("" if hit else seq.stops.flush()))
@@ -329,8 +412,10 @@ class Engine:
             self._finish(seq, "stop" if hit else "length", text)
         elif text:
             ids, seq.unsent_ids = seq.unsent_ids, []
+            lps, seq.unsent_logprobs = seq.unsent_logprobs, []
             self._emit(seq, GenerationOutput(seq.request_id, text, ids, prompt_tokens=len(seq.prompt_ids),
-                                             completion_tokens=len(seq.output_ids)))
+                                             completion_tokens=len(seq.output_ids),
+                                             logprobs=lps if seq.params.logprobs is not None else None))
 
     def _finish(self, seq: _Sequence, reason: str, text: str, error: str | None = None) -> None:
         with self._lock:
@@ -344,8 +429,15 @@ class Engine:
                 seq.slot = None
             self._by_id.pop(seq.request_id, None)
             ids, seq.unsent_ids = seq.unsent_ids, []
+            lps, seq.unsent_logprobs = seq.unsent_logprobs, []
+        try:
+            self.metrics.on_finish(len(seq.prompt_ids), len(seq.output_ids), reason,
+                                   time.perf_counter() - seq.arrival)
+        except Exception:
+            log.debug("metrics hook failed", exc_info=True)
         self._emit(seq, GenerationOutput(seq.request_id, text, ids, True, reason, len(seq.prompt_ids),
-                                         len(seq.output_ids), error))
+                                         len(seq.output_ids), error,
+                                         lps if seq.params.logprobs is not None else None))
 
     @staticmethod
     def _emit(seq: _Sequence, out: GenerationOutput) -> None:

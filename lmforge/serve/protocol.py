@@ -1,8 +1,9 @@
 """The OpenAI HTTP protocol as pydantic models (the subset we serve, shaped like vLLM's ``protocol.py``).
 
 Requests validate their ranges here, so a bad value is a 400 with OpenAI's error envelope before it reaches the engine.
-Unknown request fields are ignored (as vLLM does); fields we know but do not support yet (``tools``, ``logprobs``,
-``response_format`` other than text ...) are rejected by ``unsupported()`` with a clear message.
+Unknown request fields are ignored (as vLLM does); fields we know but do not support yet (``tools``,
+``response_format`` other than text ...) are rejected by ``unsupported()`` with a clear message.  vLLM's extra
+sampling fields (``top_k``, ``min_p``, ``repetition_penalty``) are accepted too (``extra_body`` in the openai client).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions logprobs, as OpenAI
 
 
 class OpenAIBaseModel(BaseModel):
@@ -67,6 +70,9 @@ class _SamplingRequest(OpenAIBaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -131,7 +137,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -140,10 +146,15 @@ class ChatCompletionRequest(_SamplingRequest):
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token for the engine: None (no logprobs) or top_logprobs (0 = the sampled token only)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for a feature we do not serve yet, else None."""
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported yet"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs requires logprobs to be true"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", f"response_format {self.response_format.get('type')!r} is not supported yet"
         if self.tools:
@@ -156,11 +167,32 @@ class ChatCompletionMessage(OpenAIBaseModel):
     content: str | None = None
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatCompletionMessage
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -182,7 +214,7 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionStreamResponse(OpenAIBaseModel):
@@ -202,7 +234,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for legacy completions
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -221,9 +253,11 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]
         return list(p)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported yet"
         if self.suffix:
             return "suffix", "suffix is not supported"
         return None
@@ -233,7 +267,7 @@ class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -253,3 +287,42 @@ class CompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+# -- embeddings ---------------------------------------------------------------------------------------------------------
+class EmbeddingRequest(OpenAIBaseModel):
+    model: str | None = None
+    input: PromptInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, v):
+        if isinstance(v, (str, list)) and len(v) == 0:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and any(isinstance(x, (str, list)) and len(x) == 0 for x in v):
+            raise ValueError("input must not contain empty strings or token lists")
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class EmbeddingData(OpenAIBaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo

@@ -25,12 +25,16 @@ class SamplingParams:
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): off
+    min_p: float = 0.0
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM style, over prompt + output tokens; 1.0 is off
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the k most likely
     logit_bias: dict[int, float] = field(default_factory=dict)
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -44,10 +48,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or a positive count, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
-    def processors(self) -> list[LogitsProcessor]:
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the batch can take one argmax."""
+        return (self.temperature <= 0.0 and self.logprobs is None and not self.logits_processors
+                and not self.logit_bias and not self.presence_penalty and not self.frequency_penalty
+                and self.repetition_penalty == 1.0)
+
+    def processors(self, prompt_ids: Sequence[int] = ()) -> list[LogitsProcessor]:
         """Built-in processors (penalties, bias) followed by the caller's own."""
         procs: list[LogitsProcessor] = []
+        if self.repetition_penalty != 1.0:
+            procs.append(repetition_penalty_processor(self.repetition_penalty, prompt_ids))
         if self.presence_penalty or self.frequency_penalty:
             procs.append(penalty_processor(self.presence_penalty, self.frequency_penalty))
         if self.logit_bias:
@@ -68,6 +89,23 @@ def penalty_processor(presence: float, frequency: float) -> LogitsProcessor:
     return apply
 
 
+def repetition_penalty_processor(penalty: float, prompt_ids: Sequence[int]) -> LogitsProcessor:
+    """CTRL / HF repetition penalty: a logit of a token seen in the prompt or output is divided by ``penalty`` if
+    positive, multiplied if negative."""
+    prompt = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long)
+
+    def apply(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen = torch.cat([prompt, torch.tensor(output_ids, dtype=torch.long)]).unique() if output_ids else prompt
+        if seen.numel() == 0:
+            return logits
+        logits = logits.clone()
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        return logits
+
+    return apply
+
+
 def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
     ids = torch.tensor(list(bias.keys()), dtype=torch.long)
     vals = torch.tensor(list(bias.values()), dtype=torch.float32)
@@ -84,32 +122,66 @@ class SamplerState:
     """One request's sampler: its params, its processors and its own ``torch.Generator`` (so a seed reproduces a
     completion regardless of other traffic)."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
-        self.processors = params.processors()
+        self.processors = params.processors(prompt_ids)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # any int is a valid seed
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from 1-D ``logits``: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                 top_k: int = 0, min_p: float = 0.0) -> int:
+    """One token from 1-D ``logits``: greedy at temperature 0, else temperature, then top-k, min-p and nucleus (top-p)
+    truncation, then a draw from ``generator``."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
+    if top_k > 0 or top_p < 1.0 or min_p > 0.0:
         sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+        if top_k > 0:
+            drop[top_k:] = True
+        if min_p > 0.0:
+            drop |= sorted_probs < min_p * sorted_probs[0]
+        if top_p < 1.0:
+            drop |= sorted_probs.cumsum(0) - sorted_probs > top_p  # the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, states: Sequence[SamplerState], histories: Sequence[list[int]]) -> list[int]:
-    """Next token for each row of ``logits`` [B, vocab]; row i uses ``states[i]`` and its output so far ``histories[i]``."""
+@dataclass
+class Sampled:
+    """A sampled token; with ``SamplingParams.logprobs`` set, its log-probability and the ``top`` alternatives
+    (``[(token_id, logprob)]``, most likely first) under the model's raw distribution."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def sample(logits: torch.Tensor, states: Sequence[SamplerState], histories: Sequence[list[int]]) -> list[Sampled]:
+    """Next token for each row of ``logits`` [B, vocab]; row i uses ``states[i]`` and its output so far ``histories[i]``.
+
+    Each row draws from its own request's generator, so a seeded request gives the same tokens whatever else is in
+    the batch."""
     logits = logits.detach().float().cpu()
+    if all(s.params.is_plain_greedy for s in states):
+        return [Sampled(int(t)) for t in logits.argmax(dim=-1).tolist()]
     out = []
     for row, state, hist in zip(logits, states, histories):
+        p = state.params
+        raw = row
         for proc in state.processors:
             row = proc(hist, row)
-        out.append(sample_token(row, state.params.temperature, state.params.top_p, state.generator))
+        tok = sample_token(row, p.temperature, p.top_p, state.generator, p.top_k, p.min_p)
+        if p.logprobs is None:
+            out.append(Sampled(tok))
+            continue
+        lp = torch.log_softmax(raw, dim=-1)
+        top = []
+        if p.logprobs > 0:
+            vals, ids = lp.topk(p.logprobs)
+            top = list(zip(ids.tolist(), vals.tolist()))
+        out.append(Sampled(tok, float(lp[tok]), top))
     return out

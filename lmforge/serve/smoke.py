@@ -16,17 +16,18 @@ from lmforge.serve.engine import Engine
 
 @contextlib.contextmanager
 def running_server(engine: Engine, model_name: str, host: str = "127.0.0.1",
-                   startup_timeout: float = 30.0) -> Iterator[str]:
+                   startup_timeout: float = 30.0, **app_options) -> Iterator[str]:
     """Serve ``engine`` with uvicorn in a background thread on a free port; yields the base URL (``.../v1``).
 
-    The listening socket is bound before the server starts, so the port cannot be taken in between."""
+    The listening socket is bound before the server starts, so the port cannot be taken in between.
+    ``app_options`` go to ``create_app`` (``api_key``, ``max_tokens_limit``, ...)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="warning",
+    config = uvicorn.Config(create_app(engine, model_name, **app_options), host=host, port=port, log_level="warning",
                             access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmforge-uvicorn", daemon=True)

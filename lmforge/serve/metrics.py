@@ -1,0 +1,76 @@
+"""Prometheus metrics for the server, under vLLM's metric names so existing dashboards and alerts work unchanged.
+
+| metric | kind | meaning |
+|---|---|---|
+| ``vllm:num_requests_running`` | gauge | sequences in the running batch |
+| ``vllm:num_requests_waiting`` | gauge | sequences queued for a cache slot |
+| ``vllm:gpu_cache_usage_perc`` | gauge | fraction of KV-cache positions in use (0..1; the cache lives on CPU here) |
+| ``vllm:kv_cache_usage_perc`` | gauge | the same, under vLLM's newer name |
+| ``vllm:time_to_first_token_seconds`` | histogram | arrival → first token |
+| ``vllm:time_per_output_token_seconds`` | histogram | gap between consecutive tokens of a sequence |
+| ``vllm:e2e_request_latency_seconds`` | histogram | arrival → finish |
+| ``vllm:prompt_tokens_total`` | counter | prompt tokens prefilled |
+| ``vllm:generation_tokens_total`` | counter | tokens generated |
+| ``vllm:request_success_total`` | counter | finished sequences, by ``finished_reason`` |
+
+Each app gets its own ``CollectorRegistry``, so several servers (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
+
+from lmforge.serve.engine import Engine, EngineMetrics
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+
+class PrometheusMetrics(EngineMetrics):
+    """The engine's hooks, recorded as Prometheus metrics labelled with ``model_name``."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str, fn) -> None:
+            Gauge(name, doc, labels, registry=r).labels(model_name).set_function(fn)
+
+        gauge("vllm:num_requests_running", "Number of requests in the running batch.", lambda: engine.num_running)
+        gauge("vllm:num_requests_waiting", "Number of requests waiting for a cache slot.", lambda: engine.num_waiting)
+        gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (1 = full).", lambda: engine.kv_cache_usage)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full).", lambda: engine.kv_cache_usage)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token.", labels,
+                              buckets=TPOT_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels,
+                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", labels,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels,
+                                         registry=r).labels(model_name)
+        self._success = Counter("vllm:request_success", "Finished requests.", labels + ["finished_reason"],
+                                registry=r)
+        self.model_name = model_name
+
+    def on_prompt(self, num_tokens: int) -> None:
+        self.prompt_tokens.inc(num_tokens)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.generation_tokens.inc()
+
+    def on_output_token(self, seconds: float) -> None:
+        self.tpot.observe(seconds)
+        self.generation_tokens.inc()
+
+    def on_finish(self, seq_prompt_tokens: int, completion_tokens: int, reason: str, e2e_seconds: float) -> None:
+        self._success.labels(self.model_name, reason).inc()
+        self.e2e.observe(e2e_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

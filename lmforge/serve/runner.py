@@ -1,0 +1,157 @@
+"""The serving forward pass: a lean Llama forward over the engine's KV cache.
+
+``ModelRunner`` takes a trained ``Llama`` and prepares its weights for inference once:
+
+* q/k/v projections fused into one matmul, gate/up into one (fewer, larger matmuls per layer);
+* weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster) or int8 weight-only
+  (``lmforge.model.quant``, per output channel, bf16 activations);
+* RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
+* a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
+  prefix), and only the last real token of each row goes through ``lm_head``.
+
+It computes exactly what ``Llama.forward`` computes (a test checks logits and greedy tokens); the model file stays
+the readable reference and the training path, this is the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.llama import KVCache, Llama
+from lmforge.model.quant import int8_linear, quantize_weight_int8
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Linear:
+    """A weight prepared for inference: a plain matrix in ``dtype``, or int8 + per-channel scale."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool) -> None:
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        if int8:
+            self.q, scale = quantize_weight_int8(weight)
+            self.scale = scale.to(dtype)
+            self.weight = None
+        else:
+            self.weight = weight.detach().to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        return int8_linear(x, self.q, self.scale, self.bias)
+
+
+def _cat_bias(*linears) -> torch.Tensor | None:
+    biases = [m.bias for m in linears]
+    return None if all(b is None for b in biases) else torch.cat([b for b in biases])
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: _Linear
+    o: _Linear
+    ln2: torch.Tensor
+    gate_up: _Linear
+    down: _Linear
+
+
+class ModelRunner:
+    """Inference weights + ``forward(ids, positions, cache, rows, last)`` returning next-token logits [B, vocab]."""
+
+    def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None) -> None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize == "int8" and dtype == torch.float32:
+            dtype = torch.bfloat16  # the int8 kernel is fast with bf16 activations, slow with float32
+        cfg = model.config
+        self.config, self.dtype, self.quantize = cfg, dtype, quantize
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        int8 = quantize == "int8"
+        m = model.model
+        self.device = m.embed_tokens.weight.device
+        self.embed = m.embed_tokens.weight.detach().to(dtype)
+        self.layers: list[_Layer] = []
+        for layer in m.layers:
+            a, p = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight.detach().to(dtype),
+                qkv=_Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                            _cat_bias(a.q_proj, a.k_proj, a.v_proj), dtype, int8),
+                o=_Linear(a.o_proj.weight, a.o_proj.bias, dtype, int8),
+                ln2=layer.post_attention_layernorm.weight.detach().to(dtype),
+                gate_up=_Linear(torch.cat([p.gate_proj.weight, p.up_proj.weight]), _cat_bias(p.gate_proj, p.up_proj),
+                                dtype, int8),
+                down=_Linear(p.down_proj.weight, p.down_proj.bias, dtype, int8)))
+        self.norm = m.norm.weight.detach().to(dtype)
+        self.lm_head = _Linear(model.lm_head.weight, None, dtype, int8)
+        half = self.hd // 2
+        self.cos = model.rope_cos.to(dtype)
+        self.sin_signed = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype)
+
+    def allocate_cache(self, slots: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.config, slots, max_len, dtype=self.dtype, device=self.device)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                last: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+        """Logits (float32) [B, vocab] at column ``last[b]`` of each row (default: the last column).
+
+        ``ids``/``positions`` [B, T]; row b's keys/values go to cache slot ``rows[b]`` at ``positions[b]``; a query at
+        position p sees its row's keys at positions <= p.  With ``hidden``, return the final hidden states [B, T, h]
+        (after the last norm) instead of logits."""
+        B, T = ids.shape
+        nh, nkv, hd = self.n_head, self.n_kv, self.hd
+        S = int(positions.max()) + 1
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        cos = self.cos[positions].unsqueeze(2)  # [B, T, 1, hd]
+        sin = self.sin_signed[positions].unsqueeze(2)
+        r0 = int(rows[0])
+        contiguous = bool(torch.equal(rows, torch.arange(r0, r0 + B, device=rows.device)))
+        if B == 1 and T == 1:
+            mask = None  # the only query is at the last position: it sees every key in [0, S)
+        elif B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
+            mask = "causal"
+        else:
+            mask = (torch.arange(S, device=ids.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+        x = self.embed[ids]
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(self._rms(x, L.ln1)).view(B, T, nh + 2 * nkv, hd)
+            qk = qkv[:, :, : nh + nkv]
+            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
+            ck, cv = cache.k[i], cache.v[i]
+            ck[rows[:, None], :, positions] = k
+            cv[rows[:, None], :, positions] = v
+            if contiguous:
+                keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
+            else:
+                keys, values = ck[rows, :, :S], cv[rows, :, :S]
+            q = q.transpose(1, 2)
+            if mask == "causal":
+                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=nkv != nh)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
+            x = x + L.o(y.transpose(1, 2).reshape(B, T, nh * hd))
+            gu = L.gate_up(self._rms(x, L.ln2))
+            g, u = gu.chunk(2, dim=-1)
+            x = x + L.down(F.silu(g) * u)
+        if hidden:
+            return self._rms(x, self.norm)
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(B, device=x.device), last]
+        return self.lm_head(self._rms(x, self.norm)).float()

@@ -1,0 +1,38 @@
+"""The command line as a user meets it: clear one-line errors, commands that exist and answer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lmforge(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LMFORGE_HOME=str(home), HF_HUB_OFFLINE="1", COLUMNS="200")
+    env.pop("LMFORGE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    proc = lmforge("tokenizer", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "t"),
+                   home=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "missing" in proc.stderr and "matches no file" in proc.stderr
+    proc = lmforge("pretrain", "--tokenizer", "x", "--lr", "-1", home=tmp_path)
+    assert proc.returncode == 2 and "lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_quality_command(tmp_path):
+    proc = lmforge("data", "train-quality", "--good", "data/demo/books", "--bad", "data/demo/html",
+                   "--bad", "data/demo/warc", "--out", str(tmp_path / "q"), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["auc"] > report["length_baseline_auc"] and report["auc"] > 0.9
+
+
+def test_leaderboard_without_runs_says_what_to_do(tmp_path):
+    proc = lmforge("leaderboard", home=tmp_path)
+    assert proc.returncode == 1 and "lmforge eval" in proc.stderr
