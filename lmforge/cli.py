@@ -280,6 +280,7 @@ def rag_eval(
     model: Optional[str] = RAG_MODEL,
     base_url: Optional[str] = RAG_URL,
     k: int = typer.Option(4, help="Sources retrieved for answers."),
+    judge: bool = typer.Option(False, help="Also judge faithfulness with the model (yes/no constrained)."),
 ) -> None:
     """Retrieval recall@k / MRR / nDCG (dense, bm25, hybrid); answer EM / F1 / faithfulness with a model."""
     from lmforge.rag.evaluate import answer_metrics, load_qa, retrieval_metrics
@@ -288,7 +289,13 @@ def rag_eval(
     kb, items = KnowledgeBase.load(index), load_qa(qa)
     out = {m: retrieval_metrics(kb, items, mode=m) for m in ("dense", "bm25", "hybrid")}
     if model or base_url:
-        res = answer_metrics(_answerer(index, model, base_url, k, 0.3, None), items)
+        from lmforge.rag.judge import EngineJudge, OpenAIJudge
+
+        ans = _answerer(index, model, base_url, k, 0.3, None)
+        j = None
+        if judge:
+            j = OpenAIJudge(model or "default", base_url) if base_url else EngineJudge(ans.generator.engine)
+        res = answer_metrics(ans, items, judge=j)
         res.pop("rows", None)
         out["answers"] = res
     typer.echo(json.dumps(out, indent=2))
@@ -309,6 +316,10 @@ def serve_cmd(
     max_concurrent_requests: int = typer.Option(256, help="In-flight HTTP requests before 429."),
     max_body_bytes: int = typer.Option(1 << 20, help="Larger request bodies get 413."),
     engine: str = typer.Option("lmforge", help="lmforge | vllm (GPU machines with vLLM installed)."),
+    rag_index: Optional[Path] = typer.Option(None, "--rag-index",
+                                             help="Answer /v1/chat/completions from this knowledge base (rag index)."),
+    rag_system: Optional[str] = typer.Option(None, "--rag-system", help="Persona / system prompt for RAG answers."),
+    rag_rerank: bool = typer.Option(False, "--rag-rerank", help="Re-rank sources by the model's relevance judgement."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import serve
@@ -318,7 +329,8 @@ def serve_cmd(
         serve(str(model), host=host, port=port, model_name=model_name, max_num_seqs=max_num_seqs,
               max_model_len=max_model_len, dtype=dtype, quantize=quantize, api_key=api_key,
               max_tokens_limit=max_tokens_limit, max_concurrent_requests=max_concurrent_requests,
-              max_body_bytes=max_body_bytes, engine_kind=engine)
+              max_body_bytes=max_body_bytes, engine_kind=engine,
+              rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

@@ -50,6 +50,45 @@ def _topic(name: str) -> str:
     return topics[name]
 
 
+class MemoEmbedder:
+    """Real MiniLM, but each distinct text is embedded once per test session (the tests re-index the same files)."""
+
+    def __init__(self) -> None:
+        from lmforge.rag.embed import make_embedder
+
+        self.inner = make_embedder("minilm")
+        self.name = self.inner.name
+        self.batch_size = 64
+        self.memo: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.inner.embed(todo)))
+        return np.stack([self.memo[t] for t in texts]) if texts else self.inner.embed([])
+
+
+_MEMO: list[MemoEmbedder] = []
+
+
+def memo_embedder() -> MemoEmbedder:
+    if not _MEMO:
+        _MEMO.append(MemoEmbedder())
+    return _MEMO[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """MiniLM on one thread: on a shared, busy CPU two spinning OpenMP threads make a one-query embedding ~20x
+    slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def docs_dir(tmp_path_factory) -> Path:
     """Mixed folder: real Django FAQ HTML, pydoc topics as .md / .txt / .jsonl / .pdf, Chinese text, bad files."""
@@ -77,7 +116,8 @@ def docs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def kb_dir(docs_dir, tmp_path_factory) -> tuple[Path, KnowledgeBase, dict]:
     out = tmp_path_factory.mktemp("kbindex") / "rag"
-    kb, report = build_index(Config(docs=str(docs_dir), chunk_tokens=120, overlap_tokens=20), out)
+    kb, report = build_index(Config(docs=str(docs_dir), chunk_tokens=120, overlap_tokens=20), out,
+                             embedder=memo_embedder())
     return out, kb, report
 
 
@@ -153,12 +193,13 @@ def test_incremental_reindex_and_atomic_swap(docs_dir, tmp_path):
     shutil.copytree(docs_dir, src)
     out = tmp_path / "rag"
     cfg = Config(docs=str(src), chunk_tokens=120, overlap_tokens=20)
-    kb1, rep1 = build_index(cfg, out)
+    emb = memo_embedder()
+    kb1, rep1 = build_index(cfg, out, embedder=emb)
     # change one file, delete one, add one
     (src / "python" / "pass.txt").write_text(_topic("pass") + "\n\nAn extra paragraph about the pass statement.\n")
     (src / "django" / "admin.html").unlink()
     (src / "python" / "del.md").write_text("# del\n\n" + _topic("del"))
-    kb2, rep2 = build_index(cfg, out)
+    kb2, rep2 = build_index(cfg, out, embedder=emb)
     assert rep2["changed"] == ["python/pass.txt"] and rep2["added"] == ["python/del.md"]
     assert rep2["deleted"] == ["django/admin.html"]
     new_chunks = [c for c in kb2.chunks if c.path in ("python/pass.txt", "python/del.md")]
@@ -183,10 +224,12 @@ def test_incremental_reindex_and_atomic_swap(docs_dir, tmp_path):
     assert len(KnowledgeBase.load(out)) == len(kb2)
 
 
-def test_stage_run_writes_manifest_and_skips_when_unchanged(docs_dir, tmp_path):
+def test_stage_run_writes_manifest_and_skips_when_unchanged(docs_dir, tmp_path, monkeypatch):
     from lmforge.artifacts import read_manifest
+    from lmforge.rag import stage
     from lmforge.rag.stage import run
 
+    monkeypatch.setattr(stage, "config_embedder", lambda config: memo_embedder())
     sub = tmp_path / "docs"
     sub.mkdir()
     shutil.copy(docs_dir / "django" / "models.html", sub / "models.html")

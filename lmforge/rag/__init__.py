@@ -4,5 +4,6 @@ with reciprocal-rank fusion, answer with numbered citations, and measure retriev
 Modules: ``ingest`` (files → documents, skip reasons), ``chunking`` (structure-aware chunks with offsets), ``embed``
 (MiniLM default, OpenAI-compatible endpoints), ``index`` (the persisted ``KnowledgeBase``), ``stage`` (the
 ``rag_index`` stage), ``answer`` (grounded answers with citations), ``evaluate`` (recall@k, MRR, nDCG, EM/F1,
-faithfulness), ``http`` (a FastAPI router for ``/v1/rag/query``).
+faithfulness, model-judged faithfulness), ``judge`` (constrained yes/no judgements: LLM re-ranking, faithfulness),
+``http`` (``/v1/rag/query`` and retrieval-augmented ``/v1/chat/completions`` on the lmforge server: ``attach_rag``).
 """

@@ -7,6 +7,8 @@
 * Follow-ups: with a chat history, the question is first rewritten into a standalone question by the model (falling
   back to "previous question + this one" when the model gives nothing usable); retrieval uses the rewrite.
 * Persona: ``system_prompt`` replaces the default instructions' first line (a customer-service voice, a character).
+* Re-ranking (optional): a yes/no ``Judge`` scores each of the top ``rerank_depth`` chunks' relevance by the model's
+  constrained P("yes") and the best ``k`` are kept (``lmforge.rag.judge``).
 
 Generators: ``EngineGenerator`` (lmforge's serving engine, in process) or ``OpenAIGenerator`` (any OpenAI-compatible
 chat endpoint).  Both stream text deltas.
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 from lmforge.rag.index import Filters, Hit, KnowledgeBase, Mode
+from lmforge.rag.judge import Judge, relevance_messages
 
 NOT_FOUND = "The knowledge base does not contain information to answer this question."
 DEFAULT_PERSONA = "You are a helpful assistant that answers questions using only the numbered sources below."
@@ -35,11 +38,17 @@ class Generator(Protocol):
 
 
 class EngineGenerator:
-    """lmforge's ``Engine`` (chat template, greedy by default)."""
+    """lmforge's ``Engine`` (chat template, greedy by default).  ``prompt_tokens`` / ``completion_tokens`` add up
+    the work of every call (the usage a server reports)."""
 
-    def __init__(self, engine, temperature: float = 0.0) -> None:
+    def __init__(self, engine, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
         self.engine = engine
         self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # of the last call: "stop" or "length"
 
     def stream(self, messages: list[dict], max_tokens: int) -> Iterator[str]:
         from lmforge.serve.sampling import SamplingParams
@@ -49,9 +58,13 @@ class EngineGenerator:
         if room < 1:
             ids = ids[-(self.engine.max_model_len - min(max_tokens, self.engine.max_model_len // 2)):]
             room = self.engine.max_model_len - len(ids)
-        params = SamplingParams(temperature=self.temperature, max_tokens=min(max_tokens, room),
-                                stop_token_ids=sorted(self.engine.chat_stop_token_ids))
+        params = SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=min(max_tokens, room),
+                                seed=self.seed, stop_token_ids=sorted(self.engine.chat_stop_token_ids))
+        self.prompt_tokens += len(ids)
         for out in self.engine.generate(ids, params):
+            self.completion_tokens += len(out.token_ids)
+            if out.finished:
+                self.finish_reason = out.finish_reason
             if out.text:
                 yield out.text
 
@@ -86,11 +99,15 @@ class Source:
     start: int
     end: int
     text: str
-    score: float
+    score: float  # cosine similarity of question and chunk
+    relevance: float | None = None  # the re-ranker's P(relevant), when re-ranking is on
 
     def to_dict(self) -> dict:
-        return {"number": self.number, "path": self.path, "title": self.title, "heading_path": self.heading_path,
-                "start": self.start, "end": self.end, "score": round(self.score, 4), "text": self.text}
+        out = {"number": self.number, "path": self.path, "title": self.title, "heading_path": self.heading_path,
+               "start": self.start, "end": self.end, "score": round(self.score, 4), "text": self.text}
+        if self.relevance is not None:
+            out["relevance"] = round(self.relevance, 4)
+        return out
 
 
 @dataclass
@@ -175,11 +192,14 @@ def format_sources(sources: list[Source]) -> str:
 
 
 class Answerer:
-    """Retrieval + generation over a ``KnowledgeBase``.  ``generator=None`` answers only refusals (retrieval-only use)."""
+    """Retrieval + generation over a ``KnowledgeBase``.  ``generator=None`` answers only refusals (retrieval-only use).
+
+    ``reranker``: a yes/no ``Judge`` (``lmforge.rag.judge``); the top ``rerank_depth`` retrieved chunks are re-ordered
+    by its P(relevant) before the best ``k`` are kept."""
 
     def __init__(self, kb: KnowledgeBase, generator: Generator | None, *, k: int = 4, mode: Mode = "hybrid",
                  min_score: float = 0.3, system_prompt: str | None = None, max_tokens: int = 256,
-                 filters: Filters | None = None) -> None:
+                 filters: Filters | None = None, reranker: Judge | None = None, rerank_depth: int = 10) -> None:
         self.kb = kb
         self.generator = generator
         self.k = k
@@ -188,6 +208,16 @@ class Answerer:
         self.system_prompt = system_prompt or DEFAULT_PERSONA
         self.max_tokens = max_tokens
         self.filters = filters
+        self.reranker = reranker
+        self.rerank_depth = rerank_depth
+
+    def with_options(self, **changes) -> "Answerer":
+        """A copy with some settings changed (per-request options of a server)."""
+        opts = {"k": self.k, "mode": self.mode, "min_score": self.min_score, "system_prompt": self.system_prompt,
+                "max_tokens": self.max_tokens, "filters": self.filters, "reranker": self.reranker,
+                "rerank_depth": self.rerank_depth, "generator": self.generator}
+        opts.update(changes)
+        return Answerer(self.kb, opts.pop("generator"), **opts)
 
     # -- steps ---------------------------------------------------------------------------------------------------------
     def rewrite(self, question: str, history: list[dict] | None) -> str:
@@ -208,9 +238,15 @@ class Answerer:
 
     def retrieve(self, question: str) -> tuple[list[Source], bool]:
         """Numbered sources for ``question`` and whether they are relevant enough to answer from."""
-        hits: list[Hit] = self.kb.search(question, k=self.k, mode=self.mode, filters=self.filters)
+        depth = max(self.k, self.rerank_depth) if self.reranker is not None else self.k
+        hits: list[Hit] = self.kb.search(question, k=depth, mode=self.mode, filters=self.filters)
+        relevance: list[float | None] = [None] * len(hits)
+        if self.reranker is not None and hits:
+            probs = self.reranker.yes_probabilities([relevance_messages(question, h.chunk.text) for h in hits])
+            order = sorted(range(len(hits)), key=lambda i: (-probs[i], i))[:self.k]
+            hits, relevance = [hits[i] for i in order], [probs[i] for i in order]
         sources = [Source(i, h.chunk.path, h.chunk.title, list(h.chunk.heading_path), h.chunk.start, h.chunk.end,
-                          h.chunk.text, h.dense_score) for i, h in enumerate(hits, 1)]
+                          h.chunk.text, h.dense_score, rel) for i, (h, rel) in enumerate(zip(hits, relevance), 1)]
         relevant = bool(sources) and max(s.score for s in sources) >= self.min_score
         return sources, relevant
 

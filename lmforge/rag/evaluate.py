@@ -12,7 +12,9 @@ A QA file is JSONL, one question a line::
 * recall@k: share of gold passages found in the top k; MRR: 1 / rank of the first relevant chunk (0 if none in the
   top ``max(ks)``); nDCG@k: binary gains, ideal = min(k, number of relevant chunks in the index).
 * answers: SQuAD-style exact match and token F1 (max over gold answers); lexical faithfulness: share of cited
-  sentences whose content words are mostly (≥ 50 %) found in the sources they cite.
+  sentences whose content words are mostly (≥ 50 %) found in the sources they cite; model-judged faithfulness
+  (``faithfulness_judged``): share of cited sentences a yes/no ``Judge`` (the served model with output constrained to
+  yes / no) finds supported by the sources they cite.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.rag.index import Filters, KnowledgeBase, Mode, bm25_tokens
+from lmforge.rag.judge import Judge, support_messages
 
 
 @dataclass
@@ -160,10 +163,34 @@ def faithfulness(answer: str, sources: dict[int, str], threshold: float = 0.5) -
             "faithfulness": round(supported / cited, 4) if cited else None, "sentences": details}
 
 
-def answer_metrics(answerer, items: list[QAItem]) -> dict[str, Any]:
-    """EM / F1 (answerable questions), lexical faithfulness, refusal rates, from ``answerer.ask`` (lmforge.rag.answer)."""
+def faithfulness_judged(answer: str, sources: dict[int, str], judge: Judge, threshold: float = 0.5) -> dict[str, Any]:
+    """Model-judged check: each sentence with citations is asked about (yes / no, constrained) against the text of
+    the sources it cites; supported when P(yes) ≥ ``threshold``.  A citation of an unknown source is unsupported.
+    Same shape as ``faithfulness``."""
+    cited = []
+    for sent in _SENT.split(answer):
+        nums = [int(n) for m in _CITE.finditer(sent) for n in m.group(1).split(",")]
+        if nums:
+            cited.append((sent, nums))
+    asks = [support_messages(re.sub(r"\s+([.,;:!?])", r"\1", _CITE.sub("", s)).strip(),
+                             "\n\n".join(sources.get(n, "") for n in nums))
+            for s, nums in cited]
+    probs = judge.yes_probabilities(asks) if asks else []
+    details = []
+    for (sent, nums), p in zip(cited, probs):
+        ok = p >= threshold and all(n in sources for n in nums)
+        details.append({"sentence": sent, "cites": nums, "p_yes": round(p, 4), "supported": ok})
+    supported = sum(d["supported"] for d in details)
+    return {"cited_sentences": len(cited), "supported_sentences": supported,
+            "faithfulness": round(supported / len(cited), 4) if cited else None, "sentences": details}
+
+
+def answer_metrics(answerer, items: list[QAItem], judge: Judge | None = None) -> dict[str, Any]:
+    """EM / F1 (answerable questions), lexical faithfulness (and model-judged with ``judge``), refusal rates, from
+    ``answerer.ask`` (lmforge.rag.answer)."""
     em = f1 = 0.0
     faith_sum, faith_n, answerable, refused_ok, unanswerable, false_refusals = 0.0, 0, 0, 0, 0, 0
+    judged_sum, judged_n = 0.0, 0
     rows = []
     for item in items:
         res = answerer.ask(item.question)
@@ -179,11 +206,18 @@ def answer_metrics(answerer, items: list[QAItem]) -> dict[str, Any]:
         if fa["faithfulness"] is not None:
             faith_sum += fa["faithfulness"]
             faith_n += 1
-        rows.append({"id": item.id, "question": item.question, "answer": res.answer, "refused": res.refused,
-                     "cited": [c.number for c in res.citations], "faithfulness": fa["faithfulness"]})
+        row = {"id": item.id, "question": item.question, "answer": res.answer, "refused": res.refused,
+               "cited": [c.number for c in res.citations], "faithfulness": fa["faithfulness"]}
+        if judge is not None and fa["cited_sentences"]:
+            fj = faithfulness_judged(res.answer, {s.number: s.text for s in res.sources}, judge)
+            judged_sum += fj["faithfulness"]
+            judged_n += 1
+            row["faithfulness_judged"] = fj["faithfulness"]
+        rows.append(row)
     return {"answerable": answerable, "exact_match": round(em / max(answerable, 1), 4),
             "f1": round(f1 / max(answerable, 1), 4),
             "faithfulness": round(faith_sum / faith_n, 4) if faith_n else None, "answers_with_citations": faith_n,
+            "faithfulness_judged": round(judged_sum / judged_n, 4) if judged_n else None,
             "false_refusals": false_refusals, "unanswerable": unanswerable,
             "refusal_rate_unanswerable": round(refused_ok / unanswerable, 4) if unanswerable else None,
             "rows": rows}

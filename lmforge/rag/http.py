@@ -1,24 +1,44 @@
-"""HTTP: ``POST /v1/rag/query`` (answer + cited sources, optionally streamed as server-sent events).
+"""HTTP: ``POST /v1/rag/query`` and retrieval-augmented ``POST /v1/chat/completions`` on the lmforge server.
 
-``rag_router(answerer)`` returns a FastAPI ``APIRouter`` to mount on the lmforge server (or any FastAPI app).
+``rag_router(answerer)`` returns a FastAPI ``APIRouter`` with ``/v1/rag/query`` (any FastAPI app can mount it).
 Request: ``{"question": str, "history": [{"role", "content"}], "k": int, "mode": "hybrid"|"dense"|"bm25",
 "path_prefix": str, "types": [str], "stream": bool}``.  Response: ``RagAnswer.to_dict()``; streamed, each event is
 ``{"delta": text}`` and the last ``{"final": {...}}``, then ``[DONE]``.
+
+``attach_rag(app, answerer)`` puts that route on an app made by ``lmforge.serve.api.create_app`` and answers its
+``/v1/chat/completions`` from the knowledge base, so existing OpenAI clients get grounded answers:
+
+* the last message (a user turn) is the question; earlier user / assistant turns are the history (follow-ups are
+  rewritten into standalone questions); the request's system message, if any, is the persona (else the answerer's);
+* generation uses the server's engine with the request's ``temperature`` (default 0: grounded answers are greedy),
+  ``top_p``, ``seed`` and ``max_tokens``; ``n`` must be 1;
+* the response is a normal ``chat.completion`` (or ``chat.completion.chunk`` stream) plus one extra field ``rag``:
+  ``{"refused", "standalone_question", "citations": [...], "sources": [...]}`` (on the last chunk when streaming);
+  the official ``openai`` client keeps it in ``response.model_extra["rag"]``;
+* per request, ``extra_body={"rag": {"k": 3, "mode": "bm25", "path_prefix": "django/", "types": ["html"]}}``
+  changes retrieval, and ``extra_body={"rag": false}`` skips it (the plain model answers).
+
+Requests go through the app's own middleware (API key, body size) and error handlers as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
+import uuid
 from typing import Literal
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool
 
-from lmforge.rag.answer import Answerer
+from lmforge.rag.answer import Answerer, EngineGenerator, RagAnswer
 from lmforge.rag.index import Filters
+from lmforge.serve.protocol import ChatCompletionRequest
 
 
 class Message(BaseModel):
@@ -38,33 +58,164 @@ class RagQuery(BaseModel):
     stream: bool = False
 
 
-def _answerer_for(base: Answerer, q: RagQuery) -> Answerer:
-    filters = Filters(q.path_prefix, q.types) if (q.path_prefix or q.types) else base.filters
-    return Answerer(base.kb, base.generator, k=q.k or base.k, mode=q.mode or base.mode, min_score=base.min_score,
-                    system_prompt=base.system_prompt, max_tokens=base.max_tokens, filters=filters)
+class RagChatOptions(BaseModel):
+    """The ``rag`` object a chat-completions request may carry (``extra_body`` in the openai client)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | None = Field(None, ge=1, le=50)
+    mode: Literal["hybrid", "dense", "bm25"] | None = None
+    path_prefix: str | None = None
+    types: list[str] | None = None
+
+
+def _with_retrieval(base: Answerer, k: int | None, mode: str | None, path_prefix: str | None,
+                    types: list[str] | None, **changes) -> Answerer:
+    filters = Filters(path_prefix, types) if (path_prefix or types) else base.filters
+    return base.with_options(k=k or base.k, mode=mode or base.mode, filters=filters, **changes)
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def rag_router(answerer: Answerer) -> APIRouter:
     """A router with ``POST /v1/rag/query`` answering from ``answerer``'s knowledge base."""
     router = APIRouter()
-    lock = asyncio.Lock()  # retrieval (faiss / bm25 / the embedder) runs one query at a time
 
     @router.post("/v1/rag/query")
     async def rag_query(q: RagQuery):
-        ans = _answerer_for(answerer, q)
+        ans = _with_retrieval(answerer, q.k, q.mode, q.path_prefix, q.types)
         history = [m.model_dump() for m in q.history]
         if not q.stream:
-            async with lock:
-                result = await asyncio.to_thread(ans.ask, q.question, history)
+            result = await asyncio.to_thread(ans.ask, q.question, history)
             return result.to_dict()
 
         async def events():
-            async with lock:
-                async for ev in iterate_in_threadpool(ans.stream(q.question, history)):
-                    body = {"final": ev.final.to_dict()} if ev.final else {"delta": ev.delta}
-                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
+            stream = ans.stream(q.question, history)
+            try:
+                async for ev in iterate_in_threadpool(stream):
+                    yield _sse({"final": ev.final.to_dict()} if ev.final else {"delta": ev.delta})
+            finally:
+                await asyncio.to_thread(stream.close)  # a client that left stops the generation
+            yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return router
+
+
+def rag_payload(result: RagAnswer) -> dict:
+    """The non-standard ``rag`` field of a retrieval-augmented chat completion."""
+    d = result.to_dict()
+    return {k: d[k] for k in ("refused", "standalone_question", "citations", "sources")}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": code}}, status_code=status)
+
+
+def _chat_route(app: FastAPI, answerer: Answerer, plain_endpoint) -> APIRouter:
+    router = APIRouter()
+    engine = app.state.engine
+    model_name = app.state.model_name
+
+    @router.post("/v1/chat/completions")
+    async def rag_chat_completions(req: ChatCompletionRequest, request: Request):
+        raw = (await request.json()).get("rag", True)
+        if raw is False:
+            return await plain_endpoint(req, request)
+        try:
+            opts = RagChatOptions.model_validate({} if raw is True else raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in ("rag", *first["loc"]))
+            return _error(400, f"{where}: {first['msg']}", param=where)
+        if req.model is not None and req.model != model_name:
+            return _error(404, f"The model `{req.model}` does not exist. This server serves `{model_name}`.",
+                          param="model", code="model_not_found")
+        if (bad := req.unsupported()) is not None:
+            return _error(400, bad[1], param=bad[0])
+        if req.n != 1:
+            return _error(400, "n must be 1 when answering from the knowledge base", param="n")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+            return _error(400, "the last message must be a non-empty user message (the question)", param="messages")
+        persona = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+        history = [m for m in messages[:-1] if m["role"] in ("user", "assistant")]
+        gen = EngineGenerator(engine, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, seed=req.seed)
+        ans = _with_retrieval(answerer, opts.k, opts.mode, opts.path_prefix, opts.types, generator=gen,
+                              system_prompt=persona or answerer.system_prompt,
+                              max_tokens=req.effective_max_tokens or answerer.max_tokens)
+        question = messages[-1]["content"]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage() -> dict:
+            return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                    "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+        if not req.stream:
+            result = await asyncio.to_thread(ans.ask, question, history)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                                 "finish_reason": gen.finish_reason or "stop", "logprobs": None}],
+                    "usage": usage(), "rag": rag_payload(result)}
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                         **extra})
+
+        async def events():
+            stream = ans.stream(question, history)
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for ev in iterate_in_threadpool(stream):
+                    if ev.final is not None:
+                        yield chunk({}, gen.finish_reason or "stop", rag=rag_payload(ev.final))
+                    elif ev.delta:
+                        yield chunk({"content": ev.delta})
+                if req.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": model_name, "choices": [], "usage": usage()})
+            finally:
+                await asyncio.to_thread(stream.close)  # a client that left stops the generation
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router
+
+
+def attach_rag(app: FastAPI, answerer: Answerer, *, chat: bool = True) -> None:
+    """Add ``/v1/rag/query`` to ``app`` (from ``lmforge.serve.api.create_app``) and, with ``chat``, answer its
+    ``/v1/chat/completions`` from the knowledge base.  An answerer without a generator uses the app's engine."""
+    engine = getattr(app.state, "engine", None)
+    if answerer.generator is None and engine is not None:
+        answerer.generator = EngineGenerator(engine)
+    app.state.rag = answerer
+    router = rag_router(answerer)
+    if chat:
+        plain = next((r for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/chat/completions"
+                      and "POST" in r.methods), None)
+        if plain is None or engine is None:
+            raise ValueError("attach_rag(chat=True) needs an app from lmforge.serve.api.create_app")
+        router.include_router(_chat_route(app, answerer, plain.endpoint))
+    # in front of the app's own routes: the first match wins, so ours answer /v1/chat/completions
+    app.router.routes[0:0] = router.routes
+
+
+def attach_knowledge_base(app: FastAPI, index_dir: str | os.PathLike, *, system_prompt: str | None = None,
+                          k: int = 4, min_score: float = 0.3, rerank: bool = False) -> Answerer:
+    """Load the knowledge base in ``index_dir`` and ``attach_rag`` it to the app, answering with the app's engine
+    (and re-ranking with it, constrained to yes / no, when ``rerank``)."""
+    from lmforge.rag.index import KnowledgeBase
+    from lmforge.rag.judge import EngineJudge
+
+    engine = app.state.engine
+    answerer = Answerer(KnowledgeBase.load(index_dir), EngineGenerator(engine), k=k, min_score=min_score,
+                        system_prompt=system_prompt, reranker=EngineJudge(engine) if rerank else None)
+    attach_rag(app, answerer)
+    return answerer

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ class KnowledgeBase:
         self.bm25 = bm25 if bm25 is not None else self._build_bm25()
         self._types = np.array([c.type for c in chunks]) if chunks else np.array([], dtype=str)
         self._paths = [c.path for c in chunks]
+        self._lock = threading.Lock()  # one search at a time: the embedder and bm25s are not meant for threads
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -195,6 +197,10 @@ class KnowledgeBase:
         with reciprocal-rank fusion: score = Σ 1 / (60 + rank)."""
         if mode not in ("hybrid", "dense", "bm25"):
             raise ValueError(f"unknown search mode {mode!r} (hybrid, dense or bm25)")
+        with self._lock:
+            return self._search(query, k, mode, filters, candidates)
+
+    def _search(self, query: str, k: int, mode: Mode, filters: Filters | None, candidates: int) -> list[Hit]:
         allowed = self._allowed(filters)
         if allowed is not None and not allowed.any():
             return []

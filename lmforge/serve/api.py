@@ -480,7 +480,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           *, max_num_seqs: int = 4, max_model_len: int | None = 2048, log_level: str = "info",
           dtype: str = "float32", quantize: str | None = None, api_key: str | None = None,
           max_tokens_limit: int | None = None, max_concurrent_requests: int = 256,
-          max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge") -> None:
+          max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
+          rag_system_prompt: str | None = None, rag_rerank: bool = False) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
     and serve it with uvicorn until interrupted.  The model name defaults to the folder name.  ``engine_kind="vllm"`` hands
     the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed)."""
@@ -502,6 +503,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
                                 quantize=quantize)
     app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
                      max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
+    if rag_index is not None:  # answer /v1/chat/completions from a knowledge base, add /v1/rag/query
+        from lmforge.rag.http import attach_knowledge_base
+
+        attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
