@@ -42,9 +42,10 @@ HEADLINE = {
     "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s", "mfu"],
     "eval": ["val_loss", "val_ppl", "val_bpb", "aggregate_centered"],
     "serve_smoke": ["latency_s", "tokens_per_s"],
-    "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb"],
+    "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
+            "model_state_mb"],
     "dpo": ["loss", "val_before", "val_after"],
-    "synth": ["kept", "rejected", "prompt_tokens", "completion_tokens", "cost_usd"],
+    "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
 }
 
@@ -113,7 +114,16 @@ def run_cmd(
         table.add_row(r.name, "[green]ran[/]" if r.ran else "[dim]skipped (up to date)[/]", f"{r.seconds:.1f}s",
                       str(r.folder), metrics)
     console.print(table)
-    models = [r.folder for r in results if r.kind == "pretrain"]
+    for r in results:
+        samples = r.manifest.metrics.get("samples") if r.kind == "sft" else None
+        if samples:
+            st = Table(title=f"{r.name}: answers before → after fine-tuning")
+            for col in ("prompt", "before", "after"):
+                st.add_column(col)
+            for s in samples:
+                st.add_row(s.get("prompt", ""), repr(s.get("before", "")), repr(s.get("after", "")))
+            console.print(st)
+    models = [r.folder for r in results if r.kind in ("pretrain", "sft", "dpo")]
     if models:
         console.print(f"Chat with the model:   [bold]lmforge chat {models[-1]}[/]")
         console.print(f"Serve it (OpenAI API): [bold]lmforge serve {models[-1]}[/]")

@@ -32,7 +32,8 @@ from torch import nn
 
 from lmforge.align.chat_data import IGNORE, ChatTokenizer, DataStats, Example, encode_file
 from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
-from lmforge.artifacts import Manifest
+from lmforge.align.qlora import model_state_bytes
+from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
 from lmforge.progress import console, progress, rate_text
@@ -71,6 +72,12 @@ class Config(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
                                     description="Linear layers (name suffixes) that get adapters.")
+    quantize_base: Literal["none", "int8"] = Field(
+        "none", description="QLoRA-style: store the frozen base linears as int8 (needs lora_r > 0; see qlora.py).")
+    sample_prompts: list[str] = Field(default_factory=list,
+                                      description="User questions answered greedily before and after training "
+                                                  "(written to samples.json and the metrics).")
+    sample_max_tokens: int = Field(40, ge=1, description="New tokens per sample answer.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     seed: int = Field(1337, description="Seed for the data order and LoRA init.")
@@ -289,7 +296,28 @@ def load_examples(cfg: Config, tok: ChatTokenizer) -> tuple[list[Example], list[
     return train_ex, val_ex, stats
 
 
+@torch.no_grad()
+def answer_samples(model: nn.Module, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers of ``model`` (a ``Llama``, or a peft model around one) to each user prompt, via the chat template."""
+    from lmforge.model.generate import generate
+
+    llama = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was = llama.training
+    llama.eval()
+    stop = tok.tokenizer.token_to_id(tok.special.get("eos_token") or "") if tok.special.get("eos_token") else None
+    end_turn = tok.tokenizer.token_to_id("<|im_end|>")
+    answers = []
+    for prompt in prompts:
+        ids = tok.encode(tok.render([{"role": "user", "content": prompt}], add_generation_prompt=True))
+        new = generate(llama, ids, max_new_tokens, eos_token_id=end_turn if end_turn is not None else stop)
+        answers.append(tok.decode(new).strip())
+    llama.train(was)
+    return answers
+
+
 def train(cfg: Config, out: Path) -> dict:
+    if cfg.quantize_base != "none" and not cfg.lora_r:
+        raise ValueError("quantize_base needs LoRA (lora_r > 0): a quantised base cannot be fully fine-tuned")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(cfg.model)
@@ -302,9 +330,20 @@ def train(cfg: Config, out: Path) -> dict:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context {base.config.max_position_embeddings}")
     model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
         if cfg.lora_r else base
-    model.train()
     share = trainable_share(model)
+    quant: dict[str, int] = {}
+    if cfg.quantize_base == "int8":
+        from lmforge.align.qlora import quantize_frozen_base
+
+        quant = quantize_frozen_base(model)
+    model.train()
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    samples_path = out / "samples.json"
+    samples = json.loads(samples_path.read_text()) if samples_path.exists() else []
+    if cfg.sample_prompts and [s["prompt"] for s in samples] != cfg.sample_prompts:
+        before = answer_samples(model, tok, cfg.sample_prompts, cfg.sample_max_tokens)
+        samples = [{"prompt": p, "before": a} for p, a in zip(cfg.sample_prompts, before)]
+        write_json(samples_path, samples)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     plan = BatchPlan(train_ex, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
 
@@ -359,6 +398,10 @@ def train(cfg: Config, out: Path) -> dict:
     seconds = time.time() - t_start
 
     model.eval()
+    if samples:
+        for s, a in zip(samples, answer_samples(model, tok, cfg.sample_prompts, cfg.sample_max_tokens)):
+            s["after"] = a
+        write_json(samples_path, samples)
     if cfg.lora_r:
         save_adapter(model, out, model_dir)
     else:
@@ -380,4 +423,7 @@ def train(cfg: Config, out: Path) -> dict:
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "model_state_mb": round(model_state_bytes(model) / 2**20, 1),
+        **({"quantize_base": cfg.quantize_base, **quant} if quant else {}),
+        **({"samples": samples} if samples else {}),
     }

@@ -1,6 +1,18 @@
-"""The synth stage: generate instruction/response pairs with a model behind any OpenAI-compatible endpoint.
+"""The synth stage: a model behind any OpenAI-compatible endpoint makes or labels training data.
 
-Self-instruct style: each task shows the model a few seed instructions (a seeded random choice, so task ``i`` always
+Three modes (``mode``):
+
+* ``generate``: new instruction/response pairs from seed tasks (below), written as OpenAI ``messages`` records;
+* ``grade``: each conversation of ``data`` is graded by the model with a ``rubric``; it must answer with a JSON object
+  ``{"score": int, "reason": str}`` (parsed robustly: code fences and text around the object are ignored; an
+  unparseable or out-of-range answer is asked again up to ``max_parse_retries`` times, then the record is rejected).
+  Kept records are the conversation plus ``score`` and ``grade_reason`` (records under ``min_score`` are rejected);
+* ``prefs``: for each conversation of ``data``, the prompt (everything before the last assistant turn) is answered
+  twice, at ``temperatures[0]`` and ``temperatures[1]`` with different seeds; a judge (``judge_model``, default the
+  same model) sees both answers in a seeded random order and answers ``{"better": "A"|"B", "reason": str}``.  Kept
+  records are DPO-ready: ``{"prompt", "chosen", "rejected", "judge_reason"}`` (``lmforge dpo`` reads them).
+
+Generate mode, self-instruct style: each task shows the model a few seed instructions (a seeded random choice, so task ``i`` always
 asks the same thing) and asks for one new instruction, then asks the model to answer it.  Candidates pass quality
 filters (instruction length in words, a non-empty answer, no refusal/echo of the prompt) and are deduplicated against
 the seeds and each other (normalised text, and word-set Jaccard similarity).
@@ -11,7 +23,8 @@ connection errors, timeouts, 429 and 5xx.  Every finished task is appended to ``
 ``rejected.jsonl`` (with its reason) at once, so a killed run resumes where it stopped.  ``stats.json`` holds token
 and request counts, and an estimated cost when prices are configured.
 
-Output records are OpenAI ``messages`` JSONL, ready for ``lmforge sft``.
+Every mode writes ``synth.jsonl`` (kept), ``rejected.jsonl`` and ``stats.json``; generate/grade output is ready
+for ``lmforge sft``, prefs output for ``lmforge dpo``.
 """
 
 from __future__ import annotations
@@ -24,9 +37,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.align.chat_data import read_conversations
 from lmforge.artifacts import Manifest, write_json
@@ -38,16 +51,35 @@ STAGE = "synth"
 VERSION = "1"
 T = TypeVar("T")
 
+DEFAULT_RUBRIC = ("5: correct, helpful and clearly written; 4: correct with minor flaws; 3: partly correct or vague; "
+                  "2: mostly unhelpful or wrong; 1: wrong, off-topic or harmful.")
+GRADE_PROMPT = ("Grade the assistant's last answer in this conversation with the rubric.\n\nRubric:\n{rubric}\n\n"
+                "Conversation:\n{conversation}\n\nReply with JSON only, exactly like "
+                '{{"score": <integer {lo}-{hi}>, "reason": "<one sentence>"}}.')
+JUDGE_PROMPT = ("Two assistants answered the same conversation. Which answer is better (more correct, helpful and "
+                "clear)?\n\nConversation:\n{conversation}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+                'Reply with JSON only, exactly like {{"better": "A" or "B", "reason": "<one sentence>"}}.')
 INSTRUCTION_PROMPT = ("Here are some example questions a user might ask an assistant:\n{examples}\n"
                       "Write one new question of the same kind. Reply with the question only.")
 
 
 class Config(StageConfig):
-    """Generate instruction/response pairs from seed tasks with a model behind an OpenAI-compatible endpoint."""
+    """Generate, grade or build preference pairs with a model behind an OpenAI-compatible endpoint."""
 
     base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(description="Model name to request.")
-    seeds: str = Field(description="Chat JSONL whose user turns are the seed instructions.")
+    mode: Literal["generate", "grade", "prefs"] = Field(
+        "generate", description="generate: new pairs from seeds; grade: score data with a rubric; "
+                                "prefs: two answers per prompt of data + a judge → DPO pairs.")
+    seeds: str | None = Field(None, description="Chat JSONL whose user turns are the seed instructions (generate).")
+    data: str | None = Field(None, description="Chat JSONL to grade (grade) or whose prompts to answer (prefs).")
+    rubric: str = Field(DEFAULT_RUBRIC, description="Grading rubric shown to the grader (grade).")
+    min_score: int = Field(1, description="Graded records scoring below this are rejected (grade).")
+    max_score: int = Field(5, ge=1, description="Top of the score scale; scores must lie in 1..max_score (grade).")
+    judge_model: str | None = Field(None, description="Model that grades/judges (default: model).")
+    temperatures: list[float] = Field(default_factory=lambda: [0.3, 1.0], min_length=2, max_length=2,
+                                      description="Sampling temperatures of the two answers (prefs).")
+    max_parse_retries: int = Field(2, ge=0, description="Re-asks when a grade/judgement is not valid JSON.")
     num_tasks: int = Field(50, ge=1, description="Generation tasks (each yields at most one pair).")
     examples_per_prompt: int = Field(3, ge=1, description="Seed instructions shown per task.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
@@ -63,6 +95,13 @@ class Config(StageConfig):
     price_in_per_mtok: float = Field(0.0, ge=0, description="Price per million prompt tokens (for the cost estimate).")
     price_out_per_mtok: float = Field(0.0, ge=0, description="Price per million completion tokens.")
     seed: int = Field(0, description="Seed for choosing the examples of each task.")
+
+    @model_validator(mode="after")
+    def _inputs_for_mode(self) -> "Config":
+        need = "seeds" if self.mode == "generate" else "data"
+        if getattr(self, need) is None:
+            raise ValueError(f"mode {self.mode!r} needs {need!r}")
+        return self
 
 
 def call_with_retries(fn: Callable[[], T], max_retries: int, backoff_s: float,
@@ -114,6 +153,49 @@ class Deduper:
             return None
 
 
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in a model's answer (code fences and surrounding prose ignored), or None."""
+    decoder = json.JSONDecoder()
+    for start in [m.start() for m in re.finditer(r"\{", text)]:
+        try:
+            obj, _ = decoder.raw_decode(text[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def parse_grade(text: str, max_score: int) -> dict[str, Any] | None:
+    """``{"score": int, "reason": str}`` from a grader's answer, or None when absent or out of range."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None
+    score = obj.get("score")
+    if isinstance(score, str) and score.strip().isdigit():
+        score = int(score.strip())
+    if isinstance(score, float) and score.is_integer():
+        score = int(score)
+    if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= max_score:
+        return None
+    return {"score": score, "reason": str(obj.get("reason", "")).strip()}
+
+
+def parse_verdict(text: str) -> dict[str, str] | None:
+    """``{"better": "A"|"B", "reason": str}`` from a judge's answer, or None."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None
+    better = str(obj.get("better", "")).strip().upper()
+    if better not in ("A", "B"):
+        return None
+    return {"better": better, "reason": str(obj.get("reason", "")).strip()}
+
+
+def render_conversation(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
+
+
 def clean_instruction(text: str) -> str:
     text = text.strip().splitlines()[0].strip() if text.strip() else ""
     return re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", text).strip()
@@ -124,6 +206,7 @@ class Synthesizer:
         from openai import OpenAI
 
         self.cfg, self.seeds, self.stats = cfg, seeds, stats
+        self.records: list[list[dict[str, str]]] = []
         self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "none",
                              max_retries=0, timeout=cfg.timeout_s)
         self.dedup = Deduper(cfg.max_similarity)
@@ -135,12 +218,14 @@ class Synthesizer:
         with self.lock:
             self.stats[key] = self.stats.get(key, 0) + n
 
-    def chat(self, messages: list[dict[str, str]]) -> str:
+    def chat(self, messages: list[dict[str, str]], temperature: float | None = None, seed: int | None = None,
+             model: str | None = None) -> str:
         def once():
             self._count("requests")
-            return self.client.chat.completions.create(model=self.cfg.model, messages=messages,
-                                                       temperature=self.cfg.temperature,
-                                                       max_tokens=self.cfg.max_tokens)
+            extra = {"seed": seed} if seed is not None else {}
+            return self.client.chat.completions.create(
+                model=model or self.cfg.model, messages=messages, max_tokens=self.cfg.max_tokens,
+                temperature=self.cfg.temperature if temperature is None else temperature, **extra)
 
         resp = call_with_retries(once, self.cfg.max_retries, self.cfg.backoff_s, lambda e: self._count("retries"))
         if resp.usage:
@@ -178,6 +263,63 @@ class Synthesizer:
                 "source": f"synth:{self.cfg.model}"}
 
 
+    def ask_json(self, prompt: str, parse: Callable[[str], T | None], seed: int) -> tuple[T | None, str]:
+        """Ask the judge model until ``parse`` accepts its answer (at most ``1 + max_parse_retries`` asks)."""
+        judge = self.cfg.judge_model or self.cfg.model
+        text = ""
+        for attempt in range(self.cfg.max_parse_retries + 1):
+            if attempt:
+                self._count("parse_retries")
+            text = self.chat([{"role": "user", "content": prompt}], seed=seed * 100 + attempt, model=judge)
+            parsed = parse(text)
+            if parsed is not None:
+                return parsed, text
+        return None, text
+
+    def grade_task(self, i: int) -> dict[str, Any]:
+        messages = self.records[i]
+        prompt = GRADE_PROMPT.format(rubric=self.cfg.rubric, conversation=render_conversation(messages),
+                                     lo=1, hi=self.cfg.max_score)
+        try:
+            grade, raw = self.ask_json(prompt, lambda t: parse_grade(t, self.cfg.max_score), self.cfg.seed + i)
+        except Exception as err:  # noqa: BLE001
+            return {"task": i, "reason": "request_failed", "error": f"{type(err).__name__}: {err}"}
+        if grade is None:
+            return {"task": i, "reason": "unparseable_grade", "raw": raw[:500]}
+        graded = {"messages": messages, "score": grade["score"], "grade_reason": grade["reason"]}
+        if grade["score"] < self.cfg.min_score:
+            return {"task": i, "reason": "low_score", **graded}
+        return {"task": i, **graded, "grader": self.cfg.judge_model or self.cfg.model}
+
+    def prefs_task(self, i: int) -> dict[str, Any]:
+        messages = self.records[i]
+        last_user = max(k for k, m in enumerate(messages) if m["role"] == "user")
+        prompt = messages[:last_user + 1]
+        base_seed = (self.cfg.seed * 1_000_003 + i) * 2
+        try:
+            answers = [self.chat(prompt, temperature=t, seed=base_seed + k).strip()
+                       for k, t in enumerate(self.cfg.temperatures)]
+        except Exception as err:  # noqa: BLE001
+            return {"task": i, "reason": "request_failed", "error": f"{type(err).__name__}: {err}"}
+        if not all(answers):
+            return {"task": i, "reason": "empty_answer"}
+        if normalise(answers[0]) == normalise(answers[1]):
+            return {"task": i, "reason": "identical_answers"}
+        flip = random.Random(f"{self.cfg.seed}:judge:{i}").random() < 0.5  # against the judge's position bias
+        a, b = (answers[1], answers[0]) if flip else (answers[0], answers[1])
+        judge_prompt = JUDGE_PROMPT.format(conversation=render_conversation(prompt), a=a, b=b)
+        try:
+            verdict, raw = self.ask_json(judge_prompt, parse_verdict, self.cfg.seed + i)
+        except Exception as err:  # noqa: BLE001
+            return {"task": i, "reason": "request_failed", "error": f"{type(err).__name__}: {err}"}
+        if verdict is None:
+            return {"task": i, "reason": "unparseable_judgement", "raw": raw[:500]}
+        chosen, rejected = (a, b) if verdict["better"] == "A" else (b, a)
+        return {"task": i, "prompt": prompt if len(prompt) > 1 else prompt[0]["content"], "chosen": chosen,
+                "rejected": rejected, "judge_reason": verdict["reason"],
+                "judge": self.cfg.judge_model or self.cfg.model}
+
+
 def _done_tasks(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -192,7 +334,8 @@ def _done_tasks(path: Path) -> list[dict]:
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs={"seeds": config.seeds}, force=force)
+    inputs = {k: v for k, v in (("seeds", config.seeds), ("data", config.data)) if v is not None}
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
         return finished(out)
     resume = run_.resumable()
@@ -205,32 +348,45 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
 
 
 def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
-    seeds = [c.messages[0]["content"] if c.messages[0]["role"] == "user" else c.messages[1]["content"]
-             for c in read_conversations(cfg.seeds)]
-    if not seeds:
-        raise ValueError(f"{cfg.seeds}: no seed instruction")
+    seeds: list[str] = []
+    records: list[list[dict[str, str]]] = []
+    if cfg.mode == "generate":
+        seeds = [c.messages[0]["content"] if c.messages[0]["role"] == "user" else c.messages[1]["content"]
+                 for c in read_conversations(cfg.seeds)]
+        if not seeds:
+            raise ValueError(f"{cfg.seeds}: no seed instruction")
+        n_tasks = cfg.num_tasks
+    else:
+        records = [c.messages for c in read_conversations(cfg.data)][:cfg.num_tasks]
+        if not records:
+            raise ValueError(f"{cfg.data}: no conversation")
+        n_tasks = len(records)
     kept_path, rejected_path, stats_path = out / "synth.jsonl", out / "rejected.jsonl", out / "stats.json"
     stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     stats.pop("reasons", None)
     kept, rejected = _done_tasks(kept_path), _done_tasks(rejected_path)
     synth = Synthesizer(cfg, seeds, stats)
-    for rec in kept:  # resumed: earlier instructions count for dedup
-        synth.dedup.add_if_new(rec["messages"][0]["content"])
+    synth.records = records
+    if cfg.mode == "generate":
+        for rec in kept:  # resumed: earlier instructions count for dedup
+            synth.dedup.add_if_new(rec["messages"][0]["content"])
+    work = {"generate": synth.task, "grade": synth.grade_task, "prefs": synth.prefs_task}[cfg.mode]
     done = {r["task"] for r in kept + rejected}
-    todo = [i for i in range(cfg.num_tasks) if i not in done]
-    console.print(f"  {len(seeds)} seeds, {cfg.num_tasks} tasks ({len(done)} already done), "
+    todo = [i for i in range(n_tasks) if i not in done]
+    console.print(f"  mode {cfg.mode}: {len(seeds) or len(records)} inputs, {n_tasks} tasks ({len(done)} already done), "
                   f"concurrency {cfg.concurrency}, endpoint {cfg.base_url}")
     write_lock = threading.Lock()
     t0 = time.time()
     with open(kept_path, "a", encoding="utf-8") as kf, open(rejected_path, "a", encoding="utf-8") as rf, \
             progress() as bar, ThreadPoolExecutor(cfg.concurrency) as pool:
-        task_bar = bar.add_task("synth", total=cfg.num_tasks, completed=len(done), rate="")
-        for rec in pool.map(synth.task, todo):
+        task_bar = bar.add_task(f"synth ({cfg.mode})", total=n_tasks, completed=len(done), rate="")
+        for rec in pool.map(work, todo):
             with write_lock:
-                f = kf if "messages" in rec else rf
+                ok = "reason" not in rec
+                f = kf if ok else rf
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
-                (kept if "messages" in rec else rejected).append(rec)
+                (kept if ok else rejected).append(rec)
                 write_json(stats_path, stats)
             bar.update(task_bar, advance=1, rate=f"{len(kept)} kept")
     reasons: dict[str, int] = {}
@@ -238,7 +394,7 @@ def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     cost = (stats.get("prompt_tokens", 0) * cfg.price_in_per_mtok +
             stats.get("completion_tokens", 0) * cfg.price_out_per_mtok) / 1e6
-    stats.update({"tasks": cfg.num_tasks, "kept": len(kept), "rejected": len(rejected), "reasons": reasons,
+    stats.update({"mode": cfg.mode, "tasks": n_tasks, "kept": len(kept), "rejected": len(rejected), "reasons": reasons,
                   "cost_usd": round(cost, 6), "seconds_this_run": round(time.time() - t0, 2)})
     write_json(stats_path, stats)
     return stats
