@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["data", "tokenizer", "pretrain", "eval", "serve"]
+STAGES = ["data", "tokenizer", "pretrain", "eval", "sft", "serve"]
 
 
 def lmforge(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,6 +53,9 @@ def test_first_run_goes_through_every_stage(workspace):
     assert results["metrics"]["val_bpb"] > 0 and len(results["samples"]) == 3
     answers = json.loads((ws / "serve" / "answers.json").read_text())
     assert answers["chat"]["answer"] is not None and answers["completion"]["request"] == "To be, or not to be"
+    samples = json.loads((ws / "sft" / "samples.json").read_text())
+    assert samples[0]["prompt"] == "What can you do?" and "before" in samples[0] and "after" in samples[0]
+    assert "answers before → after fine-tuning" in out
     assert "lmforge chat" in out and "lmforge serve" in out
 
 
@@ -78,21 +81,22 @@ def test_second_run_skips_everything_and_deleting_a_stage_reruns_it_and_downstre
     shutil.rmtree(ws / "tokenizer")
     third = lmforge("run", "recipes/tiny.yaml", home=home)
     assert statuses(third.stderr + third.stdout) == {"data": "skipped", "tokenizer": "ran", "pretrain": "ran",
-                                                    "eval": "ran", "serve": "ran"}
+                                                    "eval": "ran", "sft": "ran", "serve": "ran"}
 
 
 def test_runs_and_lineage(workspace):
     home, ws, _ = workspace
     runs = lmforge("runs", home=home)
-    for stage in ("data", "tokenizer", "pretrain", "eval", "serve_smoke"):
+    for stage in ("data", "tokenizer", "pretrain", "eval", "sft", "serve_smoke"):
         assert stage in runs.stderr + runs.stdout
     tree = json.loads(lmforge("lineage", str(ws / "serve"), "--json", home=home).stdout)
     chain = []
     node = tree
     while not node.get("raw"):
         chain.append(node["stage"])
-        node = next(iter(node["inputs"].values()))
-    assert chain == ["serve_smoke", "pretrain", "tokenizer", "data"]
+        inputs = list(node["inputs"].values())
+        node = next((i for i in inputs if not i.get("raw")), inputs[0])  # follow the produced inputs upstream
+    assert chain == ["serve_smoke", "sft", "pretrain", "tokenizer", "data"]
     assert node["path"].endswith("data/demo")  # the raw corpus the answer traces back to
     text = lmforge("lineage", str(ws / "pretrain"), home=home)
     assert "tokenizer" in text.stderr and "data/demo" in text.stderr
