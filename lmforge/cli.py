@@ -178,6 +178,33 @@ def data_train_quality(
     typer.echo(json.dumps(train_quality(texts(good), texts(bad), out), indent=2))
 
 
+@data_app.command("inspect")
+def data_inspect(
+    shard: Path = typer.Argument(..., help="A shard (docs/ or dropped/, .jsonl.zst or .parquet) or a data run folder."),
+    n: int = typer.Option(5, "--n", help="Documents to show."),
+    field: Optional[str] = typer.Option(None, "--field", help="Show only this field (e.g. meta.lang) and count its "
+                                                              "values over the whole shard(s)."),
+    dropped: bool = typer.Option(False, "--dropped", help="With a run folder: its dropped/ shards."),
+) -> None:
+    """Peek at documents with their meta (kept or dropped shards)."""
+    from lmforge.data.peek import field_counts, format_peek, peek
+
+    typer.echo(format_peek(peek(shard, n, dropped), field=field))
+    if field:
+        counts = field_counts(shard, field, dropped)
+        typer.echo(f"\n{field} over {sum(counts.values()):,} documents:")
+        for value, c in counts.most_common(20):
+            typer.echo(f"{c:>8,}  {value}")
+
+
+@data_app.command("report")
+def data_report(run: Path = typer.Argument(..., help="A data run folder (with stats.json).")) -> None:
+    """Re-render report.html from the run's stats.json."""
+    from lmforge.data.peek import render_report
+
+    typer.echo(str(render_report(run)))
+
+
 @app.command("leaderboard")
 def leaderboard_cmd(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown to this file."),

@@ -36,3 +36,15 @@ def test_train_quality_command(tmp_path):
 def test_leaderboard_without_runs_says_what_to_do(tmp_path):
     proc = lmforge("leaderboard", home=tmp_path)
     assert proc.returncode == 1 and "lmforge eval" in proc.stderr
+
+
+def test_data_run_inspect_and_report(tmp_path):
+    out = tmp_path / "data"
+    assert lmforge("data", "run", "--inputs", "data/demo/html", "--out", str(out), home=tmp_path).returncode == 0
+    peek = lmforge("data", "inspect", str(out), "--n", "2", "--field", "meta.lang", home=tmp_path)
+    assert peek.returncode == 0 and "meta.lang over" in peek.stdout and "en" in peek.stdout
+    dropped = lmforge("data", "inspect", str(out), "--dropped", "--field", "meta.drop_reason", home=tmp_path)
+    assert dropped.returncode == 0 and "too_few_words" in dropped.stdout  # the genindex / search link lists
+    (out / "report.html").unlink()
+    rep = lmforge("data", "report", str(out), home=tmp_path)
+    assert rep.returncode == 0 and (out / "report.html").read_text().lower().startswith("<!doctype html")

@@ -3,7 +3,7 @@ write per-shard outputs with a completion marker, then a final pass for global e
 
 Layout of the output folder::
 
-    docs/part-00000.jsonl.zst            kept documents (what later stages read)
+    docs/part-00000.jsonl.zst            kept documents (what later stages read; .parquet with output_format parquet)
     dropped/part-00000.jsonl.zst         documents dropped by a filter, with meta.drop_reason / meta.drop_step
     dropped/dedup-part-00000.jsonl.zst   exact duplicates (meta.duplicate_of names the kept copy)
     work/part-00000.stats.json           per-shard counts (the survivors of phase 1 live here until phase 2 is done)
@@ -18,7 +18,6 @@ dedup step over all shards in shard order, so "first copy wins" is global and de
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -310,11 +309,14 @@ def execute(
     skipped_files: dict[str, list[str]] | None = None,
     minhash: Any = None,
     final_steps: Callable[[], list[Step]] | None = None,
+    select: Any = None,
+    output_format: str = "jsonl",
 ) -> dict[str, Any]:
     """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content.
 
     Phase 2 runs ``dedup`` (exact), then MinHash near-dedup when ``minhash`` (a ``MinHashParams``) is given, then the
-    steps of ``final_steps()`` (e.g. mixing), over all shards in order."""
+    steps of ``final_steps()``, over all shards in order; then, if ``select`` (a :class:`~lmforge.data.mixing.MixSpec`)
+    is active, the corpus-level top-fraction selection and mixing pass over ``docs/``."""
     from lmforge.progress import console, progress, rate_text
 
     t0 = time.time()
@@ -373,8 +375,30 @@ def execute(
         steps2.append(near)
     steps2 += final_steps() if final_steps else []
     final = dedup_pass(out_dir, len(plan), steps2)
+    final["written"], final["copies_added"] = final["kept"], 0
+    if select is not None and select.active:
+        from lmforge.data.mixing import select_pass
+
+        t_sel = time.time()
+        sel = select_pass(out_dir, [part(i) for i in range(len(plan))], select)
+        for st in sel["steps"]:
+            st["seconds"] = round((time.time() - t_sel) / len(sel["steps"]), 4)
+        final["steps"] += sel["steps"]
+        for reason, exs in sel["examples"].items():
+            final["examples"].setdefault(reason, exs)
+        final.update(kept=sel["kept"], kept_bytes=sel["written_bytes"], written=sel["written"],
+                     copies_added=sel["copies_added"], profile=sel["profile"])
     stats = merge_stats([results[i] for i in range(len(plan))], final, files, skipped_files or {},
                         seconds=time.time() - t0, phase1_seconds=phase1_s)
+    if output_format == "parquet":
+        from lmforge.data.io import jsonl_to_parquet
+
+        for i in range(len(plan)):
+            src = out_dir / "docs" / f"{part(i)}.jsonl.zst"
+            jsonl_to_parquet(src, out_dir / "docs" / f"{part(i)}.parquet")
+            src.unlink()
+    elif output_format != "jsonl":
+        raise ValueError(f"unknown output_format {output_format!r} (jsonl or parquet)")
     write_json(out_dir / "stats.json", stats)
     for i in range(len(plan)):  # the survivors now live in docs/ (and dropped/dedup-*)
         (out_dir / "work" / f"{part(i)}.jsonl.zst").unlink(missing_ok=True)
@@ -461,6 +485,8 @@ def merge_stats(
             "docs_kept": docs_kept,
             "docs_dropped": docs_dropped,
             "bytes_kept": final["kept_bytes"],
+            "docs_written": final["written"],
+            "copies_added": final["copies_added"],
             "read_errors": sum(read_errors.values()),
         },
         "dropped_by_reason": dict(sorted(dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),

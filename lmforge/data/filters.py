@@ -12,30 +12,43 @@ Scores go into ``meta["scores"]`` (rounded), so a different threshold can be tri
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
 from lmforge.data.documents import Document
 from lmforge.data.steps import Step
+from lmforge.data.wordsplit import sentence_count, spacy_words
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 # CJK and full-width punctuation (、。「」，：？ …) separates words like a space does
 _CJK_PUNCT = "\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
 WORD_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}{_CJK_PUNCT}]+")
 CJK_RE = re.compile(f"[{_CJK}]")
-# a whitespace-separated token without any letter (digits, punctuation, symbols)
-NON_ALPHA_TOKEN_RE = re.compile(f"(?<![^\\s{_CJK_PUNCT}])(?:[^\\w\\s{_CJK_PUNCT}]|[\\d_])+(?![^\\s{_CJK_PUNCT}])")
 PARA_SPLIT = re.compile(r"\n{2,}")
 LINE_SPLIT = re.compile(r"\n+")
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-BULLETS = ("•", "-", "*", "‣", "◦", "·", "–", "▪")
 ELLIPSES = ("...", "…")
 
 
-def words(text: str) -> list[str]:
-    """Word tokens (CJK characters count one each)."""
-    return WORD_RE.findall(text)
+# datatrove's PUNCTUATION string: a token made only of these is a "symbol word" (not counted by the word-count rules)
+PUNCTUATION_SET = frozenset(
+    "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
+    + "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))
+)
+_HAS_ALPHA = re.compile(r"[^\W\d_]").search
+WORD_SPLITS = ("spacy", "whitespace")
+
+
+def words(text: str, split: str = "spacy") -> list[str]:
+    """Word tokens (CJK characters count one each): ``spacy`` splits punctuation off words as spaCy / datatrove do
+    (see :mod:`lmforge.data.wordsplit`); ``whitespace`` keeps whitespace-separated chunks whole."""
+    if split == "spacy":
+        return spacy_words(text)
+    if split == "whitespace":
+        return WORD_RE.findall(text)
+    raise ValueError(f"unknown word split {split!r} (one of {', '.join(WORD_SPLITS)})")
 
 
 def _dup_stats(items: list[str]) -> tuple[int, int]:
@@ -55,31 +68,57 @@ _HASH_MUL = np.uint64(0x100000001B3)
 
 
 class NGrams:
-    """N-gram statistics of one word list, vectorised: each word is hashed once, an n-gram's hash is built from the
-    (n-1)-gram's (``h * P + w``, wrapping uint64), and repeats are found with ``np.unique`` instead of a Python loop
-    over every position."""
+    """N-gram statistics of one word list.
+
+    Short lists (up to ``small`` words, most web documents) use Python sets and counters over word tuples, which beat
+    numpy's per-call overhead there.  Long ones are vectorised: each word is hashed once, an n-gram's hash is built
+    from the (n-1)-gram's (``h * P + w``, wrapping uint64), and repeats are found with ``np.unique``.  Either way, once
+    no n-gram repeats, no longer one can (a repeated (n+1)-gram contains a repeated n-gram), so the rest is skipped.
+    """
+
+    small = 1500
 
     def __init__(self, toks: list[str]) -> None:
+        self.toks = toks
         self.n_words = len(toks)
-        self.word_hash = np.fromiter(map(hash, toks), dtype=np.int64, count=len(toks)).view(np.uint64)
-        self.cum_len = np.zeros(len(toks) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)), out=self.cum_len[1:])
-        self._hashes = {1: self.word_hash}
+        self.py = self.n_words <= self.small
+        self._unique_from = self.n_words + 1  # from this n on no n-gram repeats
+        if not self.py:
+            self.word_hash = np.fromiter(map(hash, toks), dtype=np.int64, count=len(toks)).view(np.uint64)
+            self.cum_len = np.zeros(len(toks) + 1, dtype=np.int64)
+            np.cumsum(np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)), out=self.cum_len[1:])
+            self._hashes = {1: self.word_hash}
 
     def hashes(self, n: int) -> np.ndarray:
-        """Hash of the n-gram starting at each position (length n_words - n + 1)."""
+        """Hash of the n-gram starting at each position (length n_words - n + 1; long lists only)."""
         if n not in self._hashes:
             prev = self.hashes(n - 1)
             self._hashes[n] = prev[:-1] * _HASH_MUL + self.word_hash[n - 1 :]
         return self._hashes[n]
 
+    def _grams(self, n: int) -> list[tuple[str, ...]]:
+        t = self.toks
+        return list(zip(*[t[i:] for i in range(n)]))
+
     def top_chars(self, n: int) -> int:
-        """Characters covered by the most frequent n-gram, all its occurrences (words joined by a space)."""
-        if self.n_words < n:
+        """Characters covered by the most frequent n-gram, all its occurrences (words joined by a space); 0 when no
+        n-gram repeats (datatrove counts the first n-gram once then, which only matters for tiny documents that the
+        word-count rule drops anyway)."""
+        if self.n_words < n or n >= self._unique_from:
             return 0
+        if self.py:
+            grams = self._grams(n)
+            counts = Counter(grams)
+            c = max(counts.values())
+            if c == 1:
+                self._unique_from = n
+                return 0
+            g = next(g for g in grams if counts[g] == c)  # ties: the n-gram that occurs first
+            return (sum(map(len, g)) + n - 1) * c
         _, first, counts = np.unique(self.hashes(n), return_index=True, return_counts=True)
         c = int(counts.max())
-        if c <= 1:
+        if c == 1:
+            self._unique_from = min(self._unique_from, n)
             return 0
         i = int(first[counts == c].min())  # ties: the n-gram that occurs first (independent of hash values)
         return (int(self.cum_len[i + n] - self.cum_len[i]) + n - 1) * c
@@ -87,25 +126,44 @@ class NGrams:
     def dup_chars(self, n: int) -> int:
         """Characters in n-grams that repeat an earlier n-gram, scanning left to right and jumping over a repeat
         (Gopher; the same walk as datatrove's ``find_all_duplicate``).  Only positions whose n-gram occurs more than
-        once can change the walk, so the Python loop runs over those alone."""
-        if self.n_words < n:
+        once can change the walk, so the loop runs over those alone."""
+        if self.n_words < n or n >= self._unique_from:
             return 0
+        if self.py:
+            grams = self._grams(n)
+            counts = Counter(grams)
+            if len(counts) == len(grams):
+                self._unique_from = n
+                return 0
+            seen: set = set()
+            chars, i, end = 0, 0, len(grams)
+            while i < end:
+                g = grams[i]
+                if counts[g] > 1:
+                    if g in seen:
+                        chars += sum(map(len, g))
+                        i += n
+                        continue
+                    seen.add(g)
+                i += 1
+            return chars
         h = self.hashes(n)
         _, inv, counts = np.unique(h, return_inverse=True, return_counts=True)
         cand = np.flatnonzero(counts[inv] > 1)
         if cand.size == 0:
+            self._unique_from = min(self._unique_from, n)
             return 0
-        seen: set[int] = set()
+        seen_h: set[int] = set()
         chars, next_free = 0, 0
         cum = self.cum_len
         for i, g in zip(cand.tolist(), h[cand].tolist()):
             if i < next_free:
                 continue  # jumped over by the previous repeat
-            if g in seen:
+            if g in seen_h:
                 chars += int(cum[i + n] - cum[i])
                 next_free = i + n
             else:
-                seen.add(g)
+                seen_h.add(g)
         return chars
 
 
@@ -114,10 +172,11 @@ class GopherRepetition(Step):
 
     Defaults are Gopher's: duplicate lines ≤ 30 % (by count) and ≤ 20 % (by characters), the same for paragraphs; the
     top 2/3/4-gram covers ≤ 20/18/16 % of characters; duplicated 5…10-grams cover ≤ 15…10 %.  Character fractions
-    are of the whole text, as in Gopher and datatrove.
+    are of the whole text, as in Gopher and datatrove.  Paragraphs and lines are counted as datatrove splits them
+    (``\\n\\n+`` / ``\\n+``, blank pieces included); n-grams are of :func:`words` (``word_split``).
     """
 
-    name = "gopher_repetition_v1"
+    name = "gopher_repetition_v2"
 
     def __init__(
         self,
@@ -127,8 +186,11 @@ class GopherRepetition(Step):
         max_dup_para_char_frac: float = 0.20,
         top_ngram_fracs: tuple[float, ...] = (0.20, 0.18, 0.16),
         dup_ngram_fracs: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10),
+        word_split: str = "whitespace",
     ) -> None:
         super().__init__()
+        words("", word_split)  # validates the name
+        self.word_split = word_split
         self.max_dup_line_frac = max_dup_line_frac
         self.max_dup_para_frac = max_dup_para_frac
         self.max_dup_line_char_frac = max_dup_line_char_frac
@@ -142,10 +204,12 @@ class GopherRepetition(Step):
         scores = doc.meta.setdefault("scores", {})
         reason = None
 
-        paras = [p for p in PARA_SPLIT.split(text.strip()) if p.strip()]
+        if not text:
+            return "empty"
+        paras = PARA_SPLIT.split(text.strip())
         n_dup, dup_chars = _dup_stats(paras)
         s_para, s_para_chars = n_dup / max(len(paras), 1), dup_chars / n_chars
-        lines = [ln for ln in LINE_SPLIT.split(text) if ln.strip()]
+        lines = LINE_SPLIT.split(text)
         n_dup, dup_chars = _dup_stats(lines)
         s_line, s_line_chars = n_dup / max(len(lines), 1), dup_chars / n_chars
         scores.update(dup_para_frac=round(s_para, 4), dup_para_char_frac=round(s_para_chars, 4),
@@ -159,30 +223,37 @@ class GopherRepetition(Step):
         elif s_line_chars > self.max_dup_line_char_frac:
             reason = "dup_line_char_frac"
 
-        grams = NGrams(WORD_RE.findall(text))
+        if reason is not None:  # as datatrove: stop at the first failed rule (a kept document has every score)
+            return reason
+        grams = NGrams(words(text, self.word_split))
         for n, limit in enumerate(self.top_ngram_fracs, start=2):
             s = grams.top_chars(n) / n_chars
             scores[f"top_{n}gram_frac"] = round(s, 4)
-            if reason is None and s > limit:
-                reason = f"top_{n}gram_frac"
+            if s > limit:
+                return f"top_{n}gram_frac"
         for n, limit in enumerate(self.dup_ngram_fracs, start=5):
             s = grams.dup_chars(n) / n_chars
             scores[f"dup_{n}gram_frac"] = round(s, 4)
-            if reason is None and s > limit:
-                reason = f"dup_{n}gram_frac"
-        return reason or doc
+            if s > limit:
+                return f"dup_{n}gram_frac"
+        return doc
 
 
 class GopherQuality(Step):
     """Drops documents that do not look like prose: too short or long, too many symbols, mostly bullet or ellipsis
     lines, odd mean word length, too few words with letters, no English stop words.
 
-    Gopher's defaults: 50 ≤ words ≤ 100,000; mean word length 3…10; '#' and ellipses per word ≤ 0.1; bullet lines
-    ≤ 90 %; lines ending in an ellipsis ≤ 30 %; words with a letter ≥ 80 %; at least 2 of the stop words
+    Gopher's defaults: 50 ≤ words ≤ 100,000; mean word length 3…10; '#' per word and ellipses per word ≤ 0.1 each;
+    bullet lines ≤ 90 %; lines ending in an ellipsis ≤ 30 %; words with a letter ≥ 80 %; at least 2 of the stop words
     {the, be, to, of, and, that, have, with} (English-only: set ``min_stop_words=0`` for other languages).
+
+    Counted as datatrove counts them: words are :func:`words` tokens (punctuation marks are tokens, so they lower the
+    alphabetic-word fraction); the word-count and mean-length rules skip tokens made only of punctuation; line
+    fractions are over all lines (blank ones too); bullets are lines starting with ``bullets``; stop words are
+    matched as written (lower case).  CJK: mostly-CJK documents skip the mean-length and stop-word rules.
     """
 
-    name = "gopher_quality_v1"
+    name = "gopher_quality_v2"
 
     def __init__(
         self,
@@ -195,6 +266,8 @@ class GopherQuality(Step):
         max_ellipsis_lines_frac: float = 0.3,
         min_alpha_words_frac: float = 0.8,
         min_stop_words: int = 2,
+        word_split: str = "whitespace",
+        bullets: tuple[str, ...] = ("•", "-"),
     ) -> None:
         super().__init__()
         self.min_words = min_words
@@ -206,38 +279,47 @@ class GopherQuality(Step):
         self.max_ellipsis_lines_frac = max_ellipsis_lines_frac
         self.min_alpha_words_frac = min_alpha_words_frac
         self.min_stop_words = min_stop_words
+        words("", word_split)
+        self.word_split = word_split
+        self.bullets = tuple(bullets)
+        self._punct = PUNCTUATION_SET | frozenset(TERMINAL_PUNCTUATION)
 
     def process(self, doc: Document) -> Document | str:
         text = doc.text
-        toks = WORD_RE.findall(text)
-        n = len(toks)
-        n_cjk = len(CJK_RE.findall(text))
-        latin = n - n_cjk
-        mostly_cjk = n_cjk > latin
+        toks = words(text, self.word_split)
+        n = len(toks) or 1
+        punct = self._punct
+        freq = Counter(toks)  # the per-token tests below run once per distinct token
+        content = [(w, c) for w, c in freq.items() if w.isalnum() or not punct.issuperset(w)]
+        n_content = sum(c for _, c in content)
+        n_cjk = len(CJK_RE.findall(text)) if not text.isascii() else 0
+        mostly_cjk = n_cjk > n_content - n_cjk
         scores = doc.meta.setdefault("scores", {})
-        scores["words"] = n
-        if n < self.min_words:
+        scores["words"] = n_content
+        if n_content < self.min_words:
             return "too_few_words"
-        if n > self.max_words:
+        if n_content > self.max_words:
             return "too_many_words"
 
-        symbols = text.count("#") + text.count("...") + text.count("…")
-        symbol_ratio = symbols / n
-        lines = [ln.strip() for ln in text.split("\n")]
-        lines = [ln for ln in lines if ln]
-        n_lines = len(lines) or 1
-        bullet = sum(1 for ln in lines if ln.startswith(BULLETS)) / n_lines
-        ellipsis = sum(1 for ln in lines if ln.endswith(ELLIPSES)) / n_lines
-        alpha = 1.0 - len(NON_ALPHA_TOKEN_RE.findall(text)) / n
-        mean_len = (sum(map(len, toks)) - n_cjk) / latin if latin else 0.0
-        stop = len(STOP_WORDS.intersection(text.lower().split())) if not mostly_cjk else None
-        scores.update(symbol_word_ratio=round(symbol_ratio, 4), bullet_lines_frac=round(bullet, 4),
+        latin = n_content - n_cjk
+        mean_len = (sum(len(w) * c for w, c in content) - n_cjk) / latin if latin > 0 else 0.0
+        hashes = text.count("#") / n
+        ellipses = (text.count("...") + text.count("…")) / n
+        lines = text.splitlines() or [""]
+        n_lines = len(lines)
+        bullet = sum(1 for ln in lines if ln.lstrip().startswith(self.bullets)) / n_lines
+        ellipsis = sum(1 for ln in lines if ln.rstrip().endswith(ELLIPSES)) / n_lines
+        alpha = sum(c for w, c in freq.items() if w.isalpha() or _HAS_ALPHA(w)) / n
+        stop = len(STOP_WORDS.intersection(freq)) if not mostly_cjk else None
+        scores.update(symbol_word_ratio=round(max(hashes, ellipses), 4), bullet_lines_frac=round(bullet, 4),
                       ellipsis_lines_frac=round(ellipsis, 4), alpha_words_frac=round(alpha, 4),
                       mean_word_length=round(mean_len, 3))
         if stop is not None:
             scores["stop_words"] = stop
 
-        if symbol_ratio > self.max_symbol_word_ratio:
+        if not mostly_cjk and not self.min_mean_word_length <= mean_len <= self.max_mean_word_length:
+            return "mean_word_length"
+        if hashes > self.max_symbol_word_ratio or ellipses > self.max_symbol_word_ratio:
             return "symbol_word_ratio"
         if bullet > self.max_bullet_lines_frac:
             return "bullet_lines"
@@ -245,11 +327,8 @@ class GopherQuality(Step):
             return "ellipsis_lines"
         if alpha < self.min_alpha_words_frac:
             return "alpha_words_frac"
-        if not mostly_cjk:
-            if not self.min_mean_word_length <= mean_len <= self.max_mean_word_length:
-                return "mean_word_length"
-            if stop is not None and stop < self.min_stop_words:
-                return "stop_words"
+        if stop is not None and stop < self.min_stop_words:
+            return "stop_words"
         return doc
 
 
@@ -271,8 +350,6 @@ CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 # a sentence ends at . ! ? (or a CJK full stop), possibly followed by closing quotes/brackets, before a space or the end
 SENTENCE_END_RE = re.compile("[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\\]]*(?=\\s|$)|[\u3002\uff01\uff1f]")
-# words and punctuation marks as separate tokens (what a spaCy-like tokenizer counts), CJK characters one each
-TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+(?:['’.\\-][^\\W{_CJK}]+)*|[^\\w\\s]")
 
 
 def count_sentences(line: str) -> int:
@@ -287,10 +364,11 @@ class C4Quality(Step):
     bracket, or fewer than 5 sentences left.  The document's text becomes the kept lines.
 
     CJK-aware: words are counted with :data:`WORD_RE` (one per ideograph) and the CJK full stops end lines and
-    sentences.  Removed-line counts go to ``meta.scores.c4_lines_removed``.
+    sentences.  Sentences are counted as datatrove counts them (spaCy's sentencizer, :func:`sentence_count`) with
+    ``word_split="spacy"``, or with a terminal-punctuation regex (:func:`count_sentences`) with ``"whitespace"``.  Removed-line counts go to ``meta.scores.c4_lines_removed``.
     """
 
-    name = "c4_quality_v1"
+    name = "c4_quality_v2"
 
     def __init__(
         self,
@@ -303,8 +381,11 @@ class C4Quality(Step):
         filter_javascript: bool = True,
         filter_curly_bracket: bool = True,
         filter_policy: bool = True,
+        word_split: str = "whitespace",
     ) -> None:
         super().__init__()
+        words("", word_split)
+        self._sentences = sentence_count if word_split == "spacy" else count_sentences
         self.min_sentences = min_sentences
         self.min_words_per_line = min_words_per_line
         self.max_word_length = max_word_length
@@ -323,7 +404,7 @@ class C4Quality(Step):
             line = line.strip()
             if not line:
                 continue
-            toks = line.split()
+            toks = line.split() if line.isascii() else WORD_RE.findall(line)
             if self.max_word_length > 0 and any(len(w) > self.max_word_length for w in toks):
                 removed += 1
                 continue
@@ -332,7 +413,7 @@ class C4Quality(Step):
             if self.filter_no_terminal_punct and (not line.endswith(C4_END_PUNCTUATION) or line.endswith("...")):
                 removed += 1
                 continue
-            if len(WORD_RE.findall(line)) < self.min_words_per_line:
+            if len(toks) < self.min_words_per_line:
                 removed += 1
                 continue
             low = line.lower()
@@ -346,7 +427,7 @@ class C4Quality(Step):
             if self.filter_policy and any(p in low for p in POLICY_SUBSTRINGS):
                 removed += 1
                 continue
-            sentences += count_sentences(line)
+            sentences += self._sentences(line)
             kept.append(line)
         doc.meta.setdefault("scores", {}).update(c4_lines_removed=removed, sentences=sentences)
         if sentences < self.min_sentences:
@@ -358,10 +439,10 @@ class C4Quality(Step):
 class FineWebQuality(Step):
     """FineWeb's extra rules (datatrove ``FineWebQualityFilter`` defaults): drop when fewer than 12 % of lines end in
     terminal punctuation, more than 67 % of lines are ≤ 30 characters, more than 1 % of characters are in repeated
-    lines, or there are more than 0.3 newlines per word (lists).  Word and punctuation tokens are counted with a
-    regex (CJK characters one each) instead of spaCy."""
+    lines, or there are more than 0.3 newlines per word (lists).  Words are :func:`words` tokens (spaCy-like, CJK
+    characters one each) without spaCy."""
 
-    name = "fineweb_quality_v1"
+    name = "fineweb_quality_v2"
 
     def __init__(
         self,
@@ -371,8 +452,11 @@ class FineWebQuality(Step):
         short_line_length: int = 30,
         char_duplicates_ratio: float = 0.01,
         new_line_ratio: float = 0.3,
+        word_split: str = "whitespace",
     ) -> None:
         super().__init__()
+        words("", word_split)
+        self.word_split = word_split
         self.line_punct_thr = line_punct_thr
         self.line_punct_exclude_zero = line_punct_exclude_zero
         self.short_line_thr = short_line_thr
@@ -391,7 +475,7 @@ class FineWebQuality(Step):
         punct = sum(1 for ln in lines if ln.endswith(self._stops)) / n
         short = sum(1 for ln in lines if len(ln) <= self.short_line_length) / n
         dup = _dup_stats(lines)[1] / max(len(text) - text.count("\n"), 1)
-        n_tokens = len(TOKEN_RE.findall(text))
+        n_tokens = len(words(text, self.word_split))
         newline = text.count("\n") / max(n_tokens, 1)
         scores.update(line_punct_ratio=round(punct, 4), short_line_ratio=round(short, 4),
                       char_dup_ratio=round(dup, 4), newline_ratio=round(newline, 4))

@@ -258,6 +258,53 @@ class ShardWriter:
         return False
 
 
+def jsonl_to_parquet(src: str | os.PathLike, dst: str | os.PathLike, row_group_rows: int = 4096) -> int:
+    """Convert a ``{id, text, meta}`` JSONL(.zst) shard to Parquet (columns ``id``, ``text`` and ``meta`` as a JSON
+    string, since meta keys differ between documents), streaming, atomically; returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("meta", pa.string())])
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+    def on_error(reason: str, line: int | None, detail: str) -> None:
+        raise ReadError(reason, f"{src}:{line}: {detail}", line)
+
+    rows = 0
+    with atomic_path(Path(dst)) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            buf: dict[str, list] = {"id": [], "text": [], "meta": []}
+
+            def flush() -> None:
+                if buf["id"]:
+                    writer.write_table(pa.table(buf, schema=schema))
+                    for v in buf.values():
+                        v.clear()
+
+            for _, rec in iter_jsonl(src, on_error):
+                buf["id"].append(str(rec["id"]))
+                buf["text"].append(rec["text"])
+                buf["meta"].append(dumps(rec.get("meta") or {}))
+                rows += 1
+                if len(buf["id"]) >= row_group_rows:
+                    flush()
+            flush()
+    return rows
+
+
+def iter_parquet(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(row, record)`` for the rows of a Parquet file; a JSON-string ``meta`` column is decoded."""
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            if isinstance(rec.get("meta"), str):
+                rec["meta"] = json.loads(rec["meta"])
+            yield row, rec
+            row += 1
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # reading documents (the API later stages use)
 
@@ -274,31 +321,32 @@ def _warn(path: Path) -> ErrorHandler:
 
 
 def shard_files(path: str | os.PathLike) -> list[Path]:
-    """The JSONL files behind ``path``: a data artifact's ``docs/part-*.jsonl.zst`` (kept documents), or the
-    JSONL(.gz/.zst) files of a file, folder or glob."""
+    """The shard files behind ``path``: a data artifact's ``docs/part-*.jsonl.zst`` or ``docs/part-*.parquet`` (kept
+    documents), or the JSONL(.gz/.zst) and Parquet files of a file, folder or glob."""
     p = Path(path)
     if p.is_dir() and (is_artifact(p) or (p / "docs").is_dir()):
         if is_artifact(p):
             m = read_manifest(p)
             if m.status != "done":
                 raise ValueError(f"{p} is an unfinished {m.stage} artifact (status {m.status}); run it first")
-        return sorted((p / "docs").glob("part-*.jsonl.zst"))
-    files = [f for f in expand_paths(path) if f.name.endswith(JSONL_SUFFIXES)]
+        return sorted((p / "docs").glob("part-*.jsonl.zst")) or sorted((p / "docs").glob("part-*.parquet"))
+    files = [f for f in expand_paths(path) if f.name.endswith(JSONL_SUFFIXES + (".parquet",))]
     if not files:
-        raise FileNotFoundError(f"{path}: no data artifact and no JSONL(.gz/.zst) file there")
+        raise FileNotFoundError(f"{path}: no data artifact and no JSONL(.gz/.zst) or Parquet file there")
     return files
 
 
 def iter_documents(path: str | os.PathLike, on_error: ErrorHandler | None = None) -> Iterator[dict[str, Any]]:
     """Yield ``{"id", "text", "meta"}`` dicts from a data artifact folder (its kept documents, in shard order) or from
-    JSONL(.gz/.zst) files (a file, folder or glob).
+    JSONL(.gz/.zst) / Parquet files (a file, folder or glob).
 
     Records without a string ``text`` are skipped; other top-level fields of a foreign record go into ``meta``.
     Bad lines are reported to ``on_error(reason, line, detail)`` (default: a yellow warning naming file and line).
     """
     for f in shard_files(path):
         handler = on_error or _warn(f)
-        for line_no, rec in iter_jsonl(f, handler):
+        records = iter_parquet(f) if f.name.endswith(".parquet") else iter_jsonl(f, handler)
+        for line_no, rec in records:
             text = rec.get("text")
             if not isinstance(text, str):
                 handler("read_error:missing_text", line_no, "no string 'text' field")

@@ -7,6 +7,7 @@
 | ``.html``, ``.htm`` (``.gz``) | :func:`read_html` | file |
 | ``.jsonl``, ``.ndjson``, ``.json.gz`` (``.gz``/``.zst``) | :func:`read_jsonl` | line (``text`` field; other fields → meta) |
 | ``.txt`` (``.gz``/``.zst``) | :func:`read_text` | file, or chunks of about ``chunk_chars`` cut at blank lines |
+| ``.parquet`` | :func:`read_parquet` (pyarrow) | row (``text`` column; other columns → meta) |
 
 HTML documents leave the reader as raw markup with ``meta["format"] = "html"``; the ``html_extract_v1`` step turns
 them into text.  Bad input never raises out of a reader: it is reported to a :class:`ReadLog` with a
@@ -82,6 +83,8 @@ def file_format(path: Path) -> str | None:
         return "jsonl"
     if name.endswith(".txt") or name.endswith(".text"):
         return "text"
+    if name.endswith(".parquet"):
+        return "parquet"
     return None
 
 
@@ -101,6 +104,8 @@ def read_file(path: Path, log: ReadLog, chunk_chars: int = 20_000) -> Iterator[D
             yield from read_html(path, log)
         elif fmt == "jsonl":
             yield from read_jsonl(path, log)
+        elif fmt == "parquet":
+            yield from read_parquet(path, log)
         else:
             yield from read_text(path, log, chunk_chars)
     except ReadError as err:
@@ -203,19 +208,66 @@ def read_jsonl(path: Path, log: ReadLog) -> Iterator[Document]:
         log.error(reason, path, line, detail)
 
     for line_no, rec in iter_jsonl(path, on_error):
-        text = rec.get("text")
-        if not isinstance(text, str):
+        doc = _record_to_document(rec, source, "line", line_no)
+        if doc is None:
             log.error("read_error:missing_text", path, line_no, "the record has no string 'text' field")
             continue
-        meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
-        for k, v in rec.items():
-            if k not in ("id", "text", "meta"):
-                meta.setdefault(k, v)
-        meta["source"] = source
-        meta["line"] = line_no
-        meta.setdefault("format", "text")
-        doc_id = rec.get("id")
-        yield Document(str(doc_id) if doc_id is not None else f"{source}:{line_no}", text, meta)
+        yield doc
+
+
+def _record_to_document(rec: dict, source: str, locator: str, where: int) -> Document | None:
+    """A JSONL / Parquet record as a Document (None without a string ``text``); other fields go into meta."""
+    text = rec.get("text")
+    if not isinstance(text, str):
+        return None
+    meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
+    for k, v in rec.items():
+        if k not in ("id", "text", "meta"):
+            meta.setdefault(k, v)
+    meta["source"] = source
+    meta[locator] = where
+    meta.setdefault("format", "text")
+    doc_id = rec.get("id")
+    return Document(str(doc_id) if doc_id is not None else f"{source}:{where}", text, meta)
+
+
+def read_parquet(path: Path, log: ReadLog, batch_rows: int = 1024) -> Iterator[Document]:
+    """One document per row: the ``text`` column is the text, ``id`` the id (else ``path:row``); a ``meta`` column
+    holding a JSON object (as lmforge writes it) or a struct, and every other column, go into meta.  ``meta.row`` is
+    the 0-based row number.  A file without a ``text`` column, or one pyarrow cannot read, is a read error."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        log.error("read_error:bad_parquet", path, None, str(err))
+        return
+    if "text" not in pf.schema_arrow.names:
+        log.error("read_error:missing_text", path, None,
+                  f"no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        return
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for rec in batch.to_pylist():
+                if isinstance(rec.get("meta"), str):
+                    try:
+                        rec["meta"] = json.loads(rec["meta"])
+                    except ValueError:
+                        log.error("read_error:malformed_json", path, row, "the 'meta' column is not a JSON object")
+                        rec["meta"] = None
+                doc = _record_to_document(rec, source, "row", row)
+                if doc is None:
+                    log.error("read_error:missing_text", path, row, "the row has no string 'text'")
+                else:
+                    yield doc
+                row += 1
+    except (pa.ArrowException, OSError) as err:
+        log.error("read_error:bad_parquet", path, row, str(err))
 
 
 _HTML_TYPES = ("text/html", "application/xhtml+xml")

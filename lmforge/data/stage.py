@@ -1,8 +1,8 @@
 """The data stage: raw files → clean, deduplicated ``{id, text, meta}`` JSONL.zst shards.
 
 Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
-[``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v1`` → ``gopher_quality_v1`` → [``c4_quality_v1``] →
-[``fineweb_quality_v1``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards: ``exact_dedup_v1`` →
+[``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
+[``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards: ``exact_dedup_v1`` →
 [``minhash_dedup_v1``].  Bracketed steps are off by default.
 
     from lmforge.data.stage import Config, run
@@ -26,7 +26,7 @@ from lmforge.config import StageConfig
 from lmforge.stages import begin, finished
 
 STAGE = "data"
-VERSION = "2"
+VERSION = "3"
 
 
 class Config(StageConfig):
@@ -34,8 +34,11 @@ class Config(StageConfig):
 
     inputs: list[str] = Field(
         default_factory=lambda: ["data/demo"],
-        description="Input files, folders (read recursively) or globs: .warc(.gz), .html, .jsonl(.gz/.zst), .txt(.gz).",
+        description="Input files, folders (read recursively) or globs: .warc(.gz), .html, .jsonl(.gz/.zst), .parquet, "
+                    ".txt(.gz).",
     )
+    output_format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="Kept documents as JSONL.zst or Parquet (id, text, meta as a JSON string) shards.")
     shards: int = Field(4, ge=1, description="Number of output shards (input files are spread over them by size).")
     workers: int = Field(1, ge=1, description="Worker processes for the shards (1 = in this process).")
     extractor: Literal["resiliparse", "trafilatura"] = Field(
@@ -46,7 +49,13 @@ class Config(StageConfig):
         20_000, ge=0, description="Split plain-text files into documents of about this many characters at blank "
                                   "lines (0 = one document per file)."
     )
-    # gopher_quality_v1 (Rae et al. 2021 defaults)
+    word_split: Literal["whitespace", "spacy"] = Field(
+        "whitespace", description="How the Gopher/C4/FineWeb rules count words: 'whitespace' (a word is a "
+                                  "whitespace-separated chunk, as in the Gopher paper) or 'spacy' (punctuation marks "
+                                  "are words too, as datatrove's spaCy tokenizer counts; drops punctuation-heavy prose "
+                                  "such as verse and dialogue by the alpha-words rule)."
+    )
+    # gopher_quality_v2 (Rae et al. 2021 defaults)
     min_words: int = Field(50, ge=0, description="Drop documents with fewer words (CJK characters count as words).")
     max_words: int = Field(100_000, ge=1, description="Drop documents with more words.")
     min_mean_word_length: float = Field(3.0, description="Drop documents whose mean word length is below this.")
@@ -59,7 +68,7 @@ class Config(StageConfig):
         2, ge=0, description="Min number of distinct English stop words (the, be, to, of, and, that, have, with); "
                              "0 turns the rule off (non-English corpora)."
     )
-    # gopher_repetition_v1
+    # gopher_repetition_v2
     max_dup_line_frac: float = Field(0.30, description="Max fraction of lines that repeat an earlier line.")
     max_dup_para_frac: float = Field(0.30, description="Max fraction of paragraphs that repeat an earlier one.")
     max_dup_line_char_frac: float = Field(0.20, description="Max fraction of characters in repeated lines.")
@@ -88,7 +97,7 @@ class Config(StageConfig):
                                                                "(FineWeb uses 0.65).")
     lang_thresholds: dict[str, float] = Field(default_factory=dict,
                                               description="Per-language minimum scores (YAML only), e.g. {en: 0.65}.")
-    # c4_quality_v1 / fineweb_quality_v1
+    # c4_quality_v2 / fineweb_quality_v2
     c4_quality: bool = Field(False, description="Run C4's line and document rules (removes lines from the text).")
     c4_min_sentences: int = Field(5, description="C4: drop documents with fewer sentences after line filtering.")
     c4_curly_bracket: bool = Field(True, description="C4: drop documents containing '{' (drops code pages).")
@@ -107,6 +116,20 @@ class Config(StageConfig):
     quality_model: Optional[str] = Field(None, description="Folder of a model from `lmforge data train-quality`: "
                                                            "score every document (meta.quality).")
     quality_threshold: float = Field(0.0, ge=0, le=1, description="Drop documents whose quality score is lower.")
+    # domain_tag_v1, select_v1, mix_v1
+    domains: bool = Field(False, description="Tag documents with meta.domain (URL-host rules, then keyword rules).")
+    domain_hosts: dict[str, str] = Field(default_factory=dict, description="Extra host-suffix → domain rules, tried "
+                                                                           "before the built-in ones (YAML only).")
+    top_fraction: Optional[float] = Field(None, gt=0, le=1, description="Keep only this top fraction of the corpus "
+                                                                        "by meta.<select_score> (e.g. 0.3).")
+    select_score: str = Field("quality", description="The meta score top_fraction ranks by (quality needs "
+                                                     "quality_model).")
+    mix_by: Literal["domain", "lang"] = Field("domain", description="The meta field mix_targets are shares of.")
+    mix_targets: dict[str, float] = Field(default_factory=dict, description="Target share per domain or language "
+                                                                            "(YAML only), e.g. {en: 0.7, zh: 0.3}; "
+                                                                            "'*' covers the rest.")
+    mix_max_repeat: float = Field(1.0, ge=1, description="Mixing may repeat a document up to this many times "
+                                                         "(1 = down-sampling only).")
     # minhash_dedup_v1
     minhash: bool = Field(False, description="Drop near-duplicates (MinHash-LSH across all shards).")
     minhash_ngram: int = Field(5, ge=1, description="MinHash: words per shingle.")
@@ -134,22 +157,24 @@ def build_steps(config: dict[str, Any]) -> list:
             max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
             max_dup_line_char_frac=c.max_dup_line_char_frac, max_dup_para_char_frac=c.max_dup_para_char_frac,
             top_ngram_fracs=tuple(c.top_ngram_fracs), dup_ngram_fracs=tuple(c.dup_ngram_fracs),
+            word_split=c.word_split,
         ))
     if c.gopher_quality:
         steps.append(GopherQuality(
             min_words=c.min_words, max_words=c.max_words, min_mean_word_length=c.min_mean_word_length,
             max_mean_word_length=c.max_mean_word_length, max_symbol_word_ratio=c.max_symbol_word_ratio,
             max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
-            min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words,
+            min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words, word_split=c.word_split,
         ))
     if c.c4_quality:
         from lmforge.data.filters import C4Quality
 
-        steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket))
+        steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket,
+                               word_split=c.word_split))
     if c.fineweb_quality:
         from lmforge.data.filters import FineWebQuality
 
-        steps.append(FineWebQuality())
+        steps.append(FineWebQuality(word_split=c.word_split))
     if c.toxicity:
         from lmforge.data.toxicity import Toxicity
 
@@ -162,7 +187,22 @@ def build_steps(config: dict[str, Any]) -> list:
         from lmforge.data.pii import PiiRedact
 
         steps.append(PiiRedact(c.pii_kinds or None))
+    if c.domains or (c.mix_by == "domain" and c.mix_targets):
+        from lmforge.data.mixing import DEFAULT_HOST_RULES, DomainTag
+
+        hosts = dict(c.domain_hosts)  # the config's rules are tried first
+        for suffix, domain in DEFAULT_HOST_RULES.items():
+            hosts.setdefault(suffix, domain)
+        steps.append(DomainTag(hosts))
     return steps
+
+
+def select_spec(config: Config):
+    """The corpus-level selection / mixing pass of a config (inactive when neither is asked for)."""
+    from lmforge.data.mixing import MixSpec
+
+    return MixSpec(top_fraction=config.top_fraction, score_key=config.select_score, by=config.mix_by,
+                   targets=dict(config.mix_targets), max_repeat=config.mix_max_repeat)
 
 
 def minhash_params(config: Config):
@@ -175,7 +215,8 @@ def minhash_params(config: Config):
 
 def step_names(config: Config) -> list[str]:
     names = [s.name for s in build_steps(config.model_dump())]
-    return names + (["exact_dedup_v1"] if config.dedup else []) + (["minhash_dedup_v1"] if config.minhash else [])
+    return (names + (["exact_dedup_v1"] if config.dedup else []) + (["minhash_dedup_v1"] if config.minhash else [])
+            + (["select_v1"] if config.top_fraction is not None else []) + (["mix_v1"] if config.mix_targets else []))
 
 
 def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
@@ -240,6 +281,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             fingerprint=stage_run.fingerprint,
             skipped_files=skipped,
             minhash=minhash_params(config),
+            select=select_spec(config),
+            output_format=config.output_format,
         )
         write_text(out / "report.html", render(stats, title=f"lmforge data report: {out}"))
         t = stats["totals"]
@@ -248,6 +291,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             docs_kept=t["docs_kept"],
             docs_dropped=t["docs_dropped"],
             bytes_kept=t["bytes_kept"],
+            docs_written=t["docs_written"],
             read_errors=t["read_errors"],
             files=stats["inputs"]["files"],
             bytes_in=stats["inputs"]["bytes"],
