@@ -357,6 +357,9 @@ def serve_cmd(
                                              help="Answer /v1/chat/completions from this knowledge base (rag index)."),
     rag_system: Optional[str] = typer.Option(None, "--rag-system", help="Persona / system prompt for RAG answers."),
     rag_rerank: bool = typer.Option(False, "--rag-rerank", help="Re-rank sources by the model's relevance judgement."),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Recompute shared prompt prefixes."),
+    max_num_batched_tokens: Optional[int] = typer.Option(
+        None, help="Tokens per engine step (decode + prompt) before new requests wait."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import serve
@@ -367,7 +370,8 @@ def serve_cmd(
               max_model_len=max_model_len, dtype=dtype, quantize=quantize, api_key=api_key,
               max_tokens_limit=max_tokens_limit, max_concurrent_requests=max_concurrent_requests,
               max_body_bytes=max_body_bytes, engine_kind=engine,
-              rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank)
+              rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank,
+              enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

@@ -481,7 +481,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str = "float32", quantize: str | None = None, api_key: str | None = None,
           max_tokens_limit: int | None = None, max_concurrent_requests: int = 256,
           max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
-          rag_system_prompt: str | None = None, rag_rerank: bool = False) -> None:
+          rag_system_prompt: str | None = None, rag_rerank: bool = False, enable_prefix_caching: bool = True,
+          max_num_batched_tokens: int | None = None) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
     and serve it with uvicorn until interrupted.  The model name defaults to the folder name.  ``engine_kind="vllm"`` hands
     the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed)."""
@@ -500,7 +501,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     if engine_kind != "lmforge":
         raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
     engine = Engine.from_folder(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
-                                quantize=quantize)
+                                quantize=quantize, enable_prefix_caching=enable_prefix_caching,
+                                max_num_batched_tokens=max_num_batched_tokens)
     app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
                      max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
     if rag_index is not None:  # answer /v1/chat/completions from a knowledge base, add /v1/rag/query

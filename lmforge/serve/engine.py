@@ -6,9 +6,16 @@ Requests are submitted from any thread (``add_request``) and land in a waiting q
 1. retires aborted requests,
 2. decodes one token for every running sequence in a single batched forward pass (rows of the batch sit at different
    positions, each in its own KV-cache slot),
-3. admits waiting requests into free cache slots (at most ``max_num_seqs`` running, at most
-   ``max_prefill_tokens`` prompt tokens per step) and prefills them together in one padded forward pass, which
-   yields their first tokens.
+3. admits waiting requests into free cache slots, first come first served, while the step's token budget lasts
+   (``max_num_batched_tokens``: one token per decoding sequence plus the prompt tokens each admitted request still
+   has to compute; at most ``max_prefill_tokens`` of them prompt tokens), and prefills them together in one padded
+   forward pass, which yields their first tokens.
+
+Prefix caching: a freed slot keeps its keys/values and the engine remembers which tokens they belong to.  An admitted
+request takes the free slot whose remembered tokens share the longest prefix with its prompt (else the slot freed
+longest ago); when a running sequence or another free slot shares a longer prefix, those positions are copied into
+its slot.  Either way only the rest of the prompt is computed (at least its last token, for the first logits).  The
+same system prompt or few-shot header is then computed once, not per request.
 
 That is continuous batching at the granularity of a step: a request joins or leaves between any two steps.  The forward
 pass is ``runner.ModelRunner`` (fused, bf16 or int8 weights); the cache is preallocated once.  Outputs go to a
@@ -97,6 +104,8 @@ class EngineMetrics:
 
     def on_finish(self, seq_prompt_tokens: int, completion_tokens: int, reason: str, e2e_seconds: float) -> None: ...
 
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+
 
 Sink = Callable[[GenerationOutput], None]
 
@@ -129,7 +138,8 @@ class Engine:
     def __init__(self, model: Llama, tokenizer: Tokenizer, tokenizer_config: dict | None = None, *,
                  max_num_seqs: int = 4, max_model_len: int | None = None,
                  generation_config: dict | None = None, dtype: str = "float32", quantize: str | None = None,
-                 max_prefill_tokens: int = 4096, metrics: EngineMetrics | None = None) -> None:
+                 max_prefill_tokens: int = 4096, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, metrics: EngineMetrics | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer_config = tokenizer_config or {}
@@ -137,6 +147,11 @@ class Engine:
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max(max_prefill_tokens, self.max_model_len)
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        # tokens per step (decode + prompt); a prompt longer than it still runs once the batch has drained
+        self.max_num_batched_tokens = max_num_batched_tokens or self.max_prefill_tokens + max_num_seqs
+        self.enable_prefix_caching = enable_prefix_caching
         self.runner = ModelRunner(model, dtype, quantize)
         self.device = self.runner.device
         self.cache: KVCache = self.runner.allocate_cache(max_num_seqs, self.max_model_len)
@@ -152,7 +167,11 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
-        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._free_slots = list(range(max_num_seqs))  # oldest-freed first: a new prompt evicts the stalest cache
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # tokens whose K/V a slot holds
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens whose keys/values were reused
+        self.prefill_tokens_computed = 0  # prompt tokens that went through the model
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
@@ -161,7 +180,8 @@ class Engine:
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, max_num_seqs: int = 4, max_model_len: int | None = 2048,
                     dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
-                    max_prefill_tokens: int = 4096) -> "Engine":
+                    max_prefill_tokens: int = 4096, max_num_batched_tokens: int | None = None,
+                    enable_prefix_caching: bool = True) -> "Engine":
         """Load an HF-layout model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
         ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
@@ -173,7 +193,8 @@ class Engine:
         gen_path = path / "generation_config.json"
         gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         return cls(model, tokenizer, tok_cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                   generation_config=gen_cfg, dtype=dtype, quantize=quantize, max_prefill_tokens=max_prefill_tokens)
+                   generation_config=gen_cfg, dtype=dtype, quantize=quantize, max_prefill_tokens=max_prefill_tokens,
+                   max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
 
     def _eos_ids(self, generation_config: dict) -> set[int]:
         ids: set[int] = set()
@@ -341,37 +362,78 @@ class Engine:
                 self._finish(seq, "abort", "")
             for seq in [s for s in self._running if s.aborted]:
                 self._finish(seq, "abort", "")
-            admitted: list[_Sequence] = []
-            budget = self.max_prefill_tokens
-            while self._waiting and self._free_slots and len(self._waiting[0].prompt_ids) <= budget:
-                seq = self._waiting.popleft()
-                budget -= len(seq.prompt_ids)
-                seq.slot = self._free_slots.pop()
-                admitted.append(seq)
-        decoding = list(self._running)
+            admitted: list[tuple[_Sequence, int, int]] = []  # (sequence, source slot, tokens reused)
+            decoding = list(self._running)
+            budget = self.max_num_batched_tokens - len(decoding)
+            prefill_budget = self.max_prefill_tokens
+            while self._waiting and self._free_slots:
+                seq = self._waiting[0]
+                slot, src, reused = self._place(seq.prompt_ids)
+                cost = len(seq.prompt_ids) - reused
+                if (cost > budget or cost > prefill_budget) and (admitted or decoding):
+                    break  # waits for a later step (a lone request always runs, however long its prompt)
+                self._waiting.popleft()
+                self._free_slots.remove(slot)
+                seq.slot = slot
+                self._slot_tokens[slot] = seq.prompt_ids[:reused]
+                budget -= cost
+                prefill_budget -= cost
+                admitted.append((seq, src, reused))
         if decoding:
             self._decode(decoding)
         if admitted:
-            self._running.extend(admitted)
+            self._running.extend(s for s, _, _ in admitted)
             self._prefill(admitted)
         return len(decoding) + len(admitted)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        """All admitted prompts in one forward pass, right-padded to the longest.  A pad token's key lands at a
-        position past its row's prompt, which no real query attends to and the next decode step overwrites."""
-        lens = [len(s.prompt_ids) for s in seqs]
+    def _place(self, prompt: list[int]) -> tuple[int, int, int]:
+        """(free slot to use, slot to copy the cached prefix from, prefix length) for a prompt; called with the lock.
+
+        At most ``len(prompt) - 1`` tokens are reused: the last prompt token is always computed for its logits."""
+        if not self.enable_prefix_caching:
+            return self._free_slots[0], self._free_slots[0], 0
+        limit = len(prompt) - 1
+        dst, dst_len = self._free_slots[0], -1
+        for slot in self._free_slots:  # oldest first, so ties evict the stalest cache
+            n = _common_prefix(self._slot_tokens[slot], prompt, limit)
+            if n > dst_len:
+                dst, dst_len = slot, n
+        src, src_len = dst, dst_len
+        for slot, tokens in enumerate(self._slot_tokens):  # running sequences and other free slots
+            if slot != dst and (n := _common_prefix(tokens, prompt, limit)) > src_len:
+                src, src_len = slot, n
+        return dst, src, src_len
+
+    def _prefill(self, admitted: list[tuple[_Sequence, int, int]]) -> None:
+        """The uncached rest of every admitted prompt in one forward pass, right-padded to the longest.  A pad token's
+        key lands at a position past its row's prompt, which no real query attends to and the next decode step
+        overwrites."""
+        for seq, src, reused in admitted:  # in admission order: a source admitted earlier already holds its prefix
+            if src != seq.slot and reused:
+                for ck, cv in zip(self.cache.k, self.cache.v):
+                    ck[seq.slot, :, :reused] = ck[src, :, :reused]
+                    cv[seq.slot, :, :reused] = cv[src, :, :reused]
+            seq.num_cached = reused
+        seqs = [s for s, _, _ in admitted]
+        starts = [r for _, _, r in admitted]
+        lens = [len(s.prompt_ids) - r for s, r in zip(seqs, starts)]
         T = max(lens)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :lens[i]] = torch.tensor(s.prompt_ids)
-        positions = torch.arange(T).expand(len(seqs), T)
+            ids[i, :lens[i]] = torch.tensor(s.prompt_ids[starts[i]:])
+        positions = (torch.tensor(starts)[:, None] + torch.arange(T)).clamp_(max=self.max_model_len - 1)
         rows = torch.tensor([s.slot for s in seqs])
         last = torch.tensor([n - 1 for n in lens])
         logits = self.runner.forward(ids.to(self.device), positions.to(self.device), self.cache,
                                      rows.to(self.device), last.to(self.device))
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-            self.metrics.on_prompt(n)
+        for s, n, r in zip(seqs, lens, starts):
+            s.num_cached = len(s.prompt_ids)
+            self._slot_tokens[s.slot] = s.prompt_ids
+            self.prefix_cache_queries += len(s.prompt_ids)
+            self.prefix_cache_hits += r
+            self.prefill_tokens_computed += n
+            self.metrics.on_prompt(len(s.prompt_ids))
+            self.metrics.on_prefix_cache(len(s.prompt_ids), r)
         for s, res in zip(seqs, sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])):
             self._append(s, res)
 
@@ -425,6 +487,7 @@ class Engine:
             if seq in self._running:
                 self._running.remove(seq)
             if seq.slot is not None:
+                self._slot_tokens[seq.slot] = (seq.prompt_ids + seq.output_ids)[:seq.num_cached]
                 self._free_slots.append(seq.slot)
                 seq.slot = None
             self._by_id.pop(seq.request_id, None)
@@ -487,6 +550,17 @@ class Engine:
         for seq in victims:
             self._finish(seq, "abort", "")
         self._worker = None
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit`` (compares 64-token chunks at C speed)."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i + 64 <= n and a[i:i + 64] == b[i:i + 64]:
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,

@@ -12,6 +12,8 @@
 | ``vllm:prompt_tokens_total`` | counter | prompt tokens prefilled |
 | ``vllm:generation_tokens_total`` | counter | tokens generated |
 | ``vllm:request_success_total`` | counter | finished sequences, by ``finished_reason`` |
+| ``vllm:prefix_cache_queries_total`` | counter | prompt tokens looked up in the prefix cache |
+| ``vllm:prefix_cache_hits_total`` | counter | of those, tokens whose keys/values were reused, not recomputed |
 
 Each app gets its own ``CollectorRegistry``, so several servers (or tests) in one process do not collide.
 """
@@ -55,6 +57,10 @@ class PrometheusMetrics(EngineMetrics):
                                          registry=r).labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests.", labels + ["finished_reason"],
                                 registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels, registry=r).labels(model_name)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
+                                   registry=r).labels(model_name)
         self.model_name = model_name
 
     def on_prompt(self, num_tokens: int) -> None:
@@ -71,6 +77,10 @@ class PrometheusMetrics(EngineMetrics):
     def on_finish(self, seq_prompt_tokens: int, completion_tokens: int, reason: str, e2e_seconds: float) -> None:
         self._success.labels(self.model_name, reason).inc()
         self.e2e.observe(e2e_seconds)
+
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(queried_tokens)
+        self.prefix_hits.inc(hit_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""HTTP serving throughput and latency on SmolLM2-135M-Instruct, through the official ``openai`` client.
+
+Starts the OpenAI-compatible server on a loopback port (bfloat16 weights by default) and, at each concurrency level,
+keeps that many streaming chat requests in flight until ``--requests-per-level`` (default: max(concurrency, 4)) have
+finished.  Every request shares one system prompt (what the prefix cache saves) and asks a different question.
+Prints, per level: aggregate generated tokens/s, requests/s, time to first token and end-to-end latency (p50/p95), and
+the mean time per output token, as a markdown table.
+
+    .venv/bin/python bench/serve_http.py [--concurrency 1,4,16,64] [--max-tokens 48] [--dtype bfloat16]
+
+Timings depend on what else runs on the machine; the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from openai import AsyncOpenAI
+
+from lmforge.model.pretrained import materialize_smollm2
+from lmforge.serve.engine import Engine
+from lmforge.serve.smoke import running_server
+
+NAME = "smollm2-135m"
+SYSTEM = ("You are a helpful assistant who answers questions about the Python programming language in two or three "
+          "plain sentences, without code blocks.")
+TOPICS = ["the with statement", "list comprehensions", "the global statement", "exceptions", "generators",
+          "decorators", "the import system", "dictionaries", "string formatting", "the for loop", "lambda functions",
+          "slicing", "the assert statement", "class definitions", "coroutines", "the yield expression"]
+
+
+@dataclass
+class Result:
+    ttft: float
+    e2e: float
+    tokens: int
+
+
+async def one_request(client: AsyncOpenAI, i: int, max_tokens: int) -> Result:
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"What is {TOPICS[i % len(TOPICS)]} in Python? (question {i})"}]
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=i, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return Result((first or end) - t0, end - t0, tokens)
+
+
+async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, list[Result]]:
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    todo = iter(range(requests))
+    results: list[Result] = []
+
+    async def worker() -> None:
+        for i in todo:
+            results.append(await one_request(client, i, max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return wall, results
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests-per-level", type=int, default=0, help="0: max(concurrency, 4)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    folder = materialize_smollm2()
+    engine = Engine.from_folder(folder, max_num_seqs=args.max_num_seqs, max_model_len=512, dtype=args.dtype,
+                                quantize=args.quantize, enable_prefix_caching=not args.no_prefix_caching)
+    print(f"model: {folder}  weights: {args.dtype}{' + ' + args.quantize if args.quantize else ''}  "
+          f"max_num_seqs: {args.max_num_seqs}  torch threads: {torch.get_num_threads()}  load: {load()}")
+    rows = []
+    with running_server(engine, NAME, max_concurrent_requests=1024) as url:
+        asyncio.run(level(url, 1, 1, 4))  # warm-up
+        for c in levels:
+            n = args.requests_per_level or max(c, 4)
+            wall, res = asyncio.run(level(url, c, n, args.max_tokens))
+            toks = sum(r.tokens for r in res)
+            tpot = statistics.mean((r.e2e - r.ttft) / max(r.tokens - 1, 1) for r in res)
+            ttft, e2e = [r.ttft for r in res], [r.e2e for r in res]
+            rows.append((c, n, toks / wall, n / wall, pct(ttft, .5), pct(ttft, .95), pct(e2e, .5), pct(e2e, .95), tpot))
+            print(f"concurrency {c}: {n} requests, {toks} tokens in {wall:.1f} s  (load {load()})", flush=True)
+    hit = engine.prefix_cache_hits / max(engine.prefix_cache_queries, 1)
+    engine.shutdown()
+    print(f"\nprefix cache: {engine.prefix_cache_hits} of {engine.prefix_cache_queries} prompt tokens reused "
+          f"({hit:.0%}); load after: {load()}\n")
+    print("| concurrency | requests | gen tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 s | e2e p95 s "
+          "| TPOT ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c, n, tps, rps, t50, t95, e50, e95, tpot in rows:
+        print(f"| {c} | {n} | {tps:.1f} | {rps:.2f} | {t50 * 1000:.0f} | {t95 * 1000:.0f} | {e50:.2f} | {e95:.2f} "
+              f"| {tpot * 1000:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
