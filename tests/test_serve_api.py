@@ -4,7 +4,6 @@ sampling fields, API key, limits, disconnects, seeds under concurrency, and 64 c
 from __future__ import annotations
 
 import asyncio
-import base64
 import threading
 import time
 
@@ -12,7 +11,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from openai import AsyncOpenAI, OpenAI
 from test_serve import CTX, _build_serve_model
 

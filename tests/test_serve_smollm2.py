@@ -24,8 +24,8 @@ from lmforge.serve.sampling import SamplingParams  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory):
-    return materialize_smollm2(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
+def smol_dir(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
