@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--scales", default="10000,100000")
     ap.add_argument("--answers", type=int, default=0, help="answer the first N QA items with SmolLM2 (0: skip)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-score", type=float, default=0.3, help="refusal threshold for --answers")
+    ap.add_argument("--index", default=None, help="reuse this built index folder (skips the build timing)")
     args = ap.parse_args()
 
     import faiss
@@ -110,18 +112,23 @@ def main() -> None:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        from lmforge.rag.embed import make_embedder
+    print(f"load (1-min average) at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.index:
+        kb = KnowledgeBase.load(args.index)
+        print(f"\n(index reused from {args.index}: {len(kb)} chunks; no build timing)")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            from lmforge.rag.embed import make_embedder
 
-        emb = make_embedder("minilm")
-        emb.embed(["warm up"])
-        t0 = time.time()
-        kb, report = build_index(Config(docs=args.docs), tmp, embedder=emb)
-        dt = time.time() - t0
-    print(f"\n## index build ({args.docs})")
-    print(f"files {report['files']}, docs {report['docs']}, chunks {report['chunks']}, total {dt:.1f} s "
-          f"→ {report['chunks'] / dt:.1f} chunks/s (embedding {report['embed_chunks_per_s']} chunks/s, "
-          f"read+chunk {report['read_chunk_s']} s, faiss+bm25 {report['index_s']} s)")
+            emb = make_embedder("minilm")
+            emb.embed(["warm up"])
+            t0 = time.time()
+            kb, report = build_index(Config(docs=args.docs), tmp, embedder=emb)
+            dt = time.time() - t0
+        print(f"\n## index build ({args.docs})")
+        print(f"files {report['files']}, docs {report['docs']}, chunks {report['chunks']}, total {dt:.1f} s "
+              f"→ {report['chunks'] / dt:.1f} chunks/s (embedding {report['embed_chunks_per_s']} chunks/s, "
+              f"read+chunk {report['read_chunk_s']} s, faiss+bm25 {report['index_s']} s)")
 
     items = load_qa(args.qa)
     has_lc = langchain_available()
@@ -177,11 +184,19 @@ def main() -> None:
         for label, (p50, p95) in results:
             print(f"| {label} | {p50:.2f} | {p95:.2f} |")
 
+    from lmforge.rag.evaluate import refusal_tradeoff
+
+    print("\n## refusal threshold (min_score on the best retrieved cosine, hybrid k=3; retrieval only)")
+    print("| min_score | false refusals (answerable) | refused (unanswerable) |\n|---|---|---|")
+    for r in refusal_tradeoff(kb, items, [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6], k=3):
+        print(f"| {r['min_score']} | {r['false_refusals']}/{r['answerable']} | "
+              f"{r['refused_unanswerable']}/{r['unanswerable']} |")
+
     if args.answers:
-        answers(kb, items[:args.answers], args.max_tokens)
+        answers(kb, items[:args.answers], args.max_tokens, args.min_score)
 
 
-def answers(kb: KnowledgeBase, items, max_tokens: int) -> None:
+def answers(kb: KnowledgeBase, items, max_tokens: int, min_score: float = 0.3) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.rag.answer import Answerer, EngineGenerator
     from lmforge.rag.evaluate import answer_metrics
@@ -191,20 +206,22 @@ def answers(kb: KnowledgeBase, items, max_tokens: int) -> None:
     engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=4, max_model_len=2048)
     try:
         t0 = time.time()
-        answerer = Answerer(kb, EngineGenerator(engine), k=3, max_tokens=max_tokens)
+        answerer = Answerer(kb, EngineGenerator(engine), k=3, max_tokens=max_tokens, min_score=min_score)
         m = answer_metrics(answerer, items, judge=EngineJudge(engine))
         dt = time.time() - t0
     finally:
         engine.shutdown()
     print(f"\n## answers by SmolLM2-135M-Instruct ({len(items)} questions, k=3, greedy, ≤{max_tokens} tokens, "
-          f"{dt:.0f} s)")
-    print("| EM | F1 | faithfulness (lexical) | faithfulness (model-judged) | answers with citations | "
-          "false refusals | refused unanswerable |\n|---|---|---|---|---|---|---|")
+          f"min_score {min_score}, {dt:.0f} s)")
+    print("| EM | F1 | faithfulness (lexical) | faithfulness (model-judged) | answers with citations "
+          "(model / attributed) | false refusals | refused unanswerable |\n|---|---|---|---|---|---|---|")
     print(f"| {m['exact_match']} | {m['f1']} | {m['faithfulness']} | {m['faithfulness_judged']} | "
-          f"{m['answers_with_citations']}/{len(items)} | {m['false_refusals']}/{m['answerable']} | "
+          f"{m['answers_with_citations']}/{len(items)} ({m['answers_citing_by_model']} / "
+          f"{m['answers_citing_by_attribution']}) | {m['false_refusals']}/{m['answerable']} | "
           f"{m['refusal_rate_unanswerable']} of {m['unanswerable']} |")
-    for row in m["rows"][:5]:
-        print(f"- {row['question']} → {row['answer'][:160]!r}")
+    for row in m["rows"]:
+        print(f"- {row['id']} {row['question']} → {row['answer'][:160]!r} {row['citation_methods']} "
+              f"faith {row['faithfulness']} judged {row.get('faithfulness_judged')}")
 
 
 if __name__ == "__main__":

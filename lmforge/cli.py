@@ -244,7 +244,7 @@ def merge_cmd(
 
 
 def _answerer(index: Path, model: Optional[str], base_url: Optional[str], k: int, min_score: float,
-              system: Optional[str]):
+              system: Optional[str], attribute: bool = True):
     from lmforge.rag.answer import Answerer, EngineGenerator, OpenAIGenerator
     from lmforge.rag.index import KnowledgeBase
 
@@ -255,7 +255,8 @@ def _answerer(index: Path, model: Optional[str], base_url: Optional[str], k: int
         from lmforge.serve.engine import Engine
 
         gen = EngineGenerator(Engine.from_folder(model, max_num_seqs=1))
-    return Answerer(KnowledgeBase.load(index), gen, k=k, min_score=min_score, system_prompt=system)
+    return Answerer(KnowledgeBase.load(index), gen, k=k, min_score=min_score, system_prompt=system,
+                    attribute=attribute)
 
 
 def _print_answer(answerer, question: str, history: list[dict] | None = None):
@@ -265,12 +266,14 @@ def _print_answer(answerer, question: str, history: list[dict] | None = None):
         final = ev.final or final
     typer.echo("")
     for c in final.citations:
-        typer.echo(f"  [{c.number}] {c.path} {' > '.join(c.heading_path)} (chars {c.start}-{c.end})")
+        typer.echo(f"  [{c.number}] {c.path} {' > '.join(c.heading_path)} (chars {c.start}-{c.end}, {c.method})")
     return final
 
 
 RAG_MODEL = typer.Option(None, help="Model folder to answer with (served in-process).")
 RAG_URL = typer.Option(None, help="OpenAI-compatible endpoint to answer with instead (e.g. lmforge serve).")
+RAG_ATTRIBUTE = typer.Option(True, "--attribute/--no-attribute",
+                             help="Cite uncited sentences by their lexical support in the retrieved sources.")
 
 
 @rag_app.command("ask")
@@ -282,9 +285,10 @@ def rag_ask(
     k: int = typer.Option(4, help="Sources retrieved."),
     min_score: float = typer.Option(0.3, help="Below this best similarity the answer is 'not in the knowledge base'."),
     system: Optional[str] = typer.Option(None, help="Persona / system prompt."),
+    attribute: bool = RAG_ATTRIBUTE,
 ) -> None:
     """Answer QUESTION from the knowledge base, with numbered citations."""
-    _print_answer(_answerer(index, model, base_url, k, min_score, system), question)
+    _print_answer(_answerer(index, model, base_url, k, min_score, system, attribute), question)
 
 
 @rag_app.command("chat")
@@ -295,9 +299,10 @@ def rag_chat(
     k: int = typer.Option(4, help="Sources retrieved."),
     min_score: float = typer.Option(0.3, help="Relevance threshold."),
     system: Optional[str] = typer.Option(None, help="Persona / system prompt."),
+    attribute: bool = RAG_ATTRIBUTE,
 ) -> None:
     """Multi-turn chat over the knowledge base (follow-ups are rewritten with the history); empty line quits."""
-    answerer = _answerer(index, model, base_url, k, min_score, system)
+    answerer = _answerer(index, model, base_url, k, min_score, system, attribute)
     history: list[dict] = []
     while True:
         try:
@@ -318,6 +323,10 @@ def rag_eval(
     base_url: Optional[str] = RAG_URL,
     k: int = typer.Option(4, help="Sources retrieved for answers."),
     judge: bool = typer.Option(False, help="Also judge faithfulness with the model (yes/no constrained)."),
+    judge_no_rag: bool = typer.Option(False, help="The endpoint is an lmforge server with --rag-index: ask the judge "
+                                                  "without retrieval (sends the non-standard field `rag: false`)."),
+    min_score: float = typer.Option(0.3, help="Refusal threshold."),
+    attribute: bool = RAG_ATTRIBUTE,
 ) -> None:
     """Retrieval recall@k / MRR / nDCG (dense, bm25, hybrid); answer EM / F1 / faithfulness with a model."""
     from lmforge.rag.evaluate import answer_metrics, load_qa, retrieval_metrics
@@ -328,10 +337,12 @@ def rag_eval(
     if model or base_url:
         from lmforge.rag.judge import EngineJudge, OpenAIJudge
 
-        ans = _answerer(index, model, base_url, k, 0.3, None)
+        ans = _answerer(index, model, base_url, k, min_score, None, attribute)
         j = None
-        if judge:
-            j = OpenAIJudge(model or "default", base_url) if base_url else EngineJudge(ans.generator.engine)
+        if judge and base_url:
+            j = OpenAIJudge(model or "default", base_url, extra_body={"rag": False} if judge_no_rag else None)
+        elif judge:
+            j = EngineJudge(ans.generator.engine)
         res = answer_metrics(ans, items, judge=j)
         res.pop("rows", None)
         out["answers"] = res

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.rag.answer import NOT_FOUND, Answerer, CitationStreamFilter, clean_citations
+from lmforge.rag.answer import (NOT_FOUND, Answerer, Attributor, CitationStreamFilter, Source,
+                                attribute_citations, clean_citations)
 from lmforge.rag.chunking import Chunker
 from lmforge.rag.evaluate import exact_match, f1_score, faithfulness, load_qa, retrieval_metrics
 from lmforge.rag.index import Filters, KnowledgeBase, bm25_tokens
@@ -295,8 +296,58 @@ def test_citations_are_mapped_and_unretrieved_ones_dropped(kb_dir):
     assert [c.number for c in res.citations] == [1, 2]
     c1 = res.citations[0]
     assert kb.doc_text(c1.path)[c1.start:c1.end] == c1.text
-    system = gen.calls[0][0]["content"]
-    assert system.startswith("You are Ada") and "[1] " in system and res.sources[0].text in system
+    assert all(c.method == "model" for c in res.citations)
+    system, user = gen.calls[0]
+    assert system["role"] == "system" and system["content"].startswith("You are Ada") and "[1]" in system["content"]
+    assert "[1] django/" in system["content"] and res.sources[0].text in system["content"]
+    assert user == {"role": "user", "content": "How do you pronounce Django?"}
+
+
+def test_uncited_sentences_get_attributed_to_retrieved_sources_only(kb_dir):
+    _, kb, _ = kb_dir
+    q = "How do you pronounce Django?"
+    # the second sentence is true and in the index, but not in the one retrieved chunk: it must stay uncited
+    reply = ("Django is pronounced JANG-oh, it rhymes with FANG-oh. Django is distributed under the 3-clause BSD "
+             "license. The moon is made of cheese. Yes.")
+    events = list(Answerer(kb, Scripted(reply), k=1).stream(q))
+    res = events[-1].final
+    assert "".join(e.delta for e in events[:-1]) == res.answer  # streamed text == final text, markers included
+    assert res.answer == ("Django is pronounced JANG-oh, it rhymes with FANG-oh [1]. Django is distributed under the "
+                          "3-clause BSD license. The moon is made of cheese. Yes.")
+    assert [(c.number, c.method) for c in res.citations] == [(1, "attributed")]
+    assert "JANG-oh" in res.citations[0].to_dict()["text"] and res.citations[0].to_dict()["method"] == "attributed"
+
+    # model citations are kept as they are; only the uncited sentence is attributed, to its best-supported source
+    reply = "Django is named after Django Reinhardt, a guitarist [2]. It is pronounced JANG-oh."
+    res = Answerer(kb, Scripted(reply), k=3).ask(q)
+    jang = next(s.number for s in res.sources if "JANG-oh" in s.text)
+    assert res.answer.endswith(f"It is pronounced JANG-oh [{jang}].")
+    assert {c.number: c.method for c in res.citations}[2] == "model"
+    if jang != 2:
+        assert {c.number: c.method for c in res.citations}[jang] == "attributed"
+    assert {c.number for c in res.citations} <= {s.number for s in res.sources}
+
+    # attribution off: the model's text is left alone
+    res = Answerer(kb, Scripted("It is pronounced JANG-oh."), k=3, attribute=False).ask(q)
+    assert res.answer == "It is pronounced JANG-oh." and res.citations == []
+    # a refusal in the model's words is never given a citation
+    res = Answerer(kb, Scripted(NOT_FOUND), k=3).ask(q)
+    assert res.refused and res.citations == []
+
+
+def test_attributor_sentence_boundaries():
+    srcs = [Source(1, "a.md", "a", [], 0, 40, "Sessions are stored in the database by default.", 0.5),
+            Source(2, "b.md", "b", [], 0, 40, "会话数据默认保存在数据库中。", 0.4)]
+    att = Attributor(srcs, min_overlap=0.5)
+    pieces = [att.feed(d) for d in ["Sessions are ", "stored in the database.", " [1]\n", "Stored by default", ".\n",
+                                    "会话数据保存在数据库中。", "Cookies are fun."]]
+    assert pieces[1] == ""  # the sentence is held until it is clear no citation follows
+    text = "".join(pieces) + att.flush()
+    assert text == ("Sessions are stored in the database. [1]\nStored by default [1].\n会话数据保存在数据库中 [2]。"
+                    "Cookies are fun.")
+    assert att.model_cited == {1} and att.attributed == {1, 2}
+    assert attribute_citations("Sessions are stored in database 3.5.", srcs)[0] == (
+        "Sessions are stored in database 3.5 [1].")  # "3.5" is no sentence end
 
 
 def test_refuses_without_calling_the_model_when_nothing_relevant(kb_dir):

@@ -23,7 +23,8 @@ from lmforge.model.llama import Llama, LlamaConfig
 from lmforge.rag.answer import NOT_FOUND, Answerer
 from lmforge.rag.evaluate import QAItem, answer_metrics, faithfulness_judged
 from lmforge.rag.http import attach_rag
-from lmforge.rag.judge import EngineJudge, YesNoProcessor, yes_no_token_ids
+from lmforge.rag.judge import (EngineJudge, OpenAIJudge, YesNoProcessor, relevance_messages, support_messages,
+                               yes_no_token_ids)
 from lmforge.rag.stage import Config, build_index
 from lmforge.serve.api import create_app
 from lmforge.serve.engine import Engine
@@ -242,3 +243,27 @@ def test_faithfulness_judged_and_in_answer_metrics(kb):
     m = answer_metrics(ans, items, judge=KeywordJudge("JANG-oh"))
     assert m["faithfulness_judged"] == 1.0 and m["refusal_rate_unanswerable"] == 1.0
     assert m["rows"][0]["faithfulness_judged"] == 1.0 and "faithfulness_judged" not in m["rows"][1]
+
+
+def test_openai_judge_against_our_own_server(server, engine):
+    """OpenAIJudge over HTTP (logprobs + top_logprobs) against the lmforge server; ``rag: false`` keeps the judge's
+    prompt away from the knowledge base.  Plumbing, not quality (the model is random)."""
+    asks = [support_messages("Django is pronounced JANG-oh.", "Django is pronounced JANG-oh."),
+            relevance_messages("Under which license is Django distributed?", "Django is named after a guitarist.")]
+    seen: list[list[dict]] = []
+    original = engine.encode_chat
+    engine.encode_chat = lambda messages: seen.append(messages) or original(messages)
+    try:
+        judge = OpenAIJudge("tiny-rag", base_url=server, api_key=KEY, extra_body={"rag": False})
+        probs = judge.yes_probabilities(asks)
+        # the same judge without the opt-out gets a retrieval-augmented reply: its prompt is not what reaches the model
+        seen_plain = list(seen)
+        seen.clear()
+        OpenAIJudge("tiny-rag", base_url=server, api_key=KEY).yes_probabilities(asks[:1])
+    finally:
+        engine.encode_chat = original
+    assert len(probs) == 2 and all(0.0 <= p <= 1.0 for p in probs)
+    assert seen_plain == asks  # exactly the judge's conversations, unchanged
+    assert seen and seen[-1] != asks[0] and "Sources:" in seen[-1][0]["content"]  # the system message + sources
+    with pytest.raises(openai.AuthenticationError):
+        OpenAIJudge("tiny-rag", base_url=server, api_key="wrong").yes_probabilities(asks[:1])

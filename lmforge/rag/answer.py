@@ -2,8 +2,16 @@
 
 * Refusal: when the best retrieved chunk's cosine similarity is below ``min_score``, no model is called and the answer
   is ``NOT_FOUND`` ("The knowledge base does not contain ...") with no sources - never a guess.
+* Prompt: persona, a short instruction and the numbered sources in the system message; the question is the user turn.
+  (Measured with SmolLM2-135M-Instruct: a worked example of a cited answer, or the sources in the user turn, made its
+  answers worse and it still wrote no ``[n]`` markers - docs/rag_results.md; attribution supplies the citations.)
 * Citations ``[1]``, ``[2, 3]`` in the model's text are parsed; a number that does not name a retrieved source is
   removed from the text (also while streaming), so an answer never cites a source that was not retrieved.
+* Attribution (``attribute=True``, the default): a sentence the model left without a citation gets one added after
+  the fact - the retrieved source holding the largest share of the sentence's content words (``bm25_tokens``), when
+  that share is at least ``min_overlap``.  Only retrieved sources are candidates.  Each citation says how it was made:
+  ``method = "model"`` (the model wrote the marker) or ``"attributed"``.  Streaming emits text sentence by sentence
+  so the streamed text equals the final answer.
 * Follow-ups: with a chat history, the question is first rewritten into a standalone question by the model (falling
   back to "previous question + this one" when the model gives nothing usable); retrieval uses the rewrite.
 * Persona: ``system_prompt`` replaces the default instructions' first line (a customer-service voice, a character).
@@ -17,18 +25,17 @@ chat endpoint).  Both stream text deltas.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
-from lmforge.rag.index import Filters, Hit, KnowledgeBase, Mode
+from lmforge.rag.index import Filters, Hit, KnowledgeBase, Mode, bm25_tokens
 from lmforge.rag.judge import Judge, relevance_messages
 
 NOT_FOUND = "The knowledge base does not contain information to answer this question."
-DEFAULT_PERSONA = "You are a helpful assistant that answers questions using only the numbered sources below."
+DEFAULT_PERSONA = "You are a helpful assistant that answers questions using only the numbered sources you are given."
 INSTRUCTIONS = (
-    "Answer the question using only these sources. After each sentence, cite the sources it relies on with their "
-    "numbers in square brackets, like [1] or [2][3]. If the sources do not contain the answer, reply exactly: "
-    f"\"{NOT_FOUND}\"")
+    "Answer briefly, using only the sources. End every sentence with the number of the source it comes from in "
+    f"square brackets, like [1]. If the sources do not answer the question, reply exactly: \"{NOT_FOUND}\"")
 
 
 class Generator(Protocol):
@@ -101,12 +108,15 @@ class Source:
     text: str
     score: float  # cosine similarity of question and chunk
     relevance: float | None = None  # the re-ranker's P(relevant), when re-ranking is on
+    method: str | None = None  # on citations: "model" (the model wrote [n]) or "attributed" (added after the fact)
 
     def to_dict(self) -> dict:
         out = {"number": self.number, "path": self.path, "title": self.title, "heading_path": self.heading_path,
                "start": self.start, "end": self.end, "score": round(self.score, 4), "text": self.text}
         if self.relevance is not None:
             out["relevance"] = round(self.relevance, 4)
+        if self.method is not None:
+            out["method"] = self.method
         return out
 
 
@@ -183,6 +193,69 @@ class CitationStreamFilter:
         return out
 
 
+# a sentence boundary with a following character (so a citation that comes next, "... end. [1]", stays with it):
+# whitespace after . ! ?, a newline, or right after a CJK sentence end
+_BOUNDARY = re.compile(r"(?:(?<=[.!?])\s+|\n\s*|(?<=[。！？])\s*)(?=[^\s\[])")
+_TRAILER = re.compile(r"^(.*?)([.!?。！？:;]*)(\s*)$", re.S)
+
+
+def lexical_support(sentence: str, source_tokens: set[str]) -> float:
+    """Share of the sentence's content words (``bm25_tokens``) found in the source's token set."""
+    words = set(bm25_tokens(_CITE.sub(" ", sentence)))
+    return len(words & source_tokens) / len(words) if words else 0.0
+
+
+class Attributor:
+    """Adds a citation to each sentence the model left uncited: the retrieved source with the largest lexical support
+    (ties: the lower number), when it reaches ``min_overlap``.  Sentences with fewer than ``min_words`` content words
+    and refusals are left alone.  ``feed`` / ``flush`` work on a stream (whole sentences come out); ``model_cited`` and
+    ``attributed`` collect the numbers used each way."""
+
+    def __init__(self, sources: list[Source], min_overlap: float = 0.5, min_words: int = 2,
+                 enabled: bool = True) -> None:
+        self.tokens = {s.number: set(bm25_tokens(s.text)) for s in sources}
+        self.min_overlap = min_overlap
+        self.min_words = min_words
+        self.enabled = enabled
+        self.model_cited: set[int] = set()
+        self.attributed: set[int] = set()
+        self.buf = ""
+
+    def sentence(self, sent: str) -> str:
+        found = [int(n) for m in _CITE.finditer(sent) for n in re.split(r"[,;]", m.group(1))]
+        if found:
+            self.model_cited.update(found)
+            return sent
+        if not self.enabled or "knowledge base does not contain" in sent.lower():
+            return sent
+        if len(set(bm25_tokens(sent))) < self.min_words or not self.tokens:
+            return sent
+        best = max(self.tokens, key=lambda n: (lexical_support(sent, self.tokens[n]), -n))
+        if lexical_support(sent, self.tokens[best]) < self.min_overlap:
+            return sent
+        self.attributed.add(best)
+        body, punct, space = _TRAILER.match(sent).groups()
+        return f"{body} [{best}]{punct}{space}"
+
+    def feed(self, delta: str) -> str:
+        self.buf += delta
+        out = ""
+        while m := _BOUNDARY.search(self.buf):
+            out += self.sentence(self.buf[:m.end()])
+            self.buf = self.buf[m.end():]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = (self.sentence(self.buf) if self.buf.strip() else self.buf), ""
+        return out
+
+
+def attribute_citations(text: str, sources: list[Source], min_overlap: float = 0.5) -> tuple[str, Attributor]:
+    """``text`` with citations attributed to its uncited sentences (see ``Attributor``), and the attributor."""
+    att = Attributor(sources, min_overlap)
+    return att.feed(text) + att.flush(), att
+
+
 def format_sources(sources: list[Source]) -> str:
     parts = []
     for s in sources:
@@ -199,7 +272,8 @@ class Answerer:
 
     def __init__(self, kb: KnowledgeBase, generator: Generator | None, *, k: int = 4, mode: Mode = "hybrid",
                  min_score: float = 0.3, system_prompt: str | None = None, max_tokens: int = 256,
-                 filters: Filters | None = None, reranker: Judge | None = None, rerank_depth: int = 10) -> None:
+                 filters: Filters | None = None, reranker: Judge | None = None, rerank_depth: int = 10,
+                 attribute: bool = True, min_overlap: float = 0.5) -> None:
         self.kb = kb
         self.generator = generator
         self.k = k
@@ -210,12 +284,15 @@ class Answerer:
         self.filters = filters
         self.reranker = reranker
         self.rerank_depth = rerank_depth
+        self.attribute = attribute
+        self.min_overlap = min_overlap
 
     def with_options(self, **changes) -> "Answerer":
         """A copy with some settings changed (per-request options of a server)."""
         opts = {"k": self.k, "mode": self.mode, "min_score": self.min_score, "system_prompt": self.system_prompt,
                 "max_tokens": self.max_tokens, "filters": self.filters, "reranker": self.reranker,
-                "rerank_depth": self.rerank_depth, "generator": self.generator}
+                "rerank_depth": self.rerank_depth, "attribute": self.attribute, "min_overlap": self.min_overlap,
+                "generator": self.generator}
         opts.update(changes)
         return Answerer(self.kb, opts.pop("generator"), **opts)
 
@@ -251,6 +328,7 @@ class Answerer:
         return sources, relevant
 
     def messages(self, question: str, sources: list[Source], history: list[dict] | None = None) -> list[dict]:
+        """System (persona, instructions, numbered sources), the last turns of ``history``, the question."""
         system = f"{self.system_prompt}\n\n{INSTRUCTIONS}\n\nSources:\n\n{format_sources(sources)}"
         turns = [m for m in history or [] if m.get("role") in ("user", "assistant")][-4:]
         return [{"role": "system", "content": system}, *turns, {"role": "user", "content": question}]
@@ -266,14 +344,15 @@ class Answerer:
             return
         valid = {s.number for s in sources}
         filt = CitationStreamFilter(valid)
+        att = Attributor(sources, self.min_overlap, enabled=self.attribute)
         parts: list[str] = []
         for delta in self.generator.stream(self.messages(question if not history else standalone, sources, history),
                                            self.max_tokens):
-            out = filt.feed(delta)
+            out = att.feed(filt.feed(delta))
             if out:
                 parts.append(out)
                 yield StreamEvent(out)
-        tail = filt.flush()
+        tail = att.feed(filt.flush()) + att.flush()
         if tail:
             parts.append(tail)
             yield StreamEvent(tail)
@@ -281,7 +360,8 @@ class Answerer:
         text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text))  # gaps left by dropped citations
         refused = NOT_FOUND.lower().rstrip(".") in text.lower()
         by_number = {s.number: s for s in sources}
-        yield StreamEvent(final=RagAnswer(question, text, sources, [by_number[n] for n in cited], refused, standalone))
+        citations = [replace(by_number[n], method="model" if n in att.model_cited else "attributed") for n in cited]
+        yield StreamEvent(final=RagAnswer(question, text, sources, citations, refused, standalone))
 
     def ask(self, question: str, history: list[dict] | None = None) -> RagAnswer:
         final = None

@@ -112,6 +112,19 @@ def retrieval_metrics(kb: KnowledgeBase, items: list[QAItem], mode: Mode = "hybr
     return out
 
 
+def refusal_tradeoff(kb: KnowledgeBase, items: list[QAItem], thresholds: list[float], k: int = 4,
+                     mode: Mode = "hybrid") -> list[dict[str, Any]]:
+    """For each ``min_score`` threshold: how many answerable questions would be refused (best retrieved cosine
+    below it: a false refusal) and how many unanswerable ones would be (correct).  Retrieval only, no LLM."""
+    best = [(bool(item.gold), max((h.dense_score for h in kb.search(item.question, k=k, mode=mode)), default=0.0))
+            for item in items]
+    n_ans = sum(1 for a, _ in best if a)
+    n_un = len(best) - n_ans
+    return [{"min_score": t, "false_refusals": sum(1 for a, s in best if a and s < t), "answerable": n_ans,
+             "refused_unanswerable": sum(1 for a, s in best if not a and s < t), "unanswerable": n_un}
+            for t in thresholds]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # answers
 
@@ -187,10 +200,12 @@ def faithfulness_judged(answer: str, sources: dict[int, str], judge: Judge, thre
 
 def answer_metrics(answerer, items: list[QAItem], judge: Judge | None = None) -> dict[str, Any]:
     """EM / F1 (answerable questions), lexical faithfulness (and model-judged with ``judge``), refusal rates, from
-    ``answerer.ask`` (lmforge.rag.answer)."""
+    ``answerer.ask`` (lmforge.rag.answer); ``answers_citing_by_model`` / ``_by_attribution`` count answers with at
+    least one citation of each ``method``."""
     em = f1 = 0.0
     faith_sum, faith_n, answerable, refused_ok, unanswerable, false_refusals = 0.0, 0, 0, 0, 0, 0
     judged_sum, judged_n = 0.0, 0
+    by_method = Counter()
     rows = []
     for item in items:
         res = answerer.ask(item.question)
@@ -206,8 +221,11 @@ def answer_metrics(answerer, items: list[QAItem], judge: Judge | None = None) ->
         if fa["faithfulness"] is not None:
             faith_sum += fa["faithfulness"]
             faith_n += 1
+        methods = {c.method or "model" for c in res.citations}
+        by_method.update(methods)
         row = {"id": item.id, "question": item.question, "answer": res.answer, "refused": res.refused,
-               "cited": [c.number for c in res.citations], "faithfulness": fa["faithfulness"]}
+               "cited": [c.number for c in res.citations], "citation_methods": sorted(methods),
+               "faithfulness": fa["faithfulness"]}
         if judge is not None and fa["cited_sentences"]:
             fj = faithfulness_judged(res.answer, {s.number: s.text for s in res.sources}, judge)
             judged_sum += fj["faithfulness"]
@@ -218,6 +236,7 @@ def answer_metrics(answerer, items: list[QAItem], judge: Judge | None = None) ->
             "f1": round(f1 / max(answerable, 1), 4),
             "faithfulness": round(faith_sum / faith_n, 4) if faith_n else None, "answers_with_citations": faith_n,
             "faithfulness_judged": round(judged_sum / judged_n, 4) if judged_n else None,
+            "answers_citing_by_model": by_method["model"], "answers_citing_by_attribution": by_method["attributed"],
             "false_refusals": false_refusals, "unanswerable": unanswerable,
             "refusal_rate_unanswerable": round(refused_ok / unanswerable, 4) if unanswerable else None,
             "rows": rows}

@@ -6,6 +6,8 @@ cited sentence is supported by its source (faithfulness).
   P(yes) = softmax over the two groups.  A batch of questions is queued at once, so the engine decodes them together.
 * ``OpenAIJudge`` (any OpenAI-compatible chat endpoint): one token with ``logprobs`` / ``top_logprobs``; P(yes) is
   read from the yes / no alternatives (normalised over the two); when neither is among them, the reply's text decides.
+  ``extra_body`` is sent with every request: against an lmforge server with a knowledge base attached, pass
+  ``{"rag": False}`` so the judge's prompt reaches the model as it is instead of being answered from the knowledge base.
 
 ``relevance_messages`` / ``support_messages`` build the two prompts.
 """
@@ -113,7 +115,7 @@ class OpenAIJudge:
     """Yes/no through any OpenAI-compatible chat endpoint, from the first token's top log-probabilities."""
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
-                 top_logprobs: int = 20) -> None:
+                 top_logprobs: int = 20, extra_body: dict | None = None) -> None:
         import os
 
         from openai import OpenAI
@@ -121,10 +123,12 @@ class OpenAIJudge:
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
         self.model = model
         self.top_logprobs = top_logprobs
+        self.extra_body = extra_body
 
     def yes_probability(self, messages: list[dict]) -> float:
         resp = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=1, temperature=0.0,
-                                                   logprobs=True, top_logprobs=self.top_logprobs)
+                                                   logprobs=True, top_logprobs=self.top_logprobs,
+                                                   extra_body=self.extra_body)
         choice = resp.choices[0]
         yes = no = 0.0
         content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
