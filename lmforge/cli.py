@@ -244,10 +244,12 @@ def merge_cmd(
 
 
 def _answerer(index: Path, model: Optional[str], base_url: Optional[str], k: int, min_score: float,
-              system: Optional[str], attribute: bool = True):
+              system: Optional[str], attribute: bool = True, need_model: bool = True):
     from lmforge.rag.answer import Answerer, EngineGenerator, OpenAIGenerator
     from lmforge.rag.index import KnowledgeBase
 
+    if need_model and not (model or base_url):
+        raise ValueError("answering needs a model: give --model MODEL_DIR or --base-url URL (an OpenAI-compatible API)")
     gen = None
     if base_url:
         gen = OpenAIGenerator(model or "default", base_url=base_url)
