@@ -61,6 +61,11 @@ def _register() -> None:
     data_app.command("run", help="Run the data pipeline on raw inputs.")(_stage_command("lmforge.data.stage", "data"))
     tokenizer_app.command("train", help="Train a BPE tokenizer on a data artifact and pack token shards.")(
         _stage_command("lmforge.tokenizer.stage", "tokenizer"))
+    from lmforge.tokenizer import evaluate as tokenizer_evaluate
+
+    tokenizer_app.command("eval", help="Tokenizer compression (bytes/token) per language / domain / source on "
+                                       "held-out documents; writes compression.json + compression.md.")(
+        command_from_config(tokenizer_evaluate.Config, tokenizer_evaluate.run, tokenizer_evaluate.Config.__doc__))
     app.command("pretrain", help="Pretrain a Llama model on a tokenizer artifact.")(
         _stage_command("lmforge.train.pretrain", "pretrain"))
     app.command("eval", help="Evaluate a model: held-out loss / perplexity / bits per byte, benchmark tasks "

@@ -137,8 +137,8 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config_file", None)
-        out = kwargs.pop("out", None)
-        force = kwargs.pop("force", False)
+        out = kwargs.pop("out", None) if default_out is not None else None
+        force = kwargs.pop("force", False) if default_out is not None else False
         overrides = {k: v for k, v in kwargs.items() if v is not None and v != []}
         try:
             config = load_config(cls, config_file, overrides)

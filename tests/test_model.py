@@ -83,3 +83,13 @@ def test_config_round_trip_and_param_count():
     assert cfg.num_params() == sum(p.numel() for p in Llama(cfg).parameters())
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+def test_rope_theta_from_transformers5_rope_parameters():
+    d = tiny_config().to_hf_dict()
+    del d["rope_theta"]
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 100000.0}
+    assert LlamaConfig.from_hf_dict(d).rope_theta == 100000.0
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 100000.0, "factor": 4.0}
+    with pytest.raises(ValueError, match="rope_type"):
+        LlamaConfig.from_hf_dict(d)

@@ -69,6 +69,12 @@ class LlamaConfig:
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported yet")
+        rope = d.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta here
+        if rope:
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"rope_type {rope['rope_type']!r} is not supported yet")
+            if "rope_theta" not in d:
+                d = {**d, "rope_theta": rope.get("rope_theta", 10000.0)}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,15 +1,17 @@
 """Byte-level BPE training with HF ``tokenizers``, saved as ``tokenizer.json`` + ``tokenizer_config.json``.
 
 The pre-tokenizer is GPT-2's byte-level split (a regex llama.cpp knows as ``gpt-2``), so every input round-trips and
-GGUF export can reproduce our tokenization.  Special tokens follow ChatML, as SmolLM2 does: ``<|endoftext|>`` ends a
-document (bos/eos/pad), ``<|im_start|>`` / ``<|im_end|>`` frame chat turns, and the chat template renders messages
-into them.
+GGUF export can reproduce our tokenization.  The 256 byte symbols are the initial alphabet, so no input is ever
+unknown: emoji, CJK and control characters fall back to their UTF-8 bytes.  Special tokens default to ChatML, as
+SmolLM2 does: ``<|endoftext|>`` ends a document (bos/eos/pad), ``<|im_start|>`` / ``<|im_end|>`` frame chat turns,
+and the chat template renders messages into them; ``SpecialTokens`` changes any of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -31,8 +33,43 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(start: str = IM_START, end: str = IM_END) -> str:
+    """The ChatML-style template with ``start`` / ``end`` framing each turn."""
+    return CHAT_TEMPLATE.replace(IM_START, start).replace(IM_END, end)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens of a tokenizer: ``eos`` ends every document when packing; ``chat_start`` / ``chat_end``
+    frame chat turns in the chat template; ``extra`` are further reserved tokens (tool calls, FIM, ...)."""
+
+    bos: str = EOS
+    eos: str = EOS
+    pad: str = EOS
+    chat_start: str = IM_START
+    chat_end: str = IM_END
+    extra: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("bos", "eos", "pad", "chat_start", "chat_end"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}_token: must not be empty")
+        if self.chat_start == self.chat_end:
+            raise ValueError(f"chat_start_token and chat_end_token must differ (both {self.chat_start!r})")
+        if self.chat_start in (self.eos, self.bos) or self.chat_end in (self.eos, self.bos):
+            raise ValueError("chat_start_token / chat_end_token must differ from bos_token and eos_token")
+
+    def all(self) -> list[str]:
+        """Every special token once, in id order (eos first, so the default layout gives ``<|endoftext|>`` id 0)."""
+        return list(dict.fromkeys([self.eos, self.bos, self.pad, self.chat_start, self.chat_end, *self.extra]))
+
+    def additional(self) -> list[str]:
+        return [t for t in self.all() if t not in (self.bos, self.eos, self.pad)]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2,
-              max_length: int = 2048, length: int | None = None) -> Tokenizer:
+              max_length: int = 2048, length: int | None = None,
+              special: SpecialTokens = SpecialTokens()) -> Tokenizer:
     """Train a byte-level BPE on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` in ``out_dir``."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -41,43 +78,45 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special.all(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
-    save_tokenizer(tok, out_dir, max_length=max_length)
+    save_tokenizer(tok, out_dir, max_length=max_length, special=special)
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, max_length: int = 2048) -> None:
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, max_length: int = 2048,
+                   special: SpecialTokens = SpecialTokens()) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "tokenizer.json", tok.to_str(pretty=False))
     added = {
         str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                   "single_word": False, "special": True}
-        for t in SPECIAL_TOKENS
+        for t in special.all()
     }
     write_json(
         out / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOS,
-            "eos_token": EOS,
-            "pad_token": EOS,
+            "bos_token": special.bos,
+            "eos_token": special.eos,
+            "pad_token": special.pad,
             "unk_token": None,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": max_length,
-            "additional_special_tokens": [IM_START, IM_END],
+            "additional_special_tokens": special.additional(),
             "added_tokens_decoder": added,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": chat_template(special.chat_start, special.chat_end),
         },
     )
     write_json(out / "special_tokens_map.json",
-               {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "additional_special_tokens": [IM_START, IM_END]})
+               {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
+                "additional_special_tokens": special.additional()})
 
 
 def load_tokenizer(folder: str | os.PathLike) -> tuple[Tokenizer, dict]:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import shutil
 from pathlib import Path
+from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from lmforge.artifacts import Manifest
+from lmforge.artifacts import Manifest, is_artifact
 from lmforge.config import StageConfig
 from lmforge.data.io import iter_documents
 from lmforge.progress import console, progress, rate_text
 from lmforge.stages import begin, finished
-from lmforge.tokenizer.bpe import EOS, train_bpe
+from lmforge.tokenizer.bpe import EOS, IM_END, IM_START, SpecialTokens, load_tokenizer, train_bpe
 from lmforge.tokenizer.shards import ShardWriter, merge_splits, write_index
 
 STAGE = "tokenizer"
@@ -42,7 +44,20 @@ class Config(StageConfig):
     max_length: int = Field(2048, ge=16, description="model_max_length written to tokenizer_config.json.")
     batch_docs: int = Field(256, ge=1, description="Documents encoded per batch when packing.")
     shard_tokens: int = Field(50_000_000, ge=1000, description="Maximum tokens per .bin shard.")
+    bos_token: str = Field(EOS, description="Beginning-of-sequence token.")
+    eos_token: str = Field(EOS, description="End-of-sequence token; packed between documents.")
+    pad_token: str = Field(EOS, description="Padding token.")
+    chat_start_token: str = Field(IM_START, description="Opens a chat turn in the chat template (before the role).")
+    chat_end_token: str = Field(IM_END, description="Closes a chat turn in the chat template.")
+    extra_special_tokens: list[str] = Field(default_factory=list,
+                                            description="Further reserved special tokens (never split, never merged).")
+    from_tokenizer: Optional[str] = Field(None, description="Pack with this existing tokenizer folder (e.g. a model's, "
+                                                            "for continued pretraining) instead of training a BPE.")
 
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens(bos=self.bos_token, eos=self.eos_token, pad=self.pad_token,
+                             chat_start=self.chat_start_token, chat_end=self.chat_end_token,
+                             extra=tuple(self.extra_special_tokens))
 
     @field_validator("data", mode="before")
     @classmethod
@@ -57,6 +72,7 @@ class Config(StageConfig):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.data)} data sources")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ValueError(f"weights: must be non-negative with a positive sum, got {self.weights}")
+        self.special_tokens()  # raises ValueError naming the field
         return self
 
 
@@ -65,9 +81,33 @@ def is_val(doc_id: str, fraction: float) -> bool:
     return (h % 1_000_000) < fraction * 1_000_000
 
 
+REUSED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def reuse_tokenizer(folder: Path, out: Path):
+    """Copy an existing tokenizer's files into ``out``; ``(tokenizer, eos id)`` with eos from its config."""
+    tok, cfg = load_tokenizer(folder)
+    eos_token = cfg.get("eos_token")
+    if isinstance(eos_token, dict):  # transformers' AddedToken form
+        eos_token = eos_token.get("content")
+    eos = tok.token_to_id(eos_token) if eos_token else None
+    if eos is None:
+        raise ValueError(f"from_tokenizer: {folder}/tokenizer_config.json names no eos_token in the vocabulary "
+                         f"(got {eos_token!r}); packing needs it between documents")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REUSED_FILES:
+        if (folder / name).exists():
+            shutil.copy(folder / name, out / name)
+    console.print(f"  packing with the existing tokenizer {folder} (vocab {tok.get_vocab_size():,}, eos {eos_token!r})")
+    return tok, eos
+
+
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
     inputs = {("data" if i == 0 else f"data{i}"): d for i, d in enumerate(config.data)}
+    if config.from_tokenizer:  # an artifact by run id; a plain folder by its tokenizer.json (not gigabytes of weights)
+        src = Path(config.from_tokenizer)
+        inputs["from_tokenizer"] = str(src if is_artifact(src) else src / "tokenizer.json")
     run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
         return finished(out)
@@ -83,13 +123,16 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                 i, t, _ = split[-1]
                 split[-1] = (i, t, True)
             per_source.append(split)
-        train_texts = [t for split in per_source for _, t, v in split if not v]
-        console.print(f"  training BPE (vocab {config.vocab_size}) on {len(train_texts):,} documents, "
-                      f"{sum(map(len, train_texts)) / 1e6:.1f}M chars")
-        tok = train_bpe(train_texts, config.vocab_size, out, min_frequency=config.min_frequency,
-                        max_length=config.max_length, length=len(train_texts))
+        if config.from_tokenizer:
+            tok, eos = reuse_tokenizer(Path(config.from_tokenizer), out)
+        else:
+            train_texts = [t for split in per_source for _, t, v in split if not v]
+            console.print(f"  training BPE (vocab {config.vocab_size}) on {len(train_texts):,} documents, "
+                          f"{sum(map(len, train_texts)) / 1e6:.1f}M chars")
+            tok = train_bpe(train_texts, config.vocab_size, out, min_frequency=config.min_frequency,
+                            max_length=config.max_length, length=len(train_texts), special=config.special_tokens())
+            eos = tok.token_to_id(config.eos_token)
         t_train = time.time() - t0
-        eos = tok.token_to_id(EOS)
         vocab = tok.get_vocab_size()
         mixture = len(config.data) > 1
         weights = config.weights or [1.0] * len(config.data)

@@ -10,6 +10,10 @@ Data parallel: ``torchrun --nproc_per_node N -m lmforge.cli pretrain ...`` runs 
 rank trains on its rows of the same global batch, so the run equals a single-process run up to float rounding, and
 only rank 0 writes files.  A token mixture (several sources in the tokenizer artifact) is sampled by target weights,
 optionally moving linearly to ``mixture_weights_end`` over training (a curriculum).
+
+``init_from`` continues pretraining from an existing HF Llama folder (``lmforge/train/init_from.py``; pack the data
+with the model's own tokenizer: ``lmforge tokenizer train --from-tokenizer MODEL``); ``activation_checkpointing``
+recomputes each decoder layer in the backward pass (applied from outside the model).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -34,10 +38,12 @@ from lmforge.progress import console, progress, rate_text
 from lmforge.stages import begin, finished, overwrite_is_allowed
 from lmforge.tokenizer.shards import eval_windows, load_sources, load_split, read_index
 from lmforge.train import distributed
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.batches import mixture_weights_at, sample_batch, sample_mixture_batch
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import World
 from lmforge.train.flops import flops_per_token, mfu, peak_flops
+from lmforge.train.init_from import load_initial_model
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -78,6 +84,11 @@ class Config(StageConfig):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device (auto: CUDA when present).")
     compile: bool = Field(False, description="torch.compile the model.")
+    activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                                              "pass (less memory, ~1/3 more compute).")
+    init_from: Optional[str] = Field(None, description="Continued pretraining: start from this HF Llama model folder "
+                                                       "(its config.json fixes the shape; the shape fields are "
+                                                       "ignored; the tokenizer must be the model's own).")
     mixture_weights: list[float] = Field(default_factory=list,
                                          description="Target weight per mixture source (empty: the tokenizer's).")
     mixture_weights_end: list[float] = Field(default_factory=list,
@@ -101,8 +112,9 @@ def make_optimizer(model: Llama, cfg: Config) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda  # fused kernels on GPU; CPU keeps the default (bit-exact resume tested)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+    # the fused kernel (CPU and CUDA) updates each tensor in one pass instead of a dozen elementwise kernels; it is
+    # deterministic, so bit-exact resume holds (tested)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
 @torch.no_grad()
@@ -123,7 +135,7 @@ def validation_loss(model: Llama, tokens, seq_len: int, max_windows: int, dtype:
 
 # fields whose change makes an existing checkpoint unusable: a changed run with any of these starts afresh
 SHAPE_FIELDS = ("tokenizer", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                "tie_embeddings")
+                "tie_embeddings", "init_from")
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -133,7 +145,10 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _plan(config: Config, out: Path, force: bool) -> tuple[str, Any]:
     """Rank 0 decides: ``("skip", None)``, ``("error", message)`` or ``("train", (StageRun, resume))``."""
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs={"tokenizer": config.tokenizer}, force=force)
+    inputs = {"tokenizer": config.tokenizer}
+    if config.init_from:
+        inputs["init_from"] = config.init_from
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
         return "skip", None
     prev = run_.previous()
@@ -257,11 +272,17 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.batch_size % world.world_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is not a multiple of the {world.world_size} processes")
 
-    mcfg = model_config(cfg, index["vocab_size"], index["eos_id"])
     torch.manual_seed(cfg.seed)
-    model = Llama(mcfg)
-    model.init_weights(seed=cfg.seed)
+    if cfg.init_from:
+        model = load_initial_model(cfg.init_from, tok_dir, index["vocab_size"], cfg.seq_len)
+        mcfg = model.config
+    else:
+        mcfg = model_config(cfg, index["vocab_size"], index["eos_id"])
+        model = Llama(mcfg)
+        model.init_weights(seed=cfg.seed)
     model.to(device).train()
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     opt = make_optimizer(model, cfg)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
