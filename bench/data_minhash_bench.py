@@ -10,10 +10,15 @@ similarity of its word-5-gram sets (lower-cased, punctuation removed) is ≥ 0.8
 * recall: true near-duplicate pairs inside each family (base + copies) that a system puts together;
 * precision: the pairs a system puts together (any two documents, across families too) whose exact Jaccard ≥ 0.8.
 
-datasketch is not a dependency of lmforge; it runs in another venv (the one datatrove lives in)::
+datatrove's own MinHash pipeline (its four steps: signatures → buckets → clusters → filter, run in-process with
+its defaults: spaCy word tokenizer, 5-grams, 14 × 8, 64-bit hashes) runs on the same texts; its clusters give its
+pairs.  datasketch and datatrove are not dependencies of lmforge; they run in another venv (the one the filter
+benchmark uses)::
 
-    /tmp/dtvenv/bin/pip install datasketch
+    /tmp/dtvenv/bin/pip install datasketch "datatrove[processing]"
     .venv/bin/python bench/data_minhash_bench.py --other-python /tmp/dtvenv/bin/python
+
+Speeds are CPU seconds of one process (docs/s/core), signatures to clusters, not counting reading the texts.
 """
 
 from __future__ import annotations
@@ -52,6 +57,39 @@ for i, m in enumerate(sigs):
             pairs.add((min(i, j), max(i, j)))
 cpu = time.process_time() - t0
 json.dump({"cpu_seconds": cpu, "pairs": sorted(pairs)}, open(sys.argv[2], "w"))
+"""
+
+DATATROVE_SCRIPT = r"""
+import json, logging, os, sys, tempfile, time
+os.environ["TQDM_DISABLE"] = "1"
+from pathlib import Path
+from loguru import logger
+from datatrove.data import Document
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                              MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.utils.hashing import HashConfig
+logger.remove()
+texts = json.load(open(sys.argv[1]))
+cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+docs = lambda: (Document(text=t, id=str(i)) for i, t in enumerate(texts))
+with tempfile.TemporaryDirectory() as tmp:
+    signature = MinhashDedupSignature(f"{tmp}/sigs", config=cfg)
+    signature.word_tokenizer.word_tokenize("Load the spaCy tokenizer before the clock starts.")
+    t0 = time.process_time()
+    signature.run(docs(), 0, 1)
+    for rank in range(cfg.num_buckets):
+        MinhashDedupBuckets(f"{tmp}/sigs", f"{tmp}/buckets", config=cfg).run(None, rank, cfg.num_buckets)
+    cluster = MinhashDedupCluster(f"{tmp}/buckets", f"{tmp}/remove", config=cfg, save_cluster_id=True)
+    cluster.run(None, 0, 1)
+    kept = sum(1 for _ in MinhashDedupFilter(f"{tmp}/remove", load_cluster_ids=True).run(docs(), 0, 1))
+    cpu = time.process_time() - t0
+    clusters = {}
+    raw = Path(f"{tmp}/remove/000000.clusters").read_bytes() if Path(f"{tmp}/remove/000000.clusters").exists() else b""
+    import struct
+    for doc, cid in struct.iter_unpack("<II", raw):
+        clusters.setdefault(cid, []).append(doc)
+pairs = sorted({(min(a, b), max(a, b)) for m in clusters.values() for a in m for b in m if a != b})
+json.dump({"cpu_seconds": cpu, "pairs": pairs, "kept": kept}, open(sys.argv[2], "w"))
 """
 
 _PUNCT = re.compile(r"[^\w\s]+")
@@ -123,16 +161,17 @@ def main() -> None:
     print(f"lmforge:    {len(texts) / our_cpu:8,.0f} docs/s/core  precision {p:.3f}  recall {r:.3f}  "
           f"({len(ours):,} pairs)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, res, script = Path(tmp) / "texts.json", Path(tmp) / "res.json", Path(tmp) / "ds.py"
-        src.write_text(json.dumps(texts))
-        script.write_text(DATASKETCH_SCRIPT)
-        subprocess.run([args.other_python, str(script), str(src), str(res)], check=True)
-        ds = json.loads(res.read_text())
-    theirs = {tuple(x) for x in ds["pairs"]}
-    p, r = score(theirs, truth, sh)
-    print(f"datasketch: {len(texts) / ds['cpu_seconds']:8,.0f} docs/s/core  precision {p:.3f}  recall {r:.3f}  "
-          f"({len(theirs):,} pairs)")
+    for name, code in (("datasketch", DATASKETCH_SCRIPT), ("datatrove", DATATROVE_SCRIPT)):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, res, script = Path(tmp) / "texts.json", Path(tmp) / "res.json", Path(tmp) / "other.py"
+            src.write_text(json.dumps(texts))
+            script.write_text(code)
+            subprocess.run([args.other_python, str(script), str(src), str(res)], check=True)
+            other = json.loads(res.read_text())
+        theirs = {tuple(x) for x in other["pairs"]}
+        p, r = score(theirs, truth, sh)
+        print(f"{name + ':':11} {len(texts) / other['cpu_seconds']:8,.0f} docs/s/core  precision {p:.3f}  "
+              f"recall {r:.3f}  ({len(theirs):,} pairs)")
 
 
 if __name__ == "__main__":

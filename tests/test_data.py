@@ -189,14 +189,15 @@ def test_dropped_docs_pass_later_steps_uncounted():
     assert [s.stats.docs_in for s in steps] == [2, 1, 1, 1]  # the dropped page is not seen again
 
 
-def test_trafilatura_missing_is_a_clear_error():
-    try:
-        import trafilatura  # noqa: F401
-    except Exception:
-        with pytest.raises(RuntimeError, match="pip install trafilatura"):
-            HtmlExtract("trafilatura")
-    else:
-        pytest.skip("trafilatura is installed here")
+def test_trafilatura_missing_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trafilatura", None)  # as if not installed: `import trafilatura` raises
+    with pytest.raises(RuntimeError, match="pip install trafilatura"):
+        HtmlExtract("trafilatura")
+    with pytest.raises(RuntimeError, match="pip install trafilatura"):
+        run(Config(inputs=[str(DEMO / "html" / "about.html")], extractor="trafilatura"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing started
 
 
 # ----------------------------------------------------------------------------------------------------------------------

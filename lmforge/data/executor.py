@@ -7,6 +7,7 @@ Layout of the output folder::
     dropped/part-00000.jsonl.zst         documents dropped by a filter, with meta.drop_reason / meta.drop_step
     dropped/dedup-part-00000.jsonl.zst   exact duplicates (meta.duplicate_of names the kept copy)
     work/part-00000.stats.json           per-shard counts (the survivors of phase 1 live here until phase 2 is done)
+    work/part-00000.lines.npy            (line_dedup) the shard's line hashes and the documents holding each
     .done/part-00000                     completion marker holding the run fingerprint
     stats.json, report.html
 
@@ -83,9 +84,10 @@ class ShardTask:
     make_steps: StepsFactory
     reader: Reader
     minhash: Any = None  # MinHashParams: also write the kept documents' LSH band keys
+    line_dedup: Any = None  # LineDedupParams: also write the shard's (line hash, documents) table
 
 
-def shard_done(out_dir: Path, i: int, fingerprint: str, minhash: bool = False) -> bool:
+def shard_done(out_dir: Path, i: int, fingerprint: str, minhash: bool = False, line_dedup: bool = False) -> bool:
     marker = out_dir / ".done" / part(i)
     return (
         marker.is_file()
@@ -93,6 +95,7 @@ def shard_done(out_dir: Path, i: int, fingerprint: str, minhash: bool = False) -
         and (out_dir / "work" / f"{part(i)}.jsonl.zst").is_file()
         and (out_dir / "work" / f"{part(i)}.stats.json").is_file()
         and (not minhash or (out_dir / "work" / f"{part(i)}.minhash.npy").is_file())
+        and (not line_dedup or (out_dir / "work" / f"{part(i)}.lines.npy").is_file())
     )
 
 
@@ -135,6 +138,12 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
 
         hasher = MinHasher(task.minhash)
     t_minhash = 0.0
+    line_counter = None
+    if task.line_dedup is not None:
+        from lmforge.data.linededup import HashCounter
+
+        line_counter = HashCounter()
+    t_lines = 0.0
     with ShardWriter(out / "work" / f"{part(task.index)}.jsonl.zst") as keep, \
             ShardWriter(out / "dropped" / f"{part(task.index)}.jsonl.zst") as drop:
         for doc in stream:
@@ -149,12 +158,18 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
                     t = time.perf_counter()
                     band_keys.append(hasher.band_keys(doc.text))
                     t_minhash += time.perf_counter() - t
+                if line_counter is not None:
+                    t = time.perf_counter()
+                    line_counter.add(task.line_dedup.hashes(doc.text))
+                    t_lines += time.perf_counter() - t
         kept_count, kept_bytes, dropped_bytes = keep.count, keep.text_bytes, drop.text_bytes
         dropped_count = drop.count
 
     if hasher is not None:
         keys = np.stack(band_keys) if band_keys else np.zeros((0, task.minhash.bands), dtype=np.uint64)
         _save_npy(out / "work" / f"{part(task.index)}.minhash.npy", keys)
+    if line_counter is not None:
+        _save_npy(out / "work" / f"{part(task.index)}.lines.npy", line_counter.table())
     step_stats = [s.stats for s in steps]
     check_chain(counter["docs"], step_stats, kept_count)
     if counter["docs"] != kept_count + dropped_count:
@@ -170,6 +185,7 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
         "records_skipped": dict(log.skipped),
         "steps": [s.to_dict(full=True) for s in step_stats],
         "minhash_seconds": round(t_minhash, 4),
+        "line_hash_seconds": round(t_lines, 4),
         "kept": kept_count,
         "kept_bytes": kept_bytes,
         "dropped": dropped_count,
@@ -311,10 +327,12 @@ def execute(
     final_steps: Callable[[], list[Step]] | None = None,
     select: Any = None,
     output_format: str = "jsonl",
+    line_dedup: Any = None,
 ) -> dict[str, Any]:
     """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content.
 
-    Phase 2 runs ``dedup`` (exact), then MinHash near-dedup when ``minhash`` (a ``MinHashParams``) is given, then the
+    Phase 2 runs corpus-wide repeated-line removal when ``line_dedup`` (a ``LineDedupParams``) is given, ``dedup``
+    (exact), then MinHash near-dedup when ``minhash`` (a ``MinHashParams``) is given, then the
     steps of ``final_steps()``, over all shards in order; then, if ``select`` (a :class:`~lmforge.data.mixing.MixSpec`)
     is active, the corpus-level top-fraction selection and mixing pass over ``docs/``."""
     from lmforge.progress import console, progress, rate_text
@@ -324,13 +342,13 @@ def execute(
     results: dict[int, dict[str, Any]] = {}
     pending: list[ShardTask] = []
     for i, shard_files in enumerate(plan):
-        if shard_done(out_dir, i, fingerprint, minhash is not None):
+        if shard_done(out_dir, i, fingerprint, minhash is not None, line_dedup is not None):
             stats = json.loads((out_dir / "work" / f"{part(i)}.stats.json").read_text())
             stats["resumed"] = True
             results[i] = stats
         else:
             pending.append(ShardTask(i, [str(f) for f in shard_files], str(out_dir), fingerprint, make_steps, reader,
-                                     minhash))
+                                     minhash, line_dedup))
     if results:
         console.print(f"[yellow]↻ data[/]: {len(results)} of {len(plan)} shards already done, skipped: "
                       + ", ".join(part(i) for i in sorted(results)))
@@ -364,7 +382,20 @@ def execute(
                     advance(done_files, done_docs)
     phase1_s = time.time() - t0
 
-    steps2: list[Step] = [dedup] if dedup is not None else []
+    steps2: list[Step] = []
+    if line_dedup is not None:
+        from lmforge.data.linededup import RepeatedLineRemoval, frequent_hashes
+
+        t_count = time.time()
+        frequent = frequent_hashes([out_dir / "work" / f"{part(i)}.lines.npy" for i in range(len(plan))],
+                                   line_dedup.max_docs)
+        lines_step = RepeatedLineRemoval(frequent, line_dedup)
+        lines_step.stats.seconds = (time.time() - t_count
+                                    + sum(r.get("line_hash_seconds", 0.0) for r in results.values()))
+        lines_step.stats.tally("frequent", "distinct_units", len(frequent))
+        steps2.append(lines_step)
+    if dedup is not None:
+        steps2.append(dedup)
     if minhash is not None:
         from lmforge.data.minhash import NearDedup, cluster_roots
 
@@ -403,6 +434,7 @@ def execute(
     for i in range(len(plan)):  # the survivors now live in docs/ (and dropped/dedup-*)
         (out_dir / "work" / f"{part(i)}.jsonl.zst").unlink(missing_ok=True)
         (out_dir / "work" / f"{part(i)}.minhash.npy").unlink(missing_ok=True)
+        (out_dir / "work" / f"{part(i)}.lines.npy").unlink(missing_ok=True)
     return stats
 
 

@@ -2,7 +2,8 @@
 
 Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
 [``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
-[``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards: ``exact_dedup_v1`` →
+[``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards:
+[``line_dedup_v1``] → ``exact_dedup_v1`` →
 [``minhash_dedup_v1``].  Bracketed steps are off by default.
 
     from lmforge.data.stage import Config, run
@@ -45,6 +46,10 @@ class Config(StageConfig):
         "resiliparse", description="HTML main-text extractor (trafilatura is an optional extra)."
     )
     main_content: bool = Field(True, description="Keep the main content of HTML pages only (drop navigation etc.).")
+    extract_timeout: float = Field(
+        0.0, ge=0, description="Seconds one HTML page may take to extract (0 = no limit); a slower page is dropped as "
+                               "extract_timeout (the extractor then runs in a helper process, which is killed)."
+    )
     txt_chunk_chars: int = Field(
         20_000, ge=0, description="Split plain-text files into documents of about this many characters at blank "
                                   "lines (0 = one document per file)."
@@ -130,6 +135,14 @@ class Config(StageConfig):
                                                                             "'*' covers the rest.")
     mix_max_repeat: float = Field(1.0, ge=1, description="Mixing may repeat a document up to this many times "
                                                          "(1 = down-sampling only).")
+    # line_dedup_v1
+    line_dedup: bool = Field(False, description="Remove lines (or paragraphs) repeated across many documents of the "
+                                                "corpus: navigation, footers, cookie notices (CCNet-style).")
+    line_dedup_unit: Literal["line", "paragraph"] = Field("line", description="Line dedup: the unit counted and "
+                                                                             "removed.")
+    line_dedup_max_docs: int = Field(10, ge=1, description="Line dedup: remove a unit found in more than this many "
+                                                           "documents.")
+    line_dedup_min_words: int = Field(50, ge=0, description="Line dedup: drop a document left with fewer words.")
     # minhash_dedup_v1
     minhash: bool = Field(False, description="Drop near-duplicates (MinHash-LSH across all shards).")
     minhash_ngram: int = Field(5, ge=1, description="MinHash: words per shingle.")
@@ -143,7 +156,7 @@ def build_steps(config: dict[str, Any]) -> list:
     from lmforge.data.steps import HtmlExtract, UnicodeNormalize
 
     c = Config.model_validate(config)
-    steps: list = [HtmlExtract(c.extractor, c.main_content), UnicodeNormalize()]
+    steps: list = [HtmlExtract(c.extractor, c.main_content, c.extract_timeout), UnicodeNormalize()]
     if c.line_junk:
         from lmforge.data.filters import LineJunk
 
@@ -213,8 +226,16 @@ def minhash_params(config: Config):
     return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows)
 
 
+def line_dedup_params(config: Config):
+    from lmforge.data.linededup import LineDedupParams
+
+    if not config.line_dedup:
+        return None
+    return LineDedupParams(config.line_dedup_unit, config.line_dedup_max_docs, config.line_dedup_min_words)
+
+
 def step_names(config: Config) -> list[str]:
-    names = [s.name for s in build_steps(config.model_dump())]
+    names = [s.name for s in build_steps(config.model_dump())] + (["line_dedup_v1"] if config.line_dedup else [])
     return (names + (["exact_dedup_v1"] if config.dedup else []) + (["minhash_dedup_v1"] if config.minhash else [])
             + (["select_v1"] if config.top_fraction is not None else []) + (["mix_v1"] if config.mix_targets else []))
 
@@ -255,14 +276,14 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     inputs = {f"raw{i}": spec for i, spec in enumerate(config.inputs)}
     if config.quality_model:
         inputs["quality_model"] = config.quality_model
+    if config.extractor == "trafilatura":
+        HtmlExtract("trafilatura")  # fail now, with the install hint, before the run starts or a worker imports it
     cfg = config.model_dump()
     stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
                       execution_fields={"workers"})
     if stage_run is None:
         return finished(out)
     resume = stage_run.resumable() and not force
-    if config.extractor == "trafilatura":
-        HtmlExtract("trafilatura")  # fail now, with the install hint, not inside a worker
 
     files, skipped = collect_inputs(config.inputs)
     for reason, names in skipped.items():
@@ -281,6 +302,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             fingerprint=stage_run.fingerprint,
             skipped_files=skipped,
             minhash=minhash_params(config),
+            line_dedup=line_dedup_params(config),
             select=select_spec(config),
             output_format=config.output_format,
         )

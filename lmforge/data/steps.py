@@ -96,15 +96,22 @@ class HtmlExtract(Step):
 
     ``resiliparse`` (default, fast) or ``trafilatura`` (optional extra).  When the main-content heuristic leaves
     nothing, the full page text is used instead (``meta.extract_fallback``) and the quality filters judge it; drops
-    ``html_no_text`` when even that is empty.  Records ``meta.title`` and ``meta.extractor``.
+    ``html_no_text`` when even that is empty, ``extract_error`` when the extractor raises (``meta.extract_error``).
+    Records ``meta.title`` and ``meta.extractor``.
+
+    ``timeout`` > 0 runs the extractor in a helper process (see :class:`ExtractSandbox`): a page that takes longer is
+    dropped as ``extract_timeout`` and the helper is replaced, so a pathological page never hangs the run, even inside
+    the extractor's C code where a signal could not interrupt it.
     """
 
     name = "html_extract_v1"
 
-    def __init__(self, extractor: str = "resiliparse", main_content: bool = True) -> None:
+    def __init__(self, extractor: str = "resiliparse", main_content: bool = True, timeout: float = 0.0) -> None:
         super().__init__()
         self.extractor = extractor
         self.main_content = main_content
+        self.timeout = timeout
+        self._sandbox: ExtractSandbox | None = None
         if extractor == "resiliparse":
             from resiliparse.extract.html2text import extract_plain_text
             from resiliparse.parse.html import HTMLTree
@@ -123,10 +130,9 @@ class HtmlExtract(Step):
         else:
             raise ValueError(f"unknown extractor {extractor!r} (resiliparse or trafilatura)")
 
-    def process(self, doc: Document) -> Document | str:
-        if doc.meta.get("format") != "html":
-            return doc
-        html = doc.text
+    def extract(self, html: str) -> tuple[str, str, bool]:
+        """``(title, text, fell_back_to_full_page)`` of one page."""
+        fallback = False
         if self.extractor == "resiliparse":
             tree = self._parse(html)
             title = tree.title or ""
@@ -135,19 +141,114 @@ class HtmlExtract(Step):
                 # resiliparse's boilerplate heuristic sometimes removes a whole real page (e.g. some Django docs
                 # pages); fall back to the full page text and let the quality filters judge it
                 text = self._extract_plain_text(tree, main_content=False, alt_texts=False)
-                doc.meta["extract_fallback"] = "full_page"
+                fallback = True
         else:
             text = self._trafilatura.extract(html, include_comments=False, favor_recall=True) or ""
             m = re.search(r"<title[^>]*>(.*?)</title>", html, re.I | re.S)
             title = m.group(1).strip() if m else ""
+        return title, text, fallback
+
+    def process(self, doc: Document) -> Document | str:
+        if doc.meta.get("format") != "html":
+            return doc
+        try:
+            if self.timeout > 0:
+                if self._sandbox is None:
+                    self._sandbox = ExtractSandbox(self.extract)
+                result = self._sandbox.call(doc.text, self.timeout)
+                if result is None:
+                    doc.meta["extract_timeout_s"] = self.timeout
+                    return "extract_timeout"
+            else:
+                result = self.extract(doc.text)
+        except Exception as err:  # a page the extractor cannot handle is dropped, not fatal
+            doc.meta["extract_error"] = (str(err) if isinstance(err, ExtractError) else f"{type(err).__name__}: {err}")[:200]
+            return "extract_error"
+        title, text, fallback = result
         if not text or not text.strip():
             return "html_no_text"
+        if fallback:
+            doc.meta["extract_fallback"] = "full_page"
         doc.text = text
         doc.meta["format"] = "text"
         doc.meta["extractor"] = self.extractor
         if title:
             doc.meta["title"] = title.strip()
         return doc
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
+
+    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        try:
+            yield from super().__call__(docs)
+        finally:
+            self.close()
+
+
+class ExtractError(Exception):
+    """The extractor raised inside the helper process (the message names the original error)."""
+
+
+def _serve_extract(conn: Any, fn: Any) -> None:  # the helper process's loop
+    while True:
+        try:
+            html = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send((True, fn(html)))
+        except Exception as err:
+            conn.send((False, f"{type(err).__name__}: {err}"))
+
+
+class ExtractSandbox:
+    """Runs ``fn(html)`` in a forked helper process that lives across calls; :meth:`call` gives up after ``timeout``
+    seconds, kills the helper and starts a fresh one on the next call.  Costs a pipe round trip per page (tens of µs).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.proc: Any = None
+        self.conn: Any = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")  # the child inherits the loaded extractor (no re-import)
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_extract, args=(child, self.fn), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+
+    def call(self, html: str, timeout: float) -> Any:
+        """``fn(html)``, or None when it took longer than ``timeout`` seconds; raises :class:`ExtractError`."""
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send(html)
+        if not self.conn.poll(timeout):
+            self.close()
+            self.restarts += 1
+            return None
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:  # the helper died (e.g. a crash inside C code): treat like an error, restart next time
+            self.close()
+            raise ExtractError("the extractor process died") from None
+        if not ok:
+            raise ExtractError(value)
+        return value
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.conn.close()
+            self.proc.kill()
+            self.proc.join()
+            self.proc = self.conn = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
