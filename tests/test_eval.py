@@ -56,6 +56,22 @@ def test_bits_per_byte_centered_and_bootstrap():
     assert 1.0 <= lo <= 2.5 <= hi <= 4.0
 
 
+def test_paired_bootstrap_difference():
+    ones = [1.0] * 6
+    # b is a everywhere plus 0.5: every resample differs by exactly 0.5, however spread out the items are
+    a = [0.1, 0.9, 0.3, 0.7, 0.0, 1.0]
+    b = [x + 0.5 for x in a]
+    assert M.paired_bootstrap_diff_ci(a, ones, b, ones) == pytest.approx((0.5, 0.5))
+    # whereas the separate CIs overlap heavily
+    assert M.bootstrap_ci(b)[0] < M.bootstrap_ci(a)[1]
+    # ratios (bits / bytes): b spends 2 more bits on each 4-byte item -> +0.5 bit per byte
+    assert M.paired_bootstrap_diff_ci([4, 8, 2], [4, 4, 4], [6, 10, 4], [4, 4, 4]) == pytest.approx((0.5, 0.5))
+    lo, hi = M.paired_bootstrap_diff_ci([0, 1] * 20, [1] * 40, [1, 1] * 20, [1] * 40)
+    assert 0.3 < lo < 0.5 < hi < 0.7
+    with pytest.raises(ValueError, match="same items"):
+        M.paired_bootstrap_diff_ci([1, 2], [1, 1], [1], [1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # models whose preferences we set
 

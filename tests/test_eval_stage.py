@@ -97,12 +97,14 @@ def test_lm_eval_agrees_with_lmforge(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
     lm = LM.from_folder(model_dir)
     ours, names = {}, []
-    for name, limit in (("cloze_shakespeare", 24), ("minimal_pairs", 30)):
+    for name, limit, shots in (("cloze_shakespeare", 24, 0), ("minimal_pairs", 30, 0), ("minimal_pairs", 20, 2)):
         task = load_task(SUITE / f"{name}.yaml")
         task.items = task.items[:limit]
-        ours[f"lmforge_{name}"] = run_task(lm, task)
-        export_task(task, tmp_path / "lmeval_tasks")
-        names.append(f"lmforge_{name}")
+        task.spec.num_fewshot, task.spec.fewshot_sampler = shots, "lm_eval"  # 2-shot: lm-eval's sampler, replayed
+        key = f"lmforge_{name}_{shots}shot"
+        ours[key] = run_task(lm, task)
+        export_task(task, tmp_path / "lmeval_tasks", name=key)
+        names.append(key)
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=names,
                                   task_manager=TaskManager(include_path=str(tmp_path / "lmeval_tasks")),
                                   device="cpu", batch_size=8, log_samples=True)
@@ -118,3 +120,39 @@ def test_lm_eval_agrees_with_lmforge(model_dir, tmp_path, monkeypatch):
             lls = [float(r[0][0]) for r in s["resps"]]
             assert lls == pytest.approx(rec["loglikelihoods"], abs=2e-3)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+
+def test_fewshot_prompts_match_lm_eval(tmp_path, monkeypatch):
+    """Few-shot contexts are the same strings lm-eval builds from the exported task (its samplers, replayed)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.eval.harness import _context
+    from lmforge.eval.lmeval import export_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    tasks = {}
+    for sampler in ("lm_eval", "first_n"):
+        task = load_task(SUITE / "cloze_shakespeare.yaml")
+        task.spec.num_fewshot, task.spec.fewshot_sampler = 3, sampler
+        task.items = task.items[:15] + [task.items[0]]  # a duplicate item: never its own example, in both tools
+        export_task(task, tmp_path / "lmeval_tasks", name=f"cloze_{sampler}")
+        tasks[f"cloze_{sampler}"] = task
+    loaded = TaskManager(include_path=str(tmp_path / "lmeval_tasks")).load(list(tasks))["tasks"]
+    for name, task in tasks.items():
+        theirs = loaded[name]
+        theirs.set_fewshot_seed(task.spec.fewshot_seed)
+        docs = list(theirs.test_docs())
+        assert len(docs) == len(task.items)
+        for i, doc in enumerate(docs):
+            ctx = _context(None, task, i)
+            assert theirs.fewshot_context(doc, 3) == ctx
+            assert task.render(task.items[i]) not in ctx[:-len(task.render(task.items[i]))]
+        assert task.fewshot(0) != task.fewshot(1)
+    # our own default sampler picks other examples, so this agreement is not a given
+    task = tasks["cloze_lm_eval"]
+    task.spec.fewshot_sampler = "per_item"
+    theirs = loaded["cloze_lm_eval"]
+    assert _context(None, task, 1) != theirs.fewshot_context(list(theirs.test_docs())[1], 3)

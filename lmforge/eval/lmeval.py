@@ -3,7 +3,9 @@
 The exported task reads our JSONL through ``dataset_path: json`` + ``data_files`` (no hub), uses the same Jinja2
 prompt, target delimiter and choices; run it with ``lm_eval --model hf --model_args pretrained=MODEL_DIR
 --include_path DIR --tasks NAME`` (``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1``).  Zero-shot multiple-choice tasks give
-the same accuracy in both tools (a test checks it); few-shot examples are drawn by each tool's own sampler.
+the same accuracy in both tools (a test checks it), and so do few-shot tasks whose ``fewshot_sampler`` is ``lm_eval``
+(lm-eval's default sampler, replayed; run lm-eval with its default ``--seed`` or one whose fewshot seed equals the
+task's ``fewshot_seed``) or ``first_n``.  With our default ``per_item`` sampler the two tools pick different examples.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def export_task(task: Task, out_dir: str | Path, name: str | None = None) -> Pat
         "target_delimiter": spec.target_delimiter,
         "fewshot_delimiter": spec.fewshot_delimiter,
         "num_fewshot": spec.num_fewshot,
+        # the few-shot pool is the evaluated items themselves, the item itself left out (as lmforge does)
+        "fewshot_split": "test",
+        "fewshot_config": {"sampler": "first_n" if spec.fewshot_sampler == "first_n" else "default"},
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},

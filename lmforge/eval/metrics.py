@@ -105,6 +105,27 @@ def bootstrap_ratio_ci(numerators: Sequence[float], denominators: Sequence[float
     return (float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha)))
 
 
+def paired_bootstrap_diff_ci(num_a: Sequence[float], den_a: Sequence[float], num_b: Sequence[float],
+                             den_b: Sequence[float], n_resamples: int = 1000, confidence: float = 0.95,
+                             seed: int = 0) -> tuple[float, float]:
+    """Bootstrap CI of ``sum(num_b)/sum(den_b) - sum(num_a)/sum(den_a)`` where a and b are scores of two models on
+    the *same* items: items are resampled jointly, so the item-to-item spread that both share cancels out (much
+    tighter than comparing two separate CIs).  Means are the case ``den = 1`` per item."""
+    na, da = np.asarray(num_a, dtype=np.float64), np.asarray(den_a, dtype=np.float64)
+    nb, db = np.asarray(num_b, dtype=np.float64), np.asarray(den_b, dtype=np.float64)
+    if not len(na) == len(da) == len(nb) == len(db):
+        raise ValueError(f"paired scores need the same items: got {len(na)}, {len(da)}, {len(nb)}, {len(db)}")
+    if len(na) < 2:
+        v = float(nb.sum() / max(1e-12, db.sum()) - na.sum() / max(1e-12, da.sum()))
+        return (v, v)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(na), size=(n_resamples, len(na)))
+    diffs = nb[idx].sum(axis=1) / np.maximum(db[idx].sum(axis=1), 1e-12) - \
+        na[idx].sum(axis=1) / np.maximum(da[idx].sum(axis=1), 1e-12)
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha)))
+
+
 def centered(acc: float, chance: float) -> float:
     """``(acc - chance) / (1 - chance)``: 0 at chance, 1 when perfect (nanochat's CORE aggregation)."""
     if not 0 <= chance < 1:

@@ -10,6 +10,7 @@ answer_field: answer           # multiple_choice: index of the right choice; gen
 metric: acc                    # acc | acc_norm | exact_match | f1 | contains | bpb
 num_fewshot: 0
 fewshot_seed: 1234
+fewshot_sampler: per_item      # per_item | lm_eval | first_n (see Task.fewshot)
 stop: ["\\n"]                  # generation: stop sequences
 chat: false                    # render prompts through the model's chat template
 ```
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,10 @@ class TaskSpec(StageConfig):
     fewshot_delimiter: str = Field("\n\n", description="Between few-shot examples.")
     num_fewshot: int = Field(0, ge=0)
     fewshot_seed: int = 1234
+    fewshot_sampler: Literal["per_item", "lm_eval", "first_n"] = Field(
+        "per_item", description="How few-shot examples are drawn from the other items: per_item (a seeded draw per "
+                                "item, independent of the others), lm_eval (lm-evaluation-harness's default sampler: "
+                                "one seeded stream over the items in order), first_n (the first N other items).")
     metric: str = Field("", description="Primary metric; default acc / exact_match / bpb by type.")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="generation: stop sequences.")
     max_new_tokens: int = Field(32, ge=1)
@@ -78,6 +83,7 @@ class Task:
     spec: TaskSpec
     path: Path  # the YAML file
     items: list[dict[str, Any]]
+    _lm_eval_shots: tuple[int, list[list[int]]] | None = field(default=None, repr=False)  # (id(items), draws)
 
     @property
     def name(self) -> str:
@@ -96,13 +102,42 @@ class Task:
         return [a] if isinstance(a, str) else list(a)
 
     def fewshot(self, index: int) -> list[dict[str, Any]]:
-        """``num_fewshot`` other items, drawn with a fixed seed per item (the same for every model)."""
+        """``num_fewshot`` other items as examples for item ``index`` (the same for every model).
+
+        * ``per_item``: a draw seeded with ``(fewshot_seed, index)``, so an item's examples do not depend on which
+          other items are scored (``limit`` keeps them);
+        * ``lm_eval``: lm-evaluation-harness's ``ContextSampler`` when the few-shot pool is the evaluated split: one
+          ``random.Random(fewshot_seed)`` stream, for each item in order draw ``k + 1`` items, drop those equal to the
+          item itself, keep ``k`` (lm-eval's ``--seed`` sets ``fewshot_seed``; its default is 1234, as ours);
+        * ``first_n``: the first ``k`` items not equal to this one (lm-eval's ``first_n`` sampler).
+        """
         k = self.spec.num_fewshot
         if k == 0:
             return []
+        item = self.items[index]
+        if self.spec.fewshot_sampler == "first_n":
+            return [x for x in self.items if x != item][:k]
+        if self.spec.fewshot_sampler == "lm_eval":
+            if self._lm_eval_shots is None or self._lm_eval_shots[0] != id(self.items):  # items replaced (a limit)
+                self._lm_eval_shots = (id(self.items), _lm_eval_draws(self.items, k, self.spec.fewshot_seed))
+            return [self.items[i] for i in self._lm_eval_shots[1][index]]
         rng = random.Random(f"{self.spec.fewshot_seed}-{index}")
         pool = [i for i in range(len(self.items)) if i != index]
         return [self.items[i] for i in rng.sample(pool, min(k, len(pool)))]
+
+
+def _lm_eval_draws(items: list[dict[str, Any]], k: int, seed: int) -> list[list[int]]:
+    """The indices lm-eval's default sampler picks for every item, in item order (one shared random stream)."""
+    if len(items) <= k:
+        raise ValueError(f"{k}-shot needs more than {k} items, the task has {len(items)}")
+    rng = random.Random(seed)
+    out = []
+    for item in items:
+        picked = [i for i in rng.sample(range(len(items)), k + 1) if items[i] != item][:k]
+        if len(picked) < k:  # duplicates of the item were drawn: lm-eval draws again from the rest
+            picked = rng.sample([i for i in range(len(items)) if items[i] != item], k)
+        out.append(picked)
+    return out
 
 
 def _check_item(spec: TaskSpec, item: Any, where: str) -> None:
