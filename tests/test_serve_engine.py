@@ -1,5 +1,6 @@
-"""The serving hot path: ModelRunner parity with the reference model (float32 exact, bf16 / int8 close), batched
-padded prefill, int8 weight-only quantisation, and the sampler's top-k / min-p / repetition penalty / logprobs."""
+"""The serving hot path: ModelRunner parity with the reference model (float32 exact, bf16 / int8 / int4 close),
+batched padded prefill, int8 and int4 weight-only quantisation, and the sampler's top-k / min-p / repetition penalty /
+logprobs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from test_serve import CTX, _build_serve_model
 
 from lmforge.model.hf import load_model
-from lmforge.model.quant import Int8Linear, perplexity, quantize_llama_int8, quantize_weight_int8
+from lmforge.model.quant import (Int4Linear, Int8Linear, int4_linear, perplexity, quantize_llama_int4,
+                                 quantize_llama_int8, quantize_weight_int4, quantize_weight_int8)
 from lmforge.serve.engine import Engine
 from lmforge.serve.runner import ModelRunner
 from lmforge.serve.sampling import SamplerState, SamplingParams, repetition_penalty_processor, sample, sample_token
@@ -76,12 +78,13 @@ def test_batched_padded_prefill_equals_one_by_one(model, model_dir):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype,quantize,tol", [("bfloat16", None, 0.1), ("float32", "int8", 0.1)])
+@pytest.mark.parametrize("dtype,quantize,tol", [("bfloat16", None, 0.1), ("float32", "int8", 0.1),
+                                                     ("float32", "int4", 0.5)])
 def test_low_precision_runner_is_close(model, model_dir, dtype, quantize, tol):
     ids = torch.tensor([_prompt(model_dir)])
     ref = torch.log_softmax(model(ids)[0, -1], -1)
     runner = ModelRunner(model, dtype, quantize)
-    assert runner.dtype == torch.bfloat16  # int8 runs with bf16 activations
+    assert runner.dtype == torch.bfloat16  # int8 / int4 run with bf16 activations
     out = torch.log_softmax(runner.forward(ids, torch.arange(ids.shape[1])[None], runner.allocate_cache(1, CTX),
                                            torch.tensor([0])), -1)[0]
     p = ref.exp()
@@ -93,7 +96,7 @@ def test_runner_rejects_bad_options(model):
     with pytest.raises(ValueError, match="dtype"):
         ModelRunner(model, "float8")
     with pytest.raises(ValueError, match="quantize"):
-        ModelRunner(model, "float32", "int4")
+        ModelRunner(model, "float32", "int3")
 
 
 def test_int8_weight_quantisation_error_is_bounded():
@@ -108,6 +111,32 @@ def test_int8_weight_quantisation_error_is_bounded():
     torch.testing.assert_close(y, lin(x), rtol=0.02, atol=0.05)
 
 
+def test_int4_weight_quantisation_error_is_bounded():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    packed, sz = quantize_weight_int4(w, group_size=32, dtype=torch.float32)
+    assert sz.shape == (3, 64, 2)  # [groups, out, (scale, zero)]
+    deq = int4_linear(torch.eye(96), packed, sz, 32).T  # [out, in]: the weights the kernel multiplies by
+    scale = sz[:, :, 0].T.repeat_interleave(32, dim=1)
+    assert torch.all((deq - w).abs() <= scale / 2 + 1e-5)
+    lin = torch.nn.Linear(96, 64)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(Int4Linear(lin, 32, torch.float32)(x), lin(x), rtol=0.1, atol=0.15)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weight_int4(torch.randn(8, 40), group_size=32)
+
+
+def test_int4_perplexity_delta_is_bounded(model, model_dir):
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = torch.tensor(tok.encode(topics["while"] + topics["for"]).ids[:400])
+    base = perplexity(model, ids, window=CTX - 1)
+    quant = perplexity(quantize_llama_int4(copy.deepcopy(model)), ids, window=CTX - 1)
+    assert abs(quant / base - 1) < 0.10, (base, quant)
+
+
 def test_int8_perplexity_delta_is_small(model, model_dir):
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer
@@ -119,8 +148,8 @@ def test_int8_perplexity_delta_is_small(model, model_dir):
     assert abs(quant / base - 1) < 0.02, (base, quant)
 
 
-def test_engine_int8_and_bf16_generate(model_dir):
-    for kw in ({"dtype": "bfloat16"}, {"quantize": "int8"}):
+def test_engine_int8_int4_and_bf16_generate(model_dir):
+    for kw in ({"dtype": "bfloat16"}, {"quantize": "int8"}, {"quantize": "int4"}):
         eng = Engine.from_folder(model_dir, max_num_seqs=2, max_model_len=CTX, **kw)
         try:
             res = eng.generate_text("The for statement", SamplingParams(temperature=0.0, max_tokens=6,

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["quantize_weight_int8", "int8_linear", "Int8Linear", "quantize_llama_int8", "perplexity"]
+__all__ = ["quantize_weight_int8", "int8_linear", "Int8Linear", "quantize_llama_int8", "quantize_weight_int4",
+           "int4_linear", "Int4Linear", "quantize_llama_int4", "perplexity"]
 
 
 def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,57 @@ def quantize_llama_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child, dtype))
+    return model
+
+
+def quantize_weight_int4(weight: torch.Tensor, group_size: int = 32,
+                         dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu``: asymmetric 4-bit, one scale and
+    zero per ``group_size`` inputs of each output row, ``w ≈ (q - 8) * scale + zero`` with q in 0..15.  Half the bytes
+    of int8, which is what bounds a single-stream decode step on CPU."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4: input size {k} is not a multiple of group_size {group_size}")
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-8) / 15
+    q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    scales_zeros = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)  # [k/g, n, 2]
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for 4-bit weights from ``quantize_weight_int4`` (CPU); ``x`` must have the scales' dtype."""
+    shape = x.shape
+    y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, group_size, scales_zeros)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class Int4Linear(nn.Module):
+    """A drop-in for ``nn.Linear`` with 4-bit group-wise weights (CPU only); computes in ``dtype``."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        packed, sz = quantize_weight_int4(linear.weight, group_size, dtype)
+        self.in_features, self.out_features, self.group_size, self.dtype = (
+            linear.in_features, linear.out_features, group_size, dtype)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", sz)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x.to(self.dtype), self.packed, self.scales_zeros, self.group_size, self.bias).to(x.dtype)
+
+
+def quantize_llama_int4(model: nn.Module, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every ``nn.Linear`` under ``model`` with an ``Int4Linear`` (in place); returns ``model``."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int4Linear(child, group_size, dtype))
     return model
 
 

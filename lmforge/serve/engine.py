@@ -186,7 +186,8 @@ class Engine:
 
         ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
         ``None`` uses the model's full ``max_position_embeddings``.  ``dtype`` ("float32", "bfloat16") is what the
-        serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 (bf16 activations)."""
+        serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 (bf16 activations), ``"int4"``
+        as 4-bit groups of 32 (CPU; about twice the single-stream decode speed of int8, larger perplexity change)."""
         path = Path(path)
         model = load_model(path, dtype=torch.float32, device=device)
         tokenizer, tok_cfg = load_tokenizer(path)
