@@ -366,8 +366,8 @@ def serve_cmd(
     max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens."),
     dtype: str = typer.Option("bfloat16", help="float32 | bfloat16 serving weights and KV cache."),
     quantize: Optional[str] = typer.Option(None, help="int8: int8 weight-only linears (bf16 activations); int4: 4-bit "
-                                                      "groups of 32 (CPU; fastest single stream, ~+7% perplexity on "
-                                                      "SmolLM2-135M)."),
+                                                      "groups of 32 with an int8 output head (CPU; fastest single "
+                                                      "stream)."),
     api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY", help="Require Authorization: Bearer KEY."),
     max_tokens_limit: Optional[int] = typer.Option(None, help="Reject requests asking for more tokens."),
     max_concurrent_requests: int = typer.Option(256, help="In-flight HTTP requests before 429."),

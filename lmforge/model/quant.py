@@ -110,11 +110,14 @@ class Int4Linear(nn.Module):
 
 
 def quantize_llama_int4(model: nn.Module, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every ``nn.Linear`` under ``model`` with an ``Int4Linear`` (in place); returns ``model``."""
+    """Replace every ``nn.Linear`` under ``model`` with an ``Int4Linear`` (in place), except the output head
+    (``lm_head``), which becomes an ``Int8Linear``: 4-bit logits are where almost all of int4's quality loss comes from
+    (SmolLM2-135M: +6.9% perplexity with an int4 head, +0.05% with an int8 one).  Returns ``model``."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int4Linear(child, group_size, dtype))
+                q = Int8Linear(child, dtype) if child_name == "lm_head" else Int4Linear(child, group_size, dtype)
+                setattr(module, child_name, q)
     return model
 
 
