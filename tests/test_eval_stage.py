@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from lmforge import registry
 from lmforge.eval import leaderboard
 from lmforge.eval import stage as eval_stage
 from lmforge.eval.harness import LM, run_task

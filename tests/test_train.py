@@ -3,7 +3,6 @@
 import json
 import math
 
-import numpy as np
 import pydoc_data.topics
 import pytest
 import torch

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field
 
-from lmforge.artifacts import Manifest, read_manifest
+from lmforge.artifacts import Manifest
 from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import save_model
 from lmforge.model.llama import Llama, LlamaConfig

@@ -160,7 +160,6 @@ class SweepPoint:
 
 def sweep(config: SweepConfig, out_dir: str | os.PathLike, force: bool = False) -> list[SweepPoint]:
     """Run (or skip, when done) one pretraining run per (depth, budget); write ``sweep.jsonl`` and return the points."""
-    from lmforge.model.llama import Llama
     from lmforge.tokenizer.shards import read_index
     from lmforge.train import pretrain
 
