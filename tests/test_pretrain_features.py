@@ -9,6 +9,7 @@ import numpy as np
 import pydoc_data.topics
 import pytest
 
+from lmforge.artifacts import read_manifest
 from lmforge.config import ConfigError
 from lmforge.tokenizer import stage as tok_stage
 from lmforge.tokenizer.shards import load_sources, read_index
@@ -136,7 +137,7 @@ def test_finished_run_is_not_overwritten_by_another_config(tokenized, tmp_path):
     first = pretrain.run(tiny(tokenized), out)
     with pytest.raises(ConfigError, match=r"lr: 0\.01 → 0\.005.*--force"):
         pretrain.run(tiny(tokenized, lr=5e-3), out)
-    assert pretrain.read_manifest(out).run_id == first.run_id  # untouched
+    assert read_manifest(out).run_id == first.run_id  # untouched
     again = pretrain.run(tiny(tokenized, lr=5e-3), out, force=True)
     assert again.run_id != first.run_id and again.config["lr"] == 5e-3
 
