@@ -9,10 +9,19 @@ and atomic checkpoints from which a crashed run resumes exactly (batches are a p
 
 Full fine-tuning writes an HF model folder (weights + tokenizer files); LoRA writes an adapter folder (``lora.py``)
 that ``lmforge merge`` turns into a model folder.  Checkpoints hold only the trainable tensors (the adapters, for LoRA).
+
+Data parallel: ``torchrun --nproc_per_node N -m lmforge.cli sft ...`` runs DDP over gloo, like
+pretraining (``train/distributed.py``).  Every rank builds the same global batch of the step and trains on its rows
+``rank::N``; each rank's loss is its token-loss sum over the *global* count of target tokens, times N to undo DDP's
+gradient averaging, so the update equals a single process's although the ranks hold different numbers of target
+tokens.  Only rank 0 writes files (manifest, metrics, checkpoints, samples, model).  LoRA (and the int8 base) work the
+same way: DDP synchronises only the trainable adapter tensors.  With ``lora_dropout`` > 0 each rank draws its own
+dropout masks, so such a run is not bit-comparable with a single process (it is still a correct run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,10 +43,12 @@ from lmforge.align.chat_data import IGNORE, ChatTokenizer, DataStats, Example, e
 from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
 from lmforge.align.qlora import model_state_bytes
 from lmforge.artifacts import Manifest, write_json
-from lmforge.config import StageConfig
+from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import load_model, save_model
 from lmforge.progress import console, progress, rate_text
 from lmforge.stages import begin, finished
+from lmforge.train import distributed
+from lmforge.train.distributed import World
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -170,6 +181,15 @@ class BatchPlan:
         return collate(self.examples, self.rows(b), pad_id, self.packed, self.seq_len if self.packed else None)
 
 
+def shard_batch(batch: Batch, world: World) -> Batch:
+    """This rank's rows ``rank::world_size`` of a global batch (the whole batch in a single process)."""
+    if not world.distributed:
+        return batch
+    segs = batch.segment_ids
+    return Batch(distributed.shard_rows(batch.input_ids, world), distributed.shard_rows(batch.labels, world),
+                 distributed.shard_rows(segs, world) if segs is not None else None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # losses
 
@@ -214,7 +234,7 @@ def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torc
         shutil.rmtree(old)
 
 
-def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Optimizer, verbose: bool = True) -> int:
     found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
     if not found:
         return 0
@@ -226,7 +246,8 @@ def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Opt
     opt.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
     state = json.loads((found[-1] / "state.json").read_text())
     torch.set_rng_state(torch.tensor(state["rng_torch"], dtype=torch.uint8))
-    console.print(f"  resumed from {found[-1]} (step {state['step']})")
+    if verbose:
+        console.print(f"  resumed from {found[-1]} (step {state['step']})")
     return int(state["step"])
 
 
@@ -266,22 +287,46 @@ def pad_id_of(model_dir: Path, tok: ChatTokenizer) -> int:
 # the stage
 
 
-def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
-    out = Path(out_dir)
+def check_world(config: Config, world: World) -> None:
+    """Data-parallel SFT needs a global batch that splits evenly over the processes."""
+    if world.distributed and config.batch_size % world.world_size:
+        raise ConfigError(f"batch_size: {config.batch_size} is not a multiple of the {world.world_size} processes")
+
+
+def _plan(config: Config, out: Path, force: bool):
+    """Rank 0 decides: ``("skip", None)`` or ``("train", StageRun)`` (stale files of a fresh run removed)."""
     inputs = {"model": config.model, "data": config.data}
     if config.val_data:
         inputs["val_data"] = config.val_data
     run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
+        return "skip", None
+    if not run_.resumable():
+        for stale in ("checkpoints", "metrics.jsonl"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return "train", run_
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    """Train (or resume, or skip when up to date) into ``out_dir``; under torchrun every rank calls this."""
+    out = Path(out_dir)
+    world = distributed.setup("cpu")
+    try:
+        check_world(config, world)  # every rank raises the same error, before any file is touched
+        action, run_ = _plan(config, out, force) if world.is_main else ("", None)
+        action = distributed.broadcast(action, world)
+        if action == "skip":
+            return finished(out)
+        if world.is_main:
+            with run_:
+                run_.metrics.update(train(config, out, world))
+        else:
+            train(config, out, world)
+        distributed.barrier(world)  # rank 0 has written the manifest
         return finished(out)
-    resume = run_.resumable()
-    with run_:
-        if not resume:
-            for stale in ("checkpoints", "metrics.jsonl"):
-                p = out / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        run_.metrics.update(train(config, out))
-    return finished(out)
+    finally:
+        distributed.teardown(world)
 
 
 def load_examples(cfg: Config, tok: ChatTokenizer) -> tuple[list[Example], list[Example], DataStats]:
@@ -315,9 +360,24 @@ def answer_samples(model: nn.Module, tok: ChatTokenizer, prompts: list[str], max
     return answers
 
 
-def train(cfg: Config, out: Path) -> dict:
+class _NoBar(contextlib.nullcontext):
+    """Stands in for the progress bar on ranks other than 0."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.quantize_base != "none" and not cfg.lora_r:
         raise ValueError("quantize_base needs LoRA (lora_r > 0): a quantised base cannot be fully fine-tuned")
+    check_world(cfg, world)
+    main = world.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(cfg.model)
@@ -339,8 +399,8 @@ def train(cfg: Config, out: Path) -> dict:
     model.train()
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     samples_path = out / "samples.json"
-    samples = json.loads(samples_path.read_text()) if samples_path.exists() else []
-    if cfg.sample_prompts and [s["prompt"] for s in samples] != cfg.sample_prompts:
+    samples = json.loads(samples_path.read_text()) if main and samples_path.exists() else []
+    if main and cfg.sample_prompts and [s["prompt"] for s in samples] != cfg.sample_prompts:
         before = answer_samples(model, tok, cfg.sample_prompts, cfg.sample_max_tokens)
         samples = [{"prompt": p, "before": a} for p, a in zip(cfg.sample_prompts, before)]
         write_json(samples_path, samples)
@@ -348,33 +408,44 @@ def train(cfg: Config, out: Path) -> dict:
     plan = BatchPlan(train_ex, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
 
     metrics_path = out / "metrics.jsonl"
-    step = load_trainable_checkpoint(out / "checkpoints", model, opt)
-    if step and metrics_path.exists():
+    step = load_trainable_checkpoint(out / "checkpoints", model, opt, verbose=main)
+    if main and step and metrics_path.exists():
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
         metrics_path.write_text("".join(l + "\n" for l in kept))
-    val_before = assistant_loss(model, val_ex, pad_id) if val_ex and step == 0 else float("nan")
-    console.print(f"  {len(train_ex)} train / {len(val_ex)} held-out conversations; "
-                  f"{share['trainable_params'] / 1e6:.3f}M of {share['total_params'] / 1e6:.2f}M parameters trained "
-                  f"({100 * share['trainable_share']:.2f}%)" + ("; LoRA r=%d" % cfg.lora_r if cfg.lora_r else ""))
+    val_before = assistant_loss(model, val_ex, pad_id) if main and val_ex and step == 0 else float("nan")
+    ddp = distributed.parallelize(model, world)  # the model itself in a single process
+    if main:
+        console.print(f"  {len(train_ex)} train / {len(val_ex)} held-out conversations; "
+                      f"{share['trainable_params'] / 1e6:.3f}M of {share['total_params'] / 1e6:.2f}M parameters trained "
+                      f"({100 * share['trainable_share']:.2f}%)" + ("; LoRA r=%d" % cfg.lora_r if cfg.lora_r else "")
+                      + (f"; DDP over {world.world_size} processes" if world.distributed else ""))
 
     val_loss, last_loss, tokens_seen, targets_seen = val_before, float("nan"), 0, 0
     t_start = time.time()
-    with open(metrics_path, "a") as mf, progress() as bar:
+    with (open(metrics_path, "a") if main else contextlib.nullcontext()) as mf, \
+            (progress() if main else _NoBar()) as bar:
         task = bar.add_task("sft", total=cfg.max_steps, completed=step, rate="")
         while step < cfg.max_steps:
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             batches = [plan.batch(step * cfg.grad_accum + m, pad_id) for m in range(cfg.grad_accum)]
+            # every rank holds the whole global batch, so this is the global count of target tokens of the step
             n_targets = max(1, sum(b.n_targets for b in batches))
             loss_sum = 0.0
-            for batch in batches:  # mean over every target token of the step, however they fall into micro-batches
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = token_losses(model, batch).sum() / n_targets
-                loss.backward()
-                loss_sum += float(loss.detach())
+            for m, batch in enumerate(batches):  # mean over every target token of the step, wherever they fall
                 tokens_seen += int((batch.input_ids != pad_id).sum()) if batch.segment_ids is None \
                     else int((batch.segment_ids > 0).sum())
+                mine = shard_batch(batch, world)
+                last_micro = m == len(batches) - 1
+                sync = contextlib.nullcontext() if last_micro or not world.distributed else ddp.no_sync()
+                with sync:
+                    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                        # x world size: DDP averages the ranks' gradients, the sum over ranks is wanted
+                        loss = token_losses(ddp, mine).sum() / n_targets * world.world_size
+                    loss.backward()
+                loss_sum += float(loss.detach())
+            loss_sum = distributed.mean_over_ranks(loss_sum, world)
             targets_seen += n_targets
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate (lr={cfg.lr})")
@@ -387,17 +458,20 @@ def train(cfg: Config, out: Path) -> dict:
             elapsed = time.time() - t_start
             rec = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                    "target_tokens": n_targets, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
-            if val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            if main and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = assistant_loss(model, val_ex, pad_id)
                 rec["val_loss"] = round(val_loss, 5)
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if main:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+            if main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
                 save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
             bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
     seconds = time.time() - t_start
 
     model.eval()
+    if not main:  # other ranks only train
+        return {"steps": step, "world_size": world.world_size}
     if samples:
         for s, a in zip(samples, answer_samples(model, tok, cfg.sample_prompts, cfg.sample_max_tokens)):
             s["after"] = a
@@ -424,6 +498,7 @@ def train(cfg: Config, out: Path) -> dict:
         "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "model_state_mb": round(model_state_bytes(model) / 2**20, 1),
+        "world_size": world.world_size,
         **({"quantize_base": cfg.quantize_base, **quant} if quant else {}),
         **({"samples": samples} if samples else {}),
     }
