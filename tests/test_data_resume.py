@@ -64,7 +64,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     finished = len(list((killed / ".done").glob("part-*")))
-    assert 1 <= finished < 6, finished  # killed between shards: some done, some not
+    assert 0 < finished < 6, finished  # killed between shards: some done, some not
     assert not (killed / "stats.json").exists()
 
     m = run(cfg, killed)  # the re-run skips the finished shards
