@@ -25,3 +25,30 @@ def smollm2_dir(tmp_path_factory):
     from lmforge.model.pretrained import materialize_smollm2
 
     return materialize_smollm2(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init tiny Llama (context 256) + a BPE trained on the bundled chat answers and Python's pydoc topics;
+    shared by the alignment tests."""
+    import json
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    from lmforge.model import Llama, LlamaConfig
+    from lmforge.model.hf import save_model
+    from lmforge.tokenizer.bpe import train_bpe
+
+    chat = Path(__file__).resolve().parents[1] / "data" / "chat" / "chatterbot_en.jsonl"
+    folder = tmp_path_factory.mktemp("align") / "tiny"
+    texts = [json.loads(line)["messages"][1]["content"] for line in chat.read_text().splitlines()]
+    tok = train_bpe(texts + list(topics.values()), 600, folder)
+    eos = tok.token_to_id("<|endoftext|>")
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model = Llama(cfg)
+    model.init_weights(seed=0)
+    save_model(model, folder)
+    return folder

@@ -12,33 +12,12 @@ import pytest
 import torch
 
 from lmforge.align.chat_data import ChatTokenizer, encode_file, read_conversations
-from lmforge.model.hf import load_model, save_model
-from lmforge.model.llama import Llama, LlamaConfig
+from lmforge.model.hf import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "data" / "chat" / "chatterbot_en.jsonl"
 PREFS = ROOT / "data" / "chat" / "preferences.jsonl"
 CTX = 256
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random-init tiny Llama + a BPE trained on the bundled chat answers and Python's pydoc topics."""
-    from pydoc_data.topics import topics
-
-    from lmforge.tokenizer.bpe import train_bpe
-
-    folder = tmp_path_factory.mktemp("align2") / "tiny"
-    texts = [json.loads(l)["messages"][1]["content"] for l in CHAT.read_text().splitlines()] + list(topics.values())
-    tok = train_bpe(texts, 600, folder)
-    eos = tok.token_to_id("<|endoftext|>")
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CTX,
-                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    model = Llama(cfg)
-    model.init_weights(seed=0)
-    save_model(model, folder)
-    return folder
 
 
 def _sft_config(model_dir, **kw):
