@@ -17,6 +17,8 @@ import base64
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -476,6 +478,10 @@ async def _collect(fan: _Fanout, count: int) -> tuple[list[str], list[str | None
     return ["".join(t) for t in texts], reasons, completion, logprobs
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           *, max_num_seqs: int = 4, max_model_len: int | None = 2048, log_level: str = "info",
           dtype: str = "float32", quantize: str | None = None, api_key: str | None = None,
@@ -509,7 +515,18 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         from lmforge.rag.http import attach_knowledge_base
 
         attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
+    # uvicorn answers HTTP on a second thread; this (main) thread, which loaded the model, runs the engine's steps:
+    # PyTorch's CPU kernels run about twice as fast here as on a fresh thread (see lmforge/serve/engine.py)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    http.start()
+    if threading.current_thread() is threading.main_thread():  # stop cleanly on SIGTERM too, as on Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        engine.run_forever(stop=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.should_exit = True
         engine.shutdown()
+        http.join(timeout=15)

@@ -1,7 +1,7 @@
 """The serving engine: model + tokenizer + a preallocated KV cache, driven by a scheduler step loop.
 
-Requests are submitted from any thread (``add_request``) and land in a waiting queue.  One worker thread runs
-``Engine.step()`` while there is work; each step
+Requests are submitted from any thread (``add_request``) and land in a waiting queue.  One thread at a time, the
+*driver*, runs ``Engine.step()`` while there is work (see "Who runs the steps" below); each step
 
 1. retires aborted requests,
 2. decodes one token for every running sequence in a single batched forward pass (rows of the batch sit at different
@@ -20,6 +20,16 @@ same system prompt or few-shot header is then computed once, not per request.
 That is continuous batching at the granularity of a step: a request joins or leaves between any two steps.  The forward
 pass is ``runner.ModelRunner`` (fused, bf16 or int8 weights); the cache is preallocated once.  Outputs go to a
 per-request *sink* callable (a ``queue.Queue.put`` for sync callers, an asyncio hand-off for the API).
+
+Who runs the steps.  PyTorch's CPU kernels run on OpenMP (libgomp).  Its parallel regions are fast while the threads
+it manages are no more than the cores: then its helper threads spin between the ~2,000 small parallel regions of a
+decode step instead of sleeping.  Every thread that ever ran parallel work keeps a pool, so a model loaded on the main
+thread and served from a second thread crosses that line on a 2-core machine and decodes ~2x slower (SmolLM2-135M
+int4: 100 tok/s on the main thread, 43 on a fresh thread).  The engine therefore computes on a thread that already
+has a pool where it can: a caller blocked in ``generate()`` drives the engine itself when no one else does,
+``run_forever()`` lets a server drive it from its main thread (``lmforge serve`` does), and ``embed()`` runs on the
+driver too.  Only requests that arrive with no driver (``add_request`` from another thread) start a background
+worker, which hands the role back after ``worker_idle_s`` seconds without work.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -172,8 +183,11 @@ class Engine:
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens whose keys/values were reused
         self.prefill_tokens_computed = 0  # prompt tokens that went through the model
-        self._worker: threading.Thread | None = None
+        self._worker: threading.Thread | None = None  # the background driver, when one runs
+        self._driver: threading.Thread | None = None  # the thread running steps now (worker, caller or server)
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # work to run on the driver (embeddings)
         self._stopping = False
+        self.worker_idle_s = 1.0
         self._ids = itertools.count()
 
     # -- construction ------------------------------------------------------------------------------------------------
@@ -257,10 +271,11 @@ class Engine:
         return params.max_tokens if params.max_tokens is not None else room
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None, sink: Sink,
-                    request_id: str | None = None) -> str:
-        """Queue a request (thread-safe); outputs are delivered by calling ``sink`` from the engine thread.
+                    request_id: str | None = None, *, start_worker: bool = True) -> str:
+        """Queue a request (thread-safe); outputs are delivered by calling ``sink`` from the driving thread.
 
-        Stop token ids are ``params.stop_token_ids`` plus the model's eos token(s)."""
+        Stop token ids are ``params.stop_token_ids`` plus the model's eos token(s).  With no driver running, a
+        background worker starts, unless ``start_worker`` is false (the caller then drives, as ``generate`` does)."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check_request(prompt_ids, params)
@@ -275,7 +290,8 @@ class Engine:
                 raise ValueError(f"request id {rid!r} is already in use")
             self._by_id[rid] = seq
             self._waiting.append(seq)
-            self._ensure_worker()
+            if start_worker:
+                self._ensure_worker()
             self._lock.notify_all()
         return rid
 
@@ -288,13 +304,15 @@ class Engine:
                 self._lock.notify_all()
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[GenerationOutput]:
-        """Blocking, streaming: yields outputs as the engine produces them (the last has ``finished=True``)."""
+        """Blocking, streaming: yields outputs as the engine produces them (the last has ``finished=True``).
+
+        When no other thread drives the engine, the calling thread does, until this request has output."""
         q: queue.Queue[GenerationOutput] = queue.Queue()
-        rid = self.add_request(prompt, params, q.put)
+        rid = self.add_request(prompt, params, q.put, start_worker=False)
         done = False
         try:
             while True:
-                out = q.get()
+                out = self._next_output(q)
                 if out.error is not None:
                     done = True
                     raise EngineError(out.error)
@@ -305,6 +323,9 @@ class Engine:
         finally:
             if not done:
                 self.abort(rid)
+            with self._lock:  # other threads' requests this caller was stepping go on without it
+                if self._driver is None and self._work_left():
+                    self._ensure_worker()
 
     def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
         text, ids, lps, last = [], [], [], None
@@ -338,7 +359,8 @@ class Engine:
     def embed(self, prompt: str | list[int]) -> torch.Tensor:
         """Mean-pooled final hidden states (after the last norm) of one input, float32 [hidden_size].
 
-        Runs on the caller's thread with its own small cache, so it does not take a slot from generation."""
+        Runs on the driving thread (see the module docstring) with its own small cache, so it does not take a slot from
+        generation."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the input is empty")
@@ -347,6 +369,9 @@ class Engine:
                                      f"However, the input is {len(ids)} tokens long.")
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        return self.call_on_driver(lambda: self._embed_ids(ids))
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         cache = self.runner.allocate_cache(1, len(ids))
         x = torch.tensor([ids], device=self.device)
         h = self.runner.forward(x, torch.arange(len(ids), device=self.device)[None], cache,
@@ -356,7 +381,18 @@ class Engine:
     # -- the scheduler ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> int:
-        """One scheduler iteration; returns how many sequences it advanced."""
+        """One scheduler iteration; returns how many sequences it advanced (queued ``call_on_driver`` work runs
+        first)."""
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    break
+                fn, fut = self._jobs.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as err:  # handed to the caller waiting on the future
+                    fut.set_exception(err)
         with self._lock:
             for seq in [s for s in self._waiting if s.aborted]:
                 self._waiting.remove(seq)
@@ -511,32 +547,117 @@ class Engine:
             log.debug("sink of %s failed", seq.request_id, exc_info=True)
             seq.aborted = True
 
-    # -- the worker thread -------------------------------------------------------------------------------------------
+    # -- who runs the steps (see the module docstring) -----------------------------------------------------------------
+    def _claim(self) -> bool:  # called with the lock held
+        if self._driver is None:
+            self._driver = threading.current_thread()
+            return True
+        return self._driver is threading.current_thread()
+
+    def _release(self, hand_off: bool = True) -> None:  # called with the lock held
+        self._driver = None
+        if hand_off and self._work_left():
+            self._ensure_worker()  # leftover work (other threads' requests) goes on without this thread
+        self._lock.notify_all()
+
+    def _work_left(self) -> bool:  # called with the lock held
+        return bool(self._waiting or self._running or self._jobs)
+
+    def _step_or_fail(self) -> None:
+        try:
+            self.step()
+        except Exception as err:  # fail every in-flight request instead of hanging its client
+            log.exception("engine step failed")
+            with self._lock:
+                victims = list(self._running) + list(self._waiting)
+                self._waiting.clear()
+            for seq in victims:
+                self._finish(seq, "error", "", error=f"{type(err).__name__}: {err}")
+
+    def _next_output(self, q: "queue.Queue[GenerationOutput]") -> GenerationOutput:
+        """The next output for a ``generate`` caller: step the engine on this thread while no one else drives it."""
+        while True:
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                mine = self._claim()
+            if not mine:
+                return q.get()  # the driver delivers it; when that driver stops, it hands leftover work on
+            try:
+                while q.empty():
+                    with self._lock:
+                        if not self._work_left() or self._stopping:
+                            break
+                    self._step_or_fail()
+            finally:
+                with self._lock:  # no hand-off: this caller comes back for its next output (generate hands off)
+                    self._release(hand_off=False)
+                    stopping = self._stopping
+            if stopping:
+                return q.get()  # shutdown() delivers the abort
+
+    def call_on_driver(self, fn: Callable[[], object]) -> object:
+        """Run ``fn()`` on the thread that drives the engine (on this one when none does) and return its result."""
+        with self._lock:
+            mine = self._claim()
+            if not mine:
+                fut: Future = Future()
+                self._jobs.append((fn, fut))
+                self._lock.notify_all()
+        if not mine:
+            return fut.result()
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self._release()
+
     def _ensure_worker(self) -> None:  # called with the lock held
-        if self._worker is None or not self._worker.is_alive():
-            self._stopping = False
+        if self._driver is None and not self._stopping:
             self._worker = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._driver = self._worker
             self._worker.start()
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._waiting or self._running or self._stopping):
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except Exception as err:  # fail every in-flight request instead of hanging its client
-                log.exception("engine step failed")
+    def _loop(self, forever: bool = False, stop: Callable[[], bool] | None = None) -> None:
+        """Drive the engine until stopped; a background worker (``forever=False``) gives up after ``worker_idle_s``
+        without work."""
+        try:
+            while True:
                 with self._lock:
-                    victims = list(self._running) + list(self._waiting)
-                    self._waiting.clear()
-                for seq in victims:
-                    self._finish(seq, "error", "", error=f"{type(err).__name__}: {err}")
+                    idle_since = time.monotonic()
+                    while not (self._work_left() or self._stopping):
+                        if stop is not None and stop():
+                            return
+                        self._lock.wait(timeout=0.25 if forever else self.worker_idle_s)
+                        if not forever and not self._work_left() and \
+                                time.monotonic() - idle_since >= self.worker_idle_s:
+                            return
+                    if self._stopping:
+                        return
+                self._step_or_fail()
+        finally:
+            with self._lock:
+                if self._driver is threading.current_thread():
+                    self._driver = None
+                if self._worker is threading.current_thread():
+                    self._worker = None
+                if not self._stopping and self._work_left():
+                    self._ensure_worker()
+                self._lock.notify_all()
+
+    def run_forever(self, stop: Callable[[], bool] | None = None) -> None:
+        """Drive the engine on the calling thread until ``shutdown()`` (or until ``stop()`` returns true, checked
+        while idle).  ``lmforge serve`` calls it on the main thread, which loaded the model, while uvicorn runs on
+        another: decode steps then run at full speed (see the module docstring)."""
+        with self._lock:
+            while not self._claim():  # wait for a caller or worker that is driving now to hand the role back
+                self._lock.wait(timeout=0.1)
+        self._loop(forever=True, stop=stop)
 
     def shutdown(self) -> None:
-        """Stop the worker thread (in-flight requests are aborted)."""
+        """Stop driving (in-flight requests are aborted)."""
         with self._lock:
             self._stopping = True
             for seq in list(self._running) + list(self._waiting):
@@ -546,11 +667,19 @@ class Engine:
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=10)
         with self._lock:
+            deadline = time.monotonic() + 10
+            while self._driver not in (None, threading.current_thread()) and time.monotonic() < deadline:
+                self._lock.wait(timeout=0.1)  # a caller or run_forever() finishing its step
             victims = list(self._running) + list(self._waiting)
             self._waiting.clear()
+            jobs, self._jobs = list(self._jobs), deque()
         for seq in victims:
             self._finish(seq, "abort", "")
-        self._worker = None
+        for _, fut in jobs:
+            fut.cancel()
+        with self._lock:
+            self._worker = None
+            self._stopping = False  # the engine takes new requests again
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
