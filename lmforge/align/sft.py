@@ -17,6 +17,8 @@ gradient averaging, so the update equals a single process's although the ranks h
 tokens.  Only rank 0 writes files (manifest, metrics, checkpoints, samples, model).  LoRA (and the int8 base) work the
 same way: DDP synchronises only the trainable adapter tensors.  With ``lora_dropout`` > 0 each rank draws its own
 dropout masks, so such a run is not bit-comparable with a single process (it is still a correct run).
+``parallel: fsdp`` shards full fine-tuning with FSDP2 instead (``train/distributed.py``); then the held-out loss runs on
+every rank (the sharded forward is a collective) and checkpoints and the model are gathered unsharded for rank 0.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Config(StageConfig):
     sample_max_tokens: int = Field(40, ge=1, description="New tokens per sample answer.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp, or fsdp (FSDP2 sharding; full "
+                                                                "fine-tuning only).")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each layer's gathered parameters after "
+                                                               "its forward.")
     seed: int = Field(1337, description="Seed for the data order and LoRA init.")
 
 
@@ -219,14 +225,21 @@ def assistant_loss(model: nn.Module, examples: list[Example], pad_id: int, batch
 # checkpoints of the trainable tensors
 
 
-def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, keep: int) -> None:
+def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, keep: int,
+                              world: World = World()) -> None:
+    """Write the trainable tensors, unsharded, and the optimizer state by parameter name (every rank calls it: under
+    FSDP gathering is a collective; rank 0 writes)."""
+    sd, optim_sd = distributed.full_state_dicts(model, opt, trainable_only=True)
+    if not world.is_main:
+        return
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = {n: t for n, t in sd.items() if n in trainable}  # no buffers (an int8 base's weights)
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    sd = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(sd, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save_file({n: t.contiguous() for n, t in sd.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optim_sd, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "rng_torch": torch.get_rng_state().tolist()}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -234,16 +247,24 @@ def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torc
         shutil.rmtree(old)
 
 
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
+
+
 def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Optimizer, verbose: bool = True) -> int:
-    found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
+    found = checkpoints(root)
     if not found:
         return 0
     sd = load_file(str(found[-1] / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in sd.items():
-            params[name].copy_(t)
-    opt.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
+    optim_sd = torch.load(found[-1] / "optimizer.pt", weights_only=True)
+    if any(isinstance(k, int) for k in optim_sd["state"]):  # written by ``opt.state_dict()`` (before FSDP)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in sd.items():
+                params[name].copy_(t)
+        opt.load_state_dict(optim_sd)
+    else:
+        distributed.load_full_state_dicts(model, opt, sd, optim_sd, strict=False)
     state = json.loads((found[-1] / "state.json").read_text())
     torch.set_rng_state(torch.tensor(state["rng_torch"], dtype=torch.uint8))
     if verbose:
@@ -288,7 +309,10 @@ def pad_id_of(model_dir: Path, tok: ChatTokenizer) -> int:
 
 
 def check_world(config: Config, world: World) -> None:
-    """Data-parallel SFT needs a global batch that splits evenly over the processes."""
+    """Data-parallel SFT needs a global batch that splits evenly over the processes; FSDP shards full fine-tuning."""
+    if config.parallel == "fsdp" and config.lora_r:
+        raise ConfigError("parallel: fsdp shards full fine-tuning; LoRA trains small adapters over a frozen base, "
+                          "use parallel: ddp (or lora_r: 0)")
     if world.distributed and config.batch_size % world.world_size:
         raise ConfigError(f"batch_size: {config.batch_size} is not a multiple of the {world.world_size} processes")
 
@@ -397,7 +421,6 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
 
         quant = quantize_frozen_base(model)
     model.train()
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     samples_path = out / "samples.json"
     samples = json.loads(samples_path.read_text()) if main and samples_path.exists() else []
     if main and cfg.sample_prompts and [s["prompt"] for s in samples] != cfg.sample_prompts:
@@ -408,17 +431,24 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     plan = BatchPlan(train_ex, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
 
     metrics_path = out / "metrics.jsonl"
+    fresh = not checkpoints(out / "checkpoints")
+    val_before = assistant_loss(model, val_ex, pad_id) if main and val_ex and fresh else float("nan")
+    # FSDP shards the model in place, before the optimizer exists; DDP wraps it; a single process keeps it as it is
+    sharded = cfg.parallel == "fsdp" and world.distributed
+    if cfg.parallel == "fsdp" and main and not world.distributed:
+        console.print("  parallel=fsdp in a single process: training unsharded")
+    ddp = distributed.parallelize(model, world, cfg.parallel, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     step = load_trainable_checkpoint(out / "checkpoints", model, opt, verbose=main)
     if main and step and metrics_path.exists():
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
         metrics_path.write_text("".join(l + "\n" for l in kept))
-    val_before = assistant_loss(model, val_ex, pad_id) if main and val_ex and step == 0 else float("nan")
-    ddp = distributed.parallelize(model, world)  # the model itself in a single process
     if main:
         console.print(f"  {len(train_ex)} train / {len(val_ex)} held-out conversations; "
                       f"{share['trainable_params'] / 1e6:.3f}M of {share['total_params'] / 1e6:.2f}M parameters trained "
                       f"({100 * share['trainable_share']:.2f}%)" + ("; LoRA r=%d" % cfg.lora_r if cfg.lora_r else "")
-                      + (f"; DDP over {world.world_size} processes" if world.distributed else ""))
+                      + (f"; {'FSDP' if sharded else 'DDP'} over {world.world_size} processes"
+                         if world.distributed else ""))
 
     val_loss, last_loss, tokens_seen, targets_seen = val_before, float("nan"), 0, 0
     t_start = time.time()
@@ -438,10 +468,9 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                     else int((batch.segment_ids > 0).sum())
                 mine = shard_batch(batch, world)
                 last_micro = m == len(batches) - 1
-                sync = contextlib.nullcontext() if last_micro or not world.distributed else ddp.no_sync()
-                with sync:
+                with distributed.no_grad_sync(ddp, skip=not last_micro):
                     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                        # x world size: DDP averages the ranks' gradients, the sum over ranks is wanted
+                        # x world size: DDP and FSDP average the ranks' gradients, the sum is wanted
                         loss = token_losses(ddp, mine).sum() / n_targets * world.world_size
                     loss.backward()
                 loss_sum += float(loss.detach())
@@ -458,18 +487,24 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             elapsed = time.time() - t_start
             rec = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                    "target_tokens": n_targets, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
-            if main and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            # under FSDP every rank runs the held-out forward (a collective)
+            if (main or sharded) and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = assistant_loss(model, val_ex, pad_id)
                 rec["val_loss"] = round(val_loss, 5)
             if main:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
-            if main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints, world)
             bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
     seconds = time.time() - t_start
 
     model.eval()
+    if sharded:  # gather the shards (every rank) into an unsharded copy on rank 0
+        full_sd = distributed.full_model_state_dict(model)
+        if main:
+            model = load_model(model_dir)
+            model.load_state_dict(full_sd)
     if not main:  # other ranks only train
         return {"steps": step, "world_size": world.world_size}
     if samples:

@@ -1,4 +1,5 @@
-"""Data parallelism applied from outside the model (torchtitan-style): DDP on CPU (gloo) or GPU (nccl).
+"""Data parallelism applied from outside the model (torchtitan-style): DDP or FSDP2 (``fully_shard``), on CPU (gloo) or
+GPU (nccl).
 
 ``torchrun --nproc_per_node N -m lmforge.cli pretrain ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; ``setup()``
 reads them and joins the process group.  A plain ``python -m lmforge.cli pretrain`` (no torchrun) is a world of one and
@@ -7,17 +8,30 @@ touches no process group at all, so the single-process path has no distributed c
 Data sharding keeps one rule: the *global* batch of step ``s`` is the same function of ``(seed, s)`` as in a single
 process, and rank ``r`` trains on rows ``r::world`` of it.  With gradients averaged over ranks, N processes compute the
 same update as one process, up to float rounding.
+
+``parallel="fsdp"`` shards every decoder layer, then the root (embeddings, final norm, head), over a 1-D device mesh:
+parameters, gradients and optimizer state live as ``DTensor`` shards, so build the optimizer *after* ``parallelize``.
+Checkpoints and the final model folder stay in the single-process format: ``full_state_dicts`` gathers unsharded,
+FQN-keyed state dicts (a collective under FSDP: every rank calls it, rank 0 receives the tensors) and
+``load_full_state_dicts`` shards them back, so a checkpoint written by one process resumes under FSDP and vice versa.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +77,90 @@ def shard_rows(x: torch.Tensor, world: World) -> torch.Tensor:
     return x[world.rank::world.world_size]
 
 
-def parallelize(model: nn.Module, world: World) -> nn.Module:
-    """Wrap ``model`` for data parallelism (DDP); a single process gets the model back unchanged."""
+def fsdp_param_dtype(world: World, mode: Parallel, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype FSDP all-gathers parameters in: bf16 when training in bf16 on GPUs (it replaces autocast); ``None``
+    (fp32 parameters, autocast as in a single process) on CPU, in fp32, or without FSDP."""
+    if world.distributed and mode == "fsdp" and world.device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def parallelize(model: nn.Module, world: World, mode: Parallel = "ddp", param_dtype: torch.dtype | None = None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """Apply data parallelism to ``model`` and return the module to call for the forward pass.
+
+    ``ddp``: a ``DistributedDataParallel`` wrapper.  ``fsdp``: ``fully_shard`` on each of ``model.model.layers`` and
+    then on ``model`` itself, in place (the model *is* the module to call; its parameters become ``DTensor`` shards).
+    ``param_dtype`` (see ``fsdp_param_dtype``) all-gathers parameters in that dtype and reduces gradients in fp32.
+    A single process gets the model back unchanged, whatever the mode.
+    """
     if not world.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
 
-    ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if mode != "fsdp":
+        raise ValueError(f"parallel: {mode!r} is not one of 'ddp', 'fsdp'")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
+        else MixedPrecisionPolicy()
+    for layer in model.model.layers:  # one all-gather per layer, freed again after its forward
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # the root group: embeddings, final norm and (tied) head
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
+    """Accumulate gradients locally (no all-reduce / reduce-scatter) inside the block when ``skip``: DDP's ``no_sync``,
+    FSDP's ``set_requires_gradient_sync(False)``; nothing in a single process."""
+    if not skip:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_model_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded CPU state dict of ``model`` (plain, DDP-trained or FSDP-sharded; a collective under FSDP: every
+    rank calls it; in a process group only rank 0 receives the tensors, the others an empty dict).
+    ``trainable_only`` leaves out frozen parameters and buffers (a LoRA base)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     trainable_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state dicts, the optimizer's keyed by parameter name (see ``full_model_state_dict``
+    for who receives them)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_model_state_dict(model, trainable_only), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor],
+                          optim_sd: dict[str, Any], strict: bool = True) -> None:
+    """Load full state dicts (as ``full_state_dicts`` returns them, given to every rank) into a plain or sharded model
+    and its optimizer; each rank keeps its own shards.  ``strict=False`` loads a part (trainable tensors only)."""
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

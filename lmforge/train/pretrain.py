@@ -8,8 +8,11 @@ so ``transformers``, ``lmforge serve`` and ``lmforge eval`` load it directly.
 
 Data parallel: ``torchrun --nproc_per_node N -m lmforge.cli pretrain ...`` runs DDP (gloo on CPU, nccl on GPU); every
 rank trains on its rows of the same global batch, so the run equals a single-process run up to float rounding, and
-only rank 0 writes files.  A token mixture (several sources in the tokenizer artifact) is sampled by target weights,
-optionally moving linearly to ``mixture_weights_end`` over training (a curriculum).
+only rank 0 writes files.  ``--parallel fsdp`` shards parameters, gradients and optimizer state instead (FSDP2
+``fully_shard``, see ``train/distributed.py``), with the same results and the same checkpoint and model files.
+
+A token mixture (several sources in the tokenizer artifact) is sampled by target weights, optionally moving linearly
+to ``mixture_weights_end`` over training (a curriculum).
 
 ``init_from`` continues pretraining from an existing HF Llama folder (``lmforge/train/init_from.py``; pack the data
 with the model's own tokenizer: ``lmforge tokenizer train --from-tokenizer MODEL``); ``activation_checkpointing``
@@ -84,6 +87,11 @@ class Config(StageConfig):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device (auto: CUDA when present).")
     compile: bool = Field(False, description="torch.compile the model.")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp (replicated model) or fsdp "
+                                                                "(FSDP2: parameters, gradients and optimizer state "
+                                                                "sharded over the processes).")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each layer's gathered parameters after "
+                                                               "its forward (less memory, one more all-gather).")
     activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
                                                               "pass (less memory, ~1/3 more compute).")
     init_from: Optional[str] = Field(None, description="Continued pretraining: start from this HF Llama model folder "
@@ -283,8 +291,19 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     model.to(device).train()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    opt = make_optimizer(model, cfg)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    # FSDP shards the model in place and before the optimizer exists (its parameters become DTensor shards)
+    sharded = cfg.parallel == "fsdp" and world.distributed
+    if cfg.parallel == "fsdp" and world.is_main and not world.distributed:
+        console.print("  parallel=fsdp in a single process: training unsharded")
+    param_dtype = distributed.fsdp_param_dtype(world, cfg.parallel, dtype)  # bf16 GPU FSDP: replaces autocast
+    if cfg.compile and sharded:
+        for layer in model.model.layers:  # per layer, before sharding (torchtitan's order)
+            layer.compile()
+    forward = torch.compile(model) if cfg.compile and not sharded else model
+    ddp = distributed.parallelize(forward, world, cfg.parallel, param_dtype, cfg.fsdp_reshard_after_forward)
+    opt = make_optimizer(model, cfg)
+    autocast = dtype != torch.float32 and param_dtype is None
 
     step = 0
     ckpt = latest_checkpoint(out / "checkpoints")
@@ -293,8 +312,6 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         step = state["step"]
         if world.is_main:
             console.print(f"  resumed from {ckpt} (step {step})")
-    forward = torch.compile(model) if cfg.compile else model
-    ddp = distributed.parallelize(forward, world)
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global, over all ranks
@@ -305,7 +322,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         console.print(f"  model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers x "
                       f"{mcfg.hidden_size}; {sum(len(t) for _, _, t in sources):,} train tokens in {len(sources)} "
                       f"source(s), {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {world.world_size} x "
-                      f"{device_name}")
+                      f"{device_name}" + (" (FSDP)" if sharded else ""))
 
     def global_batch(index_: int, at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if train_tokens is not None:
@@ -332,9 +349,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                     x, y = global_batch(step * cfg.grad_accum + micro, step)
                     x, y = distributed.shard_rows(x, world).to(device), distributed.shard_rows(y, world).to(device)
                     last_micro = micro == cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if last_micro or not world.distributed else ddp.no_sync()
-                    with sync:
-                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    with distributed.no_grad_sync(ddp, skip=not last_micro):
+                        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                             logits = ddp(x)
                         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
                                                                  y.reshape(-1))
@@ -356,20 +372,28 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                        "tokens": step * tokens_per_step, "tokens_per_s": round(tps),
                        "mfu": round(mfu(tps, flops_token, peak), 5)}
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    val_loss = validation_loss(model, val_tokens, cfg.seq_len, cfg.eval_windows, dtype, device)
+                    # every rank runs it (under FSDP the forward is a collective); each gets the same value
+                    val_loss = validation_loss(model, val_tokens, cfg.seq_len, cfg.eval_windows,
+                                               dtype if autocast else torch.float32, device)
                     rec["val_loss"] = round(val_loss, 5)
                 logger.log(rec)
-                if world.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:  # every rank gathers, rank 0 writes
                     save_checkpoint(out / "checkpoints", step, model, opt, {"seed": cfg.seed},
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, world=world)
                 bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
     finally:
         logger.close()
 
     train_seconds = time.time() - t_start
     tps = tokens_seen / max(train_seconds, 1e-9)
+    final = model
+    if sharded:  # gather the shards (every rank) into an unsharded copy on rank 0
+        full_sd = distributed.full_model_state_dict(model)
+        if world.is_main:
+            final = Llama(mcfg)
+            final.load_state_dict(full_sd)
     if world.is_main:
-        save_model(model.eval(), out)
+        save_model(final.eval(), out)
         for name in TOKENIZER_FILES:
             if (tok_dir / name).exists():
                 shutil.copy(tok_dir / name, out / name)
