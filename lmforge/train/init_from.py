@@ -7,7 +7,6 @@ own tokenizer (same vocabulary, token for token), otherwise every token id would
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -31,16 +30,10 @@ def check_init_folder(folder: str | os.PathLike, tokenizer_dir: str | os.PathLik
     folder, tokenizer_dir = Path(folder), Path(tokenizer_dir)
     if not (folder / "config.json").exists():
         raise ConfigError(f"init_from: {folder} is not a model folder (no config.json)")
-    try:
+    try:  # LlamaConfig.from_hf_dict reads rope_theta from rope_parameters too, and refuses rope scaling
         cfg = load_config(folder)
-        raw = json.loads((folder / "config.json").read_text())
-    except (ValueError, TypeError, json.JSONDecodeError) as err:
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"init_from: {folder}/config.json: {err}") from None
-    rope = raw.get("rope_parameters") or {}  # transformers 5 writes rope_theta inside rope_parameters
-    if "rope_theta" not in raw and rope:
-        if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"init_from: {folder}/config.json: rope_type {rope['rope_type']!r} is not supported")
-        cfg.rope_theta = float(rope.get("rope_theta", cfg.rope_theta))
     if vocab_size > cfg.vocab_size:
         raise ConfigError(f"init_from: the tokenizer {tokenizer_dir} has {vocab_size} tokens but the model in "
                           f"{folder} only {cfg.vocab_size} embeddings")
