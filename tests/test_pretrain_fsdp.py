@@ -26,10 +26,11 @@ from lmforge.train.checkpoint import load_checkpoint
 
 CHAT = Path(__file__).resolve().parents[1] / "data" / "chat" / "chatterbot_en.jsonl"
 
-# grad_accum 2 exercises FSDP's deferred gradient sync; 40 steps leave time to stop a run between two checkpoints
+# grad_accum 2 exercises FSDP's deferred gradient sync; 40 steps leave time to stop a run between two checkpoints;
+# FSDP computes the loss from full logits (the chunked fused loss needs the unsharded head), so the reference does too
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, seq_len=32, batch_size=4, grad_accum=2,
             max_steps=40, warmup_steps=2, eval_every=10, eval_windows=2, checkpoint_every=5, keep_checkpoints=10,
-            lr=1e-2, threads=1)
+            lr=1e-2, threads=1, fused_loss=False)
 
 
 @pytest.fixture(scope="module")

@@ -261,8 +261,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                last_only: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, segment_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
+
+        ``return_hidden``: return the final-norm hidden states [B, T, hidden] instead, without the head (for a loss that
+        applies ``lm_head.weight`` itself, such as ``lmforge.train.loss.linear_cross_entropy``).
 
         ``positions`` [B, T]: absolute position of each token (default 0..T-1).  With a ``cache``, ``rows`` [B] names the
         cache slot of each batch row (default 0..B-1) and keys/values are read from and written to it.
@@ -278,9 +282,11 @@ class Llama(nn.Module):
             doc_mask = segment_mask(segment_ids)
             if positions is None:
                 positions = segment_positions(segment_ids)
-        if positions is None:
+        if positions is None:  # 0..T-1: checked without reading a tensor back (no graph break under torch.compile)
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"position {T - 1} exceeds the context length {self.config.max_position_embeddings}")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
+        elif int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} exceeds the context length "
                              f"{self.config.max_position_embeddings}")
         if cache is not None and rows is None:
@@ -294,7 +300,7 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(x)
+        return x if return_hidden else self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              segment_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,6 +47,7 @@ from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from lmforge.train.distributed import World
 from lmforge.train.flops import flops_per_token, mfu, peak_flops
 from lmforge.train.init_from import load_initial_model
+from lmforge.train.loss import linear_cross_entropy
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -86,7 +87,10 @@ class Config(StageConfig):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device (auto: CUDA when present).")
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool = Field(False, description="torch.compile the model (in a single process: model + loss as one "
+                                             "graph).")
+    fused_loss: bool = Field(True, description="Head + cross-entropy in chunks of rows (lmforge/train/loss.py): the "
+                                               "[tokens, vocab] float32 logits are never materialised.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp (replicated model) or fsdp "
                                                                 "(FSDP2: parameters, gradients and optimizer state "
                                                                 "sharded over the processes).")
@@ -300,10 +304,23 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.compile and sharded:
         for layer in model.model.layers:  # per layer, before sharding (torchtitan's order)
             layer.compile()
-    forward = torch.compile(model) if cfg.compile and not sharded else model
+    compile_step = cfg.compile and not world.distributed  # one graph for model + loss
+    forward = torch.compile(model) if cfg.compile and not sharded and not compile_step else model
     ddp = distributed.parallelize(forward, world, cfg.parallel, param_dtype, cfg.fsdp_reshard_after_forward)
     opt = make_optimizer(model, cfg)
     autocast = dtype != torch.float32 and param_dtype is None
+    fused_loss = cfg.fused_loss and not sharded  # under FSDP lm_head.weight is a shard outside the wrapped forward
+    if cfg.fused_loss and sharded and world.is_main:
+        console.print("  fsdp: the loss uses full logits (the chunked fused loss needs the unsharded head)")
+
+    def micro_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if fused_loss:
+            return linear_cross_entropy(ddp(x, return_hidden=True), model.lm_head.weight, y)
+        logits = ddp(x)
+        return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    if compile_step:
+        micro_loss = torch.compile(micro_loss)
 
     step = 0
     ckpt = latest_checkpoint(out / "checkpoints")
@@ -351,9 +368,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                     last_micro = micro == cfg.grad_accum - 1
                     with distributed.no_grad_sync(ddp, skip=not last_micro):
                         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                            logits = ddp(x)
-                        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
-                                                                 y.reshape(-1))
+                            loss = micro_loss(x, y)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().item() / cfg.grad_accum
                 loss_sum = distributed.mean_over_ranks(loss_sum, world)
