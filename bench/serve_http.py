@@ -1,6 +1,7 @@
 """HTTP serving throughput and latency on SmolLM2-135M-Instruct, through the official ``openai`` client.
 
-Starts the OpenAI-compatible server on a loopback port (bfloat16 weights by default) and, at each concurrency level,
+Starts ``lmforge serve`` as its own process on a loopback port (bfloat16 weights by default), as a user would, and
+drives it from this process with the official client; at each concurrency level it
 keeps that many streaming chat requests in flight until ``--requests-per-level`` (default: max(concurrency, 4)) have
 finished.  Every request shares one system prompt (what the prefix cache saves) and asks a different question.
 Prints, per level: aggregate generated tokens/s, requests/s, time to first token and end-to-end latency (p50/p95), and
@@ -16,18 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
 from openai import AsyncOpenAI
 
 from lmforge.model.pretrained import materialize_smollm2
-from lmforge.serve.engine import Engine
-from lmforge.serve.smoke import running_server
 
 NAME = "smollm2-135m"
 SYSTEM = ("You are a helpful assistant who answers questions about the Python programming language in two or three "
@@ -99,12 +102,29 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c]
     folder = materialize_smollm2()
-    engine = Engine.from_folder(folder, max_num_seqs=args.max_num_seqs, max_model_len=512, dtype=args.dtype,
-                                quantize=args.quantize, enable_prefix_caching=not args.no_prefix_caching)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port), "--model-name", NAME,
+           "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "512", "--dtype", args.dtype,
+           "--max-concurrent-requests", "1024"]
+    cmd += ["--quantize", args.quantize] if args.quantize else []
+    cmd += ["--no-prefix-caching"] if args.no_prefix_caching else []
     print(f"model: {folder}  weights: {args.dtype}{' + ' + args.quantize if args.quantize else ''}  "
-          f"max_num_seqs: {args.max_num_seqs}  torch threads: {torch.get_num_threads()}  load: {load()}")
+          f"max_num_seqs: {args.max_num_seqs}  load: {load()}\n$ {' '.join(cmd)}")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
     rows = []
-    with running_server(engine, NAME, max_concurrent_requests=1024) as url:
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+                time.sleep(0.5)
         asyncio.run(level(url, 1, 1, 4))  # warm-up
         for c in levels:
             n = args.requests_per_level or max(c, 4)
@@ -114,10 +134,17 @@ def main() -> None:
             ttft, e2e = [r.ttft for r in res], [r.e2e for r in res]
             rows.append((c, n, toks / wall, n / wall, pct(ttft, .5), pct(ttft, .95), pct(e2e, .5), pct(e2e, .95), tpot))
             print(f"concurrency {c}: {n} requests, {toks} tokens in {wall:.1f} s  (load {load()})", flush=True)
-    hit = engine.prefix_cache_hits / max(engine.prefix_cache_queries, 1)
-    engine.shutdown()
-    print(f"\nprefix cache: {engine.prefix_cache_hits} of {engine.prefix_cache_queries} prompt tokens reused "
-          f"({hit:.0%}); load after: {load()}\n")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    def counter(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M))
+
+    queries, hits = counter("vllm:prefix_cache_queries_total"), counter("vllm:prefix_cache_hits_total")
+    print(f"\nprefix cache: {hits:.0f} of {queries:.0f} prompt tokens reused ({hits / max(queries, 1):.0%}); "
+          f"load after: {load()}\n")
     print("| concurrency | requests | gen tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 s | e2e p95 s "
           "| TPOT ms |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -9,8 +9,10 @@
                                           [--repeat 3]
 
 Timings depend on what else runs on the machine; both engines are measured in the same process, one after another,
-each on a worker thread (the engine decodes on its own thread), and single-stream figures are the best of
-``--repeat`` runs.  The load average is printed before and after.
+both on the main thread (which loaded the weights: PyTorch's OpenMP kernels run fastest there, see
+lmforge/serve/engine.py; ``lmforge serve`` drives its engine from its main thread too).  With ``--thread`` both run on
+a fresh worker thread instead, for comparison.  Single-stream figures are the best of ``--repeat`` runs.  The load
+average is printed before and after.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
 
+ON_THREAD = False  # --thread: measure on a fresh worker thread instead of the main thread
+
+
 def best_of(repeat: int, fn, *args) -> tuple[float, float]:
-    """Lowest TTFT and highest tokens/s over ``repeat`` runs of ``fn`` (on a worker thread, as the engine runs)."""
+    """Lowest TTFT and highest tokens/s over ``repeat`` runs of ``fn``."""
     runs: list[tuple[float, float]] = []
     for _ in range(repeat):
-        t = threading.Thread(target=lambda: runs.append(fn(*args)))
-        t.start()
-        t.join()
+        if ON_THREAD:
+            t = threading.Thread(target=lambda: runs.append(fn(*args)))
+            t.start()
+            t.join()
+        else:
+            runs.append(fn(*args))
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
@@ -91,11 +99,26 @@ def engine_concurrent(engine: Engine, prompt_ids: list[int], n: int, streams: in
         counts[i] = res.completion_tokens
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    done = threading.Event()
+
+    def clients() -> None:  # start once this thread drives the engine, as in `lmforge serve`
+        while not ON_THREAD and engine._driver is not driver:
+            time.sleep(0.001)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+
+    driver = threading.current_thread()
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    launcher = threading.Thread(target=clients)
+    launcher.start()
+    if ON_THREAD:
+        done.wait()
+    else:
+        engine.run_forever(stop=done.is_set)
+    launcher.join()
     return sum(counts) / (time.perf_counter() - t0)
 
 
@@ -112,7 +135,10 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=1024)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="single-stream figures: best of this many runs")
+    ap.add_argument("--thread", action="store_true", help="run both engines on a fresh worker thread")
     args = ap.parse_args()
+    global ON_THREAD
+    ON_THREAD = args.thread
     conc = [int(c) for c in args.concurrency.split(",") if c]
     folder = materialize_smollm2()
     print(f"model: {folder}  torch threads: {torch.get_num_threads()}  new tokens: {args.tokens}  load: {load()}")

@@ -301,6 +301,11 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.parallel == "fsdp" and world.is_main and not world.distributed:
         console.print("  parallel=fsdp in a single process: training unsharded")
     param_dtype = distributed.fsdp_param_dtype(world, cfg.parallel, dtype)  # bf16 GPU FSDP: replaces autocast
+    if cfg.compile and device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        cfg = cfg.model_copy(update={"compile": False})  # inductor generates C++ on CPU
+        if world.is_main:
+            console.print("[yellow]  compile: no C++ compiler on this machine (torch.compile needs one on CPU); "
+                          "training eagerly[/]")
     if cfg.compile and sharded:
         for layer in model.model.layers:  # per layer, before sharding (torchtitan's order)
             layer.compile()
