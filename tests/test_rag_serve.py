@@ -266,3 +266,33 @@ def test_openai_judge_against_our_own_server(server, engine):
     assert seen and seen[-1] != asks[0] and "Sources:" in seen[-1][0]["content"]  # the system message + sources
     with pytest.raises(openai.AuthenticationError):
         OpenAIJudge("tiny-rag", base_url=server, api_key="wrong").yes_probabilities(asks[:1])
+
+
+def test_served_knowledge_base_embeds_queries_on_the_engine_driver(kb, engine, tmp_path):
+    """`lmforge serve --rag-index`: the query embedder runs on the engine's driving thread, not on request threads
+    (PyTorch work there would slow every later decode step, see lmforge/serve/engine.py)."""
+    from lmforge.rag.http import attach_knowledge_base
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(KB_DOCS / "django" / "faq" / "general.html", docs / "general.html")
+    build_index(Config(docs=str(docs), chunk_tokens=120, overlap_tokens=20), tmp_path / "kb", embedder=memo_embedder())
+    app = create_app(engine, "tiny-rag")
+    answerer = attach_knowledge_base(app, tmp_path / "kb")
+    seen: list[threading.Thread] = []
+    inner = answerer.kb.embedder.embedder
+    original = inner.embed
+    inner.embed = lambda texts: seen.append(threading.current_thread()) or original(texts)
+    stop = threading.Event()
+    driver = threading.Thread(target=engine.run_forever, kwargs={"stop": stop.is_set})
+    driver.start()
+    try:
+        while engine._driver is not driver:
+            time.sleep(0.01)
+        hits = answerer.kb.search("What does Django mean?", k=2)
+    finally:
+        stop.set()
+        driver.join(10)
+    assert seen == [driver] and hits
+    torch.testing.assert_close(torch.tensor(answerer.kb.embed_query("What does Django mean?")),
+                               torch.tensor(original(["What does Django mean?"])[0]))

@@ -215,7 +215,25 @@ def attach_knowledge_base(app: FastAPI, index_dir: str | os.PathLike, *, system_
     from lmforge.rag.judge import EngineJudge
 
     engine = app.state.engine
-    answerer = Answerer(KnowledgeBase.load(index_dir), EngineGenerator(engine), k=k, min_score=min_score,
+    kb = KnowledgeBase.load(index_dir)
+    if kb.embedder is not None:  # query embeddings run on the engine's driving thread, not on request threads
+        kb.embedder = _OnDriver(kb.embedder, engine)
+    answerer = Answerer(kb, EngineGenerator(engine), k=k, min_score=min_score,
                         system_prompt=system_prompt, reranker=EngineJudge(engine) if rerank else None)
     attach_rag(app, answerer)
     return answerer
+
+
+class _OnDriver:
+    """An embedder whose ``embed`` runs on the engine's driving thread (``Engine.call_on_driver``): PyTorch work on
+    the server's request threads would give each its own OpenMP pool and slow every decode step after it (see
+    lmforge/serve/engine.py)."""
+
+    def __init__(self, embedder, engine) -> None:
+        self.embedder, self.engine = embedder, engine
+
+    def embed(self, texts: list[str]):
+        return self.engine.call_on_driver(lambda: self.embedder.embed(texts))
+
+    def __getattr__(self, name: str):
+        return getattr(self.embedder, name)
