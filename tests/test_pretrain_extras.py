@@ -6,14 +6,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydoc_data.topics
 import pytest
 import torch
 
 from lmforge.config import ConfigError
 from lmforge.model.hf import load_config
 from lmforge.model.llama import Llama, LlamaConfig
-from lmforge.tokenizer import stage as tok_stage
 from lmforge.tokenizer.bpe import train_bpe
 from lmforge.tokenizer.shards import load_split, read_index
 from lmforge.train import pretrain
@@ -24,13 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tokenized(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    path = d / "pydoc.jsonl"
-    path.write_text("".join(json.dumps({"id": k, "text": t}) + "\n" for k, t in sorted(pydoc_data.topics.topics.items())))
-    out = tmp_path_factory.mktemp("tok")
-    tok_stage.run(tok_stage.Config(data=str(path), vocab_size=600, val_fraction=0.1), out)
-    return out
+def tokenized(pydoc_tokenized):
+    return pydoc_tokenized
 
 
 def tiny(tokenized, **kw):

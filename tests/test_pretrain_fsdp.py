@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +18,6 @@ from lmforge.align import sft
 from lmforge.artifacts import read_manifest
 from lmforge.config import ConfigError
 from lmforge.model.llama import Llama
-from lmforge.tokenizer import stage as tok_stage
 from lmforge.tokenizer.shards import read_index
 from lmforge.train import pretrain
 from lmforge.train.checkpoint import load_checkpoint
@@ -43,13 +41,8 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenized(tmp_path_factory, home):
-    d = tmp_path_factory.mktemp("tok")
-    with open(d / "docs.jsonl", "w") as f:
-        for key, text in sorted(pydoc_data.topics.topics.items()):
-            f.write(json.dumps({"id": key, "text": text}) + "\n")
-    tok_stage.run(tok_stage.Config(data=str(d / "docs.jsonl"), vocab_size=600, val_fraction=0.1), d / "tok")
-    return d / "tok"
+def tokenized(pydoc_tokenized, home):
+    return pydoc_tokenized
 
 
 def torchrun(tokenized: Path, out: Path, **kw) -> list[str]:
