@@ -47,6 +47,7 @@ HEADLINE = {
     "dpo": ["loss", "val_before", "val_after"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
+    "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
 }
 
 
@@ -80,6 +81,9 @@ def _register() -> None:
         _stage_command("lmforge.align.synth", "synth"))
     rag_app.command("index", help="Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.")(
         _stage_command("lmforge.rag.stage", "rag"))
+    app.command("pretrained", help="A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a "
+                                   "model artifact folder.")(
+        _stage_command("lmforge.model.pretrained_stage", "pretrained"))
     from lmforge.train import scaling
 
     scaling_app.command("sweep", help=scaling.SweepConfig.__doc__)(

@@ -44,6 +44,7 @@ STAGE_MODULES = {
     "dpo": "lmforge.align.dpo",
     "synth": "lmforge.align.synth",
     "rag_index": "lmforge.rag.stage",
+    "pretrained": "lmforge.model.pretrained_stage",
 }
 
 

@@ -121,9 +121,9 @@ def test_the_result_loads_in_transformers_with_our_logits(chain, smollm2_dir):
 def test_the_recipe_wires_data_tokenizer_pretrain_and_eval(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "smollm2_continue.yaml", workspace=tmp_path)
     stages = {s.name: s for s in recipe.stages}
-    assert [s.kind for s in recipe.stages] == ["data", "tokenizer", "eval", "pretrain", "eval"]
+    assert [s.kind for s in recipe.stages] == ["pretrained", "data", "tokenizer", "eval", "pretrain", "eval"]
     base = stages["tokenizer"].raw["from_tokenizer"]
-    assert stages["pretrain"].raw["init_from"] == base == stages["eval_before"].raw["model"]
+    assert stages["pretrain"].raw["init_from"] == base == stages["eval_before"].raw["model"] == "@smollm2"
     assert stages["pretrain"].raw["tokenizer"] == "@tokenizer" and stages["eval"].raw["model"] == "@pretrain"
     for key in ("seq_len", "max_windows"):  # before and after are scored on the same windows
         assert stages["eval_before"].raw[key] == stages["eval"].raw[key]

@@ -97,3 +97,37 @@ def test_export_hf_loads_in_transformers(model_dir, tmp_path):
     ours = load_model(model_dir).to(torch.bfloat16).float()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-3, atol=1e-3)
+
+
+def test_pretrained_stage_turns_a_gguf_into_a_model_artifact(model_dir, tmp_path):
+    """The `pretrained` recipe stage: a GGUF becomes an HF-layout artifact folder (same logits), fingerprinted by the
+    file's content, skipped when re-run."""
+    from lmforge.artifacts import read_manifest
+    from lmforge.model import pretrained_stage
+
+    gguf_path = export_gguf(model_dir, tmp_path / "tiny-f32.gguf", "f32")
+    out = tmp_path / "base"
+    m = pretrained_stage.run(pretrained_stage.Config(gguf=str(gguf_path)), out)
+    assert m.status == "done" and m.metrics["layers"] == 2 and m.metrics["source"] == "tiny-f32.gguf"
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids), load_model(model_dir)(ids), rtol=1e-5, atol=1e-5)
+    again = pretrained_stage.run(pretrained_stage.Config(gguf=str(gguf_path)), out)
+    assert again.run_id == m.run_id  # up to date: skipped
+    assert read_manifest(out).inputs["gguf"].fingerprint.startswith("sha256:")
+    with pytest.raises(Exception, match="is not a file"):
+        pretrained_stage.run(pretrained_stage.Config(gguf=str(tmp_path / "missing.gguf")), tmp_path / "x")
+
+
+def test_pretrained_cli_converts_a_gguf_and_names_a_missing_file(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    gguf_path = export_gguf(model_dir, tmp_path / "tiny-q8.gguf", "q8_0")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lmforge.cli", "pretrained", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    ok = run("--gguf", str(gguf_path), "-o", str(tmp_path / "base"))
+    assert ok.returncode == 0, ok.stderr
+    assert load_model(tmp_path / "base").config.num_hidden_layers == 2
+    bad = run("--gguf", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "gguf:" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
