@@ -64,6 +64,26 @@ def test_ddp_two_cpu_processes_equal_one_process(tokenized, tmp_path):
     assert bad.returncode != 0 and "batch_size: 3 is not a multiple of the 2 processes" in bad.stderr + bad.stdout
 
 
+def test_ddp_with_an_untied_head_and_the_fused_loss_equals_one_process(tokenized, tmp_path):
+    """The fused loss applies lm_head.weight outside DDP's forward; an untied head must still get its gradient
+    averaged over the ranks."""
+    kw = dict(max_steps=4, eval_every=4, checkpoint_every=4)
+    single = tmp_path / "single"
+    pretrain.run(pretrain.Config(tokenizer=str(tokenized), tie_embeddings=False, **{**TINY, **kw}), single)
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lmforge.cli", *cli_args(tokenized, ddp, **kw), "--no-tie-embeddings", "--fused-loss"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ra, rb in zip(records(single), records(ddp), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-4)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3, abs=1e-4)
+    wa, wb = load_file(str(single / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
+    assert "lm_head.weight" in wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
 def test_sigkill_and_resume_is_bit_exact(tokenized, tmp_path):
     kw = dict(max_steps=60, checkpoint_every=5, eval_every=10)
     straight = tmp_path / "straight"
