@@ -381,6 +381,24 @@ def test_smoke_test(serve_model_dir):
     assert res["model"] == "tiny-chat"
 
 
+def test_smoke_test_steps_on_the_calling_thread_and_reraises_client_errors(serve_model_dir, monkeypatch):
+    from lmforge.serve.smoke import smoke_test
+
+    drivers = []
+    real_step = Engine.step
+
+    def recording_step(self, *args, **kwargs):
+        drivers.append(threading.current_thread())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", recording_step)
+    smoke_test(serve_model_dir, max_tokens=4)
+    assert drivers and set(drivers) == {threading.current_thread()}  # the thread that loaded the model steps it
+
+    with pytest.raises(openai.BadRequestError):  # a 400 from the server surfaces here, and nothing hangs
+        smoke_test(serve_model_dir, max_tokens=0)
+
+
 def test_chat_repl_keeps_history(serve_model_dir, engine):
     from rich.console import Console
 

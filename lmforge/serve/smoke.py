@@ -58,19 +58,33 @@ def smoke_test(model_dir: str | os.PathLike, *, max_tokens: int = 32, model_name
 
     name = model_name or Path(model_dir).resolve().name
     engine = Engine.from_folder(model_dir, max_num_seqs=1, max_model_len=2048)
+    result: dict = {}
+
+    def converse() -> None:  # the client side, on a second thread: the engine steps on this one (see engine.py)
+        try:
+            with running_server(engine, name) as base_url:
+                client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+                t0 = time.perf_counter()
+                result["chat"] = client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": chat_message}], max_tokens=max_tokens,
+                    temperature=0.0)
+                t1 = time.perf_counter()
+                result["comp"] = client.completions.create(model=name, prompt=completion_prompt,
+                                                           max_tokens=max_tokens, temperature=0.0)
+                result.update(base_url=base_url, times=(t0, t1, time.perf_counter()))
+        except BaseException as exc:  # re-raised on the calling thread below
+            result["error"] = exc
+
+    client_thread = threading.Thread(target=converse, name="lmforge-smoke-client", daemon=True)
+    client_thread.start()
     try:
-        with running_server(engine, name) as base_url:
-            client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
-            t0 = time.perf_counter()
-            chat = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": chat_message}], max_tokens=max_tokens,
-                temperature=0.0)
-            t1 = time.perf_counter()
-            comp = client.completions.create(model=name, prompt=completion_prompt, max_tokens=max_tokens,
-                                             temperature=0.0)
-            t2 = time.perf_counter()
+        engine.run_forever(stop=lambda: not client_thread.is_alive())
     finally:
         engine.shutdown()
+        client_thread.join(timeout=30)
+    if "error" in result:
+        raise result["error"]
+    chat, comp, base_url, (t0, t1, t2) = result["chat"], result["comp"], result["base_url"], result["times"]
     tokens = chat.usage.completion_tokens + comp.usage.completion_tokens
     return {
         "chat": chat.choices[0].message.content or "",
