@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parity import assert_curves_match, assert_weights_match
 from lmforge.align import sft
 from lmforge.artifacts import read_manifest
 from lmforge.model.hf import save_model
@@ -83,17 +84,12 @@ def test_sft_ddp_two_cpu_processes_equal_one_process(tiny, tmp_path, monkeypatch
 
     a, b = _records(single), _records(ddp)
     assert [r["step"] for r in b] == list(range(1, 7))  # rank 0 alone wrote metrics: no duplicated lines
-    for ra, rb in zip(a, b):
-        assert rb["target_tokens"] == ra["target_tokens"]
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-5)
-        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3, abs=1e-4)
-        assert rb.get("val_loss", 0) == pytest.approx(ra.get("val_loss", 0), rel=1e-4)
+    assert [r["target_tokens"] for r in b] == [r["target_tokens"] for r in a]
+    assert_curves_match(a, b)
     weights = "adapter_model.safetensors" if kw.get("lora_r") else "model.safetensors"
     assert not (ddp / ("model.safetensors" if kw.get("lora_r") else "adapter_model.safetensors")).exists()
-    wa, wb = load_file(str(single / weights)), load_file(str(ddp / weights))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
+    # equal up to fp32 reordering (rows are grouped differently per rank): see tests/parity.py
+    assert_weights_match(load_file(str(single / weights)), load_file(str(ddp / weights)))
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
 

@@ -77,6 +77,20 @@ def shard_rows(x: torch.Tensor, world: World) -> torch.Tensor:
     return x[world.rank::world.world_size]
 
 
+def micro_rows(x: torch.Tensor, world: World, micro: int, grad_accum: int) -> torch.Tensor:
+    """This rank's rows of micro-batch ``micro`` (of ``grad_accum``) from one optimizer step's batch: the micro-batch
+    is the ``micro``-th contiguous block of ``len(x) / grad_accum`` rows and each rank takes a contiguous share of it.
+    So ``W`` processes of ``grad_accum=1`` train each rank on exactly the rows that one process with
+    ``grad_accum=W`` (and ``batch_size/W``) puts in each micro-batch: the same per-micro-batch gradients."""
+    per_micro = x.size(0) // grad_accum
+    if per_micro % world.world_size or x.size(0) % grad_accum:
+        raise ValueError(f"{x.size(0)} rows do not split into {grad_accum} micro-batches x {world.world_size} "
+                         f"processes")
+    share = per_micro // world.world_size
+    start = micro * per_micro + world.rank * share
+    return x[start:start + share]
+
+
 def fsdp_param_dtype(world: World, mode: Parallel, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype FSDP all-gathers parameters in: bf16 when training in bf16 on GPUs (it replaces autocast); ``None``
     (fp32 parameters, autocast as in a single process) on CPU, in fp32, or without FSDP."""

@@ -346,11 +346,13 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                       f"source(s), {tokens_per_step:,} tokens/step, {cfg.max_steps} steps on {world.world_size} x "
                       f"{device_name}" + (" (FSDP)" if sharded else ""))
 
-    def global_batch(index_: int, at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_batch(at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row an optimizer step trains on (``batch_size x grad_accum``, all ranks together)."""
+        rows = cfg.batch_size * cfg.grad_accum
         if train_tokens is not None:
-            return sample_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, index_)
+            return sample_batch(train_tokens, rows, cfg.seq_len, cfg.seed, at_step)
         w = mixture_weights_at(at_step, cfg.max_steps, weights, cfg.mixture_weights_end or None)
-        x, y, _ = sample_mixture_batch([t for _, _, t in sources], w, cfg.batch_size, cfg.seq_len, cfg.seed, index_)
+        x, y, _ = sample_mixture_batch([t for _, _, t in sources], w, rows, cfg.seq_len, cfg.seed, at_step)
         return x, y
 
     last_loss = float("nan")
@@ -367,9 +369,11 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss_sum = 0.0
+                xs, ys = step_batch(step)
                 for micro in range(cfg.grad_accum):
-                    x, y = global_batch(step * cfg.grad_accum + micro, step)
-                    x, y = distributed.shard_rows(x, world).to(device), distributed.shard_rows(y, world).to(device)
+                    # W processes train on the rows that one process with grad_accum=W puts in each micro-batch, so
+                    # the two are bit-identical for power-of-two W (the 1/W and 1/A scalings are exact)
+                    x, y = (distributed.micro_rows(t, world, micro, cfg.grad_accum).to(device) for t in (xs, ys))
                     last_micro = micro == cfg.grad_accum - 1
                     with distributed.no_grad_sync(ddp, skip=not last_micro):
                         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
