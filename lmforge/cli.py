@@ -16,6 +16,7 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from lmforge.config import ConfigError, command_from_config, spread_list_values
@@ -50,6 +51,12 @@ class LazyGroup(TyperGroup):
         if cmd is not None and not isinstance(cmd, TyperGroup):
             rest = spread_list_values(cmd.params, rest)
         return name, cmd, rest
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM while a stage ran (artifacts.Interrupted): 130 / 143
+            raise typer.Exit(128 + getattr(err, "signum", 2)) from None
 
 
 def lazy_group(commands: dict[str, tuple[str, Callable[[], Callable[..., Any]]]]) -> type[LazyGroup]:
@@ -496,27 +503,75 @@ def chat_cmd(model: Path = typer.Argument(..., help="Model folder.")) -> None:
     chat_repl(str(model))
 
 
+STATE_COLOUR = {"done": "green", "failed": "red", "running": "cyan"}
+
+
+def _short_path(path: str) -> str:
+    """A path relative to the current folder when it lies below it (shorter, and still copyable), else absolute."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def runs_table(rows: list[dict[str, Any]], width: int, title: str) -> Table:
+    """The ``lmforge runs`` table, with as many columns as ``width`` holds.
+
+    The run id, stage and state are always shown and never cut; the artifact path wraps instead of being cut; then
+    come, while they fit, the time taken, which run it resumes (or is resumed by), the start time and the key
+    metrics."""
+    cells: dict[str, list[str]] = {k: [] for k in ("run", "stage", "state", "time", "started", "resumes", "artifact",
+                                                  "key metrics")}
+    for r in rows:
+        metrics = json.loads(r["metrics"] or "{}")
+        keys = HEADLINE.get(r["stage"], [])
+        colour = STATE_COLOUR.get(r["state"], "yellow")
+        cells["run"].append(r["run_id"])
+        cells["stage"].append(r["stage"])
+        cells["state"].append(f"[{colour}]{r['state']}[/]")
+        cells["time"].append(f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] else "-")
+        cells["started"].append(datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S"))
+        links = ([f"resumes {r['resumes']}"] if r.get("resumes") else []) + \
+            ([f"resumed by {r['resumed_by']}"] if r.get("resumed_by") else [])
+        cells["resumes"].append(", ".join(links))
+        cells["artifact"].append(_short_path(r["path"]))
+        cells["key metrics"].append(", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics))
+
+    def natural(col: str) -> int:
+        return max([len(col)] + [len(Text.from_markup(c).plain) for c in cells[col]])
+
+    chosen = ["run", "stage", "state", "artifact"]
+    used = sum(natural(c) + 3 for c in chosen if c != "artifact") + min(natural("artifact"), 24) + 3 + 1
+    for optional in ("time", "resumes", "started", "key metrics"):
+        if not any(cells[optional]):
+            continue
+        need = (min(natural(optional), 30) if optional == "key metrics" else natural(optional)) + 3
+        if used + need <= width:
+            chosen.insert(-1 if optional != "key metrics" else len(chosen), optional)
+            used += need
+    table = Table(title=title, title_justify="left")
+    for col in chosen:
+        wraps = col in ("artifact", "key metrics")
+        table.add_column(col, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
+                         min_width=None if wraps else natural(col))
+    for i in range(len(rows)):
+        table.add_row(*(cells[c][i] for c in chosen))
+    return table
+
+
 @app.command("runs")
 def runs_cmd(
     stage: Optional[str] = typer.Option(None, help="Only runs of this stage."),
     limit: int = typer.Option(30, help="At most this many runs."),
 ) -> None:
-    """List runs recorded in the registry ($LMFORGE_HOME/registry.sqlite), newest first."""
+    """List runs recorded in the registry ($LMFORGE_HOME/registry.sqlite), newest first.
+
+    A run is done, failed or interrupted (SIGINT/SIGTERM); running only while its process lives and its heartbeat
+    is fresh, else stale (killed without a chance to say so: SIGKILL, out of memory, a crash of the machine)."""
     from lmforge import registry
 
     rows = registry.list_runs(stage, limit)
-    table = Table(title=f"runs in {registry.registry_path()}")
-    for col in ("run", "stage", "status", "started", "time", "artifact", "key metrics"):
-        table.add_column(col)
-    for r in rows:
-        metrics = json.loads(r["metrics"] or "{}")
-        keys = HEADLINE.get(r["stage"], [])
-        dur = f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] else "-"
-        colour = {"done": "green", "failed": "red"}.get(r["status"], "yellow")
-        table.add_row(r["run_id"], r["stage"], f"[{colour}]{r['status']}[/]",
-                      datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S"), dur, r["path"],
-                      ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics))
-    console.print(table)
+    console.print(runs_table(rows, console.width, f"runs in {registry.registry_path().resolve()}"))
 
 
 @app.command("lineage")
@@ -541,7 +596,10 @@ def lineage_cmd(
             return
         keys = HEADLINE.get(item["stage"], [])
         metrics = ", ".join(f"{k}={_fmt(item['metrics'][k])}" for k in keys if k in item["metrics"])
-        child = node.add(f"[cyan]{role}[/]: [bold]{item['stage']}[/] {item['path']} [dim]run {item['run_id']}[/] {metrics}")
+        state = "" if item["status"] == "done" else f" [yellow]{item['status']}[/]"
+        resumes = f" [dim](resumes run {item['resumes']})[/]" if item.get("resumes") else ""
+        child = node.add(f"[cyan]{role}[/]: [bold]{item['stage']}[/] {item['path']} [dim]run {item['run_id']}[/]"
+                         f"{resumes}{state} {metrics}")
         for r, sub in item["inputs"].items():
             add(child, sub, r)
 

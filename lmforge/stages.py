@@ -3,7 +3,9 @@
 A stage module exposes ``STAGE`` (name), ``VERSION`` (bump it when outputs change meaning), a ``Config`` (a
 ``StageConfig``) and ``run(config, out_dir, force=False) -> Manifest``.  Inside ``run`` a stage calls
 ``begin(...)``: it returns ``None`` when the folder already holds a finished run with the same fingerprint (and says
-so), else a ``StageRun`` to use as a context manager.
+so), else a ``StageRun`` to use as a context manager.  When the folder holds an unfinished run of the same
+fingerprint (and ``force`` is off) the new run records that it ``resumes`` it; a stage that decides otherwise (starts
+afresh, or resumes under ``force``) sets ``run.resumes`` itself before entering the run.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def begin(
     if not force and run.up_to_date():
         console.print(f"[green]✓ {stage}[/]: up to date in {out_dir} (fingerprint {run.fingerprint}), skipped")
         return None
-    if run.resumable():
-        console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run in {out_dir}")
+    if run.resumable() and not force:
+        prev = run.previous()
+        run.resumes = prev.run_id if prev else None
+        console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run {run.resumes} in {out_dir}")
     else:
         console.print(f"[bold]▶ {stage}[/] → {out_dir}")
     return run
