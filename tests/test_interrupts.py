@@ -86,3 +86,30 @@ def test_ctrl_c_during_data_run_with_workers(tmp_path, lmforge_home):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["totals"]["docs_in"] == stats["totals"]["docs_kept"] + stats["totals"]["docs_dropped"]
     assert not list(out.rglob(".*.tmp-*"))
+
+
+def _sandbox_owner(queue) -> None:  # a shard worker holding an HTML extraction helper process
+    from lmforge.data.steps import ExtractSandbox
+
+    sandbox = ExtractSandbox(len)
+    sandbox.call("<html>x</html>", 30)
+    queue.put(sandbox.proc.pid)
+    time.sleep(300)
+
+
+def test_extract_helper_does_not_outlive_a_stopped_worker():
+    """A worker stopped mid-shard (as Ctrl-C stops them) must not leave its --extract-timeout helper behind."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_sandbox_owner, args=(queue,))
+    worker.start()
+    helper = queue.get(timeout=120)
+    assert alive(helper)
+    worker.terminate()
+    worker.join()
+    deadline = time.time() + 10
+    while alive(helper) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(helper)
