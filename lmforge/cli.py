@@ -16,6 +16,7 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 from rich.tree import Tree
 
@@ -529,7 +530,9 @@ def runs_table(rows: list[dict[str, Any]], width: int, title: str) -> Table:
         colour = STATE_COLOUR.get(r["state"], "yellow")
         cells["run"].append(r["run_id"])
         cells["stage"].append(r["stage"])
-        cells["state"].append(f"[{colour}]{r['state']}[/]")
+        error = (r.get("error") or "").strip().splitlines()[-1:] if r["state"] in ("failed", "interrupted") else []
+        detail = f" [dim]{escape(error[0][:80])}[/]" if error else ""  # the whole error is in the manifest
+        cells["state"].append(f"[{colour}]{r['state']}[/]{detail}")
         cells["time"].append(f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] else "-")
         cells["started"].append(datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S"))
         links = ([f"resumes {r['resumes']}"] if r.get("resumes") else []) + \
@@ -539,7 +542,10 @@ def runs_table(rows: list[dict[str, Any]], width: int, title: str) -> Table:
         cells["key metrics"].append(", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics))
 
     def natural(col: str) -> int:
-        return max([len(col)] + [len(Text.from_markup(c).plain) for c in cells[col]])
+        plain = [Text.from_markup(c).plain for c in cells[col]]
+        if col == "state":  # the error after a state may wrap; the state itself may not
+            plain = [p.split(" ", 1)[0] if p.startswith(("failed", "interrupted")) else p for p in plain]
+        return max([len(col)] + [len(p) for p in plain])
 
     chosen = ["run", "stage", "state", "artifact"]
     used = sum(natural(c) + 3 for c in chosen if c != "artifact") + min(natural("artifact"), 24) + 3 + 1
@@ -552,9 +558,9 @@ def runs_table(rows: list[dict[str, Any]], width: int, title: str) -> Table:
             used += need
     table = Table(title=title, title_justify="left")
     for col in chosen:
-        wraps = col in ("artifact", "key metrics")
+        wraps = col in ("artifact", "key metrics", "state")
         table.add_column(col, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
-                         min_width=None if wraps else natural(col))
+                         min_width=None if col in ("artifact", "key metrics") else natural(col))
     for i in range(len(rows)):
         table.add_row(*(cells[c][i] for c in chosen))
     return table

@@ -99,7 +99,7 @@ def test_killed_interrupted_and_resumed_runs(tmp_path, lmforge_home):
     id3 = m.run_id
     listing = runs_output(lmforge_home)
     assert "done" in row_of(listing, id3) and f"resumes {id2}" in row_of(listing, id3)
-    assert "interrupted" in row_of(listing, id2) and f"resumes {id1}" in row_of(listing, id2)
+    assert "interrupted stopped by SIGTERM" in row_of(listing, id2) and f"resumes {id1}" in row_of(listing, id2)
     assert "stale (pid" in row_of(listing, id1) and f"resumed by {id2}" in row_of(listing, id1)
     narrow = runs_output(lmforge_home, columns=80)  # ids whole (copyable), nothing wider than the terminal
     assert all(len(line) <= 80 for line in narrow.splitlines() if line[:1] in "┏┃┡│└")
