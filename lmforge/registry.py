@@ -144,8 +144,14 @@ def state(row: dict[str, Any], now: float | None = None) -> str:
     process was killed by SIGKILL or the OOM killer, the machine went down ...)."""
     if row["status"] != "running":
         return row["status"]
+    return process_state(row.get("pid"), row.get("host"), row.get("heartbeat_at"), row["started_at"], now)
+
+
+def process_state(pid: int | None, host: str | None, beat: float | None, started_at: float,
+                  now: float | None = None) -> str:
+    """``running`` (or ``running on HOST``) when the process of a run that says it is running still runs, else
+    ``stale (why)``."""
     now = time.time() if now is None else now
-    pid, host, beat = row.get("pid"), row.get("host"), row.get("heartbeat_at")
     if pid is None:
         return "stale (no pid recorded)"  # a row written before lmforge recorded processes
     late = beat is None or now - beat > 4 * heartbeat_seconds() + 5
@@ -153,10 +159,10 @@ def state(row: dict[str, Any], now: float | None = None) -> str:
         if not _pid_alive(int(pid)):
             return f"stale (pid {pid} gone)"
         if late:
-            return f"stale (pid {pid} alive, no heartbeat for {_age(now - (beat or row['started_at']))})"
+            return f"stale (pid {pid} alive, no heartbeat for {_age(now - (beat or started_at))})"
         return "running"
     if late:
-        return f"stale (no heartbeat from {host} for {_age(now - (beat or row['started_at']))})"
+        return f"stale (no heartbeat from {host} for {_age(now - (beat or started_at))})"
     return f"running on {host}"
 
 

@@ -70,6 +70,12 @@ def test_killed_interrupted_and_resumed_runs(tmp_path, lmforge_home):
     assert read_manifest(out).pid == first.pid
     assert "running" in row_of(runs_output(lmforge_home), id1)
 
+    # a second process may not write into the folder while the first one runs there
+    busy = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=env(lmforge_home), capture_output=True,
+                          text=True, timeout=60)
+    assert busy.returncode != 0 and f"is being written by run {id1}" in busy.stderr
+    assert read_manifest(out).run_id == id1
+
     # 2. SIGKILL: nothing can record it; `runs` sees the process is gone
     first.send_signal(signal.SIGKILL)
     first.wait()
