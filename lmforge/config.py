@@ -177,8 +177,9 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
     if default_out is not None:
         params += [
             inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
-                              default=typer.Option(None, "--out", "-o", show_default=False,
-                                                   help=_escape(f"Artifact folder.  [default: $LMFORGE_HOME/{default_out}]"))),
+                              default=typer.Option(
+                                  None, "--out", "-o", show_default=False,
+                                  help=_escape(f"Artifact folder.  [default: $LMFORGE_HOME/{default_out}]"))),
             inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                               default=typer.Option(False, "--force", help="Re-run even if the folder is up to date.")),
         ]

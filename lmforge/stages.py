@@ -74,7 +74,7 @@ def _refuse_if_busy(run: StageRun, out_dir: str | os.PathLike) -> None:
     state = process_state(prev.pid, prev.host.get("node"), prev.heartbeat_at, prev.started_at)
     if state.startswith("running"):
         raise BusyFolderError(f"{out_dir} is being written by run {prev.run_id} ({prev.stage}, pid {prev.pid} on "
-                           f"{prev.host.get('node')}, {state}); wait for it, stop it, or choose another --out")
+                              f"{prev.host.get('node')}, {state}); wait for it, stop it, or choose another --out")
 
 
 def finished(out_dir: str | os.PathLike) -> Manifest:

@@ -1,5 +1,5 @@
-"""Ctrl-C stops a stage with workers for real: pending shards are cancelled, workers stopped, the run says what was done,
-exits 130 and is recorded `interrupted`; the re-run resumes it (and says so in the registry)."""
+"""Ctrl-C stops a stage with workers for real: pending shards are cancelled, workers stopped, the run says what was
+done, exits 130 and is recorded `interrupted`; the re-run resumes it (and says so in the registry)."""
 
 from __future__ import annotations
 
