@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 import traceback
 import uuid
@@ -31,6 +33,20 @@ from pydantic import BaseModel
 from lmforge import __version__
 
 MANIFEST = "manifest.json"
+
+
+def heartbeat_seconds() -> float:
+    """How often a running stage stamps ``heartbeat_at`` in its manifest and the registry (``LMFORGE_HEARTBEAT_S``)."""
+    return float(os.environ.get("LMFORGE_HEARTBEAT_S", "30"))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread when a running stage's process gets SIGTERM (Ctrl-C raises KeyboardInterrupt): the
+    run ends ``interrupted``, its partial state kept for a resume."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,7 +152,7 @@ class Manifest(BaseModel):
     stage_version: str
     fingerprint: str
     run_id: str
-    status: str  # running / done / failed
+    status: str  # running / done / failed / interrupted
     config: dict[str, Any]
     inputs: dict[str, InputRef] = {}
     outputs: list[str] = []
@@ -147,6 +163,9 @@ class Manifest(BaseModel):
     lmforge_version: str = __version__
     host: dict[str, str] = {}
     error: str | None = None
+    pid: int | None = None  # the process that runs (ran) it, on host["node"]
+    heartbeat_at: float | None = None  # refreshed every heartbeat_seconds() while running
+    resumes: str | None = None  # run id of the unfinished run in this folder that this run continues
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -205,7 +224,12 @@ class StageRun:
         self.run_id = uuid.uuid4().hex[:12]
         self.metrics: dict[str, Any] = {}
         self.outputs: list[str] = []
+        self.resumes: str | None = None  # set by the stage (stages.begin) when it continues an unfinished run
         self._started = 0.0
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._sigterm: Any = None
 
     # -- state of an existing folder ----------------------------------------------------------------------------------
     def previous(self) -> Manifest | None:
@@ -220,9 +244,10 @@ class StageRun:
         return prev is not None and prev.status == "done" and prev.fingerprint == self.fingerprint
 
     def resumable(self) -> bool:
-        """True when the folder holds an unfinished (crashed or killed) run of the same fingerprint."""
+        """True when the folder holds an unfinished (crashed, killed or interrupted) run of the same fingerprint."""
         prev = self.previous()
-        return prev is not None and prev.status in ("running", "failed") and prev.fingerprint == self.fingerprint
+        return (prev is not None and prev.status in ("running", "failed", "interrupted")
+                and prev.fingerprint == self.fingerprint)
 
     # -- running ------------------------------------------------------------------------------------------------------
     def _manifest(self, status: str, error: str | None = None) -> Manifest:
@@ -237,13 +262,31 @@ class StageRun:
             config=self.config,
             inputs=self.inputs,
             outputs=sorted(self.outputs),
-            metrics=self.metrics,
+            metrics=self.metrics if done else {},
             started_at=self._started,
             finished_at=now if done else None,
             duration_s=round(now - self._started, 3) if done else None,
             host={"python": platform.python_version(), "machine": platform.machine(), "node": platform.node()},
             error=error,
+            pid=os.getpid(),
+            heartbeat_at=now,
+            resumes=self.resumes,
         )
+
+    def _heartbeat(self) -> None:
+        """Daemon thread: stamp the running manifest and the registry row until the run ends."""
+        from lmforge import registry
+
+        while not self._ended.wait(heartbeat_seconds()):
+            with self._lock:
+                if self._ended.is_set():
+                    return
+                try:
+                    m = self._manifest("running")
+                    write_json(self.dir / MANIFEST, m.model_dump())
+                    registry.heartbeat(self.run_id, m.heartbeat_at or time.time())
+                except Exception:  # a missed beat only makes the run look stale sooner; never stop the stage
+                    pass
 
     def __enter__(self) -> "StageRun":
         from lmforge import registry
@@ -252,20 +295,40 @@ class StageRun:
         self._started = time.time()
         write_json(self.dir / MANIFEST, self._manifest("running").model_dump())
         registry.record_start(self)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+        self._beat = threading.Thread(target=self._heartbeat, name=f"lmforge-heartbeat-{self.run_id}", daemon=True)
+        self._beat.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         from lmforge import registry
+        from lmforge.progress import console
 
-        if exc is None:
-            if not self.outputs:
-                self.outputs = sorted(
-                    str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file() and p.name != MANIFEST
-                )
-            manifest = self._manifest("done")
-        else:
-            detail = "".join(traceback.format_exception_only(exc_type, exc)).strip()
-            manifest = self._manifest("failed", error=detail)
-        write_json(self.dir / MANIFEST, manifest.model_dump())
-        registry.record_finish(self, manifest)
+        with self._lock:
+            self._ended.set()
+            if exc is None:
+                if not self.outputs:
+                    self.outputs = sorted(
+                        str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file() and p.name != MANIFEST
+                    )
+                manifest = self._manifest("done")
+            elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C (SIGINT), or SIGTERM through Interrupted
+                manifest = self._manifest("interrupted", error=str(exc) or "stopped by SIGINT (Ctrl-C)")
+            else:
+                detail = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+                manifest = self._manifest("failed", error=detail)
+            write_json(self.dir / MANIFEST, manifest.model_dump())
+            registry.record_finish(self, manifest)
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+        if manifest.status == "interrupted":
+            console.print(f"[yellow]⏹ {self.stage}[/]: interrupted ({manifest.error}); run {self.run_id} in "
+                          f"{self.dir.resolve()} is kept: re-run the same command to resume")
         return False
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)

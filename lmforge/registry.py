@@ -1,5 +1,9 @@
 """The run registry: one SQLite file that records runs, artifacts and lineage edges.
 
+A run row also holds the process that runs it (pid, host) and a heartbeat it refreshes while running, so a run killed
+without a chance to say so (SIGKILL, the OOM killer) shows as ``stale`` instead of ``running`` forever; and the run
+id of the unfinished run it resumes.
+
 Where it lives: ``$LMFORGE_HOME/registry.sqlite`` (``LMFORGE_HOME`` defaults to ``./runs``).  Every ``StageRun``
 writes to it when it starts and when it finishes; ``lmforge runs`` and ``lmforge lineage PATH`` read it.  An edge
 ``src -> dst`` with a role (``data``, ``tokenizer``, ``model`` ...) says that artifact ``dst`` was made from ``src``.
@@ -9,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lmforge.artifacts import heartbeat_seconds
 
 if TYPE_CHECKING:
     from lmforge.artifacts import Manifest, StageRun
@@ -29,7 +36,11 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL,
     config TEXT NOT NULL,
     metrics TEXT,
-    error TEXT
+    error TEXT,
+    pid INTEGER,
+    host TEXT,
+    heartbeat_at REAL,
+    resumes TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_path ON runs(path);
 CREATE TABLE IF NOT EXISTS edges (
@@ -56,12 +67,25 @@ def registry_path() -> Path:
     return home() / "registry.sqlite"
 
 
+# columns added since the first schema: a registry file written by an older lmforge gets them on first connect
+ADDED_COLUMNS = {"pid": "INTEGER", "host": "TEXT", "heartbeat_at": "REAL", "resumes": "TEXT"}
+
+
 def connect(path: str | os.PathLike | None = None) -> sqlite3.Connection:
     path = Path(path) if path else registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30)
     con.execute("PRAGMA journal_mode=WAL")
     con.executescript(SCHEMA)
+    have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in have:
+            try:
+                with con:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as err:  # another process added it first
+                if "duplicate column" not in str(err):
+                    raise
     con.row_factory = sqlite3.Row
     return con
 
@@ -69,9 +93,10 @@ def connect(path: str | os.PathLike | None = None) -> sqlite3.Connection:
 def record_start(run: "StageRun") -> None:
     with closing(connect()) as con, con:
         con.execute(
-            "INSERT OR REPLACE INTO runs(run_id, stage, path, fingerprint, status, started_at, config)"
-            " VALUES (?, ?, ?, ?, 'running', ?, ?)",
-            (run.run_id, run.stage, str(run.dir.resolve()), run.fingerprint, time.time(), json.dumps(run.config)),
+            "INSERT OR REPLACE INTO runs(run_id, stage, path, fingerprint, status, started_at, config, pid, host,"
+            " heartbeat_at, resumes) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            (run.run_id, run.stage, str(run.dir.resolve()), run.fingerprint, time.time(), json.dumps(run.config),
+             os.getpid(), socket.gethostname(), time.time(), run.resumes),
         )
         for role, ref in run.inputs.items():
             con.execute(
@@ -93,16 +118,67 @@ def record_finish(run: "StageRun", manifest: "Manifest") -> None:
                             (run.run_id, name, float(value)))
 
 
+def heartbeat(run_id: str, at: float) -> None:
+    with closing(connect()) as con, con:
+        con.execute("UPDATE runs SET heartbeat_at=? WHERE run_id=? AND status='running'", (at, run_id))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}min" if seconds < 7200 else \
+        f"{seconds / 3600:.0f}h"
+
+
+def state(row: dict[str, Any], now: float | None = None) -> str:
+    """What a run's status means now.  ``done`` / ``failed`` / ``interrupted`` are final; a ``running`` row is shown
+    ``running`` only while its process lives and its heartbeat is fresh, else ``stale (...)`` with the reason (the
+    process was killed by SIGKILL or the OOM killer, the machine went down ...)."""
+    if row["status"] != "running":
+        return row["status"]
+    return process_state(row.get("pid"), row.get("host"), row.get("heartbeat_at"), row["started_at"], now)
+
+
+def process_state(pid: int | None, host: str | None, beat: float | None, started_at: float,
+                  now: float | None = None) -> str:
+    """``running`` (or ``running on HOST``) when the process of a run that says it is running still runs, else
+    ``stale (why)``."""
+    now = time.time() if now is None else now
+    if pid is None:
+        return "stale (no pid recorded)"  # a row written before lmforge recorded processes
+    late = beat is None or now - beat > 4 * heartbeat_seconds() + 5
+    if host == socket.gethostname():
+        if not _pid_alive(int(pid)):
+            return f"stale (pid {pid} gone)"
+        if late:
+            return f"stale (pid {pid} alive, no heartbeat for {_age(now - (beat or started_at))})"
+        return "running"
+    if late:
+        return f"stale (no heartbeat from {host} for {_age(now - (beat or started_at))})"
+    return f"running on {host}"
+
+
 def list_runs(stage: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     with closing(connect()) as con:
-        q = "SELECT * FROM runs"
+        q = ("SELECT r.*, (SELECT group_concat(n.run_id) FROM runs n WHERE n.resumes = r.run_id) AS resumed_by"
+             " FROM runs r")
         args: tuple = ()
         if stage:
-            q += " WHERE stage=?"
+            q += " WHERE r.stage=?"
             args = (stage,)
-        q += " ORDER BY started_at DESC LIMIT ?"
-        rows = con.execute(q, args + (limit,)).fetchall()
-    return [dict(r) for r in rows]
+        q += " ORDER BY r.started_at DESC LIMIT ?"
+        rows = [dict(r) for r in con.execute(q, args + (limit,)).fetchall()]
+    for r in rows:
+        r["state"] = state(r)
+    return rows
 
 
 def latest_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -136,7 +212,8 @@ def lineage(path: str | os.PathLike, max_depth: int = 20) -> dict[str, Any]:
                 "stage": row["stage"],
                 "path": row["path"],
                 "run_id": row["run_id"],
-                "status": row["status"],
+                "status": state(dict(row)),
+                "resumes": row["resumes"],
                 "config": json.loads(row["config"]),
                 "metrics": json.loads(row["metrics"] or "{}"),
                 "inputs": {},

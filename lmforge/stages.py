@@ -3,7 +3,9 @@
 A stage module exposes ``STAGE`` (name), ``VERSION`` (bump it when outputs change meaning), a ``Config`` (a
 ``StageConfig``) and ``run(config, out_dir, force=False) -> Manifest``.  Inside ``run`` a stage calls
 ``begin(...)``: it returns ``None`` when the folder already holds a finished run with the same fingerprint (and says
-so), else a ``StageRun`` to use as a context manager.
+so), else a ``StageRun`` to use as a context manager.  When the folder holds an unfinished run of the same
+fingerprint (and ``force`` is off) the new run records that it ``resumes`` it; a stage that decides otherwise (starts
+afresh, or resumes under ``force``) sets ``run.resumes`` itself before entering the run.
 """
 
 from __future__ import annotations
@@ -45,14 +47,34 @@ def begin(
     execution_fields: frozenset[str] | set[str] = frozenset(),
 ) -> StageRun | None:
     run = StageRun(stage, version, out_dir, config, inputs, execution_fields)
+    _refuse_if_busy(run, out_dir)
     if not force and run.up_to_date():
         console.print(f"[green]✓ {stage}[/]: up to date in {out_dir} (fingerprint {run.fingerprint}), skipped")
         return None
-    if run.resumable():
-        console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run in {out_dir}")
+    if run.resumable() and not force:
+        prev = run.previous()
+        run.resumes = prev.run_id if prev else None
+        console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run {run.resumes} in {out_dir}")
     else:
         console.print(f"[bold]▶ {stage}[/] → {out_dir}")
     return run
+
+
+class BusyFolderError(ValueError):
+    """The output folder is being written by another live run."""
+
+
+def _refuse_if_busy(run: StageRun, out_dir: str | os.PathLike) -> None:
+    """Two processes writing one folder would mix their outputs: refuse while another live run holds it."""
+    from lmforge.registry import process_state
+
+    prev = run.previous()
+    if prev is None or prev.status != "running" or prev.pid is None or prev.pid == os.getpid():
+        return
+    state = process_state(prev.pid, prev.host.get("node"), prev.heartbeat_at, prev.started_at)
+    if state.startswith("running"):
+        raise BusyFolderError(f"{out_dir} is being written by run {prev.run_id} ({prev.stage}, pid {prev.pid} on "
+                              f"{prev.host.get('node')}, {state}); wait for it, stop it, or choose another --out")
 
 
 def finished(out_dir: str | os.PathLike) -> Manifest:

@@ -132,7 +132,7 @@ def test_fsdp_run_stopped_and_resumed_equals_uninterrupted(tokenized, fsdp, tmp_
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)  # what a preempted job gets: torchrun stops its workers
     proc.wait(timeout=60)
-    assert read_manifest(stopped).status in ("running", "failed")  # stopped mid-run
+    assert read_manifest(stopped).status in ("running", "failed", "interrupted")  # stopped mid-run
     assert not (stopped / "model.safetensors").exists()
     done_before = max(r["step"] for r in records(stopped))
     assert done_before < 40

@@ -377,18 +377,27 @@ def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
                   f"concurrency {cfg.concurrency}, endpoint {cfg.base_url}")
     write_lock = threading.Lock()
     t0 = time.time()
-    with open(kept_path, "a", encoding="utf-8") as kf, open(rejected_path, "a", encoding="utf-8") as rf, \
-            progress() as bar, ThreadPoolExecutor(cfg.concurrency) as pool:
-        task_bar = bar.add_task(f"synth ({cfg.mode})", total=n_tasks, completed=len(done), rate="")
-        for rec in pool.map(work, todo):
-            with write_lock:
-                ok = "reason" not in rec
-                f = kf if ok else rf
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                (kept if ok else rejected).append(rec)
-                write_json(stats_path, stats)
-            bar.update(task_bar, advance=1, rate=f"{len(kept)} kept")
+    pool = ThreadPoolExecutor(cfg.concurrency)
+    try:
+        with open(kept_path, "a", encoding="utf-8") as kf, open(rejected_path, "a", encoding="utf-8") as rf, \
+                progress() as bar:
+            task_bar = bar.add_task(f"synth ({cfg.mode})", total=n_tasks, completed=len(done), rate="")
+            for rec in pool.map(work, todo):
+                with write_lock:
+                    ok = "reason" not in rec
+                    f = kf if ok else rf
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    (kept if ok else rejected).append(rec)
+                    write_json(stats_path, stats)
+                bar.update(task_bar, advance=1, rate=f"{len(kept)} kept")
+    except BaseException as err:  # Ctrl-C / SIGTERM / an error: requests not sent yet are cancelled, not sent
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(err, KeyboardInterrupt):
+            console.print(f"[yellow]interrupted: {len(kept) + len(rejected)} of {n_tasks} tasks done; "
+                          f"re-run to resume[/]")
+        raise
+    pool.shutdown(wait=True)
     reasons: dict[str, int] = {}
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1

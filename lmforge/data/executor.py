@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -215,6 +216,35 @@ def _run_task(task: ShardTask) -> dict[str, Any]:  # top level: picklable for wo
     return run_shard(task)
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent (a terminal sends SIGINT to the whole process group): the parent cancels
+    the pending shards and stops the workers, so one interrupt never leaves half the pool running."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_pool(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
+    """Cancel the shards not started yet and stop the workers now (SIGTERM, then SIGKILL after ``timeout`` s); a
+    shard cut short has no completion marker, so a re-run does it again."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def remove_partial_files(out_dir: Path) -> None:
+    """Temporary files of shards that were cut short (killed or interrupted mid-write)."""
+    for sub in ("work", "dropped", "docs"):
+        for tmp in (out_dir / sub).glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # phase 2: global exact dedup
 
@@ -338,6 +368,7 @@ def execute(
     from lmforge.progress import console, progress, rate_text
 
     t0 = time.time()
+    remove_partial_files(out_dir)
     plan = plan_shards(files, shards)
     results: dict[int, dict[str, Any]] = {}
     pending: list[ShardTask] = []
@@ -363,23 +394,35 @@ def execute(
             bar.update(task_id, completed=files_now,
                        rate=rate_text(docs_now, time.time() - started, "docs"))
 
-        if workers <= 1 or len(pending) <= 1:
-            for t in pending:
-                base_files, base_docs = done_files, done_docs
-                results[t.index] = run_shard(
-                    t, on_file=lambda k, d, bf=base_files, bd=base_docs: advance(bf + k, bd + d))
-                done_files += len(t.files)
-                done_docs += results[t.index]["docs_read"]
-                advance(done_files, done_docs)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_task, t): t for t in pending}
-                for fut in as_completed(futures):
-                    t = futures[fut]
-                    results[t.index] = fut.result()
+        try:
+            if workers <= 1 or len(pending) <= 1:
+                for t in pending:
+                    base_files, base_docs = done_files, done_docs
+                    results[t.index] = run_shard(
+                        t, on_file=lambda k, d, bf=base_files, bd=base_docs: advance(bf + k, bd + d))
                     done_files += len(t.files)
                     done_docs += results[t.index]["docs_read"]
                     advance(done_files, done_docs)
+            else:
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                           initializer=_worker_init)
+                try:
+                    futures = {pool.submit(_run_task, t): t for t in pending}
+                    for fut in as_completed(futures):
+                        t = futures[fut]
+                        results[t.index] = fut.result()
+                        done_files += len(t.files)
+                        done_docs += results[t.index]["docs_read"]
+                        advance(done_files, done_docs)
+                except BaseException:  # Ctrl-C, SIGTERM, a failed shard: no pending shard may keep running
+                    stop_pool(pool)
+                    raise
+                pool.shutdown(wait=True)
+        except KeyboardInterrupt:
+            finished = sum(shard_done(out_dir, i, fingerprint, minhash is not None, line_dedup is not None)
+                           for i in range(len(plan)))
+            console.print(f"[yellow]interrupted: {finished} of {len(plan)} shards done; re-run to resume[/]")
+            raise
     phase1_s = time.time() - t0
 
     steps2: list[Step] = []

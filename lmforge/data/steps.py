@@ -192,7 +192,9 @@ class ExtractError(Exception):
     """The extractor raised inside the helper process (the message names the original error)."""
 
 
-def _serve_extract(conn: Any, fn: Any) -> None:  # the helper process's loop
+def _serve_extract(conn: Any, fn: Any, owner_end: Any = None) -> None:  # the helper process's loop
+    if owner_end is not None:  # the fork copied the owner's end of the pipe: close it, or recv() never sees EOF when
+        owner_end.close()      # the owner dies (killed, interrupted) and this helper outlives it forever
     while True:
         try:
             html = conn.recv()
@@ -220,7 +222,7 @@ class ExtractSandbox:
 
         ctx = multiprocessing.get_context("fork")  # the child inherits the loaded extractor (no re-import)
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve_extract, args=(child, self.fn), daemon=True)
+        self.proc = ctx.Process(target=_serve_extract, args=(child, self.fn, parent), daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent

@@ -22,8 +22,14 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
                   "generation_config.json")
 
 
-def lmforge_home() -> Path:
-    return Path(os.environ.get("LMFORGE_HOME", "runs"))
+def models_home() -> Path:
+    """Where models converted from packages are kept (absolute): ``$LMFORGE_HOME/models`` when ``LMFORGE_HOME`` is set,
+    else the per-user cache ``${XDG_CACHE_HOME:-~/.cache}/lmforge/models``, so that ``lmforge smollm2`` run from
+    any folder finds the same converted model instead of writing a new copy into that folder."""
+    if os.environ.get("LMFORGE_HOME"):
+        return Path(os.path.abspath(Path(os.environ["LMFORGE_HOME"]).expanduser())) / "models"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return Path(os.path.abspath(cache)) / "lmforge" / "models"
 
 
 def smollm2_gguf_path() -> Path:
@@ -45,19 +51,20 @@ def is_model_folder(folder: Path) -> bool:
 def materialize_smollm2(out_dir: Path | None = None) -> Path:
     """An HF-layout SmolLM2-135M-Instruct folder (float32), built from the packaged GGUF on first use.
 
-    Defaults to ``$LMFORGE_HOME/models/SmolLM2-135M-Instruct``.  The folder is written under a temporary name and
+    Defaults to ``models_home()/SmolLM2-135M-Instruct``.  The folder is written under a temporary name and
     renamed into place, so a crash never leaves a half-written model behind; an existing complete folder is reused."""
-    out = Path(out_dir) if out_dir is not None else lmforge_home() / "models" / SMOLLM2_NAME
+    out = Path(out_dir) if out_dir is not None else models_home() / SMOLLM2_NAME
     return materialize_gguf(smollm2_gguf_path(), out)
 
 
 def materialize_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """An HF-layout folder for any Llama GGUF file (``lmforge serve model.gguf``); cached under
-    ``$LMFORGE_HOME/models/<file stem>`` unless ``out_dir`` is given, written atomically, reused when complete."""
+    ``models_home()/<file stem>`` unless ``out_dir`` is given, written atomically, reused when complete; returns an
+    absolute path."""
     gguf = Path(gguf)
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} is not a file")
-    out = Path(out_dir) if out_dir is not None else lmforge_home() / "models" / gguf.stem
+    out = Path(os.path.abspath(out_dir if out_dir is not None else models_home() / gguf.stem))
     if is_model_folder(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

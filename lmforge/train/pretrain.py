@@ -178,6 +178,7 @@ def _plan(config: Config, out: Path, force: bool) -> tuple[str, Any]:
         else:
             console.print(f"[yellow]  warning: resuming with a changed config: {'; '.join(changes)}[/]")
             resume = True
+    run_.resumes = prev.run_id if resume and prev is not None and prev.status != "done" else None
     if not resume:  # a fresh run starts from an empty folder
         for stale in ("checkpoints", "metrics.jsonl", "tensorboard"):
             p = out / stale
