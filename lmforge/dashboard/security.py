@@ -4,7 +4,7 @@
   with ``?token=T``), an ``Authorization: Bearer T`` header or an ``X-Lmforge-Token`` header.  Others get 401.
 - **Host check**: on loopback the ``Host`` header must name loopback (a DNS-rebinding page cannot reach the app).
 - **Writes** (POST/PUT/PATCH/DELETE): the ``Origin`` (or ``Referer``) must be this server and the request must carry
-  the CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) that every page embeds.
+  the CSRF token (url-encoded form field ``csrf`` or header ``X-CSRF-Token``) that every page embeds.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -95,9 +95,8 @@ def install(app: FastAPI) -> None:
             header = request.headers.get("x-csrf-token")
             if header is None:
                 ctype = request.headers.get("content-type", "")
-                if ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-                    form = await request.form()
-                    header = form.get("csrf")
+                if ctype.startswith("application/x-www-form-urlencoded"):
+                    header = (parse_qs((await request.body()).decode("utf-8", "replace")).get("csrf") or [None])[0]
             if not guard.csrf_ok(header if isinstance(header, str) else None):
                 return _deny(request, 403, "Missing or wrong CSRF token: reload the page and submit again.")
         response = await call_next(request)

@@ -42,16 +42,16 @@ class Store:
         return con
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        con = self._connect()
-        if con is None:
-            return []
-        with closing(con):
-            try:
+        try:
+            con = self._connect()
+            if con is None:
+                return []
+            with closing(con):
                 return [dict(r) for r in con.execute(sql, args).fetchall()]
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
-                    return []
-                raise PageError(f"the registry {self.db} cannot be read: {err}", 503) from None
+        except sqlite3.DatabaseError as err:  # locked, corrupt, not a database, old schema
+            if "no such table" in str(err):
+                return []
+            raise PageError(f"the registry {self.db} cannot be read: {err}", 503) from None
 
     def runs(self, stage: str = "", status: str = "", text: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         where, args = [], []
