@@ -156,7 +156,10 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
     @app.get("/api/runs/{run_id}/metrics")
     def metrics_api(run_id: str, offset: int = 0) -> dict[str, Any]:
         run = store.run(run_id)
-        records, new_offset, bad = read_metrics(store.folder(run) / "metrics.jsonl", max(0, offset))
+        path = store.folder(run) / "metrics.jsonl"
+        if run["state"] == "running" and not path.exists():  # started, no step logged yet
+            return {"run_id": run_id, "records": [], "offset": 0, "bad_lines": 0, "state": run["state"]}
+        records, new_offset, bad = read_metrics(path, max(0, offset))
         return {"run_id": run_id, "records": records, "offset": new_offset, "bad_lines": bad, "state": run["state"]}
 
     @app.get("/api/runs/{run_id}/metrics/stream")
