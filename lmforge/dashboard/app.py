@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,20 @@ from lmforge.dashboard import security
 from lmforge.dashboard.store import PageError, Store, iter_dir_files, read_metrics
 
 HERE = Path(__file__).parent
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
 CURVE_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 TEXT_VIEW_BYTES = 200_000
 log = logging.getLogger("lmforge.dashboard")
 
 
-def headline(stage: str) -> list[str]:
+PAGE_SIZE = 200
+
+
+@lru_cache(maxsize=None)
+def headline(stage: str) -> tuple[str, ...]:
     from lmforge.cli import HEADLINE  # the key metrics `lmforge runs` shows, per stage
 
-    return HEADLINE.get(stage, [])
+    return tuple(HEADLINE.get(stage, []))
 
 
 def fmt(v: Any) -> str:
@@ -89,9 +95,11 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
         return RedirectResponse("/runs", status_code=303)
 
     @app.get("/runs", response_class=HTMLResponse)
-    def runs_page(request: Request, stage: str = "", status: str = "", q: str = "") -> HTMLResponse:
-        rows = store.runs(stage, status, q)
-        return page(request, "runs.html", runs=rows, stages=store.stages(), stage=stage, status=status, q=q,
+    def runs_page(request: Request, stage: str = "", status: str = "", q: str = "", skip: int = 0) -> HTMLResponse:
+        skip = max(skip, 0)
+        rows = store.runs(stage, status, q, PAGE_SIZE + 1, skip)
+        return page(request, "runs.html", runs=rows[:PAGE_SIZE], more=len(rows) > PAGE_SIZE, skip=skip,
+                    page_size=PAGE_SIZE, stages=store.stages(), stage=stage, status=status, q=q,
                     registry=store.db, has_registry=store.db.is_file(),
                     states=["running", "done", "failed", "interrupted"])
 
@@ -150,7 +158,8 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
     @app.get("/curves", response_class=HTMLResponse)
     def curves_page(request: Request, run: list[str] = Query(default=[])) -> HTMLResponse:
         chosen = [store.run(r) for r in dict.fromkeys(run)]
-        candidates = [r for r in store.runs(limit=200) if (Path(r["path"]) / "metrics.jsonl").is_file()]
+        candidates = sorted((r for st in TRAINING_STAGES for r in store.runs(st, limit=100)
+                             if (Path(r["path"]) / "metrics.jsonl").is_file()), key=lambda r: -r["started_at"])
         return page(request, "curves.html", chosen=chosen, candidates=candidates, keys=CURVE_KEYS)
 
     @app.get("/api/runs/{run_id}/metrics")

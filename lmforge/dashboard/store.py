@@ -53,7 +53,9 @@ class Store:
                 return []
             raise PageError(f"the registry {self.db} cannot be read: {err}", 503) from None
 
-    def runs(self, stage: str = "", status: str = "", text: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+    def runs(self, stage: str = "", status: str = "", text: str = "", limit: int = 1000,
+             offset: int = 0) -> list[dict[str, Any]]:
+        """Newest first; ``status`` filters on the derived state (so it is applied after the query)."""
         where, args = [], []
         if stage:
             where.append("stage = ?")
@@ -62,10 +64,17 @@ class Store:
             where.append("(run_id LIKE ? OR path LIKE ? OR stage LIKE ? OR config LIKE ?)")
             args += [f"%{text}%"] * 4
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY started_at DESC"
+        if not status:
+            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         rows = [with_derived(r) for r in self._rows(sql, tuple(args))]
         if status:  # on the derived status: "interrupted" includes runs whose process is gone
-            rows = [r for r in rows if r["state"] == status]
-        return rows[:limit]
+            rows = [r for r in rows if r["state"] == status][offset:offset + limit]
+        return rows
+
+    def count(self, stage: str = "") -> int:
+        rows = self._rows("SELECT COUNT(*) AS n FROM runs" + (" WHERE stage = ?" if stage else ""),
+                          (stage,) if stage else ())
+        return rows[0]["n"] if rows else 0
 
     def stages(self) -> list[str]:
         return [r["stage"] for r in self._rows("SELECT DISTINCT stage FROM runs ORDER BY stage")]
