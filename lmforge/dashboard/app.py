@@ -251,6 +251,94 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
                     docs=docs, doc_problem=doc_problem, more=more, kind=kind, field=field, value=value, text=text,
                     n=n, skip=skip, nav="data")
 
+    # -- launch -------------------------------------------------------------------------------------------------------
+    from lmforge.dashboard import jobs as jobs_mod
+
+    jobs = jobs_mod.Jobs(Path(jobs_dir) if jobs_dir else store.home)
+    app.state.jobs = jobs
+
+    @app.get("/launch", response_class=HTMLResponse)
+    def launch_page(request: Request) -> HTMLResponse:
+        return page(request, "launch.html", stages=list(jobs_mod.STAGES), jobs=jobs.all())
+
+    @app.get("/launch/{stage}", response_class=HTMLResponse)
+    def launch_form(request: Request, stage: str) -> HTMLResponse:
+        entry = jobs_mod.stage(stage)
+        return page(request, "launch_form.html", entry=entry, fields=jobs_mod.form_fields(entry), nav="launch")
+
+    @app.post("/launch/{stage}")
+    async def launch_submit(request: Request, stage: str) -> RedirectResponse:
+        from urllib.parse import parse_qsl
+
+        entry = jobs_mod.stage(stage)
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        form.pop("csrf", None)
+        out = form.pop("out", "")
+        bools = {f["name"] for f in jobs_mod.form_fields(entry) if f["kind"] == "bool"}
+        for name in bools:  # an unchecked box is not sent: it means false
+            form[name] = form.get(name, "false")
+        job = jobs.start(entry, form, out)
+        return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+    @app.post("/api/jobs")
+    async def launch_api(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise PageError('send JSON: {"stage": NAME, "config": {field: value}, "out": FOLDER}', 400) from None
+        if not isinstance(body, dict) or not isinstance(body.get("config", {}), dict):
+            raise PageError('send JSON: {"stage": NAME, "config": {field: value}, "out": FOLDER}', 400)
+        entry = jobs_mod.stage(str(body.get("stage", "")))
+        values = {k: ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+                  for k, v in body.get("config", {}).items()}
+        return jobs.start(entry, values, str(body.get("out") or ""))
+
+    @app.get("/api/jobs")
+    def jobs_api() -> list[dict[str, Any]]:
+        return jobs.all()
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(request: Request, job_id: str) -> HTMLResponse:
+        job = jobs.get(job_id)
+        run = store.run_at(job["out"])
+        return page(request, "job.html", job=job, run=run, nav="launch")
+
+    @app.get("/api/jobs/{job_id}")
+    def job_api(job_id: str) -> dict[str, Any]:
+        return jobs.get(job_id)
+
+    @app.post("/jobs/{job_id}/cancel")
+    def job_cancel(job_id: str) -> RedirectResponse:
+        jobs.cancel(job_id)
+        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+    @app.get("/api/jobs/{job_id}/log/stream")
+    async def job_log_stream(request: Request, job_id: str, offset: int = 0, poll: float = 0.5) -> StreamingResponse:
+        path = jobs.log_path(job_id)
+        poll = min(max(poll, 0.1), 5.0)
+
+        async def events():
+            pos = max(0, offset)
+            while not await request.is_disconnected():
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(pos)
+                        chunk = f.read(1 << 20)
+                except FileNotFoundError:
+                    yield f"event: problem\ndata: {json.dumps(f'{path} is gone')}\n\n"
+                    return
+                if chunk:
+                    pos += len(chunk)
+                    yield f"data: {json.dumps({'text': chunk.decode('utf-8', 'replace'), 'offset': pos})}\n\n"
+                    continue
+                state = jobs.get(job_id)["state"]
+                if state != "running":
+                    yield f"event: end\ndata: {json.dumps(state)}\n\n"
+                    return
+                await asyncio.sleep(poll)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     # -- evaluation ---------------------------------------------------------------------------------------------------
     @app.get("/eval", response_class=HTMLResponse)
     def eval_page(request: Request) -> HTMLResponse:

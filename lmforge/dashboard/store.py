@@ -153,13 +153,18 @@ def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie, dead but not yet reaped, is not)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 HEARTBEAT_STALE_S = 300.0
