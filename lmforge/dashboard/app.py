@@ -339,6 +339,81 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # -- serving monitor and playground ------------------------------------------------------------------------------
+    from lmforge.dashboard import monitor
+
+    @app.get("/serving", response_class=HTMLResponse)
+    def serving_page(request: Request, url: str = "") -> HTMLResponse:
+        return page(request, "serving.html", url=url)
+
+    @app.get("/api/serving")
+    def serving_api(url: str) -> dict[str, Any]:
+        return monitor.scrape(url)
+
+    @app.get("/api/machine")
+    def machine_api() -> dict[str, Any]:
+        return monitor.machine()
+
+    @app.get("/playground", response_class=HTMLResponse)
+    def playground_page(request: Request, base_url: str = "http://127.0.0.1:8000/v1") -> HTMLResponse:
+        return page(request, "playground.html", base_url=base_url)
+
+    @app.get("/api/playground/models")
+    async def playground_models(base_url: str) -> dict[str, Any]:
+        import httpx
+
+        url = monitor.check_url(base_url) + "/models"
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                resp = await http.get(url)
+            return {"models": [m["id"] for m in resp.json().get("data", [])]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise PageError(f"cannot list models at {url}: {type(err).__name__}: {err or 'no answer'}", 502) from None
+
+    @app.post("/api/playground/chat")
+    async def playground_chat(request: Request) -> StreamingResponse:
+        """Relays a streaming chat completion from an OpenAI-compatible server (no CORS trouble in the browser)."""
+        import httpx
+
+        try:
+            body = await request.json()
+            base = monitor.check_url(str(body["base_url"]))
+            payload = {k: body[k] for k in ("model", "messages", "temperature", "top_p", "max_tokens", "seed")
+                       if body.get(k) not in (None, "")}
+        except (ValueError, KeyError, TypeError):
+            raise PageError('send JSON: {"base_url", "model", "messages", ...}', 400) from None
+        payload["stream"] = True
+        http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=5))
+        try:
+            upstream = await http.send(http.build_request("POST", base + "/chat/completions", json=payload),
+                                       stream=True)
+        except httpx.HTTPError as err:
+            await http.aclose()
+            raise PageError(f"cannot reach {base}/chat/completions: {type(err).__name__}: {err or 'no answer'}. "
+                            "Is the server running?", 502) from None
+        if upstream.status_code != 200:
+            text = (await upstream.aread()).decode("utf-8", "replace")
+            await upstream.aclose()
+            await http.aclose()
+            try:
+                detail = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                detail = text[:300]
+            raise PageError(f"the server answered HTTP {upstream.status_code}: {detail}", 502)
+
+        async def relay():
+            try:
+                async for line in upstream.aiter_lines():
+                    if line:
+                        yield line + "\n\n"
+            except httpx.HTTPError as err:
+                yield f"event: problem\ndata: {json.dumps(f'the stream broke: {err}')}\n\n"
+            finally:
+                await upstream.aclose()
+                await http.aclose()
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     # -- evaluation ---------------------------------------------------------------------------------------------------
     @app.get("/eval", response_class=HTMLResponse)
     def eval_page(request: Request) -> HTMLResponse:
