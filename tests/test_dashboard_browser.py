@@ -177,3 +177,55 @@ def test_a_live_curve_grows_while_a_tiny_pretrain_runs(server, page, ws, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_launch_a_stage_from_its_form_and_watch_its_log(server, page, ws, tmp_path):
+    out = tmp_path / "tok-from-dashboard"
+    page.goto(server + "/launch/tokenizer")
+    page.fill("#f-data", str(ws["data"]))
+    page.fill("#f-vocab_size", "300")
+    page.fill("#f-out", str(out))
+    page.click("#launch-form button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+    assert "--vocab-size 300" in page.inner_text("pre.command")
+    page.wait_for_function("document.getElementById('job-state').textContent == 'done'", timeout=300_000)
+    assert "bytes/token" in page.inner_text("#log")
+    page.reload()  # the job outlives the page
+    assert page.inner_text("#job-state") == "done"
+    page.wait_for_function("document.getElementById('log').textContent.includes('bytes/token')")
+    page.click("#job-run")
+    assert "tokenizer" in page.inner_text("h1")
+    assert json.loads((out / "manifest.json").read_text())["config"]["vocab_size"] == 300
+    page.goto(server + "/launch")
+    assert page.locator("#jobs tr[data-job] .state.done").count() >= 1
+    assert page.errors == []
+
+
+def test_chat_in_the_playground(server, page, tmp_path_factory):
+    from test_serve import _build_serve_model
+
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.smoke import running_server
+
+    folder = tmp_path_factory.mktemp("pg") / "tiny-chat"
+    _build_serve_model(folder)
+    engine = Engine.from_folder(folder, max_num_seqs=2, max_model_len=None)
+    try:
+        with running_server(engine, "tiny-chat") as url:
+            page.goto(f"{server}/playground?base_url={url}")
+            page.wait_for_function("document.getElementById('model').options.length == 1")
+            page.fill("#max-tokens", "10")
+            page.fill("#prompt", "What is a tuple?")
+            page.click("#send-btn")
+            page.wait_for_selector(".msg.assistant[data-done='1']", timeout=120_000)
+            assert page.inner_text(".msg.user .content") == "What is a tuple?"
+            assert page.inner_text(".msg.assistant .content").strip()
+            page.goto(f"{server}/serving?url={url[:-3]}")
+            page.wait_for_function("document.getElementById('server').innerText.includes('generated tokens')")
+        # the server is gone now: the playground says so in the page
+        page.goto(f"{server}/playground?base_url={url}")
+        page.wait_for_selector("#problem:not([hidden])")
+        assert "cannot list models" in page.inner_text("#problem")
+        assert [e for e in page.errors if "502" not in e] == []  # the failed fetch itself is logged by Chromium
+    finally:
+        engine.shutdown()
