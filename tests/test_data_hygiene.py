@@ -143,3 +143,40 @@ def test_files_that_give_no_document_fail_the_run(tmp_path):
     assert proc.returncode != 0 and "read 0 documents from 2 file(s)" in msg and "read_error:binary: 1" in msg, msg
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
+
+
+# -- MinHash: candidates are verified before they are merged -------------------------------------------------------------
+def _light_copy(text: str, seed: int) -> str:
+    rng = random.Random(seed)
+    words = text.split()
+    for _ in range(max(1, len(words) // 100)):
+        words[rng.randrange(len(words))] = rng.choice(words)
+    return " ".join(words)
+
+
+def test_minhash_low_rows_does_not_chain_unrelated_documents(tmp_path):
+    from lmforge.data.minhash import MinHasher, MinHashParams, jaccard, near_duplicate_pairs
+
+    text = (DEMO / "books" / "shakespeare-hamlet.txt").read_text()
+    bases = [p for p in text.split("\n\n") if len(p.split()) > 80][:12]
+    texts = [t for k, b in enumerate(bases) for t in (b, _light_copy(b, k))]  # 12 pairs of near-duplicates
+    loose = MinHashParams(ngram=1, bands=40, rows=1)  # one word per shingle, one hash per band: every pair collides
+    unverified = near_duplicate_pairs(texts, MinHashParams(1, 40, 1, threshold=0.0))
+    assert any(i // 2 != j // 2 for i, j in unverified)  # unrelated paragraphs chained together without the check
+    pairs = near_duplicate_pairs(texts, loose)
+    sh = MinHasher(loose)
+    assert all(jaccard(sh.shingles(texts[i]), sh.shingles(texts[j])) >= 0.6 for i, j in pairs)
+    assert all(i // 2 == j // 2 for i, j in pairs) and len(pairs) == 12, pairs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(2):  # two files → two shards
+        (src / f"p{k}.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": texts[i]}) + "\n"
+                                                 for i in range(k, len(texts), 2)))
+    out = tmp_path / "out"
+    from lmforge.data.stage import Config, run
+
+    run(Config(inputs=[str(src)], shards=2, minhash=True, minhash_ngram=1, minhash_bands=40, minhash_rows=1,
+               gopher_quality=False, gopher_repetition=False, langid=False), out)
+    kept = sorted(int(d["id"][1:]) for d in iter_documents(out))
+    assert kept == list(range(0, 24, 2))  # one of each pair, every original kept

@@ -151,6 +151,9 @@ class Config(StageConfig):
     minhash_ngram: int = Field(5, ge=1, description="MinHash: words per shingle.")
     minhash_bands: int = Field(14, ge=1, description="MinHash: LSH bands.")
     minhash_rows: int = Field(8, ge=1, description="MinHash: rows (hashes) per band.")
+    minhash_threshold: float = Field(0.7, ge=0, le=1, description="MinHash: link two bucket mates only if their "
+                                                                  "signatures estimate a Jaccard similarity of at "
+                                                                  "least this (0 = link every bucket mate).")
 
 
 def build_steps(config: dict[str, Any]) -> list:
@@ -226,7 +229,8 @@ def minhash_params(config: Config):
 
     if not config.minhash:
         return None
-    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows)
+    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows,
+                         threshold=config.minhash_threshold)
 
 
 def line_dedup_params(config: Config):
