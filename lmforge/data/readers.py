@@ -194,6 +194,8 @@ def decode_html_encoding(data: bytes, declared: str | None = None) -> tuple[str,
             return bytes_to_str(data, declared), declared.lower()
         except (LookupError, ValueError):
             pass
+    if data.isascii():  # resiliparse says cp1252 (the WHATWG default) for pure ASCII; any ASCII superset reads it
+        return data.decode("ascii"), "utf-8"
     encoding = detect_encoding(data)
     return bytes_to_str(data, encoding), encoding
 
