@@ -266,16 +266,16 @@ def test_truncated_zstd_is_detected(tmp_path):
     assert 0 < len(docs) < 2000 and [d.id for d in docs] == [str(i) for i in range(len(docs))]
 
 
-def test_not_utf8_empty_and_malformed(capsys):
-    docs, log = read(DEMO / "broken" / "sonnets-cp1252.txt")
-    assert docs == [] and log.errors == {"read_error:not_utf8": 1}
+def test_legacy_encoding_empty_and_malformed(capsys):
+    docs, log = read(DEMO / "broken" / "sonnets-cp1252.txt")  # Windows-1252 is detected, and said so
+    assert len(docs) == 1 and not log.errors and docs[0].meta["encoding"] == "cp1252"
+    assert "beauty\u2019s rose" in docs[0].text
     docs, log = read(DEMO / "broken" / "empty.txt")
     assert docs == [] and log.errors == {"read_error:empty_file": 1}
     docs, log = read(DEMO / "broken" / "malformed-topics.jsonl")
     assert len(docs) == 20
     assert log.errors == {"read_error:malformed_json": 1, "read_error:missing_text": 1}
     err = capsys.readouterr().err.replace("\n", " ")
-    assert "read_error:not_utf8" in err and "sonnets-cp1252.txt:10" in err
     assert "malformed-topics.jsonl:8" in err and "malformed-topics.jsonl:14" in err
     assert "empty.txt" in err
 
@@ -285,7 +285,7 @@ def test_stage_survives_broken_inputs(tmp_path, capsys):
     assert m.status == "done"
     assert m.metrics["read_errors_by_reason"] == {
         "read_error:empty_file": 1, "read_error:malformed_json": 1, "read_error:missing_text": 1,
-        "read_error:not_utf8": 1, "read_error:truncated_gzip": 2,
+        "read_error:truncated_gzip": 2,
     }
     assert m.metrics["docs_kept"] > 20
     err = capsys.readouterr().err.replace("\n", " ")
@@ -430,7 +430,7 @@ def test_full_demo_corpus(tmp_path):
     mt = m.metrics
     assert mt["docs_in"] > 300 and mt["docs_kept"] > 200
     assert set(mt["read_errors_by_reason"]) >= {
-        "read_error:empty_file", "read_error:malformed_json", "read_error:not_utf8", "read_error:truncated_gzip"}
+        "read_error:empty_file", "read_error:malformed_json", "read_error:truncated_gzip"}
     assert mt["dropped_by_reason"]["exact_duplicate"] >= 2  # the mirror pages, the copies in broken/
     assert mt["dropped_by_reason"]["too_few_words"] >= 3  # index / search pages
     kept = list(iter_documents(out))
@@ -442,7 +442,7 @@ def test_full_demo_corpus(tmp_path):
     assert any(d["meta"].get("url", "").startswith("https://docs.djangoproject.com/") for d in kept)
     assert all(d["text"].strip() and "<html" not in d["text"][:200] for d in kept)
     report = (out / "report.html").read_text()
-    assert "gopher_quality_v2" in report and "read_error:not_utf8" in report and "exact_duplicate" in report
+    assert "gopher_quality_v2" in report and "read_error:malformed_json" in report and "exact_duplicate" in report
     assert stats["timing"]["docs_per_s"] > 0
 
 

@@ -126,8 +126,10 @@ def kb_dir(docs_dir, tmp_path_factory) -> tuple[Path, KnowledgeBase, dict]:
 def test_ingest_reads_every_format_and_skips_bad_files_with_reasons(docs_dir):
     records = {r.path: r for r in ingest_folder(docs_dir)}
     skipped = {p: r.skipped for p, r in records.items() if r.skipped}
-    assert skipped == {"bad/blob.txt": "binary", "bad/cp1252.txt": "not_utf8", "bad/empty.md": "empty",
+    assert skipped == {"bad/blob.txt": "binary", "bad/empty.md": "empty",
                        "bad/notes.docx": "unsupported_type", "bad/scan.pdf": "pdf_error"}
+    assert records["bad/cp1252.txt"].docs[0].encoding == "cp1252"  # detected, not skipped
+    assert "beauty\u2019s rose" in records["bad/cp1252.txt"].docs[0].text
     html = records["django/general.html"].docs[0]
     assert "Django is named after Django Reinhardt" in html.text and "<div" not in html.text
     assert html.headings["What does “Django” mean, and how do you pronounce it?"] > 1
@@ -169,8 +171,9 @@ def test_cjk_sentences_and_bm25_tokens():
 # -- index ---------------------------------------------------------------------------------------------------------------
 def test_index_report_search_filters_and_reload(kb_dir):
     out, kb, report = kb_dir
-    assert {s["path"] for s in report["skipped"]} == {"bad/blob.txt", "bad/cp1252.txt", "bad/empty.md",
+    assert {s["path"] for s in report["skipped"]} == {"bad/blob.txt", "bad/empty.md",
                                                       "bad/notes.docx", "bad/scan.pdf"}
+    assert report["not_utf8_files"] == {"bad/cp1252.txt": "cp1252"} and report["encodings"]["cp1252"] == 1
     assert report["dense_index"] == "flat" and report["chunks"] == len(kb) > 10
     assert json.loads((out / "report.json").read_text())["chunks"] == len(kb)
     for mode in ("hybrid", "dense", "bm25"):

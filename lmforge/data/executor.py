@@ -157,7 +157,7 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
                 keep.write(doc)
                 if hasher is not None:
                     t = time.perf_counter()
-                    band_keys.append(hasher.band_keys(doc.text))
+                    band_keys.append(hasher.record(doc.text))  # bucket keys + signature
                     t_minhash += time.perf_counter() - t
                 if line_counter is not None:
                     t = time.perf_counter()
@@ -167,7 +167,8 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
         dropped_count = drop.count
 
     if hasher is not None:
-        keys = np.stack(band_keys) if band_keys else np.zeros((0, task.minhash.bands), dtype=np.uint64)
+        width = task.minhash.bands * (1 + task.minhash.rows)
+        keys = np.stack(band_keys) if band_keys else np.zeros((0, width), dtype=np.uint64)
         _save_npy(out / "work" / f"{part(task.index)}.minhash.npy", keys)
     if line_counter is not None:
         _save_npy(out / "work" / f"{part(task.index)}.lines.npy", line_counter.table())
@@ -443,7 +444,8 @@ def execute(
         from lmforge.data.minhash import NearDedup, cluster_roots
 
         t_cluster = time.time()
-        roots = cluster_roots([out_dir / "work" / f"{part(i)}.minhash.npy" for i in range(len(plan))], minhash.bands)
+        roots = cluster_roots([out_dir / "work" / f"{part(i)}.minhash.npy" for i in range(len(plan))], minhash.bands,
+                              minhash.threshold)
         near = NearDedup(roots)
         near.stats.seconds = time.time() - t_cluster + sum(r.get("minhash_seconds", 0.0) for r in results.values())
         steps2.append(near)

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import zstandard
 
 from lmforge.artifacts import atomic_path, expand_paths, is_artifact, read_manifest
+from lmforge.data.textdecode import find_surrogate, maybe_surrogate
 
 ErrorHandler = Callable[[str, int | None, str], None]
 """``on_error(reason, line, detail)``: called for each bad record; ``reason`` is like ``read_error:malformed_json``."""
@@ -187,8 +188,9 @@ def read_bytes(path: str | os.PathLike) -> tuple[bytes, str | None]:
 def iter_jsonl(path: str | os.PathLike, on_error: ErrorHandler) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line_number, record)`` for every good JSON object line; bad lines go to ``on_error`` and are skipped.
 
-    Reasons: ``read_error:not_utf8``, ``read_error:malformed_json``, ``read_error:not_an_object``, and (ending the
-    file) ``read_error:truncated_gzip`` / ``read_error:truncated_zstd`` / ``read_error:bad_gzip``.
+    Reasons: ``read_error:not_utf8``, ``read_error:malformed_json``, ``read_error:not_an_object``,
+    ``read_error:invalid_unicode`` (a lone surrogate: a ``\\ud800`` escape or CESU-8 bytes, which no UTF-8 writer can
+    encode), and (ending the file) ``read_error:truncated_gzip`` / ``read_error:truncated_zstd`` / ``read_error:bad_gzip``.
     """
     line_no = 0
     loads = json.loads
@@ -207,6 +209,12 @@ def iter_jsonl(path: str | os.PathLike, on_error: ErrorHandler) -> Iterator[tupl
             if not isinstance(rec, dict):
                 on_error("read_error:not_an_object", line_no, f"a JSON {type(rec).__name__}, not an object")
                 continue
+            if maybe_surrogate(raw):
+                where = find_surrogate(rec)
+                if where:
+                    on_error("read_error:invalid_unicode", line_no,
+                             f"{where} is a lone surrogate (not a character); the record was dropped")
+                    continue
             yield line_no, rec
     except ReadError as err:
         on_error(err.reason, line_no + 1, err.detail)
@@ -231,9 +239,14 @@ class ShardWriter:
 
     def write(self, doc: Any) -> None:
         d = doc if isinstance(doc, dict) else doc.to_dict()
-        self._z.write(self._dumps(d).encode("utf-8") + b"\n")
+        line = self._dumps(d)
+        try:
+            data = line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a file name that is not UTF-8 (os.fsdecode)
+            data = line.encode("utf-8", "backslashreplace")
+        self._z.write(data + b"\n")
         self.count += 1
-        self.text_bytes += len(d["text"].encode("utf-8"))
+        self.text_bytes += len(d["text"].encode("utf-8", "backslashreplace"))
 
     def close(self) -> None:
         self._z.close()

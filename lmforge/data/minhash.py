@@ -3,15 +3,20 @@
 1. **Signatures** (per shard, in the workers): the text is lower-cased, punctuation removed, split into words (CJK
    characters one each) and cut into word ``ngram``-shingles (5 by default, as datatrove); each shingle gets a 32-bit
    hash and ``bands × rows`` (14 × 8) min-hashes ``min(((a·x + b) mod 2^64) >> 32)`` (multiply-shift hashing).  Each band's ``rows`` values are
-   hashed to one 64-bit bucket key: a shard writes ``work/part-i.minhash.npy`` (documents × bands, uint64).
-2. **Buckets → union-find** (once, over all shards): one band at a time, the band's keys of every document are sorted;
-   documents sharing a key are linked to the first of them.  Memory is about 16 bytes per document per band pass plus
-   the links, never all signatures at once.
+   hashed to one 64-bit bucket key: a shard writes ``work/part-i.minhash.npy`` (documents × (bands + bands·rows),
+   uint64: the bucket keys, then the signature).
+2. **Buckets → verified links → union-find** (once, over all shards): one band at a time, the band's keys of every
+   document are sorted; a document sharing a key with others is a *candidate* of the first of them (and of the one
+   before it in the bucket).  A candidate pair is linked only if its signatures agree on at least ``threshold`` of
+   the min-hashes (the estimated Jaccard similarity): without that check a low ``rows`` setting puts unrelated
+   documents in one bucket and the union-find chains them into one cluster.  Memory is about 16 bytes per document per
+   band pass plus the links; signatures are read from the memory-mapped files only for candidate pairs.
 3. **Keep one per cluster**: the document with the lowest global index (shard order, then position) is kept; the
    others are dropped as ``near_duplicate`` with ``meta.duplicate_of``.
 
 Two documents with Jaccard similarity ``s`` share at least one bucket with probability ``1 − (1 − s^rows)^bands``:
-0.92 at s = 0.8, 0.56 at s = 0.7, 0.05 at s = 0.5 for 14 × 8.
+0.92 at s = 0.8, 0.56 at s = 0.7, 0.05 at s = 0.5 for 14 × 8; the signature check then keeps the pairs whose
+estimated similarity is at least ``threshold`` (0.7 by default, about the S-curve's midpoint ``(1/bands)^(1/rows)``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class MinHashParams:
     bands: int = 14
     rows: int = 8
     seed: int = 1
+    threshold: float = 0.7  # min estimated Jaccard similarity of a candidate pair to be linked (0 = no check)
 
 
 class MinHasher:
@@ -89,6 +95,14 @@ class MinHasher:
         h = self._band_hash
         return np.fromiter((h(row.tobytes()) for row in sig), dtype=np.uint64, count=self.p.bands)
 
+    def record(self, text: str) -> np.ndarray:
+        """What a shard stores per document: the ``bands`` bucket keys, then the ``bands × rows`` signature."""
+        sig = self.signature(text)
+        h = self._band_hash
+        keys = np.fromiter((h(row.tobytes()) for row in sig.reshape(self.p.bands, self.p.rows)), dtype=np.uint64,
+                           count=self.p.bands)
+        return np.concatenate([keys, sig])
+
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Exact Jaccard similarity of two shingle-hash sets."""
@@ -123,13 +137,47 @@ class UnionFind:
         return self.parent
 
 
-def cluster_roots(key_files: list[Path], bands: int) -> np.ndarray:
-    """For the documents of ``key_files`` (in order), the global index of their cluster's first document."""
+class _Signatures:
+    """Signature rows by global document index, from the memory-mapped shard files (columns after the keys)."""
+
+    def __init__(self, key_files: list[Path], bands: int) -> None:
+        self.arrays = [np.load(f, mmap_mode="r") for f in key_files]
+        self.bands = bands
+        self.offsets = np.cumsum([0] + [a.shape[0] for a in self.arrays])
+        self.available = all(a.shape[1] > bands for a in self.arrays if a.shape[0])
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        width = next((a.shape[1] for a in self.arrays if a.shape[0]), self.bands) - self.bands
+        out = np.empty((len(idx), width), dtype=np.uint64)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.arrays[k][idx[sel] - self.offsets[k], self.bands:]
+        return out
+
+    def similar(self, x: np.ndarray, y: np.ndarray, threshold: float, block: int = 65_536) -> np.ndarray:
+        """Whether each pair's estimated Jaccard similarity (share of equal min-hashes) is ``>= threshold``."""
+        ok = np.empty(len(x), dtype=bool)
+        for s in range(0, len(x), block):
+            ok[s : s + block] = (self.rows(x[s : s + block]) == self.rows(y[s : s + block])).mean(axis=1) >= threshold
+        return ok
+
+
+def cluster_roots(key_files: list[Path], bands: int, threshold: float = 0.0) -> np.ndarray:
+    """For the documents of ``key_files`` (in order), the global index of their cluster's first document.
+
+    With ``threshold > 0`` a pair of bucket mates is linked only if their signatures (stored after the keys) estimate
+    a Jaccard similarity of at least ``threshold``.  Each document is checked against the first document of its
+    bucket and the one before it, so a bucket holding an unrelated first document still links the similar rest."""
     sizes = [np.load(f, mmap_mode="r").shape[0] for f in key_files]
     n = sum(sizes)
     uf = UnionFind(n)
     if n == 0:
         return uf.parent
+    sigs = _Signatures(key_files, bands) if threshold > 0 else None
+    if sigs is not None and not sigs.available:
+        raise ValueError("minhash: the shard files hold bucket keys without signatures (written by an older "
+                         "version); re-run the data stage with --force")
     for band in range(bands):
         keys = np.empty(n, dtype=np.uint64)
         at = 0
@@ -145,7 +193,16 @@ def cluster_roots(key_files: list[Path], bands: int) -> np.ndarray:
         # the first position of each run of equal keys, for every position in `same`
         run_start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
         first = run_start[np.searchsorted(run_start, same, side="right") - 1]
-        for x, y in zip(order[first].tolist(), order[same].tolist()):
+        xs, ys = order[first], order[same]
+        if sigs is not None:
+            prev = order[same - 1]  # the bucket mate just before (the first one, for the second member)
+            ok = sigs.similar(xs, ys, threshold)
+            other = prev != xs
+            ok_prev = np.zeros(len(ys), dtype=bool)
+            if other.any():
+                ok_prev[other] = sigs.similar(prev[other], ys[other], threshold)
+            xs, ys = np.concatenate([xs[ok], prev[ok_prev]]), np.concatenate([ys[ok], ys[ok_prev]])
+        for x, y in zip(xs.tolist(), ys.tolist()):
             uf.union(x, y)
         del keys, order, sk
     return uf.roots()
@@ -205,11 +262,12 @@ def near_duplicate_pairs(texts: list[str], params: MinHashParams = MinHashParams
     import tempfile
 
     hasher = MinHasher(params)
-    keys = np.stack([hasher.band_keys(t) for t in texts]) if texts else np.zeros((0, params.bands), np.uint64)
+    width = params.bands * (1 + params.rows)
+    keys = np.stack([hasher.record(t) for t in texts]) if texts else np.zeros((0, width), np.uint64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(os.path.join(tmp, "keys.npy"))
         np.save(path, keys)
-        roots = cluster_roots([path], params.bands)
+        roots = cluster_roots([path], params.bands, params.threshold)
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(roots.tolist()):
         groups.setdefault(r, []).append(i)

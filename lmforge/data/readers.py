@@ -9,6 +9,11 @@
 | ``.txt`` (``.gz``/``.zst``) | :func:`read_text` | file, or chunks of about ``chunk_chars`` cut at blank lines |
 | ``.parquet`` | :func:`read_parquet` (pyarrow) | row (``text`` column; other columns → meta) |
 
+Text and HTML files are sniffed first: a binary file with a text name (magic number, NUL bytes, control
+characters, or bytes no text encoding fits) is a ``read_error:binary``.  Plain text is UTF-8 or the encoding
+charset-normalizer detects (see :mod:`lmforge.data.textdecode`), HTML the one resiliparse detects; ``meta.encoding``
+says which.  A JSONL record holding a lone surrogate is a ``read_error:invalid_unicode``.
+
 HTML documents leave the reader as raw markup with ``meta["format"] = "html"``; the ``html_extract_v1`` step turns
 them into text.  Bad input never raises out of a reader: it is reported to a :class:`ReadLog` with a
 ``read_error:<reason>`` key, the file and the line, and reading goes on with the next record or file.
@@ -23,6 +28,7 @@ from typing import Any, Iterator
 
 from lmforge.data.documents import Document
 from lmforge.data.io import JSONL_SUFFIXES, ReadError, TruncationAwareGzip, iter_jsonl, read_bytes
+from lmforge.data.textdecode import decode_text, sniff_binary
 
 MAX_WARNINGS_PER_REASON = 20
 
@@ -114,19 +120,20 @@ def read_file(path: Path, log: ReadLog, chunk_chars: int = 20_000) -> Iterator[D
         log.error("read_error:os_error", path, None, str(err))
 
 
-def _decode_utf8(data: bytes, path: Path, log: ReadLog, truncated: bool) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if truncated and err.start >= len(data) - 4:
-            return data[: err.start].decode("utf-8")  # a character cut in half by the truncation
-        line = data.count(b"\n", 0, err.start) + 1
-        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        log.error(
-            "read_error:not_utf8", path, line,
-            f"byte 0x{data[err.start]:02x} at column {col} is not UTF-8; the file was skipped (re-encode it as UTF-8)",
-        )
+def _decode(data: bytes, path: Path, log: ReadLog, truncated: bool) -> tuple[str, str] | None:
+    """``(text, encoding)`` of a text file's bytes (UTF-8, else the encoding detected); None (reported as
+    ``read_error:binary``) when the bytes are a binary file or fit no text encoding."""
+    if truncated:  # a character cut in half by the truncation
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if err.start >= len(data) - 4:
+                data = data[: err.start]
+    text, encoding = decode_text(data)
+    if text is None:
+        log.error("read_error:binary", path, None, f"{encoding.removeprefix('binary: ')}; the file was skipped")
         return None
+    return text, encoding
 
 
 _PARA_BREAK = re.compile(r"\n[ \t]*\n\s*")
@@ -142,9 +149,10 @@ def read_text(path: Path, log: ReadLog, chunk_chars: int = 20_000) -> Iterator[D
         else:
             log.error("read_error:empty_file", path, None, "no text in the file")
         return
-    text = _decode_utf8(data, path, log, truncated is not None)
-    if text is None:
+    decoded = _decode(data, path, log, truncated is not None)
+    if decoded is None:
         return
+    text, encoding = decoded
     if "\r" in text:  # universal newlines, as Python's text mode: chunking and line numbers do not depend on them
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     source = str(path)
@@ -154,12 +162,13 @@ def read_text(path: Path, log: ReadLog, chunk_chars: int = 20_000) -> Iterator[D
             if m.start() - start < chunk_chars:
                 continue
             yield Document(f"{source}:{line}", text[start : m.start()],
-                           {"source": source, "line": line, "chunk": part, "format": "text"})
+                           {"source": source, "line": line, "chunk": part, "format": "text", "encoding": encoding})
             line += text.count("\n", start, m.end())
             start = m.end()
             part += 1
     if text[start:].strip():
-        yield Document(f"{source}:{line}", text[start:], {"source": source, "line": line, "chunk": part, "format": "text"})
+        yield Document(f"{source}:{line}", text[start:],
+                       {"source": source, "line": line, "chunk": part, "format": "text", "encoding": encoding})
     if truncated:
         log.error(truncated, path, line, "the compressed stream ends early; the text before the break was kept")
 
@@ -172,14 +181,23 @@ _CANONICAL = re.compile(
 
 
 def decode_html(data: bytes, declared: str | None = None) -> str:
+    return decode_html_encoding(data, declared)[0]
+
+
+def decode_html_encoding(data: bytes, declared: str | None = None) -> tuple[str, str]:
+    """An HTML page's text and the encoding used: the declared one (HTTP header) if it works, else the one resiliparse
+    detects (BOM, ``<meta charset>``, then content)."""
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
     if declared:
         try:
-            return bytes_to_str(data, declared)
+            return bytes_to_str(data, declared), declared.lower()
         except (LookupError, ValueError):
             pass
-    return bytes_to_str(data, detect_encoding(data))
+    if data.isascii():  # resiliparse says cp1252 (the WHATWG default) for pure ASCII; any ASCII superset reads it
+        return data.decode("ascii"), "utf-8"
+    encoding = detect_encoding(data)
+    return bytes_to_str(data, encoding), encoding
 
 
 def read_html(path: Path, log: ReadLog) -> Iterator[Document]:
@@ -189,12 +207,17 @@ def read_html(path: Path, log: ReadLog) -> Iterator[Document]:
     if not data.strip():
         log.error(truncated or "read_error:empty_file", path, None, "no content")
         return
+    why = sniff_binary(data)
+    if why:
+        log.error("read_error:binary", path, None, f"{why}; the file was skipped")
+        return
     source = str(path)
     meta: dict[str, Any] = {"source": source, "format": "html"}
     m = _CANONICAL.search(data, 0, 32_768)
     if m:
         meta["url"] = (m.group(1) or m.group(2)).decode("utf-8", "replace")
-    yield Document(source, decode_html(data), meta)
+    html, meta["encoding"] = decode_html_encoding(data)
+    yield Document(source, html, meta)
     if truncated:
         log.error(truncated, path, None, "the compressed stream ends early; the page was kept as far as it goes")
 
@@ -253,7 +276,10 @@ def read_parquet(path: Path, log: ReadLog, batch_rows: int = 1024) -> Iterator[D
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
-            for rec in batch.to_pylist():
+            for rec in _batch_rows(batch, path, row, log):
+                if rec is None:  # a row with a string that is not UTF-8, reported
+                    row += 1
+                    continue
                 if isinstance(rec.get("meta"), str):
                     try:
                         rec["meta"] = json.loads(rec["meta"])
@@ -268,6 +294,24 @@ def read_parquet(path: Path, log: ReadLog, batch_rows: int = 1024) -> Iterator[D
                 row += 1
     except (pa.ArrowException, OSError) as err:
         log.error("read_error:bad_parquet", path, row, str(err))
+
+
+def _batch_rows(batch: Any, path: Path, first_row: int, log: ReadLog) -> list[dict | None]:
+    """The rows of a record batch as dicts; a row holding a string that is not valid UTF-8 (Parquet does not enforce
+    it) becomes None and is reported as ``read_error:not_utf8``, the other rows of the batch are kept."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows: list[dict | None] = []
+    for i in range(batch.num_rows):
+        try:
+            rows.append(batch.slice(i, 1).to_pylist()[0])
+        except UnicodeDecodeError as err:
+            log.error("read_error:not_utf8", path, first_row + i, f"a string column holds invalid UTF-8 ({err.reason} "
+                      f"at byte {err.start}); the row was dropped")
+            rows.append(None)
+    return rows
 
 
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -335,6 +379,9 @@ def read_warc(path: Path, log: ReadLog) -> Iterator[Document]:
                 continue
             if not body.strip():
                 log.skip("empty_body")
+                continue
+            if sniff_binary(body):
+                log.skip("binary_body")
                 continue
             meta["format"] = "html"
             yield Document(doc_id, decode_html(body, rec.http_charset), meta)

@@ -68,7 +68,12 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
     tallies = []
     for st in stats["steps"]:
         for table, counts in (st.get("tallies") or {}).items():
-            tallies.append(bars(counts, f"{st['name']}: {table}", sort_by_count=table != "cluster_size"))
+            label = f"{st['name']}: {table}"
+            if st["name"] == "pii_redact_v1" and table == "pii":
+                from lmforge.data.pii import precision_note
+
+                label += f" (counts are redactions; {precision_note(counts)})"
+            tallies.append(bars(counts, label, sort_by_count=table != "cluster_size"))
     profile = stats.get("profile") or {}
     charts = []
     for key, label in (("length", "kept documents by length (characters)"), ("lang", "kept documents by language"),

@@ -22,9 +22,12 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from lmforge.artifacts import Manifest, expand_paths, write_text
+from lmforge.artifacts import Manifest, expand_paths, write_bytes
 from lmforge.config import StageConfig
 from lmforge.stages import begin, finished
+
+READ_FORMATS = (".warc/.arc (.gz), .wet, .html/.htm/.xhtml, .jsonl/.ndjson/.json/.json.gz, .txt/.text, .parquet "
+                "(text formats also .gz/.zst compressed)")
 
 STAGE = "data"
 VERSION = "3"
@@ -148,6 +151,9 @@ class Config(StageConfig):
     minhash_ngram: int = Field(5, ge=1, description="MinHash: words per shingle.")
     minhash_bands: int = Field(14, ge=1, description="MinHash: LSH bands.")
     minhash_rows: int = Field(8, ge=1, description="MinHash: rows (hashes) per band.")
+    minhash_threshold: float = Field(0.7, ge=0, le=1, description="MinHash: link two bucket mates only if their "
+                                                                  "signatures estimate a Jaccard similarity of at "
+                                                                  "least this (0 = link every bucket mate).")
 
 
 def build_steps(config: dict[str, Any]) -> list:
@@ -223,7 +229,8 @@ def minhash_params(config: Config):
 
     if not config.minhash:
         return None
-    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows)
+    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows,
+                         threshold=config.minhash_threshold)
 
 
 def line_dedup_params(config: Config):
@@ -250,7 +257,8 @@ def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
     for spec in specs:
         matched = expand_paths(spec)
         if not matched:
-            raise FileNotFoundError(f"data input {spec!r} matches no file")
+            what = "is an empty folder" if Path(spec).is_dir() else "matches no file"
+            raise FileNotFoundError(f"data input {spec!r} {what}; the data stage reads {READ_FORMATS}")
         for f in matched:
             key = f.resolve()
             if key in seen:
@@ -260,7 +268,18 @@ def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
                 skipped.setdefault("unknown_format", []).append(str(f))
             else:
                 files.append(f)
+    if not files:
+        unknown = skipped.get("unknown_format", [])
+        raise ValueError(f"data: nothing to read in {', '.join(specs)}: found {len(unknown)} file(s) "
+                         f"({_count_by_extension(unknown)}), none in a format the data stage reads ({READ_FORMATS})")
     return files, skipped
+
+
+def _count_by_extension(names: list[str]) -> str:
+    from collections import Counter
+
+    counts = Counter(Path(n).suffix.lower() or "(no extension)" for n in names)
+    return ", ".join(f"{ext}: {n}" for ext, n in counts.most_common())
 
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
@@ -279,13 +298,13 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     if config.extractor == "trafilatura":
         HtmlExtract("trafilatura")  # fail now, with the install hint, before the run starts or a worker imports it
     cfg = config.model_dump()
+    files, skipped = collect_inputs(config.inputs)  # before the run starts: nothing to read is an error now
     stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
                       execution_fields={"workers"})
     if stage_run is None:
         return finished(out)
     resume = stage_run.resumable() and not force
 
-    files, skipped = collect_inputs(config.inputs)
     for reason, names in skipped.items():
         console.print(f"[yellow]⚠ {reason}[/]: {len(names)} file(s) not read: {', '.join(names[:5])}"
                       + (" …" if len(names) > 5 else ""), highlight=False)
@@ -306,8 +325,14 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             select=select_spec(config),
             output_format=config.output_format,
         )
-        write_text(out / "report.html", render(stats, title=f"lmforge data report: {out}"))
+        # backslashreplace: a file name that is not UTF-8 (a lone surrogate from os.fsdecode) must not fail the run
+        write_bytes(out / "report.html",
+                    render(stats, title=f"lmforge data report: {out}").encode("utf-8", "backslashreplace"))
         t = stats["totals"]
+        if t["docs_in"] == 0:
+            errors = ", ".join(f"{k}: {v}" for k, v in stats["read"]["errors"].items()) or "none"
+            raise ValueError(f"data: read 0 documents from {len(files)} file(s) in {', '.join(config.inputs)} "
+                             f"(read errors: {errors}); see {out / 'report.html'}")
         stage_run.metrics.update(
             docs_in=t["docs_in"],
             docs_kept=t["docs_kept"],

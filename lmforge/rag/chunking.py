@@ -3,6 +3,8 @@
 * A chunk never spans two sections: a heading starts a new chunk, and every chunk records its heading path
   (``["Programming FAQ", "Core Language", "Why are default values shared between objects?"]``).
   Headings are Markdown ``#`` lines, or (for HTML) lines equal to one of the page's ``h1``–``h6`` texts.
+  A section holding only its heading (a chapter title followed directly by a sub-heading) is merged into the next
+  section, so no chunk is a bare title that matches a query on its words and gets cited with nothing to say.
 * Within a section, sentences are packed greedily up to ``target_tokens``; the next chunk starts with the last
   sentences of the previous one, up to ``overlap_tokens`` (never the whole previous chunk).
 * Sentence ends are ``. ! ?`` followed by a space, line breaks inside a paragraph (lists, code), and the CJK
@@ -91,7 +93,7 @@ def _sections(doc: SourceDoc) -> list[_Section]:
         level, heading = 0, ""
         m = _MD_HEADING.match(stripped) if doc.type in ("md", "txt") else None
         if m:
-            level, heading = len(m.group(1)), m.group(2)
+            level, heading = len(m.group(1)), " ".join(m.group(2).split())  # non-breaking spaces → spaces
         elif doc.headings and stripped:
             key = " ".join(stripped.replace("¶", "").split())
             if key in doc.headings:
@@ -106,7 +108,30 @@ def _sections(doc: SourceDoc) -> list[_Section]:
         pos += len(line)
     if pos > cur_start:
         sections.append(_Section(cur_path, cur_start, pos))
-    return sections
+    return _merge_heading_only(text, sections)
+
+
+def _heading_only(text: str, section: _Section) -> bool:
+    """A section that holds its heading line and nothing else (blank lines, non-breaking spaces)."""
+    body = text[section.start:section.end].strip()
+    return bool(section.heading_path) and "\n" not in body
+
+
+def _merge_heading_only(text: str, sections: list[_Section]) -> list[_Section]:
+    """A heading-only section (a chapter title right before its first sub-heading) is no chunk of its own: it joins
+    the section that follows (which starts at the title then; its heading path already holds it).  A heading-only
+    section at the end of the document has nothing to join and is left out."""
+    out: list[_Section] = []
+    pending: int | None = None  # start of the heading-only sections waiting for a body
+    for sec in sections:
+        if _heading_only(text, sec):
+            pending = sec.start if pending is None else pending
+            continue
+        if pending is not None:
+            sec = _Section(sec.heading_path, pending, sec.end)
+            pending = None
+        out.append(sec)
+    return out
 
 
 def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
@@ -159,9 +184,7 @@ class Chunker:
         text = doc.text
         for section in _sections(doc):
             units = self._units(text, section.start, section.end)
-            heading_only = len(units) <= 1 and section.heading_path and \
-                text[section.start:section.end].strip().endswith(section.heading_path[-1])
-            if not units or heading_only:
+            if not units:
                 continue
             i = 0
             while i < len(units):

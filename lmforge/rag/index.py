@@ -4,7 +4,7 @@ On disk (inside a ``rag_index`` artifact folder)::
 
     CURRENT                      name of the live version (written atomically: the swap)
     versions/<id>/chunks.parquet one row per chunk: id, path, type, title, heading_path, start, end, text, ...
-    versions/<id>/docs.parquet   one row per document: path, type, title, text, file_sha256
+    versions/<id>/docs.parquet   one row per document: path, type, title, text, file_sha256, encoding
     versions/<id>/files.json     per file: sha256 and how it was ingested or why it was skipped
     versions/<id>/vectors.npy    float32 (n_chunks, dim), unit rows: incremental re-index reuses them
     versions/<id>/dense.faiss    flat / HNSW / IVF inner-product index
@@ -255,7 +255,7 @@ class KnowledgeBase:
         pq.write_table(pa.Table.from_pydict(rows, schema=schema), tmp / "chunks.parquet")
         docs = {"path": [d.path for d in self.docs], "type": [d.type for d in self.docs],
                 "title": [d.title for d in self.docs], "text": [d.text for d in self.docs],
-                "file_sha256": [d.file_sha256 for d in self.docs]}
+                "file_sha256": [d.file_sha256 for d in self.docs], "encoding": [d.encoding for d in self.docs]}
         pq.write_table(pa.table(docs), tmp / "docs.parquet")
         np.save(tmp / "vectors.npy", self.vectors)
         faiss.write_index(self.dense, str(tmp / "dense.faiss"))
@@ -298,7 +298,9 @@ class KnowledgeBase:
         table = pq.read_table(folder / "chunks.parquet").to_pydict()
         chunks = [Chunk(**{col: table[col][i] for col in _CHUNK_COLUMNS}) for i in range(len(table["chunk_id"]))]
         dt = pq.read_table(folder / "docs.parquet").to_pydict()
-        docs = [SourceDoc(dt["path"][i], dt["type"][i], dt["text"][i], dt["title"][i], file_sha256=dt["file_sha256"][i])
+        encodings = dt.get("encoding") or [""] * len(dt["path"])  # indexes written before encodings were recorded
+        docs = [SourceDoc(dt["path"][i], dt["type"][i], dt["text"][i], dt["title"][i], file_sha256=dt["file_sha256"][i],
+                          encoding=encodings[i] or "")
                 for i in range(len(dt["path"]))]
         vectors = np.load(folder / "vectors.npy")
         dense = faiss.read_index(str(folder / "dense.faiss"))

@@ -1,9 +1,11 @@
 """Ingest: a folder (recursive) of .txt / .md / .html / .pdf / .jsonl files → ``SourceDoc`` records.
 
 Every file is hashed (sha256 of its bytes) so re-indexing can tell unchanged, changed, new and deleted files apart.
-A file that cannot be used is *skipped with a reason* (``binary``, ``not_utf8``, ``empty``, ``unsupported_type``,
-``pdf_error``, ``no_text``, ``unreadable``, ``bad_jsonl_line``) that ends up in the index report; ingest never stops
-on one bad file.
+A file that cannot be used is *skipped with a reason* (``binary``, ``empty``, ``unsupported_type``, ``pdf_error``,
+``no_text``, ``unreadable``, ``bad_jsonl_line``) that ends up in the index report; ingest never stops on one bad file.
+Text files are UTF-8 or the encoding detected (``lmforge.data.textdecode``: a Windows-1252 ``.txt`` is read, not
+skipped), HTML the encoding resiliparse detects; ``SourceDoc.encoding`` and the report's ``encodings`` say which.
+A binary file with a text name (magic number, NUL bytes, control characters, no encoding fits) is ``binary``.
 
 HTML main text comes from the data stage's extractor (``HtmlExtract``, resiliparse); its ``h1``–``h6`` headings are
 kept (as a text → level map) so the chunker can give each chunk its heading path.  A ``.jsonl`` file gives one
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from lmforge.data.textdecode import decode_text, find_surrogate, sniff_binary
+
 SUPPORTED = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
              ".pdf": "pdf", ".jsonl": "jsonl"}
 
@@ -34,6 +38,7 @@ class SourceDoc:
     title: str = ""
     headings: dict[str, int] = field(default_factory=dict)  # HTML: heading line text → level (1..6)
     file_sha256: str = ""
+    encoding: str = ""  # the encoding the file was decoded with (utf-8, cp1252, ...); "" for PDF
 
 
 @dataclass
@@ -45,6 +50,7 @@ class FileRecord:
     type: str
     docs: list[SourceDoc] = field(default_factory=list)
     skipped: str | None = None  # reason
+    encoding: str = ""  # text / HTML: the encoding assumed
     detail: str = ""
     warnings: list[str] = field(default_factory=list)  # e.g. a bad line in a JSONL file
 
@@ -72,16 +78,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _decode_text(data: bytes) -> tuple[str | None, str | None]:
-    """UTF-8 text of a text file, or (None, reason)."""
+def _decode_text(data: bytes) -> tuple[str | None, str]:
+    """``(text, encoding)`` of a text file, or ``(None, reason)``."""
     if not data.strip():
         return None, "empty"
-    if b"\x00" in data[:8192]:
-        return None, "binary"
-    try:
-        return data.decode("utf-8-sig"), None
-    except UnicodeDecodeError as err:
-        return None, f"not_utf8: byte {err.start}"
+    text, encoding = decode_text(data)
+    if text is None:
+        return None, encoding  # "binary: why"
+    return text.removeprefix("\ufeff"), encoding
 
 
 _HEADING_TAGS = "h1, h2, h3, h4, h5, h6"
@@ -91,12 +95,15 @@ def _html_doc(data: bytes, rel: str) -> tuple[SourceDoc | None, str | None]:
     from resiliparse.parse.html import HTMLTree
 
     from lmforge.data.documents import Document
-    from lmforge.data.readers import decode_html
+    from lmforge.data.readers import decode_html_encoding
     from lmforge.data.steps import HtmlExtract
 
     if not data.strip():
         return None, "empty"
-    html = decode_html(data)
+    why = sniff_binary(data)
+    if why:
+        return None, f"binary: {why}"
+    html, encoding = decode_html_encoding(data)
     result = HtmlExtract().process(Document(rel, html, {"source": rel, "format": "html"}))
     if isinstance(result, str):
         return None, "no_text"
@@ -107,7 +114,7 @@ def _html_doc(data: bytes, rel: str) -> tuple[SourceDoc | None, str | None]:
             text = " ".join(el.text.replace("¶", "").split())
             if text and text not in headings:
                 headings[text] = int(el.tag[1])
-    return SourceDoc(rel, "html", result.text, result.meta.get("title", ""), headings), None
+    return SourceDoc(rel, "html", result.text, result.meta.get("title", ""), headings, encoding=encoding), None
 
 
 def _pdf_doc(path: Path, rel: str) -> tuple[SourceDoc | None, str | None]:
@@ -139,6 +146,10 @@ def _jsonl_docs(text: str, rel: str, record: FileRecord) -> None:
         if not isinstance(body, str) or not body.strip():
             record.warnings.append(f"{rel}:{lineno}: bad_jsonl_line: no string field 'text'")
             continue
+        where = find_surrogate(obj)
+        if where:
+            record.warnings.append(f"{rel}:{lineno}: bad_jsonl_line: {where} is a lone surrogate (not a character)")
+            continue
         record.docs.append(SourceDoc(f"{rel}#{lineno}", "jsonl", body, str(obj.get("title") or "")))
 
 
@@ -168,12 +179,13 @@ def read_file(path: Path, root: Path) -> FileRecord:
     else:
         text, reason = _decode_text(data)
         if text is not None:
+            record.encoding, reason = reason, None
             if kind == "jsonl":
                 _jsonl_docs(text, rel, record)
                 if not record.docs:
                     reason = "no_text (no valid JSONL line with a 'text' field)"
             else:
-                doc = SourceDoc(rel, kind, text, _md_title(text) if kind == "md" else "")
+                doc = SourceDoc(rel, kind, text, _md_title(text) if kind == "md" else "", encoding=record.encoding)
     if reason:
         record.skipped, _, record.detail = reason.partition(": ")
         if " " in record.skipped:  # "no_text (why)"
@@ -183,6 +195,8 @@ def read_file(path: Path, root: Path) -> FileRecord:
         record.docs.append(doc)
     for d in record.docs:
         d.file_sha256 = sha
+        d.encoding = d.encoding or record.encoding
+        record.encoding = record.encoding or d.encoding
         if not d.title:
             d.title = Path(rel).stem
     return record

@@ -111,7 +111,7 @@ def build_index(config: Config, out_dir: str | os.PathLike, embedder: Embedder |
             report["changed" if old is not None else "added"].append(rel)
             report["warnings"].extend(record.warnings)
             files[rel] = {"sha256": record.sha256, "type": record.type, "skipped": record.skipped,
-                          "detail": record.detail, "docs": len(record.docs)}
+                          "detail": record.detail, "docs": len(record.docs), "encoding": record.encoding}
             if record.skipped:
                 report["skipped"].append({"path": rel, "reason": record.skipped, "detail": record.detail})
                 continue
@@ -122,6 +122,11 @@ def build_index(config: Config, out_dir: str | os.PathLike, embedder: Embedder |
             todo.extend(new_chunks)
             vectors.append(len(new_chunks))  # a count: filled from the embedded batch below
     report["deleted"] = sorted(set(prev_files) - set(files))
+    # which encoding each file was read with: counts, and the files that were not UTF-8 (guessed, so worth a look)
+    encodings = [f.get("encoding") for f in files.values() if not f.get("skipped") and f.get("encoding")]
+    report["encodings"] = {e: encodings.count(e) for e in sorted(set(encodings))}
+    report["not_utf8_files"] = {rel: f["encoding"] for rel, f in files.items()
+                                if not f.get("skipped") and f.get("encoding") not in (None, "", "utf-8", "ascii")}
     t_read = time.time() - t0
 
     t1 = time.time()
@@ -182,4 +187,6 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                       f"{len(report['deleted'])} deleted, {len(report['skipped'])} skipped)")
         for s in report["skipped"]:
             console.print(f"  [yellow]skipped[/] {s['path']}: {s['reason']} {s['detail']}")
+        for rel, enc in report["not_utf8_files"].items():
+            console.print(f"  [yellow]read as {enc}[/] {rel} (not UTF-8; the encoding was detected)")
     return finished(out)
