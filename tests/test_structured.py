@@ -38,6 +38,17 @@ PERSON = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread (no OpenMP spinning on a shared machine); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("structured") / "tiny"
@@ -282,3 +293,18 @@ def test_supported_keywords_are_enforced(engine, so, schema, bad, good):
         jsonschema.validate(json.loads(bad), schema, format_checker=FORMATS)
     assert _accepts(so, engine, schema, good)
     assert not _accepts(so, engine, schema, bad)
+
+
+def test_apply_bitmask_matches_a_bit_by_bit_reference():
+    import torch
+
+    from lmforge.serve.structured import apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1, 31, 32, 75):
+        logits = torch.randn(vocab, generator=g)
+        bits = torch.randint(-2 ** 31, 2 ** 31 - 1, ((vocab + 31) // 32,), dtype=torch.int32, generator=g)
+        ref = [float("-inf") if not (int(bits[i // 32]) >> (i % 32)) & 1 else float(logits[i]) for i in range(vocab)]
+        assert apply_bitmask(logits.clone(), bits).tolist() == ref
+    wide = torch.zeros(40)  # a mask narrower than the logits disallows the tokens past it
+    assert torch.isinf(apply_bitmask(wide, torch.tensor([-1], dtype=torch.int32))[32:]).all()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from lmforge.serve.structured.backends import GrammarMatcher
@@ -23,20 +24,21 @@ from lmforge.serve.structured.backends import GrammarMatcher
 log = logging.getLogger("lmforge.serve.structured")
 
 
-def _bit_table() -> torch.Tensor:
-    return torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
-
-
-_BITS = _bit_table()
+# byte value -> the additive mask of its 8 tokens (0: allowed, -inf: not); bit i of a little-endian int32 word is
+# bit i % 8 of byte i // 8
+_BYTE_TO_BIAS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1,
+                         0.0, -np.inf).astype(np.float32)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set every logit whose bit is 0 in ``bitmask`` (int32 [ceil(V/32)]) to -inf, in place; returns ``logits``."""
-    allowed = (bitmask.unsqueeze(-1) & _BITS).ne(0).view(-1)
+    """Set every logit whose bit is 0 in ``bitmask`` (int32 [ceil(V/32)]) to -inf, in place; returns ``logits``
+    (float32, 1-D).  A table lookup per byte and one add: ~4x faster on CPU than unpacking bits into a bool mask and
+    ``masked_fill`` (bench/structured.py)."""
     n = logits.shape[-1]
-    if allowed.numel() < n:  # a bitmask narrower than the logits: tokens past it are not allowed
-        allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.numel())])
-    return logits.masked_fill_(~allowed[:n], float("-inf"))
+    bias = np.take(_BYTE_TO_BIAS, bitmask.numpy().view(np.uint8), axis=0).reshape(-1)
+    if bias.size < n:  # a bitmask narrower than the logits: tokens past it are not allowed
+        bias = np.concatenate([bias, np.full(n - bias.size, -np.inf, np.float32)])
+    return logits.add_(torch.from_numpy(bias[:n]))
 
 
 class GrammarLogitsProcessor:
