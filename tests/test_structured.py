@@ -113,6 +113,16 @@ def test_json_object_regex_choice_and_grammars(engine, so):
     assert res.finish_reason == "length" or re.fullmatch(r"\[[1-9](, [1-9])*\]", res.text), res
 
 
+def test_enum_values_that_contradict_their_type_are_never_emitted(engine, so):
+    # as in BFCL's live schemas: an integer / boolean parameter whose enum holds the string "dontcare"
+    schema = {"type": "object", "properties": {"year": {"type": "integer", "enum": [2019, "dontcare"]},
+                                               "kids": {"type": "boolean", "enum": ["True", "dontcare"]}},
+              "required": ["year"]}
+    for seed in range(3):
+        res = engine.generate_text("x", _params(so.processor(GrammarSpec.json_schema(schema)), seed=seed))
+        assert json.loads(res.text) == {"year": 2019}
+
+
 def test_greedy_constrained_request(engine, so):
     res = engine.generate_text("x", _params(so.processor(GrammarSpec.choice(["alpha", "beta"])), temperature=0.0))
     assert res.text in ("alpha", "beta") and res.finish_reason == "stop"
@@ -234,6 +244,8 @@ def test_compile_runs_off_the_driver_and_is_cached(engine):
     (GrammarSpec.json_schema({"$defs": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}),
      "'oneOf' at #/\\$defs/a/oneOf"),
     (GrammarSpec.json_schema({"items": {"type": "string", "format": "iri"}}), "format 'iri' at #/items/format"),
+    (GrammarSpec.json_schema({"properties": {"y": {"type": "integer", "enum": ["any"]}}, "required": ["y"]}),
+     "no value satisfies the schema at #/properties/y/enum"),
     (GrammarSpec.regex("(ab"), "invalid regex"),
     (GrammarSpec.grammar('root ::= ("a" | "b"'), "invalid gbnf grammar"),
     (GrammarSpec.grammar('root ::= "a" undefined-rule'), "invalid gbnf grammar"),

@@ -90,7 +90,7 @@ def normalize(spec: GrammarSpec) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise StructuredOutputError(f"a JSON schema must be an object, got {type(schema).__name__}")
         check_json_schema(schema)
-        return GrammarSpec("json_schema", schema)
+        return GrammarSpec("json_schema", consistent_enums(schema))
     if spec.kind == "regex":
         if not isinstance(spec.value, str) or not spec.value:
             raise StructuredOutputError("a regex spec needs a non-empty pattern string")
@@ -196,3 +196,68 @@ def check_json_schema(schema: dict | bool) -> None:
                     walk(sub, here + [str(i)])
 
     walk(schema, [])
+
+
+# keywords an enum / const value is checked against (the backends emit enum values verbatim)
+_VALUE_KEYWORDS = ("type", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
+                   "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+class _Unsatisfiable(Exception):
+    pass
+
+
+def consistent_enums(schema: dict | bool) -> dict | bool:
+    """``schema`` with every ``enum`` / ``const`` value that violates its sibling keywords removed (``{"type":
+    "integer", "enum": ["dontcare"]}`` occurs in real tool schemas; the backends would emit "dontcare").  An optional
+    property or ``anyOf`` branch left with no value is dropped; anything else raises ``StructuredOutputError``."""
+    import jsonschema
+
+    def fix(node, path: list[str]):
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        siblings = {k: node[k] for k in _VALUE_KEYWORDS if k in node}
+        if siblings and ("enum" in node or "const" in node):
+            check = jsonschema.Draft202012Validator(siblings, format_checker=jsonschema.FormatChecker())
+            if "const" in node and not check.is_valid(node["const"]):
+                raise _Unsatisfiable(_pointer(path + ["const"]))
+            if "enum" in node:
+                out["enum"] = [v for v in node["enum"] if check.is_valid(v)]
+                if not out["enum"]:
+                    raise _Unsatisfiable(_pointer(path + ["enum"]))
+        if isinstance(node.get("properties"), dict):
+            required = set(node.get("required") or [])
+            props = {}
+            for name, sub in node["properties"].items():
+                try:
+                    props[name] = fix(sub, path + ["properties", name])
+                except _Unsatisfiable:
+                    if name in required:
+                        raise
+            out["properties"] = props
+        if isinstance(node.get("anyOf"), list):
+            branches = []
+            for i, sub in enumerate(node["anyOf"]):
+                try:
+                    branches.append(fix(sub, path + ["anyOf", str(i)]))
+                except _Unsatisfiable:
+                    pass
+            if not branches:
+                raise _Unsatisfiable(_pointer(path + ["anyOf"]))
+            out["anyOf"] = branches
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                out[key] = fix(node[key], path + [key])
+        for key in ("$defs", "definitions", "patternProperties"):
+            if isinstance(node.get(key), dict):
+                out[key] = {k: fix(v, path + [key, k]) for k, v in node[key].items()}
+        if isinstance(node.get("prefixItems"), list):
+            out["prefixItems"] = [fix(v, path + ["prefixItems", str(i)]) for i, v in enumerate(node["prefixItems"])]
+        return out
+
+    try:
+        return fix(schema, [])
+    except _Unsatisfiable as err:
+        raise StructuredOutputError(f"no value satisfies the schema at {err}: every enum/const value there "
+                                    f"violates its sibling keywords (e.g. 'type')") from None
