@@ -3,7 +3,8 @@
 A *logits processor* is any callable ``(output_token_ids, logits) -> logits`` over one request's next-token logits
 (a 1-D float tensor on the CPU).  Penalties and ``logit_bias`` are processors; a grammar mask for JSON-schema / regex
 output or tool calls is just another one appended to ``SamplingParams.logits_processors`` - the scheduler never needs
-to know.  The sampler is a plain function over a batch of rows, separate from the scheduler loop.
+to know.  A processor with a true ``masks_logprobs`` attribute (the grammar mask, lmforge.serve.structured) runs
+before the others and before logprobs are taken: logprobs are those of the masked distribution.  The sampler is a plain function over a batch of rows, separate from the scheduler loop.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class SamplerState:
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
-        self.processors = params.processors(prompt_ids)
+        procs = params.processors(prompt_ids)
+        self.masks = [p for p in procs if getattr(p, "masks_logprobs", False)]
+        self.processors = [p for p in procs if not getattr(p, "masks_logprobs", False)]
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # any int is a valid seed
 
@@ -153,7 +156,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 @dataclass
 class Sampled:
     """A sampled token; with ``SamplingParams.logprobs`` set, its log-probability and the ``top`` alternatives
-    (``[(token_id, logprob)]``, most likely first) under the model's raw distribution."""
+    (``[(token_id, logprob)]``, most likely first) under the model's raw distribution (after a grammar mask, if any)."""
 
     token: int
     logprob: float | None = None
@@ -171,6 +174,8 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState], histories: Sequ
     out = []
     for row, state, hist in zip(logits, states, histories):
         p = state.params
+        for mask in state.masks:
+            row = mask(hist, row)
         raw = row
         for proc in state.processors:
             row = proc(hist, row)
@@ -182,6 +187,6 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState], histories: Sequ
         top = []
         if p.logprobs > 0:
             vals, ids = lp.topk(p.logprobs)
-            top = list(zip(ids.tolist(), vals.tolist()))
+            top = [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]  # masked: not shown
         out.append(Sampled(tok, float(lp[tok]), top))
     return out
