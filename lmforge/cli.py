@@ -431,7 +431,9 @@ def serve_cmd(
     model_name: Optional[str] = typer.Option(None, help="Model id clients use [default: the folder name]."),
     max_num_seqs: int = typer.Option(16, help="Requests decoded together (continuous batching)."),
     max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens."),
-    dtype: str = typer.Option("bfloat16", help="float32 | bfloat16 serving weights and KV cache."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 serving weights and KV cache (float32: the same "
+                                              "numbers as eval and transformers, seeded outputs reproducible under "
+                                              "batching; bfloat16: faster with many streams, not reproducible)."),
     quantize: Optional[str] = typer.Option(None, help="int8: int8 weight-only linears (bf16 activations); int4: 4-bit "
                                                       "groups of 32 with an int8 output head (CPU; fastest single "
                                                       "stream)."),
@@ -449,7 +451,7 @@ def serve_cmd(
         None, help="Tokens per engine step (decode + prompt) before new requests wait."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
-    from lmforge.serve.api import serve
+    from lmforge.serve.api import ServeStartError, serve
     from lmforge.serve.vllm_backend import VLLMNotInstalledError
 
     try:
@@ -462,6 +464,11 @@ def serve_cmd(
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
+    except ServeStartError as err:  # port in use, bad host, model folder missing / unreadable: one line, exit 1
+        from rich.markup import escape
+
+        console.print(f"[red]error: {escape(str(err))}[/]", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @export_app.command("gguf")
@@ -500,11 +507,25 @@ def smollm2_cmd() -> None:
 
 
 @app.command("chat")
-def chat_cmd(model: Path = typer.Argument(..., help="Model folder.")) -> None:
-    """Chat with a model in the terminal (streams answers; Ctrl-D to quit)."""
+def chat_cmd(
+    model: Path = typer.Argument(..., help="Model folder."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message, print the answer "
+                                                                     "and exit (non-interactive)."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, help="0 is greedy (the same answer as `serve` with temperature 0)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    max_tokens: int = typer.Option(256, help="Most new tokens per answer."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (the same answer on every run)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16, as for `serve`."),
+    quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only, as for `serve`."),
+    max_model_len: int = typer.Option(2048, help="Cap on the conversation's tokens."),
+) -> None:
+    """Chat with a model in the terminal (streams answers; Ctrl-D to quit).  With --prompt, or with stdin not a
+    terminal (one message per line), only the answers are printed: `echo hi | lmforge chat M --temperature 0`."""
     from lmforge.serve.repl import chat_repl
 
-    chat_repl(str(model))
+    chat_repl(str(model), system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+              dtype=dtype, quantize=quantize, max_model_len=max_model_len, prompt=prompt)
 
 
 STATE_COLOUR = {"done": "green", "failed": "red", "running": "cyan"}

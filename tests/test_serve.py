@@ -25,7 +25,7 @@ from lmforge.serve.smoke import running_server
 CTX = 128
 
 
-def _build_serve_model(folder) -> None:
+def _build_serve_model(folder, ctx: int = CTX) -> None:
     from pydoc_data.topics import topics
 
     from lmforge.tokenizer.bpe import train_bpe
@@ -33,7 +33,7 @@ def _build_serve_model(folder) -> None:
     tok = train_bpe(list(topics.values()), 512, folder)
     eos = tok.token_to_id("<|endoftext|>")
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CTX,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ctx,
                       bos_token_id=eos, eos_token_id=eos)
     model = Llama(cfg)
     model.init_weights(seed=0)

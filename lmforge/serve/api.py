@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -356,7 +356,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len, dtype=engine.dtype,
+                                         quantize=engine.quantize)])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -458,7 +459,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
 
 def _reason(out: GenerationOutput) -> str | None:
-    return out.finish_reason if out.finish_reason in ("stop", "length") else None
+    """OpenAI's "stop" / "length", or "abort" (vLLM's name) for a completion the server cut short (shutdown)."""
+    return out.finish_reason if out.finish_reason in ("stop", "length", "abort") else None
 
 
 async def _collect(fan: _Fanout, count: int) -> tuple[list[str], list[str | None], int, list[list[Sampled]]]:
@@ -478,8 +480,39 @@ async def _collect(fan: _Fanout, count: int) -> tuple[list[str], list[str | None
     return ["".join(t) for t in texts], reasons, completion, logprobs
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
+class ServeStartError(RuntimeError):
+    """The server could not start (address in use or unknown, model folder missing or unreadable): one clear line."""
+
+
+def _listen(host: str, port: int):
+    """Bind and listen on ``host:port`` now, before the model loads, so a taken port or a bad host fails at once."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        try:
+            sock.bind(addr)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ServeStartError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def _load_engine(model_dir: str | os.PathLike, **options) -> Engine:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ServeStartError(f"model folder {path} does not exist" if not path.exists()
+                              else f"{path} is not a model folder")
+    try:
+        return Engine.from_folder(path, **options)
+    except Exception as err:  # a corrupt or incomplete folder: say which and why, no traceback
+        raise ServeStartError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from None
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
@@ -488,15 +521,23 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           max_tokens_limit: int | None = None, max_concurrent_requests: int = 256,
           max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
           rag_system_prompt: str | None = None, rag_rerank: bool = False, enable_prefix_caching: bool = True,
-          max_num_batched_tokens: int | None = None) -> None:
+          max_num_batched_tokens: int | None = None, announce: Callable[..., None] = print) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
-    and serve it with uvicorn until interrupted.  The model name defaults to the folder name.  ``engine_kind="vllm"`` hands
-    the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed)."""
+    and serve it with uvicorn until SIGTERM / Ctrl-C.  The model name defaults to the folder name.
+    ``engine_kind="vllm"`` hands the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed).
+
+    Raises ``ServeStartError`` when the server cannot start (port in use, bad host, model folder missing or
+    unreadable, HTTP server failing to start).  On SIGTERM or Ctrl-C, requests still generating end with
+    ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function returns normally."""
     import uvicorn
 
+    if engine_kind not in ("lmforge", "vllm"):
+        raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
     if str(model_dir).endswith(".gguf"):
         from lmforge.model.pretrained import materialize_gguf
 
+        if not Path(model_dir).is_file():
+            raise ServeStartError(f"GGUF file {model_dir} does not exist")
         model_dir = materialize_gguf(Path(model_dir))
     name = model_name or Path(model_dir).resolve().name
     if engine_kind == "vllm":
@@ -504,29 +545,58 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
         serve_with_vllm(model_dir, host, port, name, max_model_len, max_num_seqs, api_key)
         return
-    if engine_kind != "lmforge":
-        raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
-    engine = Engine.from_folder(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
-                                quantize=quantize, enable_prefix_caching=enable_prefix_caching,
-                                max_num_batched_tokens=max_num_batched_tokens)
-    app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                     max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
-    if rag_index is not None:  # answer /v1/chat/completions from a knowledge base, add /v1/rag/query
-        from lmforge.rag.http import attach_knowledge_base
+    sock = _listen(host, port)
+    try:
+        engine = _load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
+                              quantize=quantize, enable_prefix_caching=enable_prefix_caching,
+                              max_num_batched_tokens=max_num_batched_tokens)
+        app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                         max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
+        if rag_index is not None:  # answer /v1/chat/completions from a knowledge base, add /v1/rag/query
+            from lmforge.rag.http import attach_knowledge_base
 
-        attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
+            attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
+        _run(app, engine, sock, host, port, name, log_level, announce)
+    finally:
+        sock.close()
+
+
+def _run(app: FastAPI, engine: Engine, sock, host: str, port: int, name: str, log_level: str,
+         announce: Callable[..., None]) -> None:
+    import uvicorn
+
     # uvicorn answers HTTP on a second thread; this (main) thread, which loaded the model, runs the engine's steps:
     # PyTorch's CPU kernels run about twice as fast here as on a fresh thread (see lmforge/serve/engine.py)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    http = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))  # (it leaves signals to us: not main thread)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmforge-http", daemon=True)
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame) -> None:  # finish the current step, then shut down (see below)
+        signalled.append(signum)
+        engine.request_stop()
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM and Ctrl-C: the same clean shutdown
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
     http.start()
-    if threading.current_thread() is threading.main_thread():  # stop cleanly on SIGTERM too, as on Ctrl-C
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        engine.run_forever(stop=lambda: not http.is_alive())
-    except KeyboardInterrupt:
-        pass
-    finally:
+    deadline = time.monotonic() + 60
+    while not server.started and http.is_alive() and time.monotonic() < deadline and not signalled:
+        time.sleep(0.02)
+    if not server.started and not signalled:
         server.should_exit = True
         engine.shutdown()
+        raise ServeStartError(f"the HTTP server did not start on {host}:{port} (see the log above)")
+    prefix = "on" if engine.enable_prefix_caching else "off"
+    exact = engine.dtype == "float32"
+    announce(f"lmforge serve: {name} on http://{host}:{port}/v1 · dtype {engine.dtype}"
+             f"{' · ' + engine.quantize + ' weights' if engine.quantize else ''} · prefix caching {prefix}"
+             f"{'' if exact else ' · seeded outputs may vary with batching and prefix caching (docs/serving.md)'}",
+             flush=True)
+    try:
+        engine.run_forever(stop=lambda: not http.is_alive() or bool(signalled))
+    finally:
+        engine.shutdown()  # requests still generating end with finish_reason "abort"; their streams get [DONE]
+        server.should_exit = True  # then uvicorn lets open responses finish and closes
         http.join(timeout=15)
+    if not signalled:
+        raise ServeStartError("the HTTP server stopped unexpectedly (see the log above)")

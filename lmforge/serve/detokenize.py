@@ -1,7 +1,8 @@
 """Streaming text out of token ids: incremental detokenisation and stop strings.
 
 * ``IncrementalDetokenizer`` turns tokens into text deltas without ever emitting half a UTF-8 character (byte-level BPE
-  splits multi-byte characters across tokens; the decoder shows an unfinished one as U+FFFD, so we wait for more).
+  splits multi-byte characters across tokens; the decoder shows an unfinished one as U+FFFD, so we wait for more; a
+  completion that ends inside a character drops that unfinished tail, so streamed and whole texts agree).
 * ``StopStringMatcher`` holds back text that could be the start of a stop string, so a stop string that spans token
   boundaries is caught and never emitted.
 """
@@ -38,11 +39,13 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        """Whatever is still held back, at the end of a completion.  An unfinished character at the very end (a
+        completion cut by ``max_tokens`` or a stop token in the middle of a multi-byte character) is dropped rather
+        than shown as U+FFFD, as the streaming deltas never show it: the text never ends in half a character."""
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text):].rstrip(REPLACEMENT)
 
 
 class StopStringMatcher:

@@ -340,6 +340,15 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running)
 
+    @property
+    def dtype(self) -> str:
+        """What the forward pass computes in ("float32", "bfloat16", ...; int8/int4 weights run bf16 activations)."""
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    @property
+    def quantize(self) -> str | None:
+        return self.runner.quantize
+
     # -- load figures (what /metrics reports) ----------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
@@ -656,8 +665,13 @@ class Engine:
                 self._lock.wait(timeout=0.1)
         self._loop(forever=True, stop=stop)
 
+    def request_stop(self) -> None:
+        """Ask the driver to stop after its current step (safe from a signal handler: no lock); ``run_forever``
+        returns, and ``shutdown()`` then aborts what is still in flight."""
+        self._stopping = True
+
     def shutdown(self) -> None:
-        """Stop driving (in-flight requests are aborted)."""
+        """Stop driving (in-flight requests are aborted: they finish with ``finish_reason="abort"``)."""
         with self._lock:
             self._stopping = True
             for seq in list(self._running) + list(self._waiting):

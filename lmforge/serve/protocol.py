@@ -53,6 +53,8 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "lmforge"
     max_model_len: int | None = None
+    dtype: str | None = None  # what the forward pass computes in (lmforge extension; see docs/serving.md)
+    quantize: str | None = None  # int8 / int4 weight-only, or None
 
 
 class ModelList(OpenAIBaseModel):
@@ -191,7 +193,7 @@ class CompletionLogprobs(OpenAIBaseModel):
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -213,7 +215,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -266,7 +268,7 @@ class CompletionRequest(_SamplingRequest):
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
     logprobs: CompletionLogprobs | None = None
 
 
