@@ -48,6 +48,7 @@ HEADLINE = {
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
+    "crawl": ["pages", "pages_ok", "refused", "errors", "pages_per_s"],
 }
 
 
@@ -84,6 +85,9 @@ def _register() -> None:
     app.command("pretrained", help="A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a "
                                    "model artifact folder.")(
         _stage_command("lmforge.model.pretrained_stage", "pretrained"))
+    app.command("crawl", help="Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, "
+                              "resumable); `lmforge data run --inputs OUT/warc` reads them.")(
+        _stage_command("lmforge.crawl.stage", "crawl"))
     from lmforge.train import scaling
 
     scaling_app.command("sweep", help=scaling.SweepConfig.__doc__)(

@@ -45,6 +45,7 @@ STAGE_MODULES = {
     "synth": "lmforge.align.synth",
     "rag_index": "lmforge.rag.stage",
     "pretrained": "lmforge.model.pretrained_stage",
+    "crawl": "lmforge.crawl.stage",
 }
 
 

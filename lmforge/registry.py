@@ -130,6 +130,12 @@ def lineage(path: str | os.PathLike, max_depth: int = 20) -> dict[str, Any]:
                 if row is None and fingerprint is None:
                     row = con.execute("SELECT * FROM runs WHERE path=? ORDER BY started_at DESC LIMIT 1",
                                       (p,)).fetchone()
+                for parent in (Path(p).parents if row is None and fingerprint else ()):
+                    # a file or folder inside an artifact (a crawl's warc/ folder): the run that wrote that artifact
+                    row = con.execute("SELECT * FROM runs WHERE path=? AND status='done' ORDER BY started_at DESC "
+                                      "LIMIT 1", (str(parent),)).fetchone()
+                    if row is not None:
+                        break
             if row is None:
                 return {"path": p, "fingerprint": fingerprint, "raw": True}
             out: dict[str, Any] = {
