@@ -140,3 +140,31 @@ class SiteServer:
                 body = body.replace(b"{BASE}", self.base.encode())
             return self.send(h, 200, body, TYPES.get(f.suffix, "application/octet-stream"))
         return self.send(h, 404, page("Not found", "<p>No such page.</p>"))
+
+
+def main() -> None:
+    """``python tests/crawl_server.py --gen-pages N [--robots TEXT] --log FILE``: serve until killed, printing the
+    base URL, appending ``time<TAB>host<TAB>path`` per request to FILE (the bench reads it)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gen-pages", type=int, default=1000)
+    ap.add_argument("--fanout", type=int, default=5)
+    ap.add_argument("--robots", default=None)
+    ap.add_argument("--log", required=True)
+    args = ap.parse_args()
+    server = SiteServer(robots=args.robots, gen_pages=args.gen_pages, fanout=args.fanout)
+    out = open(args.log, "a", buffering=1)
+    handle = server.handle
+
+    def logged(h: BaseHTTPRequestHandler) -> None:
+        out.write(f"{time.time():.6f}\t{h.headers.get('Host', '')}\t{h.path}\n")
+        handle(h)
+
+    server.handle = logged  # type: ignore[method-assign]
+    print(server.base, flush=True)
+    server.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

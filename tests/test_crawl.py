@@ -173,13 +173,14 @@ stages:
 
 
 def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
-    """A robots.txt with junk lines still applies its rules (and says which lines it ignored); Crawl-delay slows the
-    host down; max_pages_per_host stops an infinite calendar."""
+    """A robots.txt with junk lines still applies its rules (and says which lines it ignored); its Crawl-delay spaces
+    the requests; max_pages_per_host stops an infinite calendar."""
     robots = "User-agent: *\nDisallow: /calendar/2026/03/\nCrawl-delay: 0.05\n\x00\xff{{not a rule\nAllow /oops\n"
     with SiteServer(robots=robots) as site:
         m = run(Config(seeds=[site.url("/calendar/2026/01/")], max_depth=100, max_pages_per_host=8, sitemaps=False,
                        **FAST), tmp_path / "c")
         cal = [p for _, p, _ in site.log if p.startswith("/calendar/")]
+        arrivals = sorted(t for t, _, _ in site.log)
     stats = json.loads((tmp_path / "c" / "stats.json").read_text())
     assert_adds_up(stats)
     host = stats["hosts"][site.base]
@@ -187,6 +188,9 @@ def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
     assert "robots.txt: 2 malformed line(s)" in capsys.readouterr().err
     assert stats["discovered"]["admitted"] == 8 and stats["discovered"]["refused_by_reason"]["host_limit"] >= 1
     assert "/calendar/2026/03/" not in cal and stats["pages"]["by_outcome"]["robots"] == 1
+    # with a delay, the next request starts only after the previous one ended + the delay: by causality the server
+    # (its own clock) never sees two requests closer together, however loaded the machine
+    assert min(b - a for a, b in zip(arrivals, arrivals[1:])) >= 0.05
     assert m.metrics["pages"] == 8
 
 

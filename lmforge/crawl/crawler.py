@@ -167,7 +167,11 @@ class Crawler:
         refused: Counter = Counter()
         if not self.cfg.sitemaps:
             return links, refused, []
-        todo = list(dict.fromkeys(list(policy.robots.sitemaps) if policy.robots is not None else []))
+        listed = list(dict.fromkeys(policy.robots.sitemaps if policy.robots is not None else []))
+        # a sitemap on another host would be fetched outside that host's politeness: left out, and said so
+        todo = [u for u in listed if u.startswith(host + "/")]
+        if len(todo) < len(listed):
+            self.host_notes[host]["sitemaps_other_host_skipped"] = len(listed) - len(todo)
         if host + "/sitemap.xml" not in todo and policy.allowed(host + "/sitemap.xml", self.user_agent) is None:
             todo.append(host + "/sitemap.xml")
         read: list[str] = []

@@ -5,8 +5,10 @@
   (``timeout``), so a server that trickles bytes cannot hold a worker;
 * 5xx responses and transport errors (timeout, refused connection, a connection closed mid-body, bytes that are not
   HTTP) are retried with exponential backoff (``retry_backoff`` × 2^attempt); 4xx responses are not;
-* ``HostPolicy`` spaces the requests to one host (``turn``): at least ``interval`` seconds between two request starts,
-  where the interval is the largest of 1/``host_rate``, robots.txt ``Crawl-delay`` and ``Request-rate``.
+* ``HostPolicy`` spaces the requests to one host (``slot``): with a rate limit, one request at a time and at least
+  ``interval`` seconds from the end of one to the start of the next, where the interval is the largest of
+  1/``host_rate``, robots.txt ``Crawl-delay`` and ``Request-rate``; without one, up to ``host_concurrency`` requests
+  in flight (the crawler's scheduler).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from typing import AsyncIterator
 
 import httpx
 
@@ -69,15 +73,28 @@ class HostPolicy:
     robots_note: str = ""
     ready: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _next_at: float = 0.0
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _last: float = float("-inf")
 
-    async def turn(self) -> None:
-        """Wait for this host's next request slot (reserved at once, so concurrent callers queue up)."""
-        now = time.monotonic()
-        at = max(now, self._next_at)
-        self._next_at = at + self.interval
-        if at > now:
-            await asyncio.sleep(at - now)
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold this host's request slot for one request.  With an interval (a rate limit or a Crawl-delay) requests
+        to the host go one at a time and each starts at least ``interval`` seconds after the previous one *ended*
+        (as Nutch and Heritrix do): the server then never sees two requests closer than the interval, whatever the
+        network or the event loop's delays.  Without one, the slot is free (``host_concurrency`` bounds the host)."""
+        if self.interval <= 0:
+            try:
+                yield
+            finally:  # remembered: robots.txt is fetched before its Crawl-delay is known
+                self._last = time.monotonic()
+            return
+        async with self._turn:
+            while (wait := self._last + self.interval - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                yield
+            finally:
+                self._last = time.monotonic()
 
     def allowed(self, url: str, agent: str) -> str | None:
         """None when robots.txt allows ``url``, else the reason (``robots`` / ``robots_unavailable``)."""
@@ -136,11 +153,11 @@ async def fetch(client: httpx.AsyncClient, url: str, policy: HostPolicy, *, time
                 follow_redirects: bool = False) -> Fetched:
     """``fetch_once`` behind the host's politeness slot, with retries; raises :class:`FetchError`."""
     for attempt in range(retries + 1):
-        await policy.turn()
         try:
-            got = await asyncio.wait_for(
-                fetch_once(client, url, max_bytes=max_bytes, content_types=content_types,
-                           follow_redirects=follow_redirects), timeout)
+            async with policy.slot():
+                got = await asyncio.wait_for(
+                    fetch_once(client, url, max_bytes=max_bytes, content_types=content_types,
+                               follow_redirects=follow_redirects), timeout)
         except Exception as exc:  # noqa: BLE001 - every transport failure becomes a counted, named error
             err = _classify(exc, url, timeout)
             err.attempts = attempt + 1

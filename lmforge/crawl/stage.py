@@ -129,6 +129,12 @@ def crawl_stats(crawler: Any, frontier: Any, seconds: float, status: str) -> dic
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     import asyncio
 
+    try:
+        import protego  # noqa: F401
+        import warcio  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"crawl needs the {err.name!r} package: pip install 'lmforge[crawl]'") from None
+
     from lmforge.crawl.crawler import Crawler
     from lmforge.crawl.frontier import Frontier, Link
     from lmforge.crawl.urls import UrlRules, host_of
