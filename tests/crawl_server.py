@@ -2,7 +2,7 @@
 
 Routes besides the static files: ``/redirect`` (301 → /about.html), ``/loop-a`` ⇄ ``/loop-b`` (a redirect loop),
 ``/error500`` (always 500), ``/slow`` (answers after ``slow_s`` seconds), ``/huge`` (``huge_bytes`` of HTML),
-``/photo.png`` (an image), ``/calendar/YYYY/MM/`` (infinite previous/next month links), ``/trap/a/…`` (links to
+``/photo.png`` (an image), ``/gz`` (gzip-encoded), ``/calendar/YYYY/MM/`` (infinite previous/next month links), ``/trap/a/…`` (links to
 ever deeper ``a/`` paths), ``/garbage`` (bytes that are not HTTP), ``/truncated`` (closes mid-body),
 ``/gen/N`` (bench pages, each linking to ``fanout`` others).  Every request is logged with its arrival time.
 
@@ -25,8 +25,12 @@ TYPES = {".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8
 
 class SiteServer:
     def __init__(self, robots: str | None = None, slow_s: float = 3.0, huge_bytes: int = 3_000_000,
-                 gen_pages: int = 0, fanout: int = 5) -> None:
+                 gen_pages: int = 0, fanout: int = 5, robots_status: int = 200, gen_delay_s: float = 0.0) -> None:
         self.robots = robots
+        self.robots_status = robots_status
+        self.gen_delay_s = gen_delay_s
+        self.inflight = 0
+        self.max_inflight = 0  # most requests the server was answering at once
         self.slow_s = slow_s
         self.huge_bytes = huge_bytes
         self.gen_pages = gen_pages
@@ -44,7 +48,13 @@ class SiteServer:
             def do_GET(self) -> None:
                 with server._lock:
                     server.log.append((time.time(), self.path, self.headers.get("User-Agent", "")))
-                server.handle(self)
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    server.handle(self)
+                finally:
+                    with server._lock:
+                        server.inflight -= 1
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
@@ -86,6 +96,8 @@ class SiteServer:
         path = h.path.split("?", 1)[0]
         page = lambda title, body: (f"<html><head><title>{title}</title></head><body><h1>{title}</h1>{body}"  # noqa
                                     f"</body></html>").encode()
+        if path == "/robots.txt" and self.robots_status != 200:
+            return self.send(h, self.robots_status, b"unavailable", "text/plain")
         if path == "/robots.txt" and self.robots is not None:
             return self.send(h, 200, self.robots.encode(), "text/plain")
         if path == "/redirect":
@@ -99,6 +111,11 @@ class SiteServer:
             return self.send(h, 200, page("Slow", "<p>Finally.</p>"))
         if path == "/huge":
             return self.send(h, 200, page("Huge", "<p>" + "word " * (self.huge_bytes // 5) + "</p>"))
+        if path == "/gz":
+            import gzip
+
+            return self.send(h, 200, gzip.compress(page("Compressed", "<p>Sent with gzip.</p>")),
+                             headers={"Content-Encoding": "gzip"})
         if path == "/photo.png":
             return self.send(h, 200, b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")
         m = re.fullmatch(r"/calendar/(\d+)/(\d+)/", path)
@@ -128,6 +145,7 @@ class SiteServer:
         m = re.fullmatch(r"/gen/(\d+)", path)
         if m and int(m.group(1)) < self.gen_pages:
             n = int(m.group(1))
+            time.sleep(self.gen_delay_s)
             links = " ".join(f'<a href="/gen/{(n * self.fanout + k + 1) % self.gen_pages}">p</a>'
                              for k in range(self.fanout))
             return self.send(h, 200, page(f"Page {n}", f"<p>Bench page number {n}.</p>{links}"))

@@ -82,7 +82,7 @@ def test_crawl_bundled_site(tmp_path):
     outcome = {u[len(site.base):]: (o, via) for u, o, via in db.execute("SELECT url, outcome, via FROM urls")}
     hits = lambda path: sum(1 for _, p, _ in log if p == path)  # noqa: E731
 
-    for page in ("/", "/about.html", "/history.html", "/garden.html", "/rivers.html", "/docs/readme.txt"):
+    for page in ("/", "/about.html", "/history.html", "/garden.html", "/rivers.html", "/docs/readme.txt", "/gz"):
         assert outcome[page][0] == "ok", page
     assert outcome["/orphan.html"] == ("ok", "sitemap")                 # found through robots.txt's Sitemap: line
     assert outcome["/private/secret.html"][0] == "robots" and hits("/private/secret.html") == 0
@@ -113,6 +113,16 @@ def test_crawl_bundled_site(tmp_path):
     assert len(got) == len(set(u for u, _ in got)) == sum(written.values()) == stats["pages"]["written_to_warc"]
     assert (site.url("/error500"), "500") in got and (site.url("/redirect"), "301") in got
     warcio_check(out)
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(next((out / "warc").glob("*.warc.gz")), "rb") as f:
+        gz = next(r for r in ArchiveIterator(f) if r.rec_type == "response"
+                  and r.rec_headers.get_header("WARC-Target-URI") == site.url("/gz"))
+        body = gz.content_stream().read()
+    # stored decoded, as Common Crawl does: the original encoding is kept as X-Crawler-Content-Encoding
+    assert b"Sent with gzip." in body and gz.http_headers.get_header("X-Crawler-Content-Encoding") == "gzip"
+    assert gz.http_headers.get_header("Content-Encoding") is None
+    assert gz.http_headers.get_header("Content-Length") == str(len(body))
 
 
 def test_crawl_then_data_stage_and_lineage(tmp_path, monkeypatch):
@@ -222,3 +232,33 @@ def test_datatrove_reads_the_warc(tmp_path):
     docs = list(reader.run())
     assert [d.metadata["url"] for d in docs] == [site.url("/about.html")]
     assert "neighbours" in docs[0].text
+
+
+def test_robots_unavailable_and_host_concurrency(tmp_path, capsys):
+    """robots.txt answering 503 keeps the crawler off the host (RFC 9309); without a rate limit, at most
+    host_concurrency requests reach one host at once (counted by the server)."""
+    with SiteServer(robots_status=503) as site:
+        run(Config(seeds=[site.url("/"), site.url("/about.html")], **FAST), tmp_path / "a")
+        paths = [p for _, p, _ in site.log]
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["pages"]["by_outcome"] == {"robots_unavailable": 2} and paths == ["/robots.txt"] * 2  # 1 retry
+    assert stats["hosts"][site.base]["robots"] == "unavailable"
+    assert f"{site.base}/robots.txt unavailable (HTTP 503)" in capsys.readouterr().err
+    with SiteServer(gen_pages=40, fanout=4, gen_delay_s=0.02) as site:
+        run(Config(seeds=[site.url("/gen/0")], max_depth=50, sitemaps=False, **{**FAST, "host_concurrency": 3}),
+            tmp_path / "b")
+        assert 1 <= site.max_inflight <= 3
+    assert json.loads((tmp_path / "b" / "stats.json").read_text())["pages"]["by_outcome"] == {"ok": 40}
+
+
+def test_sitemap_index_and_gzip():
+    import gzip
+
+    from lmforge.crawl.fetch import sitemap_locs
+
+    index = b'<?xml version="1.0"?><sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">' \
+            b"<sitemap><loc>https://h.org/a.xml.gz</loc></sitemap></sitemapindex>"
+    assert sitemap_locs(index) == (["https://h.org/a.xml.gz"], True)
+    urlset = b"<urlset><url><loc> https://h.org/x?a=1&amp;b=2 </loc></url><url><loc>https://h.org/y</loc></url></urlset>"
+    assert sitemap_locs(gzip.compress(urlset)) == (["https://h.org/x?a=1&b=2", "https://h.org/y"], False)
+    assert sitemap_locs(b"\x1f\x8bnot gzip") == ([], False)

@@ -17,8 +17,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from lmforge.crawl.fetch import HTML_TYPES, FetchError, Fetched, HostPolicy, extract_links, fetch, sitemap_locs
 from lmforge.crawl.frontier import Frontier, Item, Link
 from lmforge.crawl.urls import BadUrl, canonicalize
@@ -52,15 +50,17 @@ class Crawler:
             "SELECT COUNT(*) FROM urls WHERE state='done' AND outcome NOT LIKE 'robots%'").fetchone()[0]
         self.content_types = tuple(t.lower() for t in cfg.content_types)
         self._changed: asyncio.Event | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client = None  # the aiohttp.ClientSession while running
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     async def run(self, progress_cb=None) -> None:
         self._changed = asyncio.Event()
         self._progress = progress_cb
-        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
-        async with httpx.AsyncClient(headers={"User-Agent": self.user_agent}, limits=limits, timeout=self.cfg.timeout,
-                                     follow_redirects=False, trust_env=False) as client:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self.cfg.concurrency, limit_per_host=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent},
+                                         timeout=aiohttp.ClientTimeout(total=None), trust_env=False) as client:
             self._client = client
             workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
             try:

@@ -1,4 +1,4 @@
-"""One HTTP fetch with the crawler's limits (httpx, asynchronous), and per-host politeness.
+"""One HTTP fetch with the crawler's limits (aiohttp, asynchronous), and per-host politeness.
 
 * a fetch streams the body and stops at ``max_bytes`` (``size_limit``); a 2xx response whose content type is not on
   the allow-list is closed before its body is read (``content_type``); the whole exchange has one deadline
@@ -19,9 +19,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
-import httpx
+if TYPE_CHECKING:
+    import aiohttp
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
@@ -30,6 +31,7 @@ class FetchError(Exception):
     """A fetch that produced no HTTP response: ``kind`` is the error class (timeout, connect, protocol, …)."""
 
     def __init__(self, kind: str, url: str, detail: str, retryable: bool = True) -> None:
+        detail = " ".join(detail.split())  # one line, whatever the library's message looks like
         super().__init__(f"{url}: {kind} error: {detail}")
         self.kind = kind
         self.url = url
@@ -106,49 +108,54 @@ class HostPolicy:
 
 
 def _classify(err: Exception, url: str, timeout: float) -> FetchError:
-    if isinstance(err, (asyncio.TimeoutError, httpx.TimeoutException)):
+    import aiohttp
+
+    if isinstance(err, asyncio.TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
         return FetchError("timeout", url, f"no complete response within {timeout:g}s")
-    if isinstance(err, httpx.ConnectError):
+    if isinstance(err, aiohttp.ClientConnectorError):
         return FetchError("connect", url, str(err) or "connection failed")
-    if isinstance(err, httpx.RemoteProtocolError):
-        return FetchError("protocol", url, str(err) or "the server broke the HTTP protocol")
-    if isinstance(err, httpx.DecodingError):
-        return FetchError("decoding", url, str(err) or "cannot decode the content encoding", retryable=False)
-    if isinstance(err, (httpx.NetworkError, httpx.TransportError)):
-        return FetchError("network", url, str(err) or type(err).__name__)
-    if isinstance(err, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+    if isinstance(err, aiohttp.TooManyRedirects):
+        return FetchError("redirects", url, "too many redirects", retryable=False)
+    if isinstance(err, aiohttp.InvalidURL):
         return FetchError("bad_url", url, str(err), retryable=False)
+    if isinstance(err, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError)):
+        # a body cut short, a connection closed before the response, bytes that are not HTTP
+        return FetchError("protocol", url, str(err) or type(err).__name__)
+    if isinstance(err, (aiohttp.ClientError, OSError)):
+        return FetchError("network", url, str(err) or type(err).__name__)
     return FetchError("http", url, f"{type(err).__name__}: {err}")
 
 
-async def fetch_once(client: httpx.AsyncClient, url: str, *, max_bytes: int, content_types: tuple[str, ...] | None,
-                     follow_redirects: bool = False) -> Fetched:
+async def fetch_once(session: "aiohttp.ClientSession", url: str, *, max_bytes: int,
+                     content_types: tuple[str, ...] | None, follow_redirects: bool = False) -> Fetched:
     """GET ``url``; ``content_types`` None accepts any type."""
+    import yarl
+
     start = time.time()
-    async with client.stream("GET", url, follow_redirects=follow_redirects) as resp:
-        ctype = (resp.headers.get("content-type") or "").split(";")[0].strip().lower()
-        base = dict(url=str(resp.url), status=resp.status_code, reason=resp.reason_phrase or "",
-                    http_version=resp.http_version,
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers.raw],
-                    request_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.request.headers.raw],
-                    content_type=ctype, fetched_at=start)
-        if content_types is not None and 200 <= resp.status_code < 300 and ctype not in content_types:
+    async with session.get(yarl.URL(url, encoded=True), allow_redirects=follow_redirects) as resp:
+        ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        version = f"HTTP/{resp.version.major}.{resp.version.minor}" if resp.version else "HTTP/1.1"
+        base = dict(url=str(resp.url), status=resp.status, reason=resp.reason or "", http_version=version,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers],
+                    request_headers=list(resp.request_info.headers.items()), content_type=ctype, fetched_at=start)
+        if content_types is not None and 200 <= resp.status < 300 and ctype not in content_types:
             return Fetched(**base, body=None, seconds=time.time() - start, skipped="content_type",
                            detail=f"content type {ctype or '(none)'!r} is not on the allow-list")
-        declared = resp.headers.get("content-length", "")
+        declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             return Fetched(**base, body=None, seconds=time.time() - start, skipped="size_limit",
                            detail=f"Content-Length {int(declared):,} > {max_bytes:,} bytes")
         body = bytearray()
-        async for chunk in resp.aiter_bytes():
+        async for chunk in resp.content.iter_chunked(1 << 16):  # decoded (gzip/deflate/br) as it streams
             body += chunk
             if len(body) > max_bytes:
+                resp.close()
                 return Fetched(**base, body=None, seconds=time.time() - start, skipped="size_limit",
                                detail=f"body passed {max_bytes:,} bytes; stopped reading")
         return Fetched(**base, body=bytes(body), seconds=time.time() - start)
 
 
-async def fetch(client: httpx.AsyncClient, url: str, policy: HostPolicy, *, timeout: float, retries: int,
+async def fetch(client: "aiohttp.ClientSession", url: str, policy: HostPolicy, *, timeout: float, retries: int,
                 backoff: float, max_bytes: int, content_types: tuple[str, ...] | None,
                 follow_redirects: bool = False) -> Fetched:
     """``fetch_once`` behind the host's politeness slot, with retries; raises :class:`FetchError`."""
