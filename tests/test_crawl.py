@@ -54,6 +54,9 @@ def assert_adds_up(stats: dict) -> None:
 def test_canonical_urls_and_trap_rules():
     assert canonicalize("HTTP://Example.COM:80/a/./b/../c?b=2&a=1&utm_source=x#top") == "http://example.com/a/c?a=1&b=2"
     assert canonicalize("https://example.com:443") == "https://example.com/"
+    from lmforge.crawl.stage import read_seeds
+
+    assert read_seeds(["http://a.org/x http://B.org", "http://a.org/x"]) == ["http://a.org/x", "http://b.org/"]
     assert canonicalize("../x y", "http://h.org/a/b/") == "http://h.org/a/x%20y"
     assert canonicalize("http://h.org/%7euser/") == "http://h.org/~user/"
     for bad in ("mailto:a@b.org", "ftp://h.org/x", "not a url", "http://[bad"):

@@ -33,7 +33,8 @@ class Config(StageConfig):
     """Crawl the web politely from seed URLs into WARC files (robots.txt, per-host rate limits, resumable)."""
 
     seeds: list[str] = Field(default_factory=list,
-                             description="Seed URLs, or files with one URL per line (# comments allowed).")
+                             description="Seed URLs (repeat the flag, or separate them by spaces), or files with one URL "
+                                         "per line (# comments allowed).")
     max_pages: int = Field(1000, ge=0, description="Stop after fetching this many pages (0 = no limit).")
     max_depth: int = Field(5, ge=0, description="Follow links at most this many hops from a seed.")
     same_host: bool = Field(False, description="Only follow links to the hosts of the seeds.")
@@ -83,8 +84,8 @@ def read_seeds(specs: list[str]) -> list[str]:
                     seeds.append(check_seed(line, f"{line!r} ({path}:{n})"))
         elif "://" not in spec:
             raise ValueError(f"crawl: seed {spec!r} is neither an existing file nor an http(s) URL")
-        else:
-            seeds.append(check_seed(spec, repr(spec)))
+        else:  # one URL, or several separated by whitespace
+            seeds += [check_seed(url, repr(url)) for url in spec.split()]
     if not seeds:
         raise ValueError("crawl: no seed URLs given (--seeds URL or --seeds FILE)")
     return list(dict.fromkeys(seeds))
@@ -130,6 +131,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     import asyncio
 
     try:
+        import aiohttp  # noqa: F401
         import protego  # noqa: F401
         import warcio  # noqa: F401
     except ImportError as err:
