@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from crawl_server import SiteServer  # noqa: E402
 from lmforge.crawl.stage import Config, run  # noqa: E402
 from lmforge.crawl.urls import UrlRules, canonicalize  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(host_rate=0, timeout=1.0, retries=1, retry_backoff=0.01, max_bytes=100_000, concurrency=8,
             host_concurrency=4)
 
@@ -207,7 +205,7 @@ def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
     assert m.metrics["pages"] == 8
 
 
-def test_bad_seeds_are_named(tmp_path):
+def test_bad_seeds_are_named(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"seed 'example\.org/page' is neither an existing file nor an http"):
         run(Config(seeds=["example.org/page"]), tmp_path / "c")
     seeds = tmp_path / "seeds.txt"
@@ -216,11 +214,14 @@ def test_bad_seeds_are_named(tmp_path):
         run(Config(seeds=[str(seeds)]), tmp_path / "c")
     assert not (tmp_path / "c").exists()
     # the CLI prints one line, no traceback
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "lmforge.cli", "crawl", "--seeds", "not a url", "--out",
-                        str(tmp_path / "c")], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode == 2 and "seed 'not a url' is neither an existing file" in p.stderr
-    assert "Traceback" not in p.stderr
+    from lmforge import cli
+
+    monkeypatch.setattr(sys, "argv", ["lmforge", "crawl", "--seeds", "not a url", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "seed 'not a url' is neither an existing file" in err
+    assert "Traceback" not in err
 
 
 def test_datatrove_reads_the_warc(tmp_path):
@@ -265,3 +266,22 @@ def test_sitemap_index_and_gzip():
     urlset = b"<urlset><url><loc> https://h.org/x?a=1&amp;b=2 </loc></url><url><loc>https://h.org/y</loc></url></urlset>"
     assert sitemap_locs(gzip.compress(urlset)) == (["https://h.org/x?a=1&b=2", "https://h.org/y"], False)
     assert sitemap_locs(b"\x1f\x8bnot gzip") == ([], False)
+
+
+def test_an_unexpected_failure_on_one_page_is_counted(tmp_path, monkeypatch, capsys):
+    import lmforge.crawl.crawler as crawler
+
+    real = crawler.extract_links
+
+    def fragile(body: bytes, charset):
+        if b"About the Gazette" in body:
+            raise RuntimeError("parser bug")
+        return real(body, charset)
+
+    monkeypatch.setattr(crawler, "extract_links", fragile)
+    with SiteServer() as site:
+        m = run(Config(seeds=[site.url("/about.html"), site.url("/rivers.html")], max_depth=0, **FAST), tmp_path / "c")
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert_adds_up(stats)
+    assert m.status == "done" and stats["pages"]["by_outcome"] == {"error:internal": 1, "ok": 1}
+    assert f"{site.url('/about.html')}: RuntimeError: parser bug" in capsys.readouterr().err

@@ -14,7 +14,6 @@ import json
 import re
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.crawl.fetch import HTML_TYPES, FetchError, Fetched, HostPolicy, extract_links, fetch, sitemap_locs
@@ -51,6 +50,7 @@ class Crawler:
         self.content_types = tuple(t.lower() for t in cfg.content_types)
         self._changed: asyncio.Event | None = None
         self._client = None  # the aiohttp.ClientSession while running
+        self._progress = None
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     async def run(self, progress_cb=None) -> None:
@@ -91,6 +91,10 @@ class Crawler:
             self.busy[item.host] += 1
             try:
                 await self._process(item)
+            except Exception as exc:  # noqa: BLE001 - one page's unexpected failure is counted, not fatal
+                detail = f"{item.url}: {type(exc).__name__}: {exc}"
+                console.print(f"[red]✗ {detail}[/]", highlight=False)
+                self._done(item, "error:internal", error=detail)
             finally:
                 del self.inflight[item.id]
                 self.busy[item.host] -= 1
