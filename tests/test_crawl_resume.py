@@ -23,7 +23,8 @@ PAGES = 60
 
 
 def config(seed: str) -> Config:
-    return Config(seeds=[seed], max_depth=50, sitemaps=False, host_rate=25, host_concurrency=2, timeout=5)
+    return Config(seeds=[seed], max_depth=50, sitemaps=False, host_rate=25, host_concurrency=2, timeout=5,
+                  warc_max_mb=0.01)  # a new WARC file every ~8 pages: rotation across interruptions too
 
 
 def interrupt(seed: str, out: Path, sig: int, after_pages: int) -> tuple[float, set[str]]:
@@ -76,6 +77,8 @@ def test_resume_after_sigint_and_sigkill(tmp_path):
     # every page has exactly one response record; the file cut by SIGKILL was repaired to its last whole record
     got = responses(out)
     assert sorted(u for u, _ in got) == sorted(site.url(f"/gen/{i}") for i in range(PAGES))
+    files = sorted(p.name for p in (out / "warc").iterdir())
+    assert len(files) == len(set(files)) > 3 and stats["warc"]["files"] == files
     warcio_check(out)
 
 

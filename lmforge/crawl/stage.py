@@ -50,7 +50,8 @@ class Config(StageConfig):
     max_sitemaps_per_host: int = Field(10, ge=0, description="Read at most this many sitemaps per host.")
     host_rate: float = Field(1.0, ge=0, description="Max requests per second to one host (0 = no limit); robots.txt "
                                                     "Crawl-delay can only slow it down.")
-    host_concurrency: int = Field(2, ge=1, description="Max requests in flight to one host.")
+    host_concurrency: int = Field(2, ge=1, description="Max requests in flight to one host without a rate limit (with "
+                                                       "one, requests to a host go one at a time).")
     concurrency: int = Field(16, ge=1, description="Max requests in flight in all.")
     timeout: float = Field(30.0, gt=0, description="Seconds one request may take, body included.")
     retries: int = Field(2, ge=0, description="Retries after a 5xx response or a network error (not after a 4xx).")
