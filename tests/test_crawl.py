@@ -186,7 +186,8 @@ stages:
 def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
     """A robots.txt with junk lines still applies its rules (and says which lines it ignored); its Crawl-delay spaces
     the requests; max_pages_per_host stops an infinite calendar."""
-    robots = "User-agent: *\nDisallow: /calendar/2026/03/\nCrawl-delay: 0.05\n\x00\xff{{not a rule\nAllow /oops\n"
+    robots = ("User-agent: *\nDisallow: /\n\n"  # the group for lmforge applies, not this one
+              "User-agent: lmforge\nDisallow: /calendar/2026/03/\nCrawl-delay: 0.05\n\x00\xff{{not a rule\nAllow /oops\n")
     with SiteServer(robots=robots) as site:
         m = run(Config(seeds=[site.url("/calendar/2026/01/")], max_depth=100, max_pages_per_host=8, sitemaps=False,
                        **FAST), tmp_path / "c")

@@ -22,7 +22,6 @@ from lmforge.crawl.urls import BadUrl, canonicalize
 from lmforge.crawl.warc import WarcSink
 from lmforge.progress import console
 
-ROBOTS_AGENT = "lmforge"
 _ROBOTS_LINE = re.compile(r"^\s*(#.*)?$|^\s*[A-Za-z][A-Za-z_-]*\s*:")
 MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309 §2.5: parse at least 500 KiB
 
@@ -155,8 +154,8 @@ class Crawler:
                 console.print(f"[yellow]⚠ {host}/robots.txt: {len(bad)} malformed line(s) ignored (first: line "
                               f"{bad[0]})[/]", highlight=False)
             policy.robots = Protego.parse(text)
-            delay = policy.robots.crawl_delay(ROBOTS_AGENT)
-            rate = policy.robots.request_rate(ROBOTS_AGENT)
+            delay = policy.robots.crawl_delay(self.user_agent)
+            rate = policy.robots.request_rate(self.user_agent)
             if delay:
                 note["crawl_delay"] = float(delay)
                 policy.interval = max(policy.interval, float(delay))

@@ -62,7 +62,7 @@ class Config(StageConfig):
                                      description="Content types kept (2xx responses of other types are not read).")
     warc_max_mb: float = Field(100.0, gt=0, description="Start a new WARC file past this size (MB).")
     user_agent: str = Field("", description="User-Agent header (default: lmforge/VERSION with the crawler's "
-                                            "purpose); robots.txt rules for 'lmforge' apply.")
+                                            "purpose); robots.txt groups are matched against it.")
 
 
 def default_user_agent() -> str:
