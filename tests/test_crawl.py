@@ -176,11 +176,15 @@ stages:
     shards: 1
 """)
         results = run_recipe(load_recipe(recipe))
-    assert [r.kind for r in results] == ["crawl", "data"]
-    assert results[1].manifest.metrics["docs_kept"] == 4
-    from lmforge.registry import lineage
+        assert [r.kind for r in results] == ["crawl", "data"]
+        assert results[1].manifest.metrics["docs_kept"] == 4
+        from lmforge.registry import lineage
 
-    assert lineage(tmp_path / "ws" / "data")["inputs"]["raw0"]["stage"] == "crawl"
+        crawled = lineage(tmp_path / "ws" / "data")["inputs"]["raw0"]
+        assert crawled["stage"] == "crawl" and crawled["run_id"] == results[0].manifest.run_id
+        again = run(Config(**results[0].manifest.config), tmp_path / "ws" / "crawl", force=True)  # a later re-crawl into the same folder is not what the data run read
+        assert again.run_id != results[0].manifest.run_id
+        assert lineage(tmp_path / "ws" / "data")["inputs"]["raw0"]["run_id"] == results[0].manifest.run_id
 
 
 def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
