@@ -1,7 +1,7 @@
 """A local HTTP server for the crawler tests and bench: serves ``tests/crawl_site`` plus dynamic misbehaviour.
 
 Routes besides the static files: ``/redirect`` (301 → /about.html), ``/loop-a`` ⇄ ``/loop-b`` (a redirect loop),
-``/error500`` (always 500), ``/slow`` (answers after ``slow_s`` seconds), ``/huge`` (``huge_bytes`` of HTML),
+``/error500`` (always 500), ``/slow`` (answers after ``slow_s`` seconds), ``/huge`` (``huge_bytes`` of HTML), ``/huge-stream`` (the same without a Content-Length),
 ``/photo.png`` (an image), ``/gz`` (gzip-encoded), ``/calendar/YYYY/MM/`` (infinite previous/next month links), ``/trap/a/…`` (links to
 ever deeper ``a/`` paths), ``/garbage`` (bytes that are not HTTP), ``/truncated`` (closes mid-body),
 ``/gen/N`` (bench pages, each linking to ``fanout`` others).  Every request is logged with its arrival time.
@@ -116,6 +116,18 @@ class SiteServer:
 
             return self.send(h, 200, gzip.compress(page("Compressed", "<p>Sent with gzip.</p>")),
                              headers={"Content-Encoding": "gzip"})
+        if path == "/huge-stream":  # no Content-Length: the crawler must count while it reads
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.close_connection = True
+            try:
+                for _ in range(self.huge_bytes // 65536 + 1):
+                    h.wfile.write(b"<p>" + b"x" * 65533)
+            except OSError:  # the crawler hung up at its limit
+                pass
+            return
         if path == "/photo.png":
             return self.send(h, 200, b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")
         m = re.fullmatch(r"/calendar/(\d+)/(\d+)/", path)

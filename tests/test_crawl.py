@@ -94,7 +94,7 @@ def test_crawl_bundled_site(tmp_path):
     assert outcome["/missing.html"][0] == "http_404" and hits("/missing.html") == 1      # 4xx: not retried
     assert outcome["/error500"][0] == "http_500" and hits("/error500") == 2             # 5xx: retried once
     assert outcome["/slow"][0] == "error:timeout" and hits("/slow") == 2
-    assert outcome["/huge"][0] == "size_limit"
+    assert outcome["/huge"][0] == outcome["/huge-stream"][0] == "size_limit"
     assert outcome["/data.json"][0] == outcome["/photo.png"][0] == "content_type"
     assert outcome["/garbage"][0] == outcome["/truncated"][0] == "error:protocol"
     assert "?utm_source=nav" not in "".join(outcome) and "/rivers.html" in outcome     # canonical, tracking dropped
@@ -105,6 +105,8 @@ def test_crawl_bundled_site(tmp_path):
     assert refused["bad_url"] == 2 and refused["dedup"] > 0                          # mailto: and http://[bad
     assert all("lmforge/" in ua for _, _, ua in log)
     errors = [json.loads(line) for line in (out / "crawl.log.jsonl").read_text().splitlines()]
+    why = {e["url"][len(site.base):]: e["error"] for e in errors}
+    assert "Content-Length 300,0" in why["/huge"] and "body passed 100,000 bytes; stopped reading" in why["/huge-stream"]
     garbage = next(e for e in errors if e["url"].endswith("/garbage"))
     assert garbage["error"].startswith(site.url("/garbage")) and "protocol" in garbage["error"]
 
