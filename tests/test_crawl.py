@@ -292,3 +292,28 @@ def test_an_unexpected_failure_on_one_page_is_counted(tmp_path, monkeypatch, cap
     assert_adds_up(stats)
     assert m.status == "done" and stats["pages"]["by_outcome"] == {"error:internal": 1, "ok": 1}
     assert f"{site.url('/about.html')}: RuntimeError: parser bug" in capsys.readouterr().err
+
+
+def test_frontier_claims_round_robin_within_host_limits(tmp_path):
+    from collections import Counter
+
+    from lmforge.crawl.frontier import Frontier, Link
+
+    f = Frontier(tmp_path / "f.sqlite", UrlRules(), max_pages_per_host=100)
+    urls = ["http://a.org/1", "http://a.org/2", "http://a.org/3", "http://b.org/1"]
+    assert f.add([Link(u, u, 0, "seed") for u in urls + ["http://a.org/1#dup"]]) == 4
+    assert f.rejected() == {"dedup": 1}
+    busy: Counter = Counter()
+    first = f.claim(busy, 1, [])
+    busy[first.host] += 1
+    second = f.claim(busy, 1, [first.id])
+    assert {first.host, second.host} == {"http://a.org", "http://b.org"}  # the other host, not a.org's next URL
+    busy[second.host] += 1
+    assert f.claim(busy, 1, [first.id, second.id]) is None  # both hosts at their limit
+    item = next(i for i in (first, second) if i.host == "http://b.org")
+    f.finish(item, "ok")
+    busy[item.host] -= 1
+    assert f.claim(busy, 1, [first.id, second.id]) is None  # b.org has nothing left; a.org is busy
+    third = f.claim(busy, 2, [first.id, second.id])
+    assert third.url == "http://a.org/2"  # a.org's next URL, not the one in flight
+    f.close()

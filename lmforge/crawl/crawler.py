@@ -77,8 +77,7 @@ class Crawler:
         while True:
             item = None
             if self._budget_left():
-                full = [h for h, n in self.busy.items() if n >= self.cfg.host_concurrency]
-                item = self.frontier.claim(self.inflight.keys(), full)
+                item = self.frontier.claim(self.busy, self.cfg.host_concurrency, self.inflight.keys())
             if item is None:
                 if not self.inflight:
                     self._changed.set()  # wake the others: nothing is left to do

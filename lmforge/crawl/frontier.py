@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS urls(
     warc_file TEXT,
     finished_at REAL
 );
-CREATE INDEX IF NOT EXISTS urls_queue ON urls(state, depth, id);
+CREATE INDEX IF NOT EXISTS urls_by_host ON urls(state, host, depth, id);
 CREATE TABLE IF NOT EXISTS rejected(reason TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts(host TEXT PRIMARY KEY, robots_status INTEGER, robots_txt TEXT, robots_error TEXT,
                                  sitemaps TEXT);
@@ -72,20 +72,28 @@ class Frontier:
         self.rules = rules
         self.max_pages_per_host = max_pages_per_host
         self.per_host = Counter(dict(self.con.execute("SELECT host, COUNT(*) FROM urls GROUP BY host").fetchall()))
+        self.queued = Counter(dict(self.con.execute(
+            "SELECT host, COUNT(*) FROM urls WHERE state='queued' GROUP BY host").fetchall()))
+        self._last_claim: dict[str, float] = {}
 
     def close(self) -> None:
         self.con.close()
 
     # -- reading ------------------------------------------------------------------------------------------------------
-    def claim(self, exclude_ids: Iterable[int], exclude_hosts: Iterable[str]) -> Item | None:
-        """The next queued URL (shallowest first) whose host is not busy and that is not already being fetched."""
-        ids, hosts = list(exclude_ids), list(exclude_hosts)
-        q = "SELECT id, url, host, depth, chain, parent FROM urls WHERE state='queued'"
-        if ids:
-            q += f" AND id NOT IN ({','.join('?' * len(ids))})"
-        if hosts:
-            q += f" AND host NOT IN ({','.join('?' * len(hosts))})"
-        row = self.con.execute(q + " ORDER BY depth, id LIMIT 1", ids + hosts).fetchone()
+    def claim(self, busy: Counter, host_limit: int, exclude_ids: Iterable[int]) -> Item | None:
+        """The next URL to fetch: from the host with queued URLs, fewer than ``host_limit`` requests in flight
+        (``busy``) and the longest wait since its last claim (round robin), its shallowest queued URL that is not
+        already being fetched.  Index lookups only, however large the frontier."""
+        ready = [h for h, n in self.queued.items() if n > busy[h] and busy[h] < host_limit]
+        if not ready:
+            return None
+        host = min(ready, key=lambda h: self._last_claim.get(h, 0.0))
+        self._last_claim[host] = time.monotonic()
+        ids = list(exclude_ids)
+        row = self.con.execute(
+            "SELECT id, url, host, depth, chain, parent FROM urls WHERE state='queued' AND host=?"
+            + (f" AND id NOT IN ({','.join('?' * len(ids))})" if ids else "") + " ORDER BY depth, id LIMIT 1",
+            [host, *ids]).fetchone()
         return Item(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5]) if row else None
 
     def count(self, state: str) -> int:
@@ -129,6 +137,7 @@ class Frontier:
             self.con.execute("INSERT INTO urls(url, host, depth, via, parent, chain) VALUES (?, ?, ?, ?, ?, ?)",
                              (url, host, link.depth, link.via, link.base, json.dumps(list(link.chain))))
             self.per_host[host] += 1
+            self.queued[host] += 1
             added += 1
         return added
 
@@ -164,6 +173,9 @@ class Frontier:
                 self.con.execute("UPDATE warc_files SET committed=? WHERE name=?", (warc[1], warc[0]))
             added = self._admit(links, refused)
             self._bump(refused)
+        self.queued[item.host] -= 1
+        if not self.queued[item.host]:
+            del self.queued[item.host]
         return added
 
     def warc_opened(self, name: str, offset: int) -> None:
