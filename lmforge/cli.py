@@ -102,6 +102,8 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                   _stage("lmforge.align.synth", "synth")),
         "pretrained": ("A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a model "
                        "artifact folder.", _stage("lmforge.model.pretrained_stage", "pretrained")),
+        "crawl": ("Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, resumable); "
+                  "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
     },
     "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
     "tokenizer": {
@@ -150,6 +152,7 @@ HEADLINE = {
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
+    "crawl": ["pages", "pages_ok", "refused", "errors", "pages_per_s"],
 }
 
 

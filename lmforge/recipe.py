@@ -45,6 +45,7 @@ STAGE_MODULES = {
     "synth": "lmforge.align.synth",
     "rag_index": "lmforge.rag.stage",
     "pretrained": "lmforge.model.pretrained_stage",
+    "crawl": "lmforge.crawl.stage",
 }
 
 
@@ -80,8 +81,9 @@ class Recipe:
 
 
 def _refs(value: Any) -> list[str]:
+    """Stage names referenced as "@NAME" (its folder) or "@NAME/SUBPATH" (a path inside it, e.g. "@crawl/warc")."""
     if isinstance(value, str) and value.startswith("@"):
-        return [value[1:]]
+        return [value[1:].split("/", 1)[0]]
     if isinstance(value, list):
         return [r for v in value for r in _refs(v)]
     if isinstance(value, dict):
@@ -91,7 +93,8 @@ def _refs(value: Any) -> list[str]:
 
 def _resolve(value: Any, folders: dict[str, Path]) -> Any:
     if isinstance(value, str) and value.startswith("@"):
-        return str(folders[value[1:]])
+        name, _, sub = value[1:].partition("/")
+        return str(folders[name] / sub) if sub else str(folders[name])
     if isinstance(value, list):
         return [_resolve(v, folders) for v in value]
     if isinstance(value, dict):

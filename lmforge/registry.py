@@ -196,7 +196,7 @@ def lineage(path: str | os.PathLike, max_depth: int = 20) -> dict[str, Any]:
     """
     with closing(connect()) as con:
 
-        def node(p: str, fingerprint: str | None, depth: int) -> dict[str, Any]:
+        def node(p: str, fingerprint: str | None, depth: int, before: float = float("inf")) -> dict[str, Any]:
             if fingerprint and fingerprint.startswith("run:"):
                 row = con.execute("SELECT * FROM runs WHERE run_id=?", (fingerprint[4:],)).fetchone()
             else:
@@ -206,6 +206,13 @@ def lineage(path: str | os.PathLike, max_depth: int = 20) -> dict[str, Any]:
                 if row is None and fingerprint is None:
                     row = con.execute("SELECT * FROM runs WHERE path=? ORDER BY started_at DESC LIMIT 1",
                                       (p,)).fetchone()
+                for parent in (Path(p).parents if row is None and fingerprint else ()):
+                    # a file or folder inside an artifact (a crawl's warc/ folder): the last run that wrote that
+                    # artifact before its reader started
+                    row = con.execute("SELECT * FROM runs WHERE path=? AND status='done' AND finished_at <= ? "
+                                      "ORDER BY started_at DESC LIMIT 1", (str(parent), before)).fetchone()
+                    if row is not None:
+                        break
             if row is None:
                 return {"path": p, "fingerprint": fingerprint, "raw": True}
             out: dict[str, Any] = {
@@ -220,7 +227,7 @@ def lineage(path: str | os.PathLike, max_depth: int = 20) -> dict[str, Any]:
             }
             if depth < max_depth:
                 for e in con.execute("SELECT * FROM edges WHERE dst_run=? ORDER BY role", (row["run_id"],)):
-                    out["inputs"][e["role"]] = node(e["src"], e["src_fingerprint"], depth + 1)
+                    out["inputs"][e["role"]] = node(e["src"], e["src_fingerprint"], depth + 1, row["started_at"])
             return out
 
         return node(str(Path(path).resolve()), None, 0)
