@@ -1,10 +1,13 @@
-"""``export_gguf``: a Llama GGUF for llama.cpp, written with the ``gguf`` package.
+"""``export_gguf``: a GGUF for llama.cpp, written with the ``gguf`` package, for every family llama.cpp has.
 
-* metadata: architecture ``llama``, context / embedding / feed-forward lengths, heads, kv-heads, RoPE base, RMS eps;
+* metadata: architecture ``llama`` (Llama; Mistral without a sliding window), ``qwen2``, ``qwen3``, ``gemma3``, ``phi3``;
+  context / embedding / feed-forward lengths, heads, kv-heads, RoPE base, RMS eps (+ sliding window);
 * tokenizer: byte-level BPE as ``gpt2`` with pre-tokenizer ``gpt-2`` (the split our tokenizers use), the vocabulary,
   token types (special tokens are CONTROL), merges, bos / eos / pad / unk ids and the chat template;
-* tensors under llama.cpp's names; ``q_proj`` / ``k_proj`` rows permuted the way llama.cpp's converter does (llama.cpp
-  applies RoPE to interleaved pairs, HF to halves: without the permutation the file loads and gives wrong logits);
+* tensors under llama.cpp's names; for ``llama`` the ``q_proj`` / ``k_proj`` rows are permuted the way llama.cpp's
+  converter does (llama.cpp's ``llama`` applies RoPE to interleaved pairs, HF to halves: without the permutation the
+  file loads and gives wrong logits; the other architectures use rotate-half there too); Gemma norms stored as
+  ``1 + w``; Phi-3's q/k/v and gate/up fused (``attn_qkv``, ``ffn_up``), as llama.cpp's converter writes them;
 * ``--dtype`` f32 / f16 / q8_0 / q4_0 for the 2-D weights (``gguf``'s own quantisers); norms stay f32.
 """
 
@@ -29,14 +32,48 @@ def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_architecture(cfg: LlamaConfig) -> str:
+    """llama.cpp's architecture name for ``cfg``, or a clear error where llama.cpp would compute something else."""
+    mt = cfg.model_type
+    if mt in ("llama", "mistral"):
+        if "sliding_attention" in cfg.layer_types and cfg.sliding_window < cfg.max_position_embeddings:
+            raise ValueError(f"{mt} with a sliding window ({cfg.sliding_window}) cannot be exported: llama.cpp's "
+                             "'llama' architecture attends to the whole context")
+        return "llama"
+    if mt == "gemma3_text":
+        standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                    for i in range(cfg.num_hidden_layers)]
+        if cfg.layer_types != standard or (cfg.query_pre_attn_scalar or cfg.head_dim) != cfg.head_dim \
+                or cfg.final_logit_softcapping or cfg.rope_local_theta != 10_000.0:
+            raise ValueError("this Gemma 3 config differs from what llama.cpp hard-codes (a global layer every 6th, "
+                             "attention scale 1/sqrt(head_dim), local RoPE base 10000, no soft-capping)")
+        return "gemma3"
+    if mt in ("qwen2", "qwen3") and "sliding_attention" in cfg.layer_types:
+        raise ValueError(f"{mt} with sliding-window layers cannot be exported: llama.cpp's {mt} has no window")
+    if mt in ("qwen2", "qwen3", "phi3"):
+        return mt
+    raise ValueError(f"model_type {mt!r} has no GGUF export")
+
+
 def tensor_map(cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (HF) parameter names → llama.cpp names, with q/k permuted."""
+    """Our (HF) parameter names → llama.cpp names, with q/k permuted (``llama``), Gemma norms as ``1 + w`` and
+    Phi-3's projections fused."""
+    arch = gguf_architecture(cfg)
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if arch == "gemma3":
+        names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
+    if arch == "phi3":
+        names.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
+        from lmforge.model.families import weights_to_hf
+
+        sd = weights_to_hf(cfg, sd)
     for i in range(cfg.num_hidden_layers):
         for ours, theirs in names.items():
             for kind in ("weight", "bias"):
@@ -44,11 +81,13 @@ def tensor_map(cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch
                 if key not in sd:
                     continue
                 t = sd[key]
-                if ours == "self_attn.q_proj":
+                if arch == "llama" and ours == "self_attn.q_proj":
                     t = permute_for_llama_cpp(t, cfg.num_attention_heads)
-                elif ours == "self_attn.k_proj":
+                elif arch == "llama" and ours == "self_attn.k_proj":
                     t = permute_for_llama_cpp(t, cfg.num_key_value_heads)
                 out[f"blk.{i}.{theirs}.{kind}"] = t
+    if arch == "gemma3":
+        out = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in out.items()}
     return out
 
 
@@ -97,6 +136,9 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
         raise FileNotFoundError(f"{src} has no tokenizer.json: GGUF export needs the tokenizer")
     model = load_model(src)
     cfg = model.config
+    arch = gguf_architecture(cfg)
+    if cfg.rope_scaling:
+        raise ValueError(f"rope_scaling {cfg.rope_scaling!r} has no GGUF export yet")
     tok = _tokenizer_fields(src)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
@@ -104,7 +146,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or src.resolve().name)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
@@ -117,6 +159,8 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
         w.add_value_length(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        if arch != "llama" and cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(ftype)
         w.add_tokenizer_model("gpt2")

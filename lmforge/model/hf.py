@@ -1,7 +1,8 @@
 """Hugging Face-layout model folders: ``config.json`` + ``model.safetensors`` + ``generation_config.json``.
 
-``save_model`` writes what ``transformers.LlamaForCausalLM.from_pretrained`` reads; ``load_model`` reads such a folder
-(ours or one saved by ``transformers``, single file or sharded).
+``save_model`` writes what ``transformers.AutoModelForCausalLM.from_pretrained`` reads; ``load_model`` reads such a
+folder (ours or one saved by ``transformers``, single file or sharded) of any family in
+``lmforge.model.families.SUPPORTED`` (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3, Phi-3).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.artifacts import atomic_path, write_json
+from lmforge.model.families import weights_from_hf, weights_to_hf
 from lmforge.model.llama import Llama, LlamaConfig
 
 
 def state_dict_for_save(model: Llama) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The model's tensors under the family's HF names (Phi-3: fused projections)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: HF stores only the embedding
-    return sd
+    return {k: v.contiguous() for k, v in weights_to_hf(model.config, sd).items()}
 
 
 def save_model(model: Llama, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
@@ -43,9 +46,13 @@ def save_model(model: Llama, folder: str | os.PathLike, dtype: torch.dtype = tor
 def load_config(folder: str | os.PathLike) -> LlamaConfig:
     path = Path(folder) / "config.json"
     try:
-        return LlamaConfig.from_hf_dict(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)") from None
+    try:
+        return LlamaConfig.from_hf_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -65,7 +72,7 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Llama:
     cfg = load_config(folder)
     model = Llama(cfg)
-    sd = load_state_dict(folder)
+    sd = weights_from_hf(cfg, load_state_dict(folder))
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False)

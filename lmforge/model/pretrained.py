@@ -58,7 +58,7 @@ def materialize_smollm2(out_dir: Path | None = None) -> Path:
 
 
 def materialize_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
-    """An HF-layout folder for any Llama GGUF file (``lmforge serve model.gguf``); cached under
+    """An HF-layout folder for a GGUF file of any supported family (``lmforge serve model.gguf``); cached under
     ``models_home()/<file stem>`` unless ``out_dir`` is given, written atomically, reused when complete; returns an
     absolute path."""
     gguf = Path(gguf)
@@ -83,41 +83,31 @@ def materialize_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
 
 
 def convert_gguf_to_folder(gguf_file: Path, folder: Path) -> None:
-    """Dequantise a Llama GGUF with ``transformers`` and save it as our HF-layout folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A GGUF model (any architecture in ``lmforge.model.gguf_import.GGUF_ARCHITECTURES``, any quantisation the
+    ``gguf`` package dequantises, K-quants included) saved as our HF-layout float32 folder.
+
+    Weights and config: our own reader (``lmforge.model.gguf_import``).  Tokenizer: ``transformers``' GGUF tokenizer
+    conversion; the chat template is the file's own (``tokenizer.chat_template``) when it has one."""
+    from transformers import AutoTokenizer
 
     from lmforge.artifacts import write_json, write_text
+    from lmforge.model.gguf_import import GGUFError, load_gguf_model
     from lmforge.model.hf import save_model
-    from lmforge.model.llama import Llama, LlamaConfig
 
     gguf_file = Path(gguf_file)
+    model = load_gguf_model(gguf_file)
+    cfg = model.config
     hf_tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
-                                                    dtype=torch.float32)
-    hc = hf_model.config
-    if hc.model_type != "llama":
-        raise ValueError(f"{gguf_file}: model_type {hc.model_type!r} is not a Llama")
-    rope = getattr(hc, "rope_parameters", None) or {}
-    cfg = LlamaConfig(
-        vocab_size=hc.vocab_size, hidden_size=hc.hidden_size, intermediate_size=hc.intermediate_size,
-        num_hidden_layers=hc.num_hidden_layers, num_attention_heads=hc.num_attention_heads,
-        num_key_value_heads=hc.num_key_value_heads, head_dim=getattr(hc, "head_dim", None),
-        max_position_embeddings=hc.max_position_embeddings, rms_norm_eps=float(hc.rms_norm_eps),
-        rope_theta=float(rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))),
-        tie_word_embeddings=bool(hc.tie_word_embeddings), attention_bias=bool(hc.attention_bias),
-        mlp_bias=bool(getattr(hc, "mlp_bias", False)),
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{gguf_file}: rope type {rope.get('rope_type')!r} is not supported")
-    model = Llama(cfg)
-    sd = {k: v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{gguf_file}: weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key in ("bos", "eos"):  # the tokenizer and the metadata must name the same special tokens
+        ours, theirs = getattr(cfg, f"{key}_token_id"), getattr(hf_tok, f"{key}_token_id")
+        if ours is not None and theirs is not None and ours != theirs:
+            raise GGUFError(f"{gguf_file}: the tokenizer's {key} token id {theirs} disagrees with the metadata's "
+                            f"tokenizer.ggml.{key}_token_id {ours}")
+    cfg.bos_token_id, cfg.eos_token_id = hf_tok.bos_token_id, hf_tok.eos_token_id
+    cfg.pad_token_id = hf_tok.pad_token_id
+    if len(hf_tok) > cfg.vocab_size:
+        raise GGUFError(f"{gguf_file}: the tokenizer has {len(hf_tok)} tokens but the embedding only "
+                        f"{cfg.vocab_size} rows")
     save_model(model, folder)
 
     write_text(folder / "tokenizer.json", hf_tok.backend_tokenizer.to_str(pretty=False))
@@ -128,9 +118,8 @@ def convert_gguf_to_folder(gguf_file: Path, folder: Path) -> None:
 
 
 def tokenizer_config_from_hf(hf_tok, max_length: int) -> dict:
-    """A ``tokenizer_config.json`` that ``transformers`` (4 and 5), vLLM and our loader read, chat template inline."""
-    if not hf_tok.chat_template:
-        raise ValueError("the tokenizer has no chat template")
+    """A ``tokenizer_config.json`` that ``transformers`` (4 and 5), vLLM and our loader read, chat template inline
+    (a base model without one gets none: the engine and ``export hf`` then use lmforge's default template)."""
     added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                       "single_word": t.single_word, "special": t.special}
              for i, t in sorted(hf_tok.added_tokens_decoder.items())}
@@ -145,5 +134,5 @@ def tokenizer_config_from_hf(hf_tok, max_length: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "added_tokens_decoder": added,
-        "chat_template": hf_tok.chat_template,
+        **({"chat_template": hf_tok.chat_template} if hf_tok.chat_template else {}),
     }

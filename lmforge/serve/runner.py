@@ -11,8 +11,10 @@
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
 
-It computes exactly what ``Llama.forward`` computes (a test checks logits and greedy tokens); the model file stays
-the readable reference and the training path, this is the hot path.
+It computes exactly what ``Llama.forward`` computes (a test checks logits and greedy tokens), for every family switch
+of ``LlamaConfig`` (q/k norms, sliding-window layers with their own RoPE tables, Gemma's norms, embedding scale,
+activation, attention scale and logit soft-capping); the model file stays the readable reference and the training
+path, this is the hot path.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.llama import KVCache, Llama
+from lmforge.model.llama import ACTIVATIONS, KVCache, Llama, window_mask
 from lmforge.model.quant import int4_linear, int8_linear, quantize_weight_int4, quantize_weight_int8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +68,11 @@ class _Layer:
     ln2: torch.Tensor
     gate_up: _Linear
     down: _Linear
+    kind: str = "full_attention"  # or "sliding_attention"
+    q_norm: torch.Tensor | None = None  # qk_norm families
+    k_norm: torch.Tensor | None = None
+    post_ffn: torch.Tensor | None = None  # gemma_norms: ln2 is the attention output's norm, these wrap the MLP
+    pre_ffn: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -86,27 +93,43 @@ class ModelRunner:
         self.config, self.dtype, self.quantize = cfg, dtype, quantize
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         m = model.model
         self.device = m.embed_tokens.weight.device
         self.embed = m.embed_tokens.weight.detach().to(dtype)
+        if cfg.gemma_norms:  # embeddings scaled by sqrt(hidden) once here; norms weights stored as w - 1
+            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype)
+
+        def norm(mod) -> torch.Tensor:
+            w = mod.weight.detach().float()
+            return (1.0 + w if cfg.gemma_norms else w).to(dtype)
+
         self.layers: list[_Layer] = []
-        for layer in m.layers:
+        for layer, kind in zip(m.layers, cfg.layer_types):
             a, p = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                ln1=layer.input_layernorm.weight.detach().to(dtype),
+                kind=kind,
+                q_norm=norm(a.q_norm) if cfg.qk_norm else None, k_norm=norm(a.k_norm) if cfg.qk_norm else None,
+                pre_ffn=norm(layer.pre_feedforward_layernorm) if cfg.gemma_norms else None,
+                post_ffn=norm(layer.post_feedforward_layernorm) if cfg.gemma_norms else None,
+                ln1=norm(layer.input_layernorm),
                 qkv=_Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
                             _cat_bias(a.q_proj, a.k_proj, a.v_proj), dtype, quantize),
                 o=_Linear(a.o_proj.weight, a.o_proj.bias, dtype, quantize),
-                ln2=layer.post_attention_layernorm.weight.detach().to(dtype),
+                ln2=norm(layer.post_attention_layernorm),
                 gate_up=_Linear(torch.cat([p.gate_proj.weight, p.up_proj.weight]), _cat_bias(p.gate_proj, p.up_proj),
                                 dtype, quantize),
                 down=_Linear(p.down_proj.weight, p.down_proj.bias, dtype, quantize)))
-        self.norm = m.norm.weight.detach().to(dtype)
+        self.norm = norm(m.norm)
         # int4 keeps an int8 output head: 4-bit logits cost most of int4's quality (see quantize_llama_int4)
         self.lm_head = _Linear(model.lm_head.weight, None, dtype, "int8" if quantize == "int4" else quantize)
         half = self.hd // 2
-        self.cos = model.rope_cos.to(dtype)
-        self.sin_signed = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype)
+        self.rope = {}  # layer kind -> (cos, sin with the rotate-half sign folded in)
+        for kind in set(cfg.layer_types):
+            local = kind == "sliding_attention" and cfg.rope_local_theta is not None
+            cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
+            self.rope[kind] = cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype)
 
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len, dtype=self.dtype, device=self.device)
@@ -127,8 +150,8 @@ class ModelRunner:
         S = int(positions.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
-        cos = self.cos[positions].unsqueeze(2)  # [B, T, 1, hd]
-        sin = self.sin_signed[positions].unsqueeze(2)
+        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))  # [B, T, 1, hd]
+                for kind, (cos, sin) in self.rope.items()}
         r0 = int(rows[0])
         contiguous = bool(torch.equal(rows, torch.arange(r0, r0 + B, device=rows.device)))
         if B == 1 and T == 1:
@@ -136,11 +159,19 @@ class ModelRunner:
         elif B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
             mask = "causal"
         else:
-            mask = (torch.arange(S, device=ids.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+            mask = window_mask(positions, torch.arange(S, device=ids.device)[None], None)  # [B,1,T,S]
+        masks = {"full_attention": mask}
+        window = self.config.sliding_window
+        if "sliding_attention" in self.rope:  # once a query is a window or more past key 0 it needs a band mask
+            masks["sliding_attention"] = (window_mask(positions, torch.arange(S, device=ids.device)[None], window)
+                                          if S > window else mask)
         x = self.embed[ids]
         for i, L in enumerate(self.layers):
             qkv = L.qkv(self._rms(x, L.ln1)).view(B, T, nh + 2 * nkv, hd)
             qk = qkv[:, :, : nh + nkv]
+            if L.q_norm is not None:
+                qk = torch.cat([self._rms(qk[:, :, :nh], L.q_norm), self._rms(qk[:, :, nh:], L.k_norm)], dim=2)
+            cos, sin = rope[L.kind]
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
             q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
             ck, cv = cache.k[i], cache.v[i]
@@ -151,18 +182,29 @@ class ModelRunner:
             else:
                 keys, values = ck[rows, :, :S], cv[rows, :, :S]
             q = q.transpose(1, 2)
-            if mask == "causal":
-                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=nkv != nh)
+            m = masks[L.kind]
+            if isinstance(m, str):  # "causal"
+                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
+                                                   enable_gqa=nkv != nh)
             else:
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
-            x = x + L.o(y.transpose(1, 2).reshape(B, T, nh * hd))
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
+                                                   enable_gqa=nkv != nh)
+            y = L.o(y.transpose(1, 2).reshape(B, T, nh * hd))
+            if L.post_ffn is not None:  # Gemma: norm the attention output, then norm before and after the MLP
+                x = x + self._rms(y, L.ln2)
+                g, u = L.gate_up(self._rms(x, L.pre_ffn)).chunk(2, dim=-1)
+                x = x + self._rms(L.down(self.act(g) * u), L.post_ffn)
+                continue
+            x = x + y
             gu = L.gate_up(self._rms(x, L.ln2))
             g, u = gu.chunk(2, dim=-1)
-            x = x + L.down(F.silu(g) * u)
+            x = x + L.down(self.act(g) * u)
         if hidden:
             return self._rms(x, self.norm)
         if last is None:
             x = x[:, -1]
         else:
             x = x[torch.arange(B, device=x.device), last]
-        return self.lm_head(self._rms(x, self.norm)).float()
+        logits = self.lm_head(self._rms(x, self.norm)).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
