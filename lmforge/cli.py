@@ -148,7 +148,7 @@ HEADLINE = {
     "serve_smoke": ["latency_s", "tokens_per_s"],
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
             "model_state_mb"],
-    "dpo": ["loss", "val_before", "val_after"],
+    "dpo": ["preference_loss", "val_before", "val_after", "peak_rss_mb"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
@@ -294,7 +294,7 @@ def leaderboard_cmd(
         console.print("[yellow]no eval run with tasks in the registry; run `lmforge eval --model DIR --tasks tasks/core`[/]")
         raise typer.Exit(1)
     header, cells = leaderboard.table(rows)
-    table = Table(title="leaderboard (score ± 95% CI half-width; aggregate = mean centred accuracy)")
+    table = Table(title="leaderboard (score ± 95% CI half-width)", caption=leaderboard.caption(rows))
     for col in header:
         table.add_column(col)
     for line in cells:
@@ -312,10 +312,11 @@ def merge_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Merged model folder to write."),
     base_model: Optional[Path] = typer.Option(None, help="Base model folder [default: the one the adapter records]."),
 ) -> None:
-    """Fold LoRA adapters into the base weights: a plain HF model folder."""
-    from lmforge.align.lora import merge_adapter
+    """Fold LoRA adapters into the base weights: a plain HF model folder (a recorded run: `lmforge lineage OUT`)."""
+    from lmforge.align import merge
 
-    console.print(f"merged → {merge_adapter(adapter, out, base_model)}")
+    merge.run(merge.Config(adapter=str(adapter), base_model=str(base_model) if base_model else None), out)
+    console.print(f"merged → {out}")
 
 
 def _answerer(index: Path, model: Optional[str], base_url: Optional[str], k: int, min_score: float,
@@ -494,9 +495,10 @@ def export_hf_cmd(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
 ) -> None:
     """Write an HF folder that transformers and vLLM load."""
-    from lmforge.export import export_hf
+    from lmforge.export import hf
 
-    console.print(f"wrote {export_hf(model, out, dtype)}")
+    hf.run(model, out, dtype)  # a recorded run: `lmforge lineage OUT` leads back to MODEL
+    console.print(f"wrote {out}")
 
 
 @app.command("smollm2")

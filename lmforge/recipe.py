@@ -42,6 +42,7 @@ STAGE_MODULES = {
     "serve_smoke": "lmforge.serve.stage",
     "sft": "lmforge.align.sft",
     "dpo": "lmforge.align.dpo",
+    "merge": "lmforge.align.merge",
     "synth": "lmforge.align.synth",
     "rag_index": "lmforge.rag.stage",
     "pretrained": "lmforge.model.pretrained_stage",

@@ -77,7 +77,8 @@ def test_bad_records_are_counted_skips_when_configured(tmp_path, tok):
     assert stats.lines == 5 and stats.kept == 2
     assert stats.skipped == {"empty_text": 1, "invalid_json": 1, "too_long": 1}
     only_long = _write_jsonl(tmp_path / "long.jsonl", [good, good, good, long])
-    with pytest.raises(ChatDataError, match=r"long.jsonl:4: conversation is \d+ tokens, over max_len 64"):
+    with pytest.raises(ChatDataError,
+                       match=r"long.jsonl:4: conversation is \d+ tokens, over seq_len 64; a larger --seq-len"):
         encode_file(tok, only_long, max_len=64)
 
 
@@ -267,9 +268,12 @@ def test_dpo_raises_held_out_margin_with_cached_reference(sft_full, tmp_path, mo
     m = dpo.run(_dpo_config(sft_dir), out).metrics
     assert m["val_pairs"] == 10 and m["train_pairs"] == 38
     before, after = m["val_before"], m["val_after"]
-    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-3) and before["accuracy"] == 0.0  # policy == reference
+    # policy == reference
+    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-4) and before["reward_accuracy"] == 0.0
     assert after["logp_margin"] > before["logp_margin"] + 1.0
-    assert after["reward_margin"] > 1.0 and after["accuracy"] >= 0.8
+    # beta-scaled: reward_margin = beta * (logp_margin - the reference's logp margin)
+    assert after["reward_margin"] == pytest.approx(0.1 * (after["logp_margin"] - before["logp_margin"]), abs=1e-3)
+    assert after["reward_margin"] > 0.1 and after["reward_accuracy"] >= 0.8
     assert m["final"]["reward_accuracy"] > 0.5 and m["final"]["reward_margin"] > 0
     cache = json.loads((out / dpo.REF_CACHE).read_text())
     assert len(cache["logps"]) == 48  # train + held-out pairs
@@ -284,7 +288,7 @@ def test_dpo_raises_held_out_margin_with_cached_reference(sft_full, tmp_path, mo
     shutil.rmtree(out / "checkpoints" / "step-000030")
     write_json(out / "manifest.json", {**read_manifest(out).model_dump(), "status": "failed"})
     monkeypatch.setattr(dpo, "reference_logps", lambda *a, **k: pytest.fail("reference recomputed"))
-    monkeypatch.setattr(dpo, "preference_margin", lambda *a, **k: {"logp_margin": 0.0, "accuracy": 0.0})
+    monkeypatch.setattr(dpo, "preference_metrics", lambda *a, **k: {"reward_margin": 0.0, "reward_accuracy": 0.0})
     assert dpo.run(_dpo_config(sft_dir), out).status == "done"
 
 

@@ -79,7 +79,7 @@ def test_quantized_base_needs_lora(tiny_model_dir, tmp_path):
     from lmforge.align import sft
 
     with pytest.raises(ValueError, match="quantize_base needs LoRA"):
-        sft.run(_sft_config(tiny_model_dir, lora_r=0, quantize_base="int8"), tmp_path / "x")
+        sft.run(_sft_config(tiny_model_dir, lora_r=None, full=True, quantize_base="int8"), tmp_path / "x")
 
 
 # -- SFT before/after samples ---------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_sft_writes_before_and_after_samples(tiny_model_dir, tmp_path):
 
     prompts = ["What is AI?", "Do you like music?"]
     out = tmp_path / "full"
-    m = sft.run(_sft_config(tiny_model_dir, lora_r=0, lr=3e-3, max_steps=10, val_fraction=0.02, sample_prompts=prompts,
+    m = sft.run(_sft_config(tiny_model_dir, lora_r=None, full=True, lr=3e-3, max_steps=10, val_fraction=0.02, sample_prompts=prompts,
                             sample_max_tokens=12), out).metrics
     samples = json.loads((out / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == prompts and m["samples"] == samples
@@ -113,7 +113,7 @@ def test_dpo_with_lora_raises_held_out_margin(tiny_model_dir, tmp_path):
     assert m["mode"] == "lora" and m["trainable_share"] < 0.3
     assert m["val_before"]["reward_margin"] == pytest.approx(0.0, abs=1e-3)
     assert m["val_after"]["logp_margin"] > m["val_before"]["logp_margin"] + 0.5
-    assert m["val_after"]["reward_margin"] > 0.5 and m["val_after"]["accuracy"] >= 0.7
+    assert m["val_after"]["reward_margin"] > 0.05 and m["val_after"]["reward_accuracy"] >= 0.7
     assert (out / "adapter_config.json").exists() and (out / dpo.REF_CACHE).exists()
     assert load_adapter(out) is not None
 

@@ -37,16 +37,47 @@ class ChatDataError(ValueError):
     """A record that is not a valid conversation; the message starts with ``file:line``."""
 
 
+SKIP_HINT = "--on-error skip (on_error: skip) drops such records and reports them"
+EXAMPLES_PER_REASON = 3
+
+
 @dataclass
 class DataStats:
-    """Counts of what a reader kept and skipped (by reason)."""
+    """Counts of what a reader kept and skipped (by reason, with the first few ``file:line`` of each reason)."""
 
     lines: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < EXAMPLES_PER_REASON:
+            seen.append(where)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lines": self.lines, "kept": self.kept, "skipped": dict(self.skipped)}
+        return {"lines": self.lines, "kept": self.kept, "skipped": dict(self.skipped),
+                "skipped_total": sum(self.skipped.values()), "skipped_examples": dict(self.examples)}
+
+    def summary(self, what: str, source: str | os.PathLike) -> str | None:
+        """One line for the terminal when anything was skipped: how many of how many, per reason, where."""
+        total = sum(self.skipped.values())
+        if not total:
+            return None
+        reasons = ", ".join(f"{reason} {n} (e.g. {', '.join(self.examples.get(reason, []))})"
+                            for reason, n in self.skipped.most_common())
+        return f"skipped {total} of {self.lines} {what} in {source}: {reasons}"
+
+    def report(self, what: str, source: str | os.PathLike) -> None:
+        """Print ``summary`` (yellow) when records were skipped."""
+        line = self.summary(what, source)
+        if line:
+            from rich.markup import escape
+
+            from lmforge.progress import console
+
+            console.print(f"[yellow]  {escape(line)}[/]", highlight=False)
 
 
 @dataclass
@@ -150,8 +181,8 @@ def read_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip
             stats.kept += 1
         except ChatDataError as err:
             if on_error == "raise":
-                raise
-            stats.skipped["invalid_json" if error is not None else _reason(str(err))] += 1
+                raise ChatDataError(f"{err}; {SKIP_HINT}") from None
+            stats.skip("invalid_json" if error is not None else _reason(str(err)), where)
     return out
 
 
@@ -268,14 +299,15 @@ def encode_file(tok: ChatTokenizer, path: str | os.PathLike, max_len: int, mode:
         ex = encode_conversation(tok, conv.messages, mode, conv.where)
         problem = None
         if len(ex.input_ids) > max_len:
-            problem = ("too_long", f"{conv.where}: conversation is {len(ex.input_ids)} tokens, over max_len {max_len}")
+            problem = ("too_long", f"{conv.where}: conversation is {len(ex.input_ids)} tokens, over seq_len {max_len}; "
+                                   f"a larger --seq-len (seq_len) keeps it, {SKIP_HINT}")
         elif ex.n_target_tokens == 0:
-            problem = ("no_target_tokens", f"{conv.where}: no token is trained on (mask {mode!r})")
+            problem = ("no_target_tokens", f"{conv.where}: no token is trained on (mask {mode!r}); {SKIP_HINT}")
         if problem:
             if on_error == "raise":
                 raise ChatDataError(problem[1])
             stats.kept -= 1
-            stats.skipped[problem[0]] += 1
+            stats.skip(problem[0], conv.where)
             continue
         examples.append(ex)
     return examples

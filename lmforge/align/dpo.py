@@ -12,7 +12,13 @@ Losses (``loss``):
 
 The reference model's log-probs are computed once, before training, and cached in ``reference_logps.json``; the
 reference model is then dropped, so only the policy is in memory while training (and a resumed run reuses the cache).
-Works with LoRA (``lora_r > 0``): the adapter folder is the output, as for SFT.
+Works with LoRA (``lora_r: R``, ``--lora-r R``; ``full: true`` or no rank = full fine-tuning): the adapter folder is
+the output, as for SFT.
+
+Metrics (``METRICS``) have one name each, everywhere: ``metrics.jsonl`` (train: ``loss``, ``reward_margin``, ...;
+held-out: the same names prefixed ``val_``), the manifest (``final``, ``val_before``, ``val_after``) and the docs.
+``reward_*`` are the beta-scaled implicit rewards the loss compares; ``logp_margin`` is the unscaled policy log-prob
+difference.
 """
 
 from __future__ import annotations
@@ -28,19 +34,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from lmforge.align.chat_data import (IGNORE, ChatDataError, ChatTokenizer, DataStats, Example, _check_text,
-                                     _reason, encode_conversation, read_jsonl, validate_messages)
-from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
-from lmforge.align.sft import (collate, load_trainable_checkpoint, make_optimizer, pad_id_of, peak_rss_mb,
-                               save_trainable_checkpoint)
+from lmforge.align.chat_data import (IGNORE, SKIP_HINT, ChatDataError, ChatTokenizer, DataStats, Example,
+                                     _check_text, _reason, encode_conversation, read_jsonl, validate_messages)
+from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
+                                check_lora_rank, mode_line, save_adapter, trainable_share)
+from lmforge.align.sft import (collate, head_weight, load_trainable_checkpoint, make_optimizer, pad_id_of,
+                               peak_rss_mb, save_trainable_checkpoint)
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
 from lmforge.progress import console, progress
 from lmforge.stages import begin, finished
+from lmforge.train.loss import linear_log_probs
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -70,12 +78,18 @@ class Config(StageConfig):
     eval_every: int = Field(25, ge=1, description="Steps between held-out margin measurements.")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    full: bool | None = Field(None, description=FULL_HELP)
+    lora_r: int | None = Field(None, validate_default=True, description=LORA_R_HELP)
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description="LoRA target layers.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     seed: int = Field(1337, description="Seed for the data order.")
+
+    @field_validator("lora_r")
+    @classmethod
+    def _explicit_mode(cls, v: int | None, info: ValidationInfo) -> int | None:
+        return check_lora_rank(v, info.data.get("full"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,13 +127,17 @@ def encode_pairs(tok: ChatTokenizer, path: str | os.PathLike, max_len: int, on_e
                 raise error
             chosen, rejected = pair_to_conversations(record, where)
             c, r = encode_conversation(tok, chosen, "last", where), encode_conversation(tok, rejected, "last", where)
-            longest = max(len(c.input_ids), len(r.input_ids))
-            if longest > max_len:
-                raise ChatDataError(f"{where}: pair is {longest} tokens, over seq_len {max_len}: too long")
         except ChatDataError as err:
             if on_error == "raise":
-                raise
-            stats.skipped["invalid_json" if error is not None else _reason(str(err))] += 1
+                raise ChatDataError(f"{err}; {SKIP_HINT}") from None
+            stats.skip("invalid_json" if error is not None else _reason(str(err)), where)
+            continue
+        longest = max(len(c.input_ids), len(r.input_ids))
+        if longest > max_len:
+            if on_error == "raise":
+                raise ChatDataError(f"{where}: pair is {longest} tokens, over seq_len {max_len}; a larger --seq-len "
+                                    f"(seq_len) keeps it, {SKIP_HINT}")
+            stats.skip("too_long", where)
             continue
         stats.kept += 1
         pairs.append((c, r))
@@ -131,12 +149,15 @@ def encode_pairs(tok: ChatTokenizer, path: str | os.PathLike, max_len: int, on_e
 
 
 def sequence_logps(model: nn.Module, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each example's target tokens [N] and the number of those tokens [N]."""
+    """Summed log-prob of each example's target tokens [N] and the number of those tokens [N].
+
+    Only the target tokens go through the output head, in chunks (``linear_log_probs``): no [N, T, vocab] logits."""
     batch = collate(examples, [[i] for i in range(len(examples))], pad_id, packed=False)
-    logits = model(batch.input_ids)
+    hidden = model(batch.input_ids, return_hidden=True)
     mask = batch.labels != IGNORE
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), batch.labels.clamp(min=0), reduction="none")
-    return (logp * mask).sum(-1), mask.sum(-1)
+    token_lp = linear_log_probs(hidden[mask], head_weight(model), batch.labels[mask])
+    sums = torch.zeros(len(examples), dtype=token_lp.dtype).index_add(0, mask.nonzero()[:, 0], token_lp)
+    return sums, mask.sum(-1)
 
 
 @torch.no_grad()
@@ -153,7 +174,8 @@ def reference_logps(model: nn.Module, pairs: list[tuple[Example, Example]], pad_
 
 def preference_loss(kind: str, beta: float, pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor,
                     rc: torch.Tensor, rr: torch.Tensor, gamma: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean loss over pairs and the logged statistics (implicit rewards, margin, accuracy).
+    """Mean loss over pairs and the statistics logged for it (``METRICS``: the same names in the train log, the
+    held-out metrics and the manifest).
 
     ``pc/pr``: policy summed log-probs of chosen/rejected; ``nc/nr`` their token counts; ``rc/rr`` the reference's."""
     if kind == "sigmoid":
@@ -170,31 +192,38 @@ def preference_loss(kind: str, beta: float, pc: torch.Tensor, pr: torch.Tensor, 
         raise ValueError(f"unknown preference loss {kind!r}")
     rew_c, rew_r = rew_c.detach(), rew_r.detach()
     stats = {"reward_chosen": float(rew_c.mean()), "reward_rejected": float(rew_r.mean()),
-             "reward_margin": float((rew_c - rew_r).mean()), "reward_accuracy": float((rew_c > rew_r).float().mean())}
+             "reward_margin": float((rew_c - rew_r).mean()), "reward_accuracy": float((rew_c > rew_r).float().mean()),
+             "logp_margin": float((pc.detach() - pr.detach()).mean())}
     return loss.mean(), stats
 
 
+METRICS = {
+    "loss": "the preference loss (``loss``: sigmoid, ipo or simpo), mean over pairs",
+    "reward_chosen": "implicit reward of the chosen answers, scaled by beta as the loss sees it: β(π_c - ref_c) for "
+                     "sigmoid, β(π_c - ref_c)/n_c for ipo, β π_c/n_c for simpo (π = summed log-prob, n = tokens)",
+    "reward_rejected": "the same for the rejected answers",
+    "reward_margin": "reward_chosen - reward_rejected (beta-scaled), mean over pairs",
+    "reward_accuracy": "share of pairs whose chosen answer has the larger implicit reward",
+    "logp_margin": "policy log p(chosen) - log p(rejected), summed log-probs, not scaled by beta",
+}
+
+
 @torch.no_grad()
-def preference_margin(model: nn.Module, pairs: list[tuple[Example, Example]], pad_id: int,
-                      ref: list[tuple[float, float]] | None = None) -> dict[str, float]:
-    """Held-out statistics: ``logp_margin`` = mean log p(chosen) - log p(rejected); with the reference's log-probs,
-    ``reward_margin`` = mean (π_c - ref_c) - (π_r - ref_r) and ``accuracy`` = share of pairs where it is > 0 (the
-    implicit-reward preference accuracy); without them ``accuracy`` compares per-token mean log-probs."""
+def preference_metrics(model: nn.Module, pairs: list[tuple[Example, Example]], pad_id: int,
+                       ref: list[tuple[float, float]], kind: str, beta: float, gamma: float = 0.5) -> dict[str, float]:
+    """Held-out ``METRICS`` (``loss`` included) over all ``pairs``, computed by ``preference_loss`` like in training;
+    ``ref`` holds the reference's summed log-probs of each pair."""
     if not pairs:
         return {}
     was = model.training
     model.eval()
     policy = reference_logps(model, pairs, pad_id)
     model.train(was)
-    out = {"logp_margin": sum(c - r for c, r in policy) / len(pairs)}
-    if ref is not None:
-        rewards = [(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(policy, ref)]
-        out["reward_margin"] = sum(rewards) / len(rewards)
-        out["accuracy"] = sum(r > 0 for r in rewards) / len(rewards)
-    else:
-        lens = [(c.n_target_tokens, r.n_target_tokens) for c, r in pairs]
-        out["accuracy"] = sum(pc / nc > pr / nr for (pc, pr), (nc, nr) in zip(policy, lens)) / len(pairs)
-    return out
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731 (exact means over the whole held-out set)
+    loss, stats = preference_loss(kind, beta, t([c for c, _ in policy]), t([r for _, r in policy]),
+                                  t([c.n_target_tokens for c, _ in pairs]), t([r.n_target_tokens for _, r in pairs]),
+                                  t([c for c, _ in ref]), t([r for _, r in ref]), gamma)
+    return {"loss": float(loss), **stats}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,23 +262,28 @@ def _cached_reference(path: Path, model_dir: Path, pairs, pad_id: int) -> list[t
 
 
 def train(cfg: Config, out: Path) -> dict:
+    console.print(f"  {mode_line(cfg.full, cfg.lora_r)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(cfg.model)
     tok = ChatTokenizer.from_folder(model_dir)
     pad_id = pad_id_of(model_dir, tok)
-    stats = DataStats()
-    pairs = encode_pairs(tok, cfg.data, cfg.seq_len, cfg.on_error, stats)
+    stats = {"data": DataStats()}
+    pairs = encode_pairs(tok, cfg.data, cfg.seq_len, cfg.on_error, stats["data"])
     if cfg.val_data:
-        train_pairs, val_pairs = pairs, encode_pairs(tok, cfg.val_data, cfg.seq_len, cfg.on_error)
+        stats["val_data"] = DataStats()
+        train_pairs, val_pairs = pairs, encode_pairs(tok, cfg.val_data, cfg.seq_len, cfg.on_error, stats["val_data"])
     else:
         order = np.random.default_rng([cfg.seed, 999]).permutation(len(pairs)).tolist()
         n_val = int(round(len(pairs) * cfg.val_fraction))
         val_idx = set(order[:n_val])
         train_pairs = [p for i, p in enumerate(pairs) if i not in val_idx]
         val_pairs = [p for i, p in enumerate(pairs) if i in val_idx]
+    for key, st in stats.items():
+        st.report("preference pairs", getattr(cfg, key))
     if not train_pairs:
-        raise ValueError(f"{cfg.data}: no usable preference pair ({stats.as_dict()})")
+        why = stats["data"].summary("preference pairs", cfg.data) or f"{stats['data'].lines} records"
+        raise ValueError(f"{cfg.data}: no usable preference pair ({why})")
 
     # reference log-probs of train + held-out pairs, computed once (SimPO is reference-free: held-out only)
     ref_all = _cached_reference(out / REF_CACHE, model_dir, train_pairs + val_pairs, pad_id)
@@ -266,9 +300,9 @@ def train(cfg: Config, out: Path) -> dict:
     if step and metrics_path.exists():
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
         metrics_path.write_text("".join(l + "\n" for l in kept))
-    before = preference_margin(model, val_pairs, pad_id, val_ref)
+    before = preference_metrics(model, val_pairs, pad_id, val_ref, cfg.loss, cfg.beta, cfg.simpo_gamma)
     console.print(f"  {len(train_pairs)} train / {len(val_pairs)} held-out pairs, loss {cfg.loss}, beta {cfg.beta}; "
-                  f"held-out margin before {before.get('logp_margin', float('nan')):.3f}")
+                  f"held-out reward_margin before {before.get('reward_margin', float('nan')):.3f}")
 
     def pair_indices(b: int) -> list[int]:
         n = len(train_pairs)
@@ -303,13 +337,13 @@ def train(cfg: Config, out: Path) -> dict:
             rec = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                    **{k: round(v, 5) for k, v in st.items()}}
             if val_pairs and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                after = preference_margin(model, val_pairs, pad_id, val_ref)
+                after = preference_metrics(model, val_pairs, pad_id, val_ref, cfg.loss, cfg.beta, cfg.simpo_gamma)
                 rec.update({f"val_{k}": round(v, 5) for k, v in after.items()})
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
-            bar.update(task, completed=step, rate=f"loss {loss_value:.3f} margin {st['reward_margin']:.3f}")
+            bar.update(task, completed=step, rate=f"loss {loss_value:.3f} reward_margin {st['reward_margin']:.3f}")
     seconds = time.time() - t0
 
     model.eval()
@@ -322,8 +356,9 @@ def train(cfg: Config, out: Path) -> dict:
             shutil.copy(model_dir / name, out / name)
     plot_loss(metrics_path, out / "loss.png", title=f"preference loss ({cfg.loss})")
     return {
-        "mode": "lora" if cfg.lora_r else "full", **share, "loss": cfg.loss, "steps": step,
-        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "data": stats.as_dict(),
+        "mode": "lora" if cfg.lora_r else "full", **share, "preference_loss": cfg.loss, "steps": step,
+        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+        **{key: st.as_dict() for key, st in stats.items()},  # "data" (and "val_data"): kept, skipped per reason
         "final": {k: round(v, 4) for k, v in last.items()},
         "val_before": {k: round(v, 4) for k, v in before.items()},
         "val_after": {k: round(v, 4) for k, v in after.items()},

@@ -28,6 +28,34 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BASE_FILE = "base_model.json"
 
+FULL_HELP = "Full fine-tuning: every weight trains, a model folder is written (the default without --lora-r)."
+LORA_R_HELP = "LoRA rank R >= 1: train low-rank adapters over the frozen base, an adapter folder is written."
+
+
+def check_lora_rank(lora_r: int | None, full: bool | None) -> int | None:
+    """The fine-tuning mode is explicit: ``full`` or a LoRA rank ``lora_r >= 1``, never both, never rank 0.
+
+    For a config's ``lora_r`` field validator (``full`` is validated first)."""
+    if lora_r is None:
+        if full is False:
+            raise ValueError("full: false needs a LoRA rank: give lora_r (--lora-r R, R >= 1) or full: true (--full)")
+        return None
+    if lora_r < 1:
+        raise ValueError(f"{lora_r} is not a LoRA rank (R >= 1); for full fine-tuning give full: true (--full) "
+                         "and no lora_r")
+    if full:
+        raise ValueError("give either full: true (--full) or lora_r (--lora-r R), not both")
+    return lora_r
+
+
+def mode_line(full: bool | None, lora_r: int | None) -> str:
+    """How a run fine-tunes, said at its start."""
+    if lora_r:
+        return f"LoRA r={lora_r} (adapters over a frozen base; --full trains every weight instead)"
+    if full:
+        return "full fine-tuning (--full)"
+    return "full fine-tuning (the default when no --lora-r is given; --lora-r R trains LoRA adapters instead)"
+
 
 def add_lora(model: Llama, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: list[str] | None = None) -> nn.Module:

@@ -37,12 +37,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.align.chat_data import IGNORE, ChatTokenizer, DataStats, Example, encode_file
-from lmforge.align.lora import DEFAULT_TARGETS, TOKENIZER_FILES, add_lora, save_adapter, trainable_share
+from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
+                                check_lora_rank, mode_line, save_adapter, trainable_share)
 from lmforge.align.qlora import model_state_bytes
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import ConfigError, StageConfig
@@ -51,6 +52,7 @@ from lmforge.progress import console, progress, rate_text
 from lmforge.stages import begin, finished
 from lmforge.train import distributed
 from lmforge.train.distributed import World
+from lmforge.train.loss import linear_cross_entropy
 from lmforge.train.plots import plot_loss
 from lmforge.train.schedule import lr_at
 
@@ -80,13 +82,14 @@ class Config(StageConfig):
     eval_every: int = Field(50, ge=1, description="Steps between held-out loss measurements.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    full: bool | None = Field(None, description=FULL_HELP)
+    lora_r: int | None = Field(None, validate_default=True, description=LORA_R_HELP)
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
                                     description="Linear layers (name suffixes) that get adapters.")
     quantize_base: Literal["none", "int8"] = Field(
-        "none", description="QLoRA-style: store the frozen base linears as int8 (needs lora_r > 0; see qlora.py).")
+        "none", description="QLoRA-style: store the frozen base linears as int8 (needs --lora-r; see qlora.py).")
     sample_prompts: list[str] = Field(default_factory=list,
                                       description="User questions answered greedily before and after training "
                                                   "(written to samples.json and the metrics).")
@@ -98,6 +101,11 @@ class Config(StageConfig):
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each layer's gathered parameters after "
                                                                "its forward.")
     seed: int = Field(1337, description="Seed for the data order and LoRA init.")
+
+    @field_validator("lora_r")
+    @classmethod
+    def _explicit_mode(cls, v: int | None, info: ValidationInfo) -> int | None:
+        return check_lora_rank(v, info.data.get("full"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,15 +215,35 @@ def token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     return ce * (batch.labels != IGNORE)
 
 
+def head_weight(model: nn.Module) -> torch.Tensor:
+    """The output head's weight of a ``Llama`` or of a peft model around one."""
+    llama = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return llama.lm_head.weight
+
+
+def target_loss_sum(forward: nn.Module, head: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy of the target tokens, through the chunked fused head + loss (``linear_cross_entropy``):
+    only target tokens meet the head and no [B, T, vocab] logits exist.  ``forward`` is the model (or its DDP
+    wrapper), ``head`` its ``lm_head.weight``; equals ``token_losses(forward, batch).sum()``."""
+    mask = batch.labels != IGNORE
+    hidden = forward(batch.input_ids, segment_ids=batch.segment_ids, return_hidden=True)
+    n = int(mask.sum())
+    if n == 0:  # a data-parallel shard without targets: zero loss, every parameter still in the graph
+        return (hidden.sum() + head.sum()) * 0.0
+    return linear_cross_entropy(hidden[mask], head, batch.labels[mask]) * n
+
+
 @torch.no_grad()
-def assistant_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per target token over ``examples`` (each alone in its row)."""
+def assistant_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8,
+                   fused: bool = True) -> float:
+    """Mean cross-entropy per target token over ``examples`` (each alone in its row); ``fused``: through the chunked
+    head (``target_loss_sum``), else full logits (a sharded FSDP model, whose head is a shard)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
         batch = collate(examples, [[i] for i in range(s, min(s + batch_size, len(examples)))], pad_id, packed=False)
-        total += float(token_losses(model, batch).sum())
+        total += float(target_loss_sum(model, head_weight(model), batch) if fused else token_losses(model, batch).sum())
         count += batch.n_targets
     model.train(was_training)
     return total / max(count, 1)
@@ -312,7 +340,7 @@ def check_world(config: Config, world: World) -> None:
     """Data-parallel SFT needs a global batch that splits evenly over the processes; FSDP shards full fine-tuning."""
     if config.parallel == "fsdp" and config.lora_r:
         raise ConfigError("parallel: fsdp shards full fine-tuning; LoRA trains small adapters over a frozen base, "
-                          "use parallel: ddp (or lora_r: 0)")
+                          "use parallel: ddp (or full: true)")
     if world.distributed and config.batch_size % world.world_size:
         raise ConfigError(f"batch_size: {config.batch_size} is not a multiple of the {world.world_size} processes")
 
@@ -353,15 +381,24 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         distributed.teardown(world)
 
 
-def load_examples(cfg: Config, tok: ChatTokenizer) -> tuple[list[Example], list[Example], DataStats]:
-    stats = DataStats()
-    examples = encode_file(tok, cfg.data, cfg.seq_len, cfg.mask, cfg.on_error, stats)
+def load_examples(cfg: Config, tok: ChatTokenizer,
+                  report: bool = True) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
+    """Train and held-out examples, and what reading each file kept and skipped (``{"data": ..., "val_data": ...}``);
+    with ``report`` the skips are printed (how many, per reason, the first few file:line)."""
+    stats = {"data": DataStats()}
+    examples = encode_file(tok, cfg.data, cfg.seq_len, cfg.mask, cfg.on_error, stats["data"])
     if cfg.val_data:
-        train_ex, val_ex = examples, encode_file(tok, cfg.val_data, cfg.seq_len, cfg.mask, cfg.on_error)
+        stats["val_data"] = DataStats()
+        train_ex, val_ex = examples, encode_file(tok, cfg.val_data, cfg.seq_len, cfg.mask, cfg.on_error,
+                                                 stats["val_data"])
     else:
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    if report:
+        for key, st in stats.items():
+            st.report("conversations", getattr(cfg, key))
     if not train_ex:
-        raise ValueError(f"{cfg.data}: no usable training conversation ({stats.as_dict()})")
+        why = stats["data"].summary("conversations", cfg.data) or f"{stats['data'].lines} records"
+        raise ValueError(f"{cfg.data}: no usable training conversation ({why})")
     return train_ex, val_ex, stats
 
 
@@ -399,14 +436,16 @@ class _NoBar(contextlib.nullcontext):
 
 def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.quantize_base != "none" and not cfg.lora_r:
-        raise ValueError("quantize_base needs LoRA (lora_r > 0): a quantised base cannot be fully fine-tuned")
+        raise ValueError("quantize_base needs LoRA (--lora-r R): a quantised base cannot be fully fine-tuned")
     check_world(cfg, world)
     main = world.is_main
+    if main:
+        console.print(f"  {mode_line(cfg.full, cfg.lora_r)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(cfg.model)
     tok = ChatTokenizer.from_folder(model_dir)
-    train_ex, val_ex, stats = load_examples(cfg, tok)
+    train_ex, val_ex, stats = load_examples(cfg, tok, report=main)
     pad_id = pad_id_of(model_dir, tok)
     torch.manual_seed(cfg.seed)
     base = load_model(model_dir)
@@ -439,6 +478,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         console.print("  parallel=fsdp in a single process: training unsharded")
     ddp = distributed.parallelize(model, world, cfg.parallel, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    head = None if sharded else head_weight(model)  # under FSDP the head is a shard: the loss uses full logits
     step = load_trainable_checkpoint(out / "checkpoints", model, opt, verbose=main)
     if main and step and metrics_path.exists():
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
@@ -471,7 +511,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                 with distributed.no_grad_sync(ddp, skip=not last_micro):
                     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                         # x world size: DDP and FSDP average the ranks' gradients, the sum is wanted
-                        loss = token_losses(ddp, mine).sum() / n_targets * world.world_size
+                        summed = token_losses(ddp, mine).sum() if sharded else target_loss_sum(ddp, head, mine)
+                        loss = summed / n_targets * world.world_size
                     loss.backward()
                 loss_sum += float(loss.detach())
             loss_sum = distributed.mean_over_ranks(loss_sum, world)
@@ -489,7 +530,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                    "target_tokens": n_targets, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
             # under FSDP every rank runs the held-out forward (a collective)
             if (main or sharded) and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val_loss = assistant_loss(model, val_ex, pad_id)
+                val_loss = assistant_loss(model, val_ex, pad_id, fused=not sharded)
                 rec["val_loss"] = round(val_loss, 5)
             if main:
                 mf.write(json.dumps(rec) + "\n")
@@ -525,7 +566,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         "steps": step,
         "train_conversations": len(train_ex),
         "val_conversations": len(val_ex),
-        "data": stats.as_dict(),
+        **{key: st.as_dict() for key, st in stats.items()},  # "data" (and "val_data"): kept, skipped per reason
         "val_loss_before": round(val_before, 4) if math.isfinite(val_before) else None,
         "final_val_loss": round(val_loss, 4) if math.isfinite(val_loss) else None,
         "final_train_loss": round(last_loss, 4),

@@ -41,7 +41,7 @@ from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
-from lmforge.align.chat_data import read_conversations
+from lmforge.align.chat_data import DataStats, read_conversations
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.progress import console, progress
@@ -398,12 +398,15 @@ def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
                           f"re-run to resume[/]")
         raise
     pool.shutdown(wait=True)
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    tally = DataStats(lines=n_tasks, kept=len(kept))
+    for line, r in enumerate(rejected, 1):
+        tally.skip(r["reason"], f"{rejected_path}:{line}")
+    tally.report("tasks (rejected)", cfg.seeds or cfg.data)
+    reasons, rejected_examples = dict(tally.skipped), tally.examples
     cost = (stats.get("prompt_tokens", 0) * cfg.price_in_per_mtok +
             stats.get("completion_tokens", 0) * cfg.price_out_per_mtok) / 1e6
     stats.update({"mode": cfg.mode, "tasks": n_tasks, "kept": len(kept), "rejected": len(rejected), "reasons": reasons,
+                  "rejected_examples": rejected_examples,
                   "cost_usd": round(cost, 6), "seconds_this_run": round(time.time() - t0, 2)})
     write_json(stats_path, stats)
     return stats

@@ -43,6 +43,7 @@ class LM:
         self.tok_cfg = tokenizer_config
         self.batch_tokens = batch_tokens
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.truncated = 0  # requests cut to their last max_len tokens (``run_task`` reports them per task)
         eos = tokenizer_config.get("eos_token") or EOS
         eos = eos["content"] if isinstance(eos, dict) else eos
         self.eos_id = tokenizer.token_to_id(eos)
@@ -77,6 +78,7 @@ class LM:
             c, k = self._split(ctx, cont)
             if not k:
                 raise ValueError(f"empty continuation for context {ctx[-40:]!r}")
+            self.truncated += len(c) + len(k) > self.max_len + 1
             ids = (c + k)[-(self.max_len + 1):]  # too long: keep the last max_len + 1 tokens
             encoded.append((ids[:-1], ids[-min(len(k), len(ids) - 1):]))
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -117,7 +119,9 @@ class LM:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int, stop: list[str]) -> str:
         """Greedy continuation of ``prompt``, cut at the first stop sequence (or the end-of-text token)."""
-        ids = self.encode(prompt)[-(self.max_len - 1):] or [self.eos_id]
+        ids = self.encode(prompt)
+        self.truncated += len(ids) > self.max_len - 1
+        ids = ids[-(self.max_len - 1):] or [self.eos_id]
         max_new_tokens = max(0, min(max_new_tokens, self.max_len - len(ids)))
         dtype = next(self.model.parameters()).dtype
         cache = KVCache.allocate(self.model.config, 1, len(ids) + max_new_tokens, dtype=dtype)
@@ -243,16 +247,21 @@ def run_task(lm: LM, task: Task) -> dict[str, Any]:
     """Score every item of ``task``; returns ``{name, type, metric, score, ci, n, chance, centered, ..., items}``."""
     t0 = time.time()
     fn = {"multiple_choice": _mc, "generation": _gen, "perplexity": _ppl}[task.spec.type]
+    truncated_before = lm.truncated
     records, out = fn(lm, task)
+    truncated = lm.truncated - truncated_before
     metric = task.spec.metric
     result: dict[str, Any] = {"name": task.name, "type": task.spec.type, "metric": metric, "score": out[metric],
                               "ci": list(out[f"{metric}_ci"]), "n": len(task.items), "num_fewshot": task.spec.num_fewshot,
-                              "chat": task.spec.chat, "task_file": str(task.path)}
+                              "chat": task.spec.chat, "task_file": str(task.path), "truncated_requests": truncated}
     if task.spec.type != "perplexity":
         result["centered"] = M.centered(out[metric], out["chance"])
     result.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()})
     result["seconds"] = round(time.time() - t0, 2)
     result["items"] = records
+    if truncated:
+        console.print(f"[yellow]  {task.name}: {truncated} request(s) longer than the {lm.max_len}-token context were "
+                      f"cut to their last tokens (raise task_max_len / --task-max-len up to the model's context)[/]")
     ci = result["ci"]
     console.print(f"  {task.name}: {metric} {result['score']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
                   f"(n={result['n']}, {result['seconds']}s)")

@@ -129,6 +129,8 @@ def run_tasks(config: Config, model, tokenizer, tok_cfg: dict, out: Path) -> tup
         results[task.name] = res
         metrics[f"{task.name}.{res['metric']}"] = round(res["score"], 5)
         metrics[f"{task.name}.ci_low"], metrics[f"{task.name}.ci_high"] = (round(v, 5) for v in res["ci"])
+        if res.get("truncated_requests"):
+            metrics[f"{task.name}.truncated_requests"] = res["truncated_requests"]
     agg = aggregate(list(results.values()))
     if agg is not None:
         metrics["aggregate_centered"] = round(agg, 5)

@@ -39,3 +39,25 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
     if (src / "special_tokens_map.json").exists():
         shutil.copyfile(src / "special_tokens_map.json", out / "special_tokens_map.json")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# as a recorded run: ``lmforge export hf`` (so ``lmforge lineage OUT`` leads back to the model it exported)
+
+STAGE = "export_hf"
+VERSION = "1"
+
+
+def run(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", force: bool = False):
+    """``export_hf`` inside a ``StageRun`` with the model folder as its input; skipped when up to date."""
+    from lmforge.stages import begin, finished
+
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise ValueError("the export folder must differ from the model folder")
+    run_ = begin(STAGE, VERSION, out_dir, {"dtype": dtype}, inputs={"model": model_dir}, force=force)
+    if run_ is None:
+        return finished(out_dir)
+    with run_:
+        export_hf(model_dir, out_dir, dtype)
+        run_.metrics["dtype"] = dtype
+    return finished(out_dir)

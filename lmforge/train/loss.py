@@ -92,3 +92,36 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                          ignore_index, chunk_size, compute_dtype)
+
+
+def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()  # [chunk, vocab], in the autocast dtype before the cast like F.linear
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Log-probability of each target under ``softmax(hidden @ weight.T)``, [N] for ``hidden`` [N, hidden_size] and
+    ``targets`` [N], never holding more than ``[chunk_size, vocab]`` logits.
+
+    The per-token counterpart of ``linear_cross_entropy`` for losses that weight tokens differently (DPO's summed
+    log-probs per sequence): each chunk runs under activation checkpointing, so only its inputs are kept for the
+    backward pass, which recomputes the chunk's logits.  Equals
+    ``F.log_softmax(F.linear(hidden, weight).float(), -1).gather(1, targets[:, None]).squeeze(1)`` in value and
+    gradients (also under ``torch.autocast``).  Select the tokens that count first: every row costs a head matmul.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, hidden] and targets {tuple(targets.shape)} [N]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        if needs_grad:
+            parts.append(checkpoint(_chunk_log_probs, hidden[rows], weight, targets[rows], use_reentrant=False))
+        else:
+            parts.append(_chunk_log_probs(hidden[rows], weight, targets[rows]))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
