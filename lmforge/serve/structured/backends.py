@@ -135,6 +135,15 @@ class XGrammarBackend:
                 if _LAX_STRING_CHAR in text:  # see _LAX_STRING_CHAR
                     grammar = xgr.Grammar.from_ebnf(text.replace(_LAX_STRING_CHAR, _JSON_STRING_CHAR))
                 out = c.compile_grammar(grammar)
+            elif spec.kind == "tool_calls":
+                from lmforge.serve.tools import rename_rule, tool_calls_grammar_text
+
+                schema_json, allow_text, parallel = spec.value
+                call = str(xgr.Grammar.from_json_schema(schema_json, any_whitespace=False,
+                                                        separators=(ITEM_SEPARATOR, KEY_SEPARATOR), strict_mode=True))
+                call = rename_rule(call.replace(_LAX_STRING_CHAR, _JSON_STRING_CHAR), "root", "tc_json")
+                text = "\n".join(tool_calls_grammar_text("tc_json", allow_text, parallel)) + "\n" + call
+                out = c.compile_grammar(xgr.Grammar.from_ebnf(text))
             elif spec.kind == "regex":
                 out = c.compile_regex(spec.value)
             elif spec.kind == "choice":
@@ -199,6 +208,14 @@ class LLGuidanceBackend:
                 grammar = llg.LLMatcher.grammar_from_json_schema(
                     schema, defaults={"whitespace_flexible": False, "key_separator": KEY_SEPARATOR,
                                       "item_separator": ITEM_SEPARATOR})
+            elif spec.kind == "tool_calls":
+                from lmforge.serve.tools import tool_calls_grammar_text
+
+                schema_json, allow_text, parallel = spec.value
+                schema = json.dumps({**_closed(json.loads(schema_json)), "x-guidance": {
+                    "whitespace_flexible": False, "key_separator": KEY_SEPARATOR, "item_separator": ITEM_SEPARATOR}})
+                grammar = llg.LLMatcher.grammar_from_lark(
+                    "\n".join(tool_calls_grammar_text(f"%json {schema}", allow_text, parallel, lark=True)))
             elif spec.kind == "regex":
                 grammar = llg.LLMatcher.grammar_from_regex(spec.value)
             elif spec.kind == "choice":
@@ -241,7 +258,7 @@ def _closed(schema):
 
 def _what(spec: GrammarSpec) -> str:
     return {"json_schema": "JSON schema", "json_object": "JSON object spec", "regex": "regex",
-            "choice": "choice list"}.get(spec.kind, f"{spec.syntax} grammar")
+            "choice": "choice list", "tool_calls": "tool schema"}.get(spec.kind, f"{spec.syntax} grammar")
 
 
 def _clean(err: Exception) -> str:

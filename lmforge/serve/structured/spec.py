@@ -9,6 +9,8 @@ Spec kinds:
 - ``regex``: the whole output matches the regular expression (the backend's dialect: no look-around, no
   back-references).
 - ``choice``: the output is exactly one of the given strings.
+- ``tool_calls``: ``(call schema JSON, allow_text, parallel)``: function-call blocks, optionally after free text
+  (``lmforge.serve.tools`` builds it from OpenAI ``tools`` / ``tool_choice``).
 - ``grammar``: a context-free grammar, ``syntax="gbnf"`` (llama.cpp GBNF / xgrammar EBNF: ``root ::= ...``) or
   ``syntax="lark"`` (``start: ...``).
 
@@ -24,8 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-SpecKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
-KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
+SpecKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
+KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
 SYNTAXES: tuple[str, ...] = ("gbnf", "lark")
 
 
@@ -91,6 +93,11 @@ def normalize(spec: GrammarSpec) -> GrammarSpec:
             raise StructuredOutputError(f"a JSON schema must be an object, got {type(schema).__name__}")
         check_json_schema(schema)
         return GrammarSpec("json_schema", consistent_enums(schema))
+    if spec.kind == "tool_calls":  # (JSON schema of one call, text allowed before the calls, several calls)
+        schema_json, allow_text, parallel = spec.value
+        schema = json.loads(schema_json)
+        check_json_schema(schema)
+        return GrammarSpec("tool_calls", (json.dumps(consistent_enums(schema)), allow_text, parallel))
     if spec.kind == "regex":
         if not isinstance(spec.value, str) or not spec.value:
             raise StructuredOutputError("a regex spec needs a non-empty pattern string")
