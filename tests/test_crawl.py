@@ -317,3 +317,13 @@ def test_frontier_claims_round_robin_within_host_limits(tmp_path):
     third = f.claim(busy, 2, [first.id, second.id])
     assert third.url == "http://a.org/2"  # a.org's next URL, not the one in flight
     f.close()
+
+
+def test_a_huge_robots_txt_is_read_up_to_500_kib(tmp_path, capsys):
+    robots = "User-agent: *\nDisallow: /private/\n" + "# padding\n" * 60_000 + "Disallow: /about.html\n"
+    with SiteServer(robots=robots) as site:
+        run(Config(seeds=[site.url("/about.html"), site.url("/private/secret.html")], max_depth=0, sitemaps=False,
+                   **FAST), tmp_path / "c")
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert stats["pages"]["by_outcome"] == {"ok": 1, "robots": 1}  # the rule past 500 KiB is not seen
+    assert "robots.txt is larger than 512,000 bytes: only its start is read" in capsys.readouterr().err

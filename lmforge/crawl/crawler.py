@@ -125,11 +125,13 @@ class Crawler:
             return None, None, None
         self.requests["robots"] += 1
         try:
-            got = await self._get(host + "/robots.txt", policy, max_bytes=MAX_ROBOTS_BYTES, types=None, follow=True)
+            got = await self._get(host + "/robots.txt", policy, max_bytes=MAX_ROBOTS_BYTES, types=None, follow=True,
+                                  keep_prefix=True)
         except FetchError as err:
             return None, None, str(err)
-        if got.skipped == "size_limit":
-            return got.status, None, f"{host}/robots.txt: larger than {MAX_ROBOTS_BYTES:,} bytes"
+        if got.skipped == "size_limit":  # RFC 9309 §2.5: the rules in the first 500 KiB apply
+            console.print(f"[yellow]⚠ {host}/robots.txt is larger than {MAX_ROBOTS_BYTES:,} bytes: only its start is "
+                          "read[/]", highlight=False)
         return got.status, (got.body or b"").decode("utf-8", errors="replace"), None
 
     def _apply_robots(self, host: str, policy: HostPolicy, status: int | None, text: str | None,
@@ -197,10 +199,10 @@ class Crawler:
         return links, refused, read
 
     async def _get(self, url: str, policy: HostPolicy, *, max_bytes: int, types: tuple[str, ...] | None,
-                   follow: bool = False) -> Fetched:
+                   follow: bool = False, keep_prefix: bool = False) -> Fetched:
         return await fetch(self._client, url, policy, timeout=self.cfg.timeout, retries=self.cfg.retries,
                            backoff=self.cfg.retry_backoff, max_bytes=max_bytes, content_types=types,
-                           follow_redirects=follow)
+                           follow_redirects=follow, keep_prefix=keep_prefix)
 
     # -- one page -----------------------------------------------------------------------------------------------------
     def _log(self, item: Item, outcome: str, **extra: Any) -> None:
