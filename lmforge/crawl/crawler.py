@@ -1,7 +1,8 @@
 """The crawl loop: workers take URLs from the frontier, fetch them politely, write WARC records, admit new links.
 
 Every admitted URL ends in exactly one outcome (``ok``, ``redirect``, ``http_<status>``, ``robots``,
-``robots_unavailable``, ``content_type``, ``size_limit``, ``error:<class>``) or stays ``queued`` (page budget spent);
+``robots_unavailable``, ``content_type``, ``size_limit``, ``error:<class>`` such as ``error:timeout``,
+``error:protocol``, ``error:internal``) or stays ``queued`` (page budget spent);
 every discovered URL that is not admitted is counted under one reason (``dedup``, ``depth``, ``off_host``,
 ``not_allowed``, ``denied``, ``trap_url_length``, ``trap_query_params``, ``trap_path_repeats``, ``host_limit``,
 ``redirect_loop``, ``too_many_redirects``, ``bad_url``).  ``stats.json`` shows both, and they add up.

@@ -152,7 +152,8 @@ async def fetch_once(session: "aiohttp.ClientSession", url: str, *, max_bytes: i
             body += chunk
             if len(body) > max_bytes:
                 resp.close()
-                return Fetched(**base, body=bytes(body[:max_bytes]) if keep_prefix else None, seconds=time.time() - start, skipped="size_limit",
+                return Fetched(**base, body=bytes(body[:max_bytes]) if keep_prefix else None,
+                               seconds=time.time() - start, skipped="size_limit",
                                detail=f"body passed {max_bytes:,} bytes; stopped reading")
         return Fetched(**base, body=bytes(body), seconds=time.time() - start)
 

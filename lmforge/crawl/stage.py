@@ -33,8 +33,8 @@ class Config(StageConfig):
     """Crawl the web politely from seed URLs into WARC files (robots.txt, per-host rate limits, resumable)."""
 
     seeds: list[str] = Field(default_factory=list,
-                             description="Seed URLs (repeat the flag, or separate them by spaces), or files with one URL "
-                                         "per line (# comments allowed).")
+                             description="Seed URLs (repeat the flag, or separate them by spaces), or files with one "
+                                         "URL per line (# comments allowed).")
     max_pages: int = Field(1000, ge=0, description="Stop after fetching this many pages (0 = no limit).")
     max_depth: int = Field(5, ge=0, description="Follow links at most this many hops from a seed.")
     same_host: bool = Field(False, description="Only follow links to the hosts of the seeds.")
@@ -192,7 +192,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         log = open(out / "crawl.log.jsonl", "a", encoding="utf-8")
         crawler = Crawler(config, frontier, sink, log, config.user_agent or default_user_agent())
         start = time.time()
-        status = "interrupted"
+        status = "failed"
         try:
             with progress() as bar:
                 task = bar.add_task("crawl", total=config.max_pages or None, completed=crawler.fetched, rate="")
@@ -204,6 +204,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                 asyncio.run(crawler.run(tick))
             status = "done"
         except KeyboardInterrupt:
+            status = "interrupted"
             console.print(f"[yellow]crawl interrupted: {frontier.count('done'):,} pages done, "
                           f"{frontier.count('queued'):,} queued; run the same command again to resume[/]",
                           highlight=False)
@@ -223,9 +224,9 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                 hosts=len(stats["hosts"]), pages_per_s=stats["session"]["pages_per_s"],
                 outcomes=stats["pages"]["by_outcome"], refused_by_reason=stats["discovered"]["refused_by_reason"],
             )
-        s = stats
-        console.print(f"[green]✓ crawl[/]: {s['pages']['written_to_warc']:,} pages written "
-                      f"({s['pages']['by_outcome'].get('ok', 0):,} ok), {s['pages']['done'] - s['pages']['written_to_warc']:,} "
-                      f"skipped, {s['discovered']['refused']:,} URLs refused, {s['pages']['queued']:,} left queued; "
-                      f"{s['session']['pages_per_s'] or 0:,.1f} pages/s → {out}", highlight=False)
+        pages = stats["pages"]
+        console.print(f"[green]✓ crawl[/]: {pages['written_to_warc']:,} pages written "
+                      f"({pages['by_outcome'].get('ok', 0):,} ok), {pages['done'] - pages['written_to_warc']:,} "
+                      f"skipped, {stats['discovered']['refused']:,} URLs refused, {pages['queued']:,} left queued; "
+                      f"{stats['session']['pages_per_s'] or 0:,.1f} pages/s → {out}", highlight=False)
     return finished(out)
