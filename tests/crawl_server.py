@@ -1,10 +1,11 @@
 """A local HTTP server for the crawler tests and bench: serves ``tests/crawl_site`` plus dynamic misbehaviour.
 
 Routes besides the static files: ``/redirect`` (301 → /about.html), ``/loop-a`` ⇄ ``/loop-b`` (a redirect loop),
-``/error500`` (always 500), ``/slow`` (answers after ``slow_s`` seconds), ``/huge`` (``huge_bytes`` of HTML), ``/huge-stream`` (the same without a Content-Length),
-``/photo.png`` (an image), ``/gz`` (gzip-encoded), ``/calendar/YYYY/MM/`` (infinite previous/next month links), ``/trap/a/…`` (links to
-ever deeper ``a/`` paths), ``/garbage`` (bytes that are not HTTP), ``/truncated`` (closes mid-body),
-``/gen/N`` (bench pages, each linking to ``fanout`` others).  Every request is logged with its arrival time.
+``/error500`` (always 500), ``/slow`` (answers after ``slow_s`` seconds), ``/huge`` (``huge_bytes`` of HTML),
+``/huge-stream`` (the same without a Content-Length), ``/photo.png`` (an image), ``/gz`` (gzip-encoded),
+``/calendar/YYYY/MM/`` (infinite previous/next month links), ``/trap/a/…`` (links to ever deeper ``a/`` paths),
+``/garbage`` (bytes that are not HTTP), ``/truncated`` (closes mid-body), ``/gen/N`` (bench pages, each linking to
+``fanout`` others).  Every request is logged with its arrival time.
 
     with SiteServer() as site:
         site.url("/")  # http://127.0.0.1:PORT/

@@ -106,13 +106,15 @@ def test_crawl_bundled_site(tmp_path):
     assert all("lmforge/" in ua for _, _, ua in log)
     errors = [json.loads(line) for line in (out / "crawl.log.jsonl").read_text().splitlines()]
     why = {e["url"][len(site.base):]: e["error"] for e in errors}
-    assert "Content-Length 300,0" in why["/huge"] and "body passed 100,000 bytes; stopped reading" in why["/huge-stream"]
+    assert "Content-Length 300,0" in why["/huge"]
+    assert "body passed 100,000 bytes; stopped reading" in why["/huge-stream"]
     garbage = next(e for e in errors if e["url"].endswith("/garbage"))
     assert garbage["error"].startswith(site.url("/garbage")) and "protocol" in garbage["error"]
 
     # WARC: one response per fetched page (with its status), request/metadata records, digests that warcio checks
     got = responses(out)
-    written = {o: n for o, n in stats["pages"]["by_outcome"].items() if o in ("ok", "redirect") or o.startswith("http_")}
+    written = {o: n for o, n in stats["pages"]["by_outcome"].items()
+               if o in ("ok", "redirect") or o.startswith("http_")}
     assert len(got) == len(set(u for u, _ in got)) == sum(written.values()) == stats["pages"]["written_to_warc"]
     assert (site.url("/error500"), "500") in got and (site.url("/redirect"), "301") in got
     warcio_check(out)
@@ -184,7 +186,8 @@ stages:
 
         crawled = lineage(tmp_path / "ws" / "data")["inputs"]["raw0"]
         assert crawled["stage"] == "crawl" and crawled["run_id"] == results[0].manifest.run_id
-        again = run(Config(**results[0].manifest.config), tmp_path / "ws" / "crawl", force=True)  # a later re-crawl into the same folder is not what the data run read
+        # a later re-crawl into the same folder is not what the data run read
+        again = run(Config(**results[0].manifest.config), tmp_path / "ws" / "crawl", force=True)
         assert again.run_id != results[0].manifest.run_id
         assert lineage(tmp_path / "ws" / "data")["inputs"]["raw0"]["run_id"] == results[0].manifest.run_id
 
@@ -193,7 +196,8 @@ def test_politeness_limits_and_malformed_robots(tmp_path, capsys):
     """A robots.txt with junk lines still applies its rules (and says which lines it ignored); its Crawl-delay spaces
     the requests; max_pages_per_host stops an infinite calendar."""
     robots = ("User-agent: *\nDisallow: /\n\n"  # the group for lmforge applies, not this one
-              "User-agent: lmforge\nDisallow: /calendar/2026/03/\nCrawl-delay: 0.05\n\x00\xff{{not a rule\nAllow /oops\n")
+              "User-agent: lmforge\nDisallow: /calendar/2026/03/\nCrawl-delay: 0.05\n"
+              "\x00\xff{{not a rule\nAllow /oops\n")
     with SiteServer(robots=robots) as site:
         m = run(Config(seeds=[site.url("/calendar/2026/01/")], max_depth=100, max_pages_per_host=8, sitemaps=False,
                        **FAST), tmp_path / "c")
@@ -270,7 +274,8 @@ def test_sitemap_index_and_gzip():
     index = b'<?xml version="1.0"?><sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">' \
             b"<sitemap><loc>https://h.org/a.xml.gz</loc></sitemap></sitemapindex>"
     assert sitemap_locs(index) == (["https://h.org/a.xml.gz"], True)
-    urlset = b"<urlset><url><loc> https://h.org/x?a=1&amp;b=2 </loc></url><url><loc>https://h.org/y</loc></url></urlset>"
+    urlset = (b"<urlset><url><loc> https://h.org/x?a=1&amp;b=2 </loc></url>"
+              b"<url><loc>https://h.org/y</loc></url></urlset>")
     assert sitemap_locs(gzip.compress(urlset)) == (["https://h.org/x?a=1&b=2", "https://h.org/y"], False)
     assert sitemap_locs(b"\x1f\x8bnot gzip") == ([], False)
 
@@ -317,3 +322,13 @@ def test_frontier_claims_round_robin_within_host_limits(tmp_path):
     third = f.claim(busy, 2, [first.id, second.id])
     assert third.url == "http://a.org/2"  # a.org's next URL, not the one in flight
     f.close()
+
+
+def test_a_huge_robots_txt_is_read_up_to_500_kib(tmp_path, capsys):
+    robots = "User-agent: *\nDisallow: /private/\n" + "# padding\n" * 60_000 + "Disallow: /about.html\n"
+    with SiteServer(robots=robots) as site:
+        run(Config(seeds=[site.url("/about.html"), site.url("/private/secret.html")], max_depth=0, sitemaps=False,
+                   **FAST), tmp_path / "c")
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert stats["pages"]["by_outcome"] == {"ok": 1, "robots": 1}  # the rule past 500 KiB is not seen
+    assert "robots.txt is larger than 512,000 bytes: only its start is read" in capsys.readouterr().err

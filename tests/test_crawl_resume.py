@@ -100,3 +100,18 @@ def test_recover_cuts_uncommitted_records(tmp_path):
         kinds = [(r.rec_type, r.rec_headers.get_header("WARC-Target-URI")) for r in ArchiveIterator(f)]
     assert kinds == [("warcinfo", None), ("request", "http://h/1"), ("response", "http://h/1"),
                      ("metadata", "http://h/1")]
+
+
+def test_a_larger_budget_extends_a_finished_crawl(tmp_path):
+    out = tmp_path / "crawl"
+    with SiteServer(gen_pages=PAGES, fanout=3) as site:
+        cfg = Config(seeds=[site.url("/gen/0")], max_depth=50, sitemaps=False, host_rate=0, max_pages=10)
+        first = run(cfg, out)
+        assert first.metrics["fetched"] == 10 and first.metrics["queued"] > 0
+        assert run(cfg, out).run_id == first.run_id  # the same budget: up to date
+        second = run(cfg.model_copy(update={"max_pages": 25}), out)
+        paths = [p for _, p, _ in site.log if p.startswith("/gen/")]
+    assert second.run_id != first.run_id and second.fingerprint == first.fingerprint
+    assert second.metrics["fetched"] == 25 and len(paths) == len(set(paths)) == 25  # nothing fetched twice
+    assert len(responses(out)) == 25
+    warcio_check(out)

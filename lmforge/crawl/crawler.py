@@ -1,7 +1,8 @@
 """The crawl loop: workers take URLs from the frontier, fetch them politely, write WARC records, admit new links.
 
 Every admitted URL ends in exactly one outcome (``ok``, ``redirect``, ``http_<status>``, ``robots``,
-``robots_unavailable``, ``content_type``, ``size_limit``, ``error:<class>``) or stays ``queued`` (page budget spent);
+``robots_unavailable``, ``content_type``, ``size_limit``, ``error:<class>`` such as ``error:timeout``,
+``error:protocol``, ``error:internal``) or stays ``queued`` (page budget spent);
 every discovered URL that is not admitted is counted under one reason (``dedup``, ``depth``, ``off_host``,
 ``not_allowed``, ``denied``, ``trap_url_length``, ``trap_query_params``, ``trap_path_repeats``, ``host_limit``,
 ``redirect_loop``, ``too_many_redirects``, ``bad_url``).  ``stats.json`` shows both, and they add up.
@@ -125,11 +126,13 @@ class Crawler:
             return None, None, None
         self.requests["robots"] += 1
         try:
-            got = await self._get(host + "/robots.txt", policy, max_bytes=MAX_ROBOTS_BYTES, types=None, follow=True)
+            got = await self._get(host + "/robots.txt", policy, max_bytes=MAX_ROBOTS_BYTES, types=None, follow=True,
+                                  keep_prefix=True)
         except FetchError as err:
             return None, None, str(err)
-        if got.skipped == "size_limit":
-            return got.status, None, f"{host}/robots.txt: larger than {MAX_ROBOTS_BYTES:,} bytes"
+        if got.skipped == "size_limit":  # RFC 9309 §2.5: the rules in the first 500 KiB apply
+            console.print(f"[yellow]⚠ {host}/robots.txt is larger than {MAX_ROBOTS_BYTES:,} bytes: only its start is "
+                          "read[/]", highlight=False)
         return got.status, (got.body or b"").decode("utf-8", errors="replace"), None
 
     def _apply_robots(self, host: str, policy: HostPolicy, status: int | None, text: str | None,
@@ -197,10 +200,10 @@ class Crawler:
         return links, refused, read
 
     async def _get(self, url: str, policy: HostPolicy, *, max_bytes: int, types: tuple[str, ...] | None,
-                   follow: bool = False) -> Fetched:
+                   follow: bool = False, keep_prefix: bool = False) -> Fetched:
         return await fetch(self._client, url, policy, timeout=self.cfg.timeout, retries=self.cfg.retries,
                            backoff=self.cfg.retry_backoff, max_bytes=max_bytes, content_types=types,
-                           follow_redirects=follow)
+                           follow_redirects=follow, keep_prefix=keep_prefix)
 
     # -- one page -----------------------------------------------------------------------------------------------------
     def _log(self, item: Item, outcome: str, **extra: Any) -> None:

@@ -127,8 +127,10 @@ def _classify(err: Exception, url: str, timeout: float) -> FetchError:
 
 
 async def fetch_once(session: "aiohttp.ClientSession", url: str, *, max_bytes: int,
-                     content_types: tuple[str, ...] | None, follow_redirects: bool = False) -> Fetched:
-    """GET ``url``; ``content_types`` None accepts any type."""
+                     content_types: tuple[str, ...] | None, follow_redirects: bool = False,
+                     keep_prefix: bool = False) -> Fetched:
+    """GET ``url``; ``content_types`` None accepts any type; ``keep_prefix`` keeps the first ``max_bytes`` of a
+    longer body (robots.txt) instead of dropping it."""
     import yarl
 
     start = time.time()
@@ -142,7 +144,7 @@ async def fetch_once(session: "aiohttp.ClientSession", url: str, *, max_bytes: i
             return Fetched(**base, body=None, seconds=time.time() - start, skipped="content_type",
                            detail=f"content type {ctype or '(none)'!r} is not on the allow-list")
         declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
+        if declared.isdigit() and int(declared) > max_bytes and not keep_prefix:
             return Fetched(**base, body=None, seconds=time.time() - start, skipped="size_limit",
                            detail=f"Content-Length {int(declared):,} > {max_bytes:,} bytes")
         body = bytearray()
@@ -150,21 +152,22 @@ async def fetch_once(session: "aiohttp.ClientSession", url: str, *, max_bytes: i
             body += chunk
             if len(body) > max_bytes:
                 resp.close()
-                return Fetched(**base, body=None, seconds=time.time() - start, skipped="size_limit",
+                return Fetched(**base, body=bytes(body[:max_bytes]) if keep_prefix else None,
+                               seconds=time.time() - start, skipped="size_limit",
                                detail=f"body passed {max_bytes:,} bytes; stopped reading")
         return Fetched(**base, body=bytes(body), seconds=time.time() - start)
 
 
 async def fetch(client: "aiohttp.ClientSession", url: str, policy: HostPolicy, *, timeout: float, retries: int,
                 backoff: float, max_bytes: int, content_types: tuple[str, ...] | None,
-                follow_redirects: bool = False) -> Fetched:
+                follow_redirects: bool = False, keep_prefix: bool = False) -> Fetched:
     """``fetch_once`` behind the host's politeness slot, with retries; raises :class:`FetchError`."""
     for attempt in range(retries + 1):
         try:
             async with policy.slot():
                 got = await asyncio.wait_for(
                     fetch_once(client, url, max_bytes=max_bytes, content_types=content_types,
-                               follow_redirects=follow_redirects), timeout)
+                               follow_redirects=follow_redirects, keep_prefix=keep_prefix), timeout)
         except Exception as exc:  # noqa: BLE001 - every transport failure becomes a counted, named error
             err = _classify(exc, url, timeout)
             err.attempts = attempt + 1

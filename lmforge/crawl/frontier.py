@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS urls(
     parent TEXT,
     chain TEXT NOT NULL DEFAULT '[]',   -- the redirect chain that led here (JSON list of URLs)
     state TEXT NOT NULL DEFAULT 'queued',  -- queued / done
-    outcome TEXT,                       -- ok / redirect / http_404 / robots / content_type / size_limit / error:timeout …
+    outcome TEXT,                       -- ok / redirect / http_404 / robots / size_limit / error:timeout …
     http_status INTEGER,
     bytes INTEGER,
     attempts INTEGER,

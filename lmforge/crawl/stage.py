@@ -33,8 +33,8 @@ class Config(StageConfig):
     """Crawl the web politely from seed URLs into WARC files (robots.txt, per-host rate limits, resumable)."""
 
     seeds: list[str] = Field(default_factory=list,
-                             description="Seed URLs (repeat the flag, or separate them by spaces), or files with one URL "
-                                         "per line (# comments allowed).")
+                             description="Seed URLs (repeat the flag, or separate them by spaces), or files with one "
+                                         "URL per line (# comments allowed).")
     max_pages: int = Field(1000, ge=0, description="Stop after fetching this many pages (0 = no limit).")
     max_depth: int = Field(5, ge=0, description="Follow links at most this many hops from a seed.")
     same_host: bool = Field(False, description="Only follow links to the hosts of the seeds.")
@@ -128,6 +128,19 @@ def crawl_stats(crawler: Any, frontier: Any, seconds: float, status: str) -> dic
     }
 
 
+def _can_extend(out: Path, config: Config, inputs: dict[str, str]) -> bool:
+    """True when ``out`` holds a finished crawl of the same fingerprint that stopped at its page budget with URLs
+    still queued, and ``config`` allows more pages than it fetched."""
+    from lmforge.artifacts import StageRun
+
+    probe = StageRun(STAGE, VERSION, out, config.model_dump(), inputs, {"concurrency", "max_pages"})
+    prev = probe.previous()
+    if prev is None or prev.status != "done" or prev.fingerprint != probe.fingerprint:
+        return False
+    more = not config.max_pages or config.max_pages > prev.metrics.get("fetched", 0)
+    return bool(prev.metrics.get("queued")) and more
+
+
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     import asyncio
 
@@ -147,11 +160,14 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     seeds = read_seeds(config.seeds)  # a bad seed fails here, before any folder is touched
     out = Path(out_dir)
     inputs = {f"seeds{i}": s for i, s in enumerate(config.seeds) if "://" not in s}
-    stage_run = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force,
-                      execution_fields={"concurrency"})
+    # max_pages is a budget, not part of what is crawled: a finished crawl rerun with a larger budget continues from
+    # its frontier (fetching no page again) instead of starting over
+    extend = not force and _can_extend(out, config, inputs)
+    stage_run = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force or extend,
+                      execution_fields={"concurrency", "max_pages"})
     if stage_run is None:
         return finished(out)
-    resume = stage_run.resumable() and not force
+    resume = extend or (stage_run.resumable() and not force)
     with stage_run:
         if not resume:
             clean(out)
@@ -163,6 +179,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         warc_dir = out / "warc"
         warc_dir.mkdir(parents=True, exist_ok=True)
         recovered = recover(warc_dir, frontier.committed_warcs())
+        if extend:
+            console.print(f"  extending the finished crawl to {config.max_pages or 'unlimited'} pages", highlight=False)
         if resume:
             console.print(f"  resuming: {frontier.count('done'):,} pages done, {frontier.count('queued'):,} queued"
                           + (f", {len(recovered)} WARC file(s) closed after the interruption" if recovered else ""),
@@ -174,7 +192,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         log = open(out / "crawl.log.jsonl", "a", encoding="utf-8")
         crawler = Crawler(config, frontier, sink, log, config.user_agent or default_user_agent())
         start = time.time()
-        status = "interrupted"
+        status = "failed"
         try:
             with progress() as bar:
                 task = bar.add_task("crawl", total=config.max_pages or None, completed=crawler.fetched, rate="")
@@ -186,6 +204,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                 asyncio.run(crawler.run(tick))
             status = "done"
         except KeyboardInterrupt:
+            status = "interrupted"
             console.print(f"[yellow]crawl interrupted: {frontier.count('done'):,} pages done, "
                           f"{frontier.count('queued'):,} queued; run the same command again to resume[/]",
                           highlight=False)
@@ -197,16 +216,17 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             write_json(out / "stats.json", stats)
             frontier.close()
             stage_run.metrics.update(
-                pages=stats["pages"]["done"], pages_ok=stats["pages"]["by_outcome"].get("ok", 0),
+                pages=stats["pages"]["done"], fetched=stats["pages"]["fetched"],
+                pages_ok=stats["pages"]["by_outcome"].get("ok", 0),
                 queued=stats["pages"]["queued"], refused=stats["discovered"]["refused"],
                 errors=sum(n for o, n in stats["pages"]["by_outcome"].items() if o.startswith("error:")),
                 bytes=stats["bytes_written"], warc_files=len(stats["warc"]["files"]),
                 hosts=len(stats["hosts"]), pages_per_s=stats["session"]["pages_per_s"],
                 outcomes=stats["pages"]["by_outcome"], refused_by_reason=stats["discovered"]["refused_by_reason"],
             )
-        s = stats
-        console.print(f"[green]✓ crawl[/]: {s['pages']['written_to_warc']:,} pages written "
-                      f"({s['pages']['by_outcome'].get('ok', 0):,} ok), {s['pages']['done'] - s['pages']['written_to_warc']:,} "
-                      f"skipped, {s['discovered']['refused']:,} URLs refused, {s['pages']['queued']:,} left queued; "
-                      f"{s['session']['pages_per_s'] or 0:,.1f} pages/s → {out}", highlight=False)
+        pages = stats["pages"]
+        console.print(f"[green]✓ crawl[/]: {pages['written_to_warc']:,} pages written "
+                      f"({pages['by_outcome'].get('ok', 0):,} ok), {pages['done'] - pages['written_to_warc']:,} "
+                      f"skipped, {stats['discovered']['refused']:,} URLs refused, {pages['queued']:,} left queued; "
+                      f"{stats['session']['pages_per_s'] or 0:,.1f} pages/s → {out}", highlight=False)
     return finished(out)
