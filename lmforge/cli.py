@@ -167,7 +167,7 @@ def _fmt(v) -> str:
 @app.command("run")
 def run_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    workspace: Optional[Path] = typer.Option(None, help="Folder for the stages' artifacts [default: from the recipe]."),
+    workspace: Optional[Path] = typer.Option(None, help="Folder for the stages' artifacts \\[default: from the recipe]."),
     force: list[str] = typer.Option([], help="Re-run this stage even if up to date (repeatable)."),
     only: list[str] = typer.Option([], help="Run only this stage (repeatable)."),
 ) -> None:
@@ -310,7 +310,7 @@ def leaderboard_cmd(
 def merge_cmd(
     adapter: Path = typer.Argument(..., help="LoRA adapter folder (from `lmforge sft --lora-r N`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged model folder to write."),
-    base_model: Optional[Path] = typer.Option(None, help="Base model folder [default: the one the adapter records]."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder \\[default: the one the adapter records]."),
 ) -> None:
     """Fold LoRA adapters into the base weights: a plain HF model folder (a recorded run: `lmforge lineage OUT`)."""
     from lmforge.align import merge
@@ -432,7 +432,7 @@ def serve_cmd(
     model: Path = typer.Argument(..., help="Model folder (HF layout) or a Llama .gguf file."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    model_name: Optional[str] = typer.Option(None, help="Model id clients use [default: the folder name]."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients use \\[default: the folder name]."),
     max_num_seqs: int = typer.Option(16, help="Requests decoded together (continuous batching)."),
     max_model_len: int = typer.Option(2048, help="Cap on prompt + completion tokens."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 serving weights and KV cache (float32: the same "
@@ -478,7 +478,7 @@ def serve_cmd(
 @export_app.command("gguf")
 def export_gguf_cmd(
     model: Path = typer.Argument(..., help="Model folder."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="GGUF file [default: MODEL-DTYPE.gguf beside it]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="GGUF file \\[default: MODEL-DTYPE.gguf beside it]."),
     dtype: str = typer.Option("f16", help="f32 | f16 | q8_0 | q4_0"),
 ) -> None:
     """Write a llama.cpp GGUF (tokenizer, chat template, q/k permuted as llama.cpp expects)."""

@@ -86,6 +86,7 @@ def connect(path: str | os.PathLike | None = None) -> sqlite3.Connection:
             except sqlite3.OperationalError as err:  # another process added it first
                 if "duplicate column" not in str(err):
                     raise
+    con.execute("CREATE INDEX IF NOT EXISTS runs_resumes ON runs(resumes)")  # `resumed_by` look-ups in list_runs
     con.row_factory = sqlite3.Row
     return con
 

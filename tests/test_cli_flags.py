@@ -44,6 +44,9 @@ def help_lines(*args: str) -> dict[str, str]:
                     "--schedule": "cosine|wsd", "--parallel": "ddp|fsdp"}),
     (["tokenizer", "train"], {"--data": "[required: here or in --config]"}),
     (["rag", "index"], {"--out": "[default: $LMFORGE_HOME/rag]"}),
+    (["run"], {"--workspace": "[default: from the recipe]"}),  # hand-written commands too
+    (["serve"], {"--port": "[default: 8000]", "--model-name": "[default: the folder name]"}),
+    (["export", "gguf"], {"--out": "[default: MODEL-DTYPE.gguf beside it]"}),
 ])
 def test_help_shows_defaults_choices_and_required_flags(command, expected):
     rows = help_lines(*command)
