@@ -4,6 +4,11 @@ Two JSONL layouts are read, one record per line:
 
 * OpenAI ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
 * Alpaca ``{"instruction": "...", "input": "...", "output": "...", "system": "..."}`` (``input``/``system`` optional)
+* OpenAI function calling: ``{"tools": [...], "messages": [..., {"role": "assistant", "tool_calls": [...]},
+  {"role": "tool", "tool_call_id": ..., "content": ...}, ...]}``.  Every call must name a tool of the record and its
+  arguments must validate against that tool's ``parameters`` (JSON Schema); the conversation is rendered in the one
+  tool-call format the server parses and constrains (``lmforge.serve.tools``): tools in the system message, calls as
+  ``<tool_call>`` blocks inside the assistant turn (trained on), results as ``<tool_response>`` user turns (not).
 
 Every record is validated (roles, user/assistant alternation, empty turns, types); a bad line raises
 ``ChatDataError("file:line: field: why")`` or, with ``on_error="skip"``, is counted under its reason in ``DataStats``.
@@ -135,6 +140,8 @@ def record_to_messages(record: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(record, dict):
         raise ChatDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
+        if "tools" in record or _uses_tools(record["messages"]):
+            return tool_conversation(record, where)
         return validate_messages(record["messages"], where)
     if "instruction" in record or "output" in record:
         for key in ("instruction", "output"):
@@ -151,6 +158,58 @@ def record_to_messages(record: Any, where: str) -> list[dict[str, str]]:
         return messages
     raise ChatDataError(f"{where}: expected a 'messages' list or Alpaca 'instruction'/'output' fields, "
                         f"got keys {sorted(record)}")
+
+
+def _uses_tools(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def tool_conversation(record: dict, where: str) -> list[dict[str, str]]:
+    """A function-calling record as plain validated messages: tools and calls checked (``file:line: field: why``),
+    then rendered in the served tool-call format."""
+    import jsonschema
+
+    from lmforge.serve.tools import ToolError, parse_tools, render_messages
+
+    try:
+        tools = parse_tools(record.get("tools") or [])
+    except ToolError as err:
+        raise ChatDataError(f"{where}: {err}") from None
+    schemas = {t.name: t.parameters for t in tools}
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ChatDataError(f"{where}: messages: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatDataError(f"{where}: messages[{i}]: expected an object, got {type(m).__name__}")
+        if m.get("role") not in (*ROLES, "tool"):
+            raise ChatDataError(f"{where}: messages[{i}].role: {m.get('role')!r} is not one of "
+                                f"{', '.join((*ROLES, 'tool'))}")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            f = f"messages[{i}].tool_calls[{j}]"
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not fn.get("name"):
+                raise ChatDataError(f"{where}: {f}.function.name: missing")
+            if fn["name"] not in schemas:
+                raise ChatDataError(f"{where}: {f}.function.name: {fn['name']!r} is not one of the record's tools "
+                                    f"({', '.join(schemas) or 'none'})")
+            args = fn.get("arguments", "{}")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError as err:
+                raise ChatDataError(f"{where}: {f}.function.arguments: not JSON: {err}") from None
+            try:
+                jsonschema.validate(args, schemas[fn["name"]])
+            except jsonschema.ValidationError as err:
+                at = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in err.absolute_path)
+                raise ChatDataError(f"{where}: {f}.function.arguments{at}: {err.message} (tool "
+                                    f"{fn['name']!r})") from None
+    try:
+        rendered = render_messages(messages, tools)
+    except ToolError as err:
+        raise ChatDataError(f"{where}: {err}") from None
+    return validate_messages(rendered, where)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any, ChatDataError | None]]:

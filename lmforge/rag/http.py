@@ -5,8 +5,9 @@ Request: ``{"question": str, "history": [{"role", "content"}], "k": int, "mode":
 "path_prefix": str, "types": [str], "stream": bool}``.  Response: ``RagAnswer.to_dict()``; streamed, each event is
 ``{"delta": text}`` and the last ``{"final": {...}}``, then ``[DONE]``.
 
-``attach_rag(app, answerer)`` puts that route on an app made by ``lmforge.serve.api.create_app`` and answers its
-``/v1/chat/completions`` from the knowledge base, so existing OpenAI clients get grounded answers:
+``attach_rag(app, answerer)`` puts that route on an app made by ``lmforge.serve.openai.create_app`` and answers its
+``/v1/chat/completions`` from the knowledge base (a chat hook: ``add_chat_hook``), so existing OpenAI clients get
+grounded answers:
 
 * the last message (a user turn) is the question; earlier user / assistant turns are the history (follow-ups are
   rewritten into standalone questions); the request's system message, if any, is the persona (else the answerer's);
@@ -32,7 +33,6 @@ from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool
 
@@ -116,27 +116,26 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                                    "code": code}}, status_code=status)
 
 
-def _chat_route(app: FastAPI, answerer: Answerer, plain_endpoint) -> APIRouter:
-    router = APIRouter()
+def _chat_hook(app: FastAPI, answerer: Answerer):
     engine = app.state.engine
     model_name = app.state.model_name
 
-    @router.post("/v1/chat/completions")
     async def rag_chat_completions(req: ChatCompletionRequest, request: Request):
+        """Answers a chat request from the knowledge base; ``rag: false`` in the body passes it to the plain model."""
         raw = (await request.json()).get("rag", True)
         if raw is False:
-            return await plain_endpoint(req, request)
+            return None
         try:
             opts = RagChatOptions.model_validate({} if raw is True else raw)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in ("rag", *first["loc"]))
             return _error(400, f"{where}: {first['msg']}", param=where)
-        if req.model is not None and req.model != model_name:
-            return _error(404, f"The model `{req.model}` does not exist. This server serves `{model_name}`.",
-                          param="model", code="model_not_found")
-        if (bad := req.unsupported()) is not None:
-            return _error(400, bad[1], param=bad[0])
+        for name in ("tools", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs"):
+            if getattr(req, name, None):
+                return _error(400, f"{name} is not supported when answering from the knowledge base; send "
+                                   "`rag: false` to ask the model itself", param=name)
         if req.n != 1:
             return _error(400, "n must be 1 when answering from the knowledge base", param="n")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -186,25 +185,23 @@ def _chat_route(app: FastAPI, answerer: Answerer, plain_endpoint) -> APIRouter:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return router
+    return rag_chat_completions
 
 
 def attach_rag(app: FastAPI, answerer: Answerer, *, chat: bool = True) -> None:
-    """Add ``/v1/rag/query`` to ``app`` (from ``lmforge.serve.api.create_app``) and, with ``chat``, answer its
+    """Add ``/v1/rag/query`` to ``app`` (from ``lmforge.serve.openai.create_app``) and, with ``chat``, answer its
     ``/v1/chat/completions`` from the knowledge base.  An answerer without a generator uses the app's engine."""
     engine = getattr(app.state, "engine", None)
     if answerer.generator is None and engine is not None:
         answerer.generator = EngineGenerator(engine)
     app.state.rag = answerer
-    router = rag_router(answerer)
+    app.include_router(rag_router(answerer))
     if chat:
-        plain = next((r for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/chat/completions"
-                      and "POST" in r.methods), None)
-        if plain is None or engine is None:
-            raise ValueError("attach_rag(chat=True) needs an app from lmforge.serve.api.create_app")
-        router.include_router(_chat_route(app, answerer, plain.endpoint))
-    # in front of the app's own routes: the first match wins, so ours answer /v1/chat/completions
-    app.router.routes[0:0] = router.routes
+        if engine is None or getattr(app.state, "ctx", None) is None:
+            raise ValueError("attach_rag(chat=True) needs an app from lmforge.serve.openai.create_app")
+        from lmforge.serve.openai import add_chat_hook
+
+        add_chat_hook(app, _chat_hook(app, answerer))
 
 
 def attach_knowledge_base(app: FastAPI, index_dir: str | os.PathLike, *, system_prompt: str | None = None,

@@ -1,8 +1,9 @@
 """The OpenAI HTTP protocol as pydantic models (the subset we serve, shaped like vLLM's ``protocol.py``).
 
 Requests validate their ranges here, so a bad value is a 400 with OpenAI's error envelope before it reaches the engine.
-Unknown request fields are ignored (as vLLM does); fields we know but do not support yet (``tools``,
-``response_format`` other than text ...) are rejected by ``unsupported()`` with a clear message.  vLLM's extra
+Unknown request fields are ignored (as vLLM does); fields we know but do not support are rejected by ``unsupported()``
+with a clear message.  ``tools``/``tool_choice`` and the structured-output fields are served by
+``lmforge.serve.openai`` (``guided.py``, ``chat.py``).  vLLM's extra
 sampling fields (``top_k``, ``min_p``, ``repetition_penalty``) are accepted too (``extra_body`` in the openai client).
 """
 
@@ -79,6 +80,13 @@ class _SamplingRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured output (lmforge.serve.openai.guided): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -116,10 +124,23 @@ class ContentPart(OpenAIBaseModel):
     text: str | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -140,9 +161,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -157,16 +178,13 @@ class ChatCompletionRequest(_SamplingRequest):
         """``(param, message)`` for a feature we do not serve yet, else None."""
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs to be true"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported yet"
-        if self.tools:
-            return "tools", "tool calling is not supported yet"
         return None
 
 
 class ChatCompletionMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(OpenAIBaseModel):
@@ -193,7 +211,7 @@ class CompletionLogprobs(OpenAIBaseModel):
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -207,15 +225,23 @@ class ChatCompletionResponse(OpenAIBaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaToolCall(OpenAIBaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
