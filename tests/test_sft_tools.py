@@ -83,3 +83,22 @@ def test_sft_cli_on_tool_conversations(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").exists()
+
+
+def test_bundled_tool_set_is_rebuilt_exactly_and_validates():
+    import importlib.util
+    from pathlib import Path
+
+    from lmforge.align.chat_data import DataStats, read_conversations
+
+    root = Path(__file__).resolve().parents[1] / "data" / "tools"
+    spec = importlib.util.spec_from_file_location("build_stdlib_tools", root / "build_stdlib_tools.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    rebuilt = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in builder.build())
+    assert rebuilt == (root / "stdlib_tools.jsonl").read_text()  # results really come from the functions
+    stats = DataStats()
+    convs = read_conversations(root / "stdlib_tools.jsonl", "raise", stats)
+    assert len(convs) == stats.kept == 300
+    kinds = [json.loads(line)["kind"] for line in (root / "stdlib_tools.jsonl").read_text().splitlines()]
+    assert {"single", "parallel", "none"} == set(kinds)
