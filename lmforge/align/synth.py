@@ -1,6 +1,6 @@
 """The synth stage: a model behind any OpenAI-compatible endpoint makes or labels training data.
 
-Three modes (``mode``):
+Four modes (``mode``):
 
 * ``generate``: new instruction/response pairs from seed tasks (below), written as OpenAI ``messages`` records;
 * ``grade``: each conversation of ``data`` is graded by the model with a ``rubric``; it must answer with a JSON object
@@ -11,6 +11,13 @@ Three modes (``mode``):
   twice, at ``temperatures[0]`` and ``temperatures[1]`` with different seeds; a judge (``judge_model``, default the
   same model) sees both answers in a seeded random order and answers ``{"better": "A"|"B", "reason": str}``.  Kept
   records are DPO-ready: ``{"prompt", "chosen", "rejected", "judge_reason"}`` (``lmforge dpo`` reads them).
+* ``tools``: function-calling conversations from a list of tool schemas (``tools``: a JSON list of OpenAI tools, or
+  JSONL with one per line).  Per task (seeded): one tool is the target and 2-4 others are offered beside it; the model
+  writes a user request that needs the target, answers it with ``tools`` and ``tool_choice="required"`` (calls whose
+  arguments do not validate against their tool's ``parameters`` are rejected), plays each called function returning
+  a JSON result (``response_format: json_object``), and writes the final answer with ``tool_choice="none"``.  Kept
+  records are ``{"tools", "messages"}`` as ``lmforge sft`` reads them (the endpoint must serve ``tools`` and
+  ``response_format``, as ``lmforge serve`` does).
 
 Generate mode, self-instruct style: each task shows the model a few seed instructions (a seeded random choice, so task ``i`` always
 asks the same thing) and asks for one new instruction, then asks the model to answer it.  Candidates pass quality
@@ -61,6 +68,11 @@ JUDGE_PROMPT = ("Two assistants answered the same conversation. Which answer is 
                 'Reply with JSON only, exactly like {{"better": "A" or "B", "reason": "<one sentence>"}}.')
 INSTRUCTION_PROMPT = ("Here are some example questions a user might ask an assistant:\n{examples}\n"
                       "Write one new question of the same kind. Reply with the question only.")
+TOOL_REQUEST_PROMPT = ("Here is a function an assistant can call:\n{tool}\n"
+                       "Write one realistic request from a user that needs this function. Give concrete values for "
+                       "its arguments. Reply with the request only.")
+TOOL_RESULT_PROMPT = ("You are the function `{name}` ({description}). It was called with these arguments:\n{arguments}"
+                      "\nReply with the JSON object it returns, realistic and short, and nothing else.")
 
 
 class Config(StageConfig):
@@ -68,9 +80,11 @@ class Config(StageConfig):
 
     base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(description="Model name to request.")
-    mode: Literal["generate", "grade", "prefs"] = Field(
+    mode: Literal["generate", "grade", "prefs", "tools"] = Field(
         "generate", description="generate: new pairs from seeds; grade: score data with a rubric; "
-                                "prefs: two answers per prompt of data + a judge → DPO pairs.")
+                                "prefs: two answers per prompt of data + a judge → DPO pairs; "
+                                "tools: function-calling conversations from tool schemas.")
+    tools: str | None = Field(None, description="OpenAI tools as a JSON list or JSONL, one per line (tools).")
     seeds: str | None = Field(None, description="Chat JSONL whose user turns are the seed instructions (generate).")
     data: str | None = Field(None, description="Chat JSONL to grade (grade) or whose prompts to answer (prefs).")
     rubric: str = Field(DEFAULT_RUBRIC, description="Grading rubric shown to the grader (grade).")
@@ -98,7 +112,7 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _inputs_for_mode(self) -> "Config":
-        need = "seeds" if self.mode == "generate" else "data"
+        need = {"generate": "seeds", "tools": "tools"}.get(self.mode, "data")
         if getattr(self, need) is None:
             raise ValueError(f"mode {self.mode!r} needs {need!r}")
         return self
@@ -207,6 +221,7 @@ class Synthesizer:
 
         self.cfg, self.seeds, self.stats = cfg, seeds, stats
         self.records: list[list[dict[str, str]]] = []
+        self.tools: list[dict] = []
         self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "none",
                              max_retries=0, timeout=cfg.timeout_s)
         self.dedup = Deduper(cfg.max_similarity)
@@ -262,6 +277,70 @@ class Synthesizer:
                                         {"role": "assistant", "content": answer}],
                 "source": f"synth:{self.cfg.model}"}
 
+
+    def tools_task(self, i: int) -> dict[str, Any]:
+        """A function-calling conversation around tool ``i % len(tools)`` (see the module docstring)."""
+        import jsonschema
+
+        rng = random.Random(f"{self.cfg.seed}:tools:{i}")
+        target = self.tools[i % len(self.tools)]
+        others = [t for t in self.tools if t is not target]
+        offered = [target] + rng.sample(others, min(len(others), rng.randrange(2, 5)))
+        rng.shuffle(offered)
+        specs = {t["function"]["name"]: t["function"] for t in offered}
+        seed = (self.cfg.seed * 1_000_003 + i) * 4
+        try:
+            request = clean_instruction(self.chat([{"role": "user", "content": TOOL_REQUEST_PROMPT.format(
+                tool=json.dumps(target, ensure_ascii=False))}], seed=seed))
+            if len(request.split()) < self.cfg.min_words:
+                return {"task": i, "reason": "request_too_short", "request": request}
+            messages: list[dict[str, Any]] = [{"role": "user", "content": request}]
+            call_msg = self.respond(messages, tools=offered, tool_choice="required", seed=seed + 1)
+            calls = call_msg.tool_calls or []
+            if not calls:
+                return {"task": i, "reason": "no_tool_call", "request": request}
+            for c in calls:
+                fn = specs.get(c.function.name)
+                if fn is None:
+                    return {"task": i, "reason": "unknown_tool", "request": request}
+                try:
+                    jsonschema.validate(json.loads(c.function.arguments), fn.get("parameters") or {})
+                except (ValueError, jsonschema.ValidationError):
+                    return {"task": i, "reason": "invalid_arguments", "request": request,
+                            "arguments": c.function.arguments[:500]}
+            messages.append({"role": "assistant", "content": call_msg.content, "tool_calls": [
+                {"id": f"call_{i}_{k}", "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for k, c in enumerate(calls)]})
+            for k, c in enumerate(calls):
+                fn = specs[c.function.name]
+                result = self.respond([{"role": "user", "content": TOOL_RESULT_PROMPT.format(
+                    name=fn["name"], description=fn.get("description", ""), arguments=c.function.arguments)}],
+                    response_format={"type": "json_object"}, seed=seed + 2 + k).content or ""
+                if parse_json_object(result) is None:
+                    return {"task": i, "reason": "unparseable_tool_result", "raw": result[:500]}
+                messages.append({"role": "tool", "tool_call_id": f"call_{i}_{k}", "content": result.strip()})
+            answer = (self.respond(messages, tools=offered, tool_choice="none", seed=seed + 3).content or "").strip()
+        except Exception as err:  # noqa: BLE001 - a failed request is recorded, never fatal for the run
+            return {"task": i, "reason": "request_failed", "error": f"{type(err).__name__}: {err}"}
+        if not answer:
+            return {"task": i, "reason": "empty_answer", "request": request}
+        messages.append({"role": "assistant", "content": answer})
+        return {"task": i, "tools": offered, "messages": messages, "source": f"synth:{self.cfg.model}"}
+
+    def respond(self, messages: list[dict[str, Any]], seed: int | None = None, **kwargs: Any):
+        """One chat completion's message, with extra request fields (tools, tool_choice, response_format)."""
+        def once():
+            self._count("requests")
+            return self.client.chat.completions.create(model=self.cfg.model, messages=messages,
+                                                       max_tokens=self.cfg.max_tokens,
+                                                       temperature=self.cfg.temperature, seed=seed, **kwargs)
+
+        resp = call_with_retries(once, self.cfg.max_retries, self.cfg.backoff_s, lambda e: self._count("retries"))
+        if resp.usage:
+            self._count("prompt_tokens", resp.usage.prompt_tokens)
+            self._count("completion_tokens", resp.usage.completion_tokens)
+        return resp.choices[0].message
 
     def ask_json(self, prompt: str, parse: Callable[[str], T | None], seed: int) -> tuple[T | None, str]:
         """Ask the judge model until ``parse`` accepts its answer (at most ``1 + max_parse_retries`` asks)."""
@@ -320,6 +399,34 @@ class Synthesizer:
                 "judge": self.cfg.judge_model or self.cfg.model}
 
 
+def read_tools(path: str | os.PathLike) -> list[dict]:
+    """OpenAI tools from a JSON list or JSONL (one tool per line), validated; errors name the file (and line)."""
+    from lmforge.serve.tools import ToolError, parse_tools
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text)
+        items = [(str(path), t) for t in (raw if isinstance(raw, list) else [raw])]
+    except json.JSONDecodeError:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: invalid JSON: {err.msg}") from None
+    tools = []
+    for where, t in items:
+        try:
+            parse_tools(tools + [t])
+        except ToolError as err:
+            raise ValueError(f"{where}: {err}") from None
+        tools.append(t)
+    if len(tools) < 1:
+        raise ValueError(f"{path}: no tool")
+    return tools
+
+
 def _done_tasks(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -334,7 +441,8 @@ def _done_tasks(path: Path) -> list[dict]:
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
-    inputs = {k: v for k, v in (("seeds", config.seeds), ("data", config.data)) if v is not None}
+    inputs = {k: v for k, v in (("seeds", config.seeds), ("data", config.data), ("tools", config.tools))
+              if v is not None}
     run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
         return finished(out)
@@ -350,11 +458,15 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
 def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
     seeds: list[str] = []
     records: list[list[dict[str, str]]] = []
+    tools: list[dict] = []
     if cfg.mode == "generate":
         seeds = [c.messages[0]["content"] if c.messages[0]["role"] == "user" else c.messages[1]["content"]
                  for c in read_conversations(cfg.seeds)]
         if not seeds:
             raise ValueError(f"{cfg.seeds}: no seed instruction")
+        n_tasks = cfg.num_tasks
+    elif cfg.mode == "tools":
+        tools = read_tools(cfg.tools)
         n_tasks = cfg.num_tasks
     else:
         records = [c.messages for c in read_conversations(cfg.data)][:cfg.num_tasks]
@@ -367,10 +479,12 @@ def synthesize(cfg: Config, out: Path) -> dict[str, Any]:
     kept, rejected = _done_tasks(kept_path), _done_tasks(rejected_path)
     synth = Synthesizer(cfg, seeds, stats)
     synth.records = records
+    synth.tools = tools
     if cfg.mode == "generate":
         for rec in kept:  # resumed: earlier instructions count for dedup
             synth.dedup.add_if_new(rec["messages"][0]["content"])
-    work = {"generate": synth.task, "grade": synth.grade_task, "prefs": synth.prefs_task}[cfg.mode]
+    work = {"generate": synth.task, "grade": synth.grade_task, "prefs": synth.prefs_task,
+            "tools": synth.tools_task}[cfg.mode]
     done = {r["task"] for r in kept + rejected}
     todo = [i for i in range(n_tasks) if i not in done]
     console.print(f"  mode {cfg.mode}: {len(seeds) or len(records)} inputs, {n_tasks} tasks ({len(done)} already done), "
