@@ -145,9 +145,12 @@ def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps:
     return None, times
 
 
-def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int) -> None:
+def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int, backends: list[str],
+                    vocabs: list[str]) -> None:
     for tok_name, (tok, vocab, eos) in tokenizers().items():
-        for backend_name in ("xgrammar", "llguidance"):
+        if tok_name not in vocabs:
+            continue
+        for backend_name in backends:
             t0 = time.perf_counter()
             backend = make_backend(backend_name, tok, vocab, eos)
             setup = time.perf_counter() - t0
@@ -229,14 +232,28 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
+    from lmforge.serve.structured.processor import GrammarLogitsProcessor
+
     rng = random.Random(1)
     picked = rng.sample(schemas, 48)
+    proc_time = [0.0]
+    orig_call = GrammarLogitsProcessor.__call__
+
+    def timed_call(self, output_ids, logits):  # the grammar's own cost per row (matcher + mask), bench only
+        t0 = time.perf_counter()
+        try:
+            return orig_call(self, output_ids, logits)
+        finally:
+            proc_time[0] += time.perf_counter() - t0
+
+    GrammarLogitsProcessor.__call__ = timed_call
     for streams in (1, 16):
         engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=streams, max_model_len=1024, quantize="int4")
         so = StructuredOutputs.for_engine(engine)
         times = timed_decode(engine)
         njobs = streams * 3 if streams > 1 else 2
         per: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+        grammar_s, rows = 0.0, 0
         for r in range(rounds):
             for mode in ("unconstrained", "constrained") if r % 2 == 0 else ("constrained", "unconstrained"):
                 jobs = []
@@ -246,12 +263,19 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
                     jobs.append((chat_prompt(engine, schema),
                                  SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, logits_processors=procs)))
                 times.clear()
-                run_batch(engine, jobs)
+                proc_time[0] = 0.0
+                results = run_batch(engine, jobs)
                 per[mode] += times.get(streams, [])
+                if mode == "constrained":
+                    grammar_s += proc_time[0]
+                    rows += sum(r.completion_tokens for r in results)
         u, c = statistics.median(per["unconstrained"]), statistics.median(per["constrained"])
+        per_row = grammar_s / max(rows, 1)
         print(f"[overhead] SmolLM2-135M int4, {streams} stream(s): decode step median {u * 1e3:.2f} ms "
-              f"unconstrained vs {c * 1e3:.2f} ms constrained ({(c / u - 1) * 100:+.1f} % per token; "
-              f"{len(per['unconstrained'])} / {len(per['constrained'])} steps at batch {streams}) (load {load()})")
+              f"unconstrained vs {c * 1e3:.2f} ms constrained ({(c / u - 1) * 100:+.1f} %; "
+              f"{len(per['unconstrained'])} / {len(per['constrained'])} steps at batch {streams}); the grammar's "
+              f"own time {per_row * 1e6:.0f} us per row per step = {per_row * streams / u * 100:.1f} % of the "
+              f"unconstrained step (load {load()})")
         engine.shutdown()
         so.shutdown()
 
@@ -294,6 +318,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N schemas (0: all)")
     ap.add_argument("--walk-steps", type=int, default=256)
     ap.add_argument("--walk-limit", type=int, default=100000, help="random walks over at most this many schemas")
+    ap.add_argument("--backends", default="xgrammar,llguidance")
+    ap.add_argument("--vocabs", default="SmolLM2-49k,lmforge-bpe512")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens in the overhead section")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--model-schemas", type=int, default=64)
@@ -305,7 +331,7 @@ def main() -> None:
     print(f"{len(schemas)} distinct BFCL parameter schemas; torch threads {torch.get_num_threads()}; load {load()}")
     sections = args.sections.split(",")
     if "grammar" in sections:
-        section_grammar(schemas, args.walk_steps, args.walk_limit)
+        section_grammar(schemas, args.walk_steps, args.walk_limit, args.backends.split(","), args.vocabs.split(","))
     if "overhead" in sections:
         section_overhead(schemas, args.tokens, args.rounds)
     if "model" in sections:

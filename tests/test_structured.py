@@ -123,6 +123,15 @@ def test_enum_values_that_contradict_their_type_are_never_emitted(engine, so):
         assert json.loads(res.text) == {"year": 2019}
 
 
+def test_required_properties_that_are_not_declared_are_still_produced(engine, so):
+    # as in BFCL: {"type": "dict", "required": ["adults", ...]} with no "properties"
+    schema = {"type": "object", "properties": {"pop": {"type": "object", "required": ["adults"]}}, "required": ["pop"]}
+    for seed in range(2):
+        res = engine.generate_text("x", _params(so.processor(GrammarSpec.json_schema(schema)), seed=seed))
+        _check_json(res, schema)
+    assert not _accepts(so, engine, schema, '{"pop": {}}')
+
+
 def test_greedy_constrained_request(engine, so):
     res = engine.generate_text("x", _params(so.processor(GrammarSpec.choice(["alpha", "beta"])), temperature=0.0))
     assert res.text in ("alpha", "beta") and res.finish_reason == "stop"
