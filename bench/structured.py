@@ -4,10 +4,11 @@ BFCL function (``pip install --no-deps bfcl-eval``, Apache-2.0; only its data fi
 Sections (all by default, or pick with ``--sections``):
 
 * ``grammar``: per backend (xgrammar, llguidance) and vocabulary (SmolLM2-135M's 49k BPE and a 512-token lmforge BPE):
-  compile time p50/p99/max over all distinct schemas (no cache), then a *uniform random walk* through each compiled
-  grammar (every step draws uniformly among the tokens the mask allows: a random model at temperature 1) timing
-  ``fill_bitmask`` per step, and checking every finished walk with ``json.loads`` + ``jsonschema`` (target: 0
-  invalid; walks cut at ``--walk-steps`` count as "length").
+  compile time p50/p99/max over all distinct schemas (no cache), then a *random walk* through each compiled grammar
+  (a random model at temperature 1: every step draws uniformly among the tokens the mask allows, half the time
+  among the allowed ones that contain a closing character) timing ``fill_bitmask`` per step, and checking every
+  finished walk with ``json.loads`` + ``jsonschema`` (target: 0 invalid; walks cut at ``--walk-steps`` count as
+  "length").
 * ``overhead``: SmolLM2-135M-Instruct int4 through the Engine, decode-step time with every row constrained vs none,
   at 1 and 16 concurrent streams (only steps whose batch has exactly that many rows count); target <= 10 %.
 * ``model``: SmolLM2-135M-Instruct int4 at temperature 1 on ``--model-schemas`` BFCL schemas (16 streams), each
@@ -126,9 +127,20 @@ def tokenizers() -> dict:
     return out
 
 
+def closers(tok, vocab: int, eos: list[int]) -> np.ndarray:
+    """Tokens that can end a JSON value or member (contain '"', '}', ']' or ',') and eos."""
+    out = np.zeros(vocab, dtype=bool)
+    for i in range(min(vocab, tok.get_vocab_size())):
+        out[i] = any(c in tok.decode([i]) for c in '"}],')
+    out[eos] = True
+    return out
+
+
 def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps: int,
-                decode) -> tuple[str | None, list[float]]:
-    """Draw uniformly among allowed tokens until the grammar terminates; (text or None if cut, mask times)."""
+                decode, closing: np.ndarray) -> tuple[str | None, list[float]]:
+    """A random model: each step draws uniformly among the allowed tokens, half the time only among allowed
+    "closing" tokens (so strings and arrays end and most walks finish), until the grammar terminates; returns
+    (text, or None if cut at ``steps``; fill_bitmask times)."""
     m = compiled.matcher()
     bitmask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
     times, out = [], []
@@ -136,7 +148,10 @@ def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps:
         t0 = time.perf_counter()
         m.fill_bitmask(bitmask)
         times.append(time.perf_counter() - t0)
-        allowed = np.flatnonzero(np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab])
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab].view(bool)
+        allowed = np.flatnonzero(bits & closing) if rng.random() < 0.5 else None
+        if allowed is None or len(allowed) == 0:
+            allowed = np.flatnonzero(bits)
         tok = int(allowed[rng.randrange(len(allowed))])
         assert m.accept_token(tok), tok
         if tok in eos:
@@ -172,9 +187,10 @@ def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int, backe
             for msg, n in sorted(rejected.items(), key=lambda kv: -kv[1])[:5]:
                 print(f"    rejected x{n}: {msg}")
             rng = random.Random(0)
+            closing = closers(tok, vocab, eos)
             mask_times, invalid, cut, ok = [], 0, 0, 0
             for schema, c in compiled[:walk_limit]:
-                text, ts = random_walk(c, vocab, eos, rng, walk_steps, tok.decode)
+                text, ts = random_walk(c, vocab, eos, rng, walk_steps, tok.decode, closing)
                 mask_times += ts
                 if text is None:
                     cut += 1
@@ -189,7 +205,8 @@ def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int, backe
             print(f"[grammar] {tok_name} {backend_name}: random walks over {min(walk_limit, len(compiled))} schemas: "
                   f"{ok} valid, {invalid} invalid, {cut} cut at {walk_steps} steps; fill_bitmask mean "
                   f"{statistics.mean(mask_times) * 1e6:.0f} us, p50 {pct(mask_times, .5) * 1e6:.0f} us, p99 "
-                  f"{pct(mask_times, .99) * 1e6:.0f} us over {len(mask_times)} steps (load {load()})")
+                  f"{pct(mask_times, .99) * 1e6:.0f} us, max {max(mask_times) * 1e3:.1f} ms over {len(mask_times)} "
+                  f"steps (load {load()})")
 
 
 def chat_prompt(engine, schema: dict) -> list[int]:
