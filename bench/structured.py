@@ -244,7 +244,7 @@ def run_batch(engine, jobs: list[tuple[list[int], object]]) -> list:
     return results
 
 
-def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
+def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
@@ -266,7 +266,7 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
     GrammarLogitsProcessor.__call__ = timed_call
     for streams in (1, 16):
         engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=streams, max_model_len=1024, quantize="int4")
-        so = StructuredOutputs.for_engine(engine)
+        so = StructuredOutputs.for_engine(engine, backend=backend)
         times = timed_decode(engine)
         njobs = streams * 3 if streams > 1 else 2
         per: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
@@ -288,7 +288,7 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
                     rows += sum(r.completion_tokens for r in results)
         u, c = statistics.median(per["unconstrained"]), statistics.median(per["constrained"])
         per_row = grammar_s / max(rows, 1)
-        print(f"[overhead] SmolLM2-135M int4, {streams} stream(s): decode step median {u * 1e3:.2f} ms "
+        print(f"[overhead] SmolLM2-135M int4, {backend}, {streams} stream(s): decode step median {u * 1e3:.2f} ms "
               f"unconstrained vs {c * 1e3:.2f} ms constrained ({(c / u - 1) * 100:+.1f} %; "
               f"{len(per['unconstrained'])} / {len(per['constrained'])} steps at batch {streams}); the grammar's "
               f"own time {per_row * 1e6:.0f} us per row per step = {per_row * streams / u * 100:.1f} % of the "
@@ -297,13 +297,13 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
         so.shutdown()
 
 
-def section_model(schemas: list[dict], n: int, tokens: int) -> None:
+def section_model(schemas: list[dict], n: int, tokens: int, backend: str) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
     engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=16, max_model_len=1024, quantize="int4")
-    so = StructuredOutputs.for_engine(engine)
+    so = StructuredOutputs.for_engine(engine, backend=backend)
     picked = random.Random(2).sample(schemas, min(n, len(schemas)))
     jobs = [(chat_prompt(engine, s), SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, logits_processors=[
         so.processor(GrammarSpec.json_schema(s))])) for i, s in enumerate(picked)]
@@ -322,7 +322,7 @@ def section_model(schemas: list[dict], n: int, tokens: int) -> None:
             invalid += 1
             print(f"    INVALID ({res.finish_reason}): {res.text[:120]!r}: {str(err)[:100]}")
     toks = sum(r.completion_tokens for r in results)
-    print(f"[model] SmolLM2-135M int4, temperature 1, {len(picked)} BFCL schemas, 16 streams: {ok} valid, "
+    print(f"[model] SmolLM2-135M int4, {backend}, temperature 1, {len(picked)} BFCL schemas, 16 streams: {ok} valid, "
           f"{invalid} invalid, {length} cut at max_tokens={tokens}; {toks / wall:.1f} tok/s aggregate (load {load()})")
     print(f"    e.g. {results[0].text[:200]!r}")
     engine.shutdown()
@@ -335,7 +335,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N schemas (0: all)")
     ap.add_argument("--walk-steps", type=int, default=256)
     ap.add_argument("--walk-limit", type=int, default=100000, help="random walks over at most this many schemas")
-    ap.add_argument("--backends", default="xgrammar,llguidance")
+    ap.add_argument("--backends", default="xgrammar,llguidance", help="grammar section")
+    ap.add_argument("--backend", default="llguidance", help="overhead and model sections")
     ap.add_argument("--vocabs", default="SmolLM2-49k,lmforge-bpe512")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens in the overhead section")
     ap.add_argument("--rounds", type=int, default=4)
@@ -350,9 +351,9 @@ def main() -> None:
     if "grammar" in sections:
         section_grammar(schemas, args.walk_steps, args.walk_limit, args.backends.split(","), args.vocabs.split(","))
     if "overhead" in sections:
-        section_overhead(schemas, args.tokens, args.rounds)
+        section_overhead(schemas, args.tokens, args.rounds, args.backend)
     if "model" in sections:
-        section_model(schemas, args.model_schemas, args.model_tokens)
+        section_model(schemas, args.model_schemas, args.model_tokens, args.backend)
 
 
 if __name__ == "__main__":
