@@ -4,10 +4,11 @@ BFCL function (``pip install --no-deps bfcl-eval``, Apache-2.0; only its data fi
 Sections (all by default, or pick with ``--sections``):
 
 * ``grammar``: per backend (xgrammar, llguidance) and vocabulary (SmolLM2-135M's 49k BPE and a 512-token lmforge BPE):
-  compile time p50/p99/max over all distinct schemas (no cache), then a *uniform random walk* through each compiled
-  grammar (every step draws uniformly among the tokens the mask allows: a random model at temperature 1) timing
-  ``fill_bitmask`` per step, and checking every finished walk with ``json.loads`` + ``jsonschema`` (target: 0
-  invalid; walks cut at ``--walk-steps`` count as "length").
+  compile time p50/p99/max over all distinct schemas (no cache), then a *random walk* through each compiled grammar
+  (a random model at temperature 1: every step draws uniformly among the tokens the mask allows, half the time
+  among the allowed ones that contain a closing character) timing ``fill_bitmask`` per step, and checking every
+  finished walk with ``json.loads`` + ``jsonschema`` (target: 0 invalid; walks cut at ``--walk-steps`` count as
+  "length").
 * ``overhead``: SmolLM2-135M-Instruct int4 through the Engine, decode-step time with every row constrained vs none,
   at 1 and 16 concurrent streams (only steps whose batch has exactly that many rows count); target <= 10 %.
 * ``model``: SmolLM2-135M-Instruct int4 at temperature 1 on ``--model-schemas`` BFCL schemas (16 streams), each
@@ -126,9 +127,20 @@ def tokenizers() -> dict:
     return out
 
 
+def closers(tok, vocab: int, eos: list[int]) -> np.ndarray:
+    """Tokens that can end a JSON value or member (contain '"', '}', ']' or ',') and eos."""
+    out = np.zeros(vocab, dtype=bool)
+    for i in range(min(vocab, tok.get_vocab_size())):
+        out[i] = any(c in tok.decode([i]) for c in '"}],')
+    out[eos] = True
+    return out
+
+
 def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps: int,
-                decode) -> tuple[str | None, list[float]]:
-    """Draw uniformly among allowed tokens until the grammar terminates; (text or None if cut, mask times)."""
+                decode, closing: np.ndarray) -> tuple[str | None, list[float]]:
+    """A random model: each step draws uniformly among the allowed tokens, half the time only among allowed
+    "closing" tokens (so strings and arrays end and most walks finish), until the grammar terminates; returns
+    (text, or None if cut at ``steps``; fill_bitmask times)."""
     m = compiled.matcher()
     bitmask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
     times, out = [], []
@@ -136,7 +148,10 @@ def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps:
         t0 = time.perf_counter()
         m.fill_bitmask(bitmask)
         times.append(time.perf_counter() - t0)
-        allowed = np.flatnonzero(np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab])
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab].view(bool)
+        allowed = np.flatnonzero(bits & closing) if rng.random() < 0.5 else None
+        if allowed is None or len(allowed) == 0:
+            allowed = np.flatnonzero(bits)
         tok = int(allowed[rng.randrange(len(allowed))])
         assert m.accept_token(tok), tok
         if tok in eos:
@@ -145,9 +160,12 @@ def random_walk(compiled, vocab: int, eos: list[int], rng: random.Random, steps:
     return None, times
 
 
-def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int) -> None:
+def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int, backends: list[str],
+                    vocabs: list[str]) -> None:
     for tok_name, (tok, vocab, eos) in tokenizers().items():
-        for backend_name in ("xgrammar", "llguidance"):
+        if tok_name not in vocabs:
+            continue
+        for backend_name in backends:
             t0 = time.perf_counter()
             backend = make_backend(backend_name, tok, vocab, eos)
             setup = time.perf_counter() - t0
@@ -169,9 +187,10 @@ def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int) -> No
             for msg, n in sorted(rejected.items(), key=lambda kv: -kv[1])[:5]:
                 print(f"    rejected x{n}: {msg}")
             rng = random.Random(0)
+            closing = closers(tok, vocab, eos)
             mask_times, invalid, cut, ok = [], 0, 0, 0
             for schema, c in compiled[:walk_limit]:
-                text, ts = random_walk(c, vocab, eos, rng, walk_steps, tok.decode)
+                text, ts = random_walk(c, vocab, eos, rng, walk_steps, tok.decode, closing)
                 mask_times += ts
                 if text is None:
                     cut += 1
@@ -186,7 +205,8 @@ def section_grammar(schemas: list[dict], walk_steps: int, walk_limit: int) -> No
             print(f"[grammar] {tok_name} {backend_name}: random walks over {min(walk_limit, len(compiled))} schemas: "
                   f"{ok} valid, {invalid} invalid, {cut} cut at {walk_steps} steps; fill_bitmask mean "
                   f"{statistics.mean(mask_times) * 1e6:.0f} us, p50 {pct(mask_times, .5) * 1e6:.0f} us, p99 "
-                  f"{pct(mask_times, .99) * 1e6:.0f} us over {len(mask_times)} steps (load {load()})")
+                  f"{pct(mask_times, .99) * 1e6:.0f} us, max {max(mask_times) * 1e3:.1f} ms over {len(mask_times)} "
+                  f"steps (load {load()})")
 
 
 def chat_prompt(engine, schema: dict) -> list[int]:
@@ -224,19 +244,33 @@ def run_batch(engine, jobs: list[tuple[list[int], object]]) -> list:
     return results
 
 
-def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
+def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
+    from lmforge.serve.structured.processor import GrammarLogitsProcessor
+
     rng = random.Random(1)
     picked = rng.sample(schemas, 48)
+    proc_time = [0.0]
+    orig_call = GrammarLogitsProcessor.__call__
+
+    def timed_call(self, output_ids, logits):  # the grammar's own cost per row (matcher + mask), bench only
+        t0 = time.perf_counter()
+        try:
+            return orig_call(self, output_ids, logits)
+        finally:
+            proc_time[0] += time.perf_counter() - t0
+
+    GrammarLogitsProcessor.__call__ = timed_call
     for streams in (1, 16):
         engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=streams, max_model_len=1024, quantize="int4")
-        so = StructuredOutputs.for_engine(engine)
+        so = StructuredOutputs.for_engine(engine, backend=backend)
         times = timed_decode(engine)
         njobs = streams * 3 if streams > 1 else 2
         per: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+        grammar_s, rows = 0.0, 0
         for r in range(rounds):
             for mode in ("unconstrained", "constrained") if r % 2 == 0 else ("constrained", "unconstrained"):
                 jobs = []
@@ -246,23 +280,30 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int) -> None:
                     jobs.append((chat_prompt(engine, schema),
                                  SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, logits_processors=procs)))
                 times.clear()
-                run_batch(engine, jobs)
+                proc_time[0] = 0.0
+                results = run_batch(engine, jobs)
                 per[mode] += times.get(streams, [])
+                if mode == "constrained":
+                    grammar_s += proc_time[0]
+                    rows += sum(r.completion_tokens for r in results)
         u, c = statistics.median(per["unconstrained"]), statistics.median(per["constrained"])
-        print(f"[overhead] SmolLM2-135M int4, {streams} stream(s): decode step median {u * 1e3:.2f} ms "
-              f"unconstrained vs {c * 1e3:.2f} ms constrained ({(c / u - 1) * 100:+.1f} % per token; "
-              f"{len(per['unconstrained'])} / {len(per['constrained'])} steps at batch {streams}) (load {load()})")
+        per_row = grammar_s / max(rows, 1)
+        print(f"[overhead] SmolLM2-135M int4, {backend}, {streams} stream(s): decode step median {u * 1e3:.2f} ms "
+              f"unconstrained vs {c * 1e3:.2f} ms constrained ({(c / u - 1) * 100:+.1f} %; "
+              f"{len(per['unconstrained'])} / {len(per['constrained'])} steps at batch {streams}); the grammar's "
+              f"own time {per_row * 1e6:.0f} us per row per step = {per_row * streams / u * 100:.1f} % of the "
+              f"unconstrained step (load {load()})")
         engine.shutdown()
         so.shutdown()
 
 
-def section_model(schemas: list[dict], n: int, tokens: int) -> None:
+def section_model(schemas: list[dict], n: int, tokens: int, backend: str) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
     engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=16, max_model_len=1024, quantize="int4")
-    so = StructuredOutputs.for_engine(engine)
+    so = StructuredOutputs.for_engine(engine, backend=backend)
     picked = random.Random(2).sample(schemas, min(n, len(schemas)))
     jobs = [(chat_prompt(engine, s), SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, logits_processors=[
         so.processor(GrammarSpec.json_schema(s))])) for i, s in enumerate(picked)]
@@ -281,7 +322,7 @@ def section_model(schemas: list[dict], n: int, tokens: int) -> None:
             invalid += 1
             print(f"    INVALID ({res.finish_reason}): {res.text[:120]!r}: {str(err)[:100]}")
     toks = sum(r.completion_tokens for r in results)
-    print(f"[model] SmolLM2-135M int4, temperature 1, {len(picked)} BFCL schemas, 16 streams: {ok} valid, "
+    print(f"[model] SmolLM2-135M int4, {backend}, temperature 1, {len(picked)} BFCL schemas, 16 streams: {ok} valid, "
           f"{invalid} invalid, {length} cut at max_tokens={tokens}; {toks / wall:.1f} tok/s aggregate (load {load()})")
     print(f"    e.g. {results[0].text[:200]!r}")
     engine.shutdown()
@@ -294,6 +335,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N schemas (0: all)")
     ap.add_argument("--walk-steps", type=int, default=256)
     ap.add_argument("--walk-limit", type=int, default=100000, help="random walks over at most this many schemas")
+    ap.add_argument("--backends", default="xgrammar,llguidance", help="grammar section")
+    ap.add_argument("--backend", default="llguidance", help="overhead and model sections")
+    ap.add_argument("--vocabs", default="SmolLM2-49k,lmforge-bpe512")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens in the overhead section")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--model-schemas", type=int, default=64)
@@ -305,11 +349,11 @@ def main() -> None:
     print(f"{len(schemas)} distinct BFCL parameter schemas; torch threads {torch.get_num_threads()}; load {load()}")
     sections = args.sections.split(",")
     if "grammar" in sections:
-        section_grammar(schemas, args.walk_steps, args.walk_limit)
+        section_grammar(schemas, args.walk_steps, args.walk_limit, args.backends.split(","), args.vocabs.split(","))
     if "overhead" in sections:
-        section_overhead(schemas, args.tokens, args.rounds)
+        section_overhead(schemas, args.tokens, args.rounds, args.backend)
     if "model" in sections:
-        section_model(schemas, args.model_schemas, args.model_tokens)
+        section_model(schemas, args.model_schemas, args.model_tokens, args.backend)
 
 
 if __name__ == "__main__":

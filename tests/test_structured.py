@@ -9,7 +9,6 @@ import json
 import re
 import threading
 
-import jsonschema
 import pytest
 from test_serve import CTX, _build_serve_model
 
@@ -17,6 +16,7 @@ from lmforge.serve.engine import Engine
 from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.structured import GrammarSpec, StructuredOutputError, StructuredOutputs, make_backend
 
+jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 pytest.importorskip("llguidance")
 
@@ -121,6 +121,15 @@ def test_enum_values_that_contradict_their_type_are_never_emitted(engine, so):
     for seed in range(3):
         res = engine.generate_text("x", _params(so.processor(GrammarSpec.json_schema(schema)), seed=seed))
         assert json.loads(res.text) == {"year": 2019}
+
+
+def test_required_properties_that_are_not_declared_are_still_produced(engine, so):
+    # as in BFCL: {"type": "dict", "required": ["adults", ...]} with no "properties"
+    schema = {"type": "object", "properties": {"pop": {"type": "object", "required": ["adults"]}}, "required": ["pop"]}
+    for seed in range(2):
+        res = engine.generate_text("x", _params(so.processor(GrammarSpec.json_schema(schema)), seed=seed))
+        _check_json(res, schema)
+    assert not _accepts(so, engine, schema, '{"pop": {}}')
 
 
 def test_greedy_constrained_request(engine, so):
@@ -320,3 +329,16 @@ def test_apply_bitmask_matches_a_bit_by_bit_reference():
         assert apply_bitmask(logits.clone(), bits).tolist() == ref
     wide = torch.zeros(40)  # a mask narrower than the logits disallows the tokens past it
     assert torch.isinf(apply_bitmask(wide, torch.tensor([-1], dtype=torch.int32))[32:]).all()
+
+
+def test_processor_async_for_the_http_layer(engine):
+    import asyncio
+
+    so = StructuredOutputs.for_engine(engine)
+    try:
+        proc = asyncio.run(so.processor_async(GrammarSpec.choice(["on", "off"])))
+        assert engine.generate_text("x", _params(proc, seed=0)).text in ("on", "off")
+        with pytest.raises(StructuredOutputError, match="invalid regex"):
+            asyncio.run(so.processor_async(GrammarSpec.regex("[a-")))
+    finally:
+        so.shutdown()

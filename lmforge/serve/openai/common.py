@@ -117,7 +117,12 @@ class ServerContext:
         if self._structured is None:
             from lmforge.serve.structured import StructuredOutputs
 
-            self._structured = StructuredOutputs.for_engine(self.engine)
+            try:
+                self._structured = StructuredOutputs.for_engine(self.engine)
+            except ImportError as err:
+                raise APIError(501, f"structured output and tools need the grammar backends: pip install "
+                                    f"'lmforge[structured]' ({err})", type="server_error",
+                               code="not_implemented") from None
         return self._structured
 
     def check_model(self, name: str | None) -> None:

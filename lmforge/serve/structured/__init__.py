@@ -4,7 +4,7 @@ Engine-level API (the HTTP layer's ``response_format`` / ``guided_*`` / tools bu
 
     from lmforge.serve.structured import GrammarSpec, StructuredOutputs
 
-    so = StructuredOutputs.for_engine(engine)            # backend "xgrammar" (default) or "llguidance"
+    so = StructuredOutputs.for_engine(engine)            # backend "llguidance" (default) or "xgrammar"
     proc = so.processor(GrammarSpec.json_schema(schema))  # compiled on a pool, cached; one processor per request
     engine.generate_text(prompt, SamplingParams(logits_processors=[proc]))
 

@@ -28,7 +28,7 @@ from lmforge.serve.structured.backends import CompiledGrammar, GrammarBackend, m
 from lmforge.serve.structured.processor import GrammarLogitsProcessor
 from lmforge.serve.structured.spec import GrammarSpec, normalize
 
-DEFAULT_BACKEND = "xgrammar"
+DEFAULT_BACKEND = "llguidance"  # measured against xgrammar in bench/structured.py (docs/benchmarks.md)
 
 
 def tokenizer_id(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> str:

@@ -214,10 +214,23 @@ class _Unsatisfiable(Exception):
     pass
 
 
+def _value_schema(node: dict, name: str, extra) -> dict | bool:
+    """The schema a property ``name`` not in ``properties`` must satisfy: a matching patternProperties entry, else
+    additionalProperties (``True`` / absent: any value)."""
+    import re
+
+    for pattern, sub in (node.get("patternProperties") or {}).items():
+        if re.search(pattern, name):
+            return sub
+    return {} if extra is True else extra
+
+
 def consistent_enums(schema: dict | bool) -> dict | bool:
-    """``schema`` with every ``enum`` / ``const`` value that violates its sibling keywords removed (``{"type":
-    "integer", "enum": ["dontcare"]}`` occurs in real tool schemas; the backends would emit "dontcare").  An optional
-    property or ``anyOf`` branch left with no value is dropped; anything else raises ``StructuredOutputError``."""
+    """``schema`` made safe for the backends, same meaning: every ``enum`` / ``const`` value that violates its sibling
+    keywords removed (``{"type": "integer", "enum": ["dontcare"]}`` occurs in real tool schemas; the backends would
+    emit "dontcare"), and ``required`` names missing from ``properties`` declared there (xgrammar 0.2.9 drops them
+    and emits ``{}``).  An optional property or ``anyOf`` branch left with no value is dropped; anything else
+    unsatisfiable raises ``StructuredOutputError``."""
     import jsonschema
 
     def fix(node, path: list[str]):
@@ -233,6 +246,14 @@ def consistent_enums(schema: dict | bool) -> dict | bool:
                 out["enum"] = [v for v in node["enum"] if check.is_valid(v)]
                 if not out["enum"]:
                     raise _Unsatisfiable(_pointer(path + ["enum"]))
+        missing = [n for n in node.get("required") or [] if n not in (node.get("properties") or {})]
+        if missing:  # required but not declared: declare them, or the backends' closed objects could not hold them
+            extra = node.get("additionalProperties", True)
+            if extra is False:
+                raise _Unsatisfiable(_pointer(path + ["required"]))
+            node = dict(node, properties={**(node.get("properties") or {}),
+                                          **{n: _value_schema(node, n, extra) for n in missing}})
+            out["properties"] = node["properties"]
         if isinstance(node.get("properties"), dict):
             required = set(node.get("required") or [])
             props = {}
