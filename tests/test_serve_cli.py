@@ -62,6 +62,10 @@ def test_serve_start_failures_exit_nonzero_with_one_line(model_dir, tmp_path):
                           timeout=120)
     assert "does not exist" in _one_error_line(proc)
 
+    proc = subprocess.run(_cli("chat", str(tmp_path / "missing"), "--prompt", "hi"), capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert "does not exist" in _one_error_line(proc)
+
     proc = subprocess.run(_cli("serve", str(model_dir), "--host", "no-such-host.invalid", "--port", "8000"),
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert "no-such-host.invalid" in _one_error_line(proc)

@@ -504,7 +504,8 @@ def _listen(host: str, port: int):
     return sock
 
 
-def _load_engine(model_dir: str | os.PathLike, **options) -> Engine:
+def load_engine(model_dir: str | os.PathLike, **options) -> Engine:
+    """``Engine.from_folder``, with a missing, incomplete or corrupt folder reported as one ``ServeStartError``."""
     path = Path(model_dir)
     if not path.is_dir():
         raise ServeStartError(f"model folder {path} does not exist" if not path.exists()
@@ -547,7 +548,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         return
     sock = _listen(host, port)
     try:
-        engine = _load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
+        engine = load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
                               quantize=quantize, enable_prefix_caching=enable_prefix_caching,
                               max_num_batched_tokens=max_num_batched_tokens)
         app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
