@@ -536,8 +536,6 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     Raises ``ServeStartError`` when the server cannot start (port in use, bad host, model folder missing or
     unreadable, HTTP server failing to start).  On SIGTERM or Ctrl-C, requests still generating end with
     ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function returns normally."""
-    import uvicorn
-
     if engine_kind not in ("lmforge", "vllm"):
         raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
     if str(model_dir).endswith(".gguf"):
