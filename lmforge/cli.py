@@ -527,10 +527,17 @@ def chat_cmd(
 ) -> None:
     """Chat with a model in the terminal (streams answers; Ctrl-D to quit).  With --prompt, or with stdin not a
     terminal (one message per line), only the answers are printed: `echo hi | lmforge chat M --temperature 0`."""
+    from lmforge.serve.api import ServeStartError
     from lmforge.serve.repl import chat_repl
 
-    chat_repl(str(model), system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-              dtype=dtype, quantize=quantize, max_model_len=max_model_len, prompt=prompt)
+    try:
+        chat_repl(str(model), system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                  dtype=dtype, quantize=quantize, max_model_len=max_model_len, prompt=prompt)
+    except ServeStartError as err:  # model folder missing or unreadable: one line, exit 1
+        from rich.markup import escape
+
+        console.print(f"[red]error: {escape(str(err))}[/]", highlight=False)
+        raise typer.Exit(1) from None
 
 
 STATE_COLOUR = {"done": "green", "failed": "red", "running": "cyan"}

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from openai import OpenAI
@@ -60,6 +59,10 @@ def test_serve_start_failures_exit_nonzero_with_one_line(model_dir, tmp_path):
 
     proc = subprocess.run(_cli("serve", str(tmp_path / "missing")), capture_output=True, text=True, env=_env(),
                           timeout=120)
+    assert "does not exist" in _one_error_line(proc)
+
+    proc = subprocess.run(_cli("chat", str(tmp_path / "missing"), "--prompt", "hi"), capture_output=True, text=True,
+                          env=_env(), timeout=120)
     assert "does not exist" in _one_error_line(proc)
 
     proc = subprocess.run(_cli("serve", str(model_dir), "--host", "no-such-host.invalid", "--port", "8000"),

@@ -45,7 +45,14 @@ def _listen(host: str, port: int):
     return sock
 
 
-def _load_engine(model_dir: str | os.PathLike, **options) -> Engine:
+def load_engine(model_dir: str | os.PathLike, **options) -> Engine:
+    """``Engine.from_folder``, with a missing, incomplete or corrupt folder reported as one ``ServeStartError``."""
+    from lmforge.serve.runner import DTYPES
+
+    if options.get("dtype", "float32") not in DTYPES:  # a bad flag is not a bad model folder
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {options['dtype']!r}")
+    if options.get("quantize") not in (None, "int8", "int4"):
+        raise ValueError(f"quantize must be int8 or int4, got {options['quantize']!r}")
     path = Path(model_dir)
     if not path.is_dir():
         raise ServeStartError(f"model folder {path} does not exist" if not path.exists()
@@ -77,7 +84,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
         if not Path(model_dir).is_file():
             raise ServeStartError(f"GGUF file {model_dir} does not exist")
-        model_dir = materialize_gguf(Path(model_dir))
+        try:
+            model_dir = materialize_gguf(Path(model_dir))
+        except Exception as err:  # not a GGUF, or not a Llama one
+            raise ServeStartError(f"cannot convert {model_dir}: {type(err).__name__}: {err}") from None
     name = model_name or Path(model_dir).resolve().name
     if engine_kind == "vllm":
         from lmforge.serve.vllm_backend import serve_with_vllm
@@ -86,7 +96,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         return
     sock = _listen(host, port)
     try:
-        engine = _load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
+        engine = load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
                               quantize=quantize, enable_prefix_caching=enable_prefix_caching,
                               max_num_batched_tokens=max_num_batched_tokens)
         app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,

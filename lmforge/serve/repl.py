@@ -25,8 +25,10 @@ def chat_repl(model_dir: str | os.PathLike, *, system: str | None = None, temper
     only the answers are printed (one per line, no banner or prompts), so the output can be piped."""
     stdin = stdin or sys.stdin
     console = console or Console(highlight=False, soft_wrap=True, emoji=False)
-    engine = engine or Engine.from_folder(model_dir, max_num_seqs=1, dtype=dtype, quantize=quantize,
-                                          max_model_len=max_model_len)
+    if engine is None:
+        from lmforge.serve.api import load_engine  # a missing or unreadable folder: ServeStartError, one line
+
+        engine = load_engine(model_dir, max_num_seqs=1, dtype=dtype, quantize=quantize, max_model_len=max_model_len)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     interactive = prompt is None and (stdin.isatty() if hasattr(stdin, "isatty") else False)
     if interactive:
