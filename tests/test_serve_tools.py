@@ -244,7 +244,7 @@ def test_langchain_bind_tools_and_with_structured_output(server):
         "type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
     ({"extra_body": {"guided_regex": "([a-z"}}, "guided_regex"),
-    ({"extra_body": {"guided_grammar": 'root ::= "a" |'}}, "guided_grammar"),
+    ({"extra_body": {"guided_grammar": 'root ::= ("a" | "b"'}}, "guided_grammar"),
     ({"extra_body": {"guided_regex": "a", "guided_choice": ["b"]}}, "guided_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
