@@ -111,14 +111,14 @@ def faithful(sentence: str, item) -> bool:
 
 
 def score_answers(kb, items, path: Path) -> None:
-    from lmforge.rag.answer import _CITE, Attributor, LegacyAttributor, split_sentences
+    from lmforge.rag.answer import _CITE, Attributor, split_sentences
 
     by_id = {it.id: it for it in items}
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     print(f"\n{len(rows)} SmolLM2 answers re-attributed ({path})")
     print("| attribution | cited sentences | faithful (gold check) | faithfulness | unsupported marked | answers "
           "'not found' |\n|---|---|---|---|---|---|")
-    for name, make in (("old: word share ≥ 0.5, model citations kept", lambda s: LegacyAttributor(s)),
+    for name, make in (("old: word share ≥ 0.5, model citations kept", lambda s: Attributor(s, 0.5, verify=False)),
                        ("new: support_score, verified", lambda s: Attributor(s))):
         cited = ok = marked = not_found = 0
         for r in rows:
