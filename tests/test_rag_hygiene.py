@@ -125,3 +125,13 @@ def test_wrong_answer_gets_no_citation_and_an_ungrounded_one_is_withheld(small_k
     # attribution off: the text is passed through, as before
     res = Answerer(small_kb, Scripted(wrong), k=2, min_score=0.0, attribute=False).ask(q)
     assert res.answer == wrong and not res.refused
+
+
+def test_jsonl_lines_that_are_not_utf8_cost_only_themselves(tmp_path):
+    good = '{"title": "ok", "text": "Caf\\u00e9 notes about the voyage and the crew."}'
+    (tmp_path / "kb.jsonl").write_bytes(good.encode() + b"\n" + b'{"text": "CESU \xed\xa0\x80 bytes"}\n'
+                                        + b'{"text": "an escape \\ud800 here"}\n' + b'{"text": "Latin-1 \xe9t\xe9"}\n'
+                                        + "{\"text\": \"Grüße aus München\"}\n".encode())
+    (rec,) = ingest_folder(tmp_path)
+    assert [d.path for d in rec.docs] == ["kb.jsonl#1", "kb.jsonl#5"] and rec.docs[1].text == "Grüße aus München"
+    assert [w.split(": ")[0] for w in rec.warnings] == ["kb.jsonl:2", "kb.jsonl:3", "kb.jsonl:4"]
