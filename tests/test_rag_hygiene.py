@@ -81,3 +81,57 @@ def test_heading_only_sections_join_the_next_section(kb_folder):
             if doc.path == "book.md":
                 assert chunks[0].heading_path == ["The Voyage", "Chapter I", "Departure"]
                 assert chunks[0].text.startswith("# The\u00a0Voyage")
+
+
+# -- answers: citations only where the source supports the sentence -------------------------------------------------------
+class Scripted:
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    def stream(self, messages, max_tokens):
+        for i in range(0, len(self.reply), 4):
+            yield self.reply[i:i + 4]
+
+
+@pytest.fixture(scope="module")
+def small_kb(kb_folder, tmp_path_factory):
+    from lmforge.rag.embed import make_embedder
+
+    kb, _ = build_index(Config(docs=str(kb_folder), chunk_tokens=60, overlap_tokens=10),
+                        tmp_path_factory.mktemp("smallkb") / "kb", embedder=make_embedder("minilm"))
+    return kb
+
+
+def test_wrong_answer_gets_no_citation_and_an_ungrounded_one_is_withheld(small_kb):
+    from lmforge.rag.answer import NOT_FOUND, UNSUPPORTED, Answerer
+
+    q = "When did the ship sail?"
+    # a small model's wrong answer, with a citation it made up: the citation is removed, the sentence marked
+    reply = "The ship sailed at dawn [1]. The captain was Horatio Nelson, a famous admiral [1]."
+    res = Answerer(small_kb, Scripted(reply), k=2, min_score=0.0).ask(q)
+    first, second = res.answer.split(". ", 1)
+    assert first.startswith("The ship sailed at dawn [") and "[unsupported]" not in first
+    assert second == f"The captain was Horatio Nelson, a famous admiral {UNSUPPORTED}."
+    assert res.unsupported == ["The captain was Horatio Nelson, a famous admiral."] and not res.refused
+
+    # nothing the model wrote is in the sources: the reply says so instead of showing the unsupported text
+    wrong = "The voyage ended in Lisbon in 1492 with a cargo of pepper. The cook was Portuguese."
+    events = list(Answerer(small_kb, Scripted(wrong), k=2, min_score=0.0).stream(q))
+    final = events[-1].final
+    assert "".join(e.delta for e in events[:-1]) == final.answer == NOT_FOUND
+    assert final.refused and final.citations == [] and final.ungrounded_text.replace(f" {UNSUPPORTED}", "") == wrong
+    assert final.to_dict()["unsupported"] == ["The voyage ended in Lisbon in 1492 with a cargo of pepper.",
+                                              "The cook was Portuguese."]
+    # attribution off: the text is passed through, as before
+    res = Answerer(small_kb, Scripted(wrong), k=2, min_score=0.0, attribute=False).ask(q)
+    assert res.answer == wrong and not res.refused
+
+
+def test_jsonl_lines_that_are_not_utf8_cost_only_themselves(tmp_path):
+    good = '{"title": "ok", "text": "Caf\\u00e9 notes about the voyage and the crew."}'
+    (tmp_path / "kb.jsonl").write_bytes(good.encode() + b"\n" + b'{"text": "CESU \xed\xa0\x80 bytes"}\n'
+                                        + b'{"text": "an escape \\ud800 here"}\n' + b'{"text": "Latin-1 \xe9t\xe9"}\n'
+                                        + "{\"text\": \"Grüße aus München\"}\n".encode())
+    (rec,) = ingest_folder(tmp_path)
+    assert [d.path for d in rec.docs] == ["kb.jsonl#1", "kb.jsonl#5"] and rec.docs[1].text == "Grüße aus München"
+    assert [w.split(": ")[0] for w in rec.warnings] == ["kb.jsonl:2", "kb.jsonl:3", "kb.jsonl:4"]

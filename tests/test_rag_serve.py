@@ -217,11 +217,11 @@ class KeywordJudge:
 
 
 def test_rerank_reorders_retrieved_chunks(kb):
-    plain, _ = Answerer(kb, None, k=6).retrieve("What does Django mean?")
+    plain, _ = Answerer(kb, None, k=10).retrieve("What does Django mean?")
     target = next(s for s in plain[1:] if "BSD" in s.text)  # a chunk the retriever ranks lower
     judge = KeywordJudge("BSD")
-    sources, _ = Answerer(kb, None, k=2, reranker=judge, rerank_depth=6).retrieve("What does Django mean?")
-    assert len(judge.asked) == 6 and "Question: What does Django mean?" in judge.asked[0][-1]["content"]
+    sources, _ = Answerer(kb, None, k=2, reranker=judge, rerank_depth=10).retrieve("What does Django mean?")
+    assert len(judge.asked) == 10 and "Question: What does Django mean?" in judge.asked[0][-1]["content"]
     assert sources[0].text == target.text and sources[0].relevance == 0.9 and sources[0].number == 1
     assert sources[1].relevance == 0.9 if "BSD" in sources[1].text else sources[1].relevance == 0.1
 

@@ -7,11 +7,14 @@
   answers worse and it still wrote no ``[n]`` markers - docs/rag_results.md; attribution supplies the citations.)
 * Citations ``[1]``, ``[2, 3]`` in the model's text are parsed; a number that does not name a retrieved source is
   removed from the text (also while streaming), so an answer never cites a source that was not retrieved.
-* Attribution (``attribute=True``, the default): a sentence the model left without a citation gets one added after
-  the fact - the retrieved source holding the largest share of the sentence's content words (``bm25_tokens``), when
-  that share is at least ``min_overlap``.  Only retrieved sources are candidates.  Each citation says how it was made:
-  ``method = "model"`` (the model wrote the marker) or ``"attributed"``.  Streaming emits text sentence by sentence
-  so the streamed text equals the final answer.
+* Attribution (``attribute=True``, the default): every sentence is checked against the retrieved sources with
+  ``support_score`` (content words *and* adjacent word pairs found in the source; threshold ``min_support``, measured
+  in docs/rag_results.md).  A model citation of a source that does not support its sentence is removed; a sentence
+  without a supported citation gets the best-supporting source, or is marked ``[unsupported]`` when none reaches the
+  threshold.  An answer with no supported sentence is withheld: the reply is ``NOT_FOUND`` (``refused``), the model's
+  text is kept in ``RagAnswer.ungrounded_text``.  Each citation says how it was made: ``method = "model"`` (the
+  model wrote the marker) or ``"attributed"``.  Streaming emits text sentence by sentence (held back until the first
+  supported sentence) so the streamed text equals the final answer.
 * Follow-ups: with a chat history, the question is first rewritten into a standalone question by the model (falling
   back to "previous question + this one" when the model gives nothing usable); retrieval uses the rewrite.
 * Persona: ``system_prompt`` replaces the default instructions' first line (a customer-service voice, a character).
@@ -25,7 +28,7 @@ chat endpoint).  Both stream text deltas.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Protocol
 
 from lmforge.rag.index import Filters, Hit, KnowledgeBase, Mode, bm25_tokens
@@ -128,11 +131,16 @@ class RagAnswer:
     citations: list[Source]  # the sources the answer cites (a subset of ``sources``)
     refused: bool = False
     standalone_question: str | None = None
+    unsupported: list[str] = field(default_factory=list)  # sentences no retrieved source supports (marked in text)
+    ungrounded_text: str | None = None  # the model's answer, withheld because no sentence of it was supported
 
     def to_dict(self) -> dict:
-        return {"question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
-                "refused": self.refused, "citations": [c.to_dict() for c in self.citations],
-                "sources": [s.to_dict() for s in self.sources]}
+        out = {"question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
+               "refused": self.refused, "citations": [c.to_dict() for c in self.citations],
+               "sources": [s.to_dict() for s in self.sources], "unsupported": self.unsupported}
+        if self.ungrounded_text is not None:
+            out["ungrounded_text"] = self.ungrounded_text
+        return out
 
 
 @dataclass
@@ -205,37 +213,115 @@ def lexical_support(sentence: str, source_tokens: set[str]) -> float:
     return len(words & source_tokens) / len(words) if words else 0.0
 
 
-class Attributor:
-    """Adds a citation to each sentence the model left uncited: the retrieved source with the largest lexical support
-    (ties: the lower number), when it reaches ``min_overlap``.  Sentences with fewer than ``min_words`` content words
-    and refusals are left alone.  ``feed`` / ``flush`` work on a stream (whole sentences come out); ``model_cited`` and
-    ``attributed`` collect the numbers used each way."""
+SUPPORT_THRESHOLD = 0.6  # measured: docs/rag_results.md "Citations only where the source supports the sentence"
+UNSUPPORTED = "[unsupported]"
+PAIR_WINDOW = 3
+_ASCII_WORD = re.compile(r"[a-z0-9_'.-]+")
 
-    def __init__(self, sources: list[Source], min_overlap: float = 0.5, min_words: int = 2,
-                 enabled: bool = True) -> None:
-        self.tokens = {s.number: set(bm25_tokens(s.text)) for s in sources}
-        self.min_overlap = min_overlap
+
+class SupportIndex:
+    """The content words and the adjacent content-word pairs of one source, for :func:`support_score`."""
+
+    def __init__(self, text: str) -> None:
+        toks = bm25_tokens(text)
+        self.words = set(toks)
+        words = [t for t in toks if _ASCII_WORD.fullmatch(t)]
+        # ordered pairs up to PAIR_WINDOW content words apart: a sentence that condenses the source keeps its pairs
+        self.pairs = {(a, b) for k in range(1, PAIR_WINDOW + 1) for a, b in zip(words, words[k:])}
+
+
+def support_score(sentence: str, source: str | SupportIndex) -> float:
+    """How far ``source`` supports ``sentence``: the mean of the share of its content words found in the source and
+    the share of its adjacent content-word pairs found there in the same order, at most ``PAIR_WINDOW`` content words
+    apart (CJK text: the first share only).
+
+    The pair share is what separates a sentence copied or condensed from the source from a wrong one made of the
+    source's words: "Django is named after Guido van Rossum, a jazz guitarist" shares most words with the Django FAQ
+    but few of their pairs."""
+    idx = source if isinstance(source, SupportIndex) else SupportIndex(source)
+    toks = bm25_tokens(_CITE.sub(" ", sentence))
+    words = set(toks)
+    if not words:
+        return 0.0
+    uni = len(words & idx.words) / len(words)
+    ascii_words = [t for t in toks if _ASCII_WORD.fullmatch(t)]
+    pairs = set(zip(ascii_words, ascii_words[1:]))
+    if not pairs:
+        return uni
+    return (uni + len(pairs & idx.pairs) / len(pairs)) / 2
+
+
+class Attributor:
+    """Checks every sentence of an answer against the retrieved sources (``support_score`` ≥ ``min_support``).
+
+    * A citation the model wrote is kept only for sources that support the sentence; the others are removed.
+    * A sentence left without a supported citation gets one: the source that supports it best (ties: the lower
+      number), when it reaches ``min_support``.
+    * A sentence no source supports is marked ``[unsupported]`` (``mark_unsupported``) and counted in
+      ``unsupported``; ``grounded`` is False while no sentence is supported.
+    * Sentences with fewer than ``min_words`` content words ("Yes.", "See also [1].") and refusals are left alone.
+
+    ``verify=False`` is the old behaviour (kept for comparison in bench/rag_faithfulness.py): model citations are
+    kept as written and an uncited sentence is attributed when the share of its content words found in a source is at
+    least ``min_support``; nothing is marked.  ``feed`` / ``flush`` work on a stream (whole sentences come out);
+    ``model_cited`` and ``attributed`` collect the numbers used each way."""
+
+    def __init__(self, sources: list[Source], min_support: float = SUPPORT_THRESHOLD, min_words: int = 2,
+                 enabled: bool = True, verify: bool = True, mark_unsupported: bool = True) -> None:
+        self.index = {s.number: SupportIndex(s.text) for s in sources}
+        self.tokens = {n: ix.words for n, ix in self.index.items()}
+        self.min_support = min_support
         self.min_words = min_words
         self.enabled = enabled
+        self.verify = verify
+        self.mark_unsupported = mark_unsupported and verify
         self.model_cited: set[int] = set()
         self.attributed: set[int] = set()
+        self.dropped_citations = 0  # model citations of a source that does not support the sentence
+        self.supported = 0
+        self.unsupported: list[str] = []
         self.buf = ""
+
+    @property
+    def grounded(self) -> bool:
+        """False when the answer has sentences to check and no source supports any of them."""
+        return self.supported > 0 or not self.unsupported
+
+    def _score(self, sent: str, n: int) -> float:
+        return support_score(sent, self.index[n]) if self.verify else lexical_support(sent, self.tokens[n])
+
+    @staticmethod
+    def _mark(sent: str, mark: str) -> str:
+        body, punct, space = _TRAILER.match(sent).groups()
+        return f"{body} {mark}{punct}{space}"
 
     def sentence(self, sent: str) -> str:
         found = [int(n) for m in _CITE.finditer(sent) for n in re.split(r"[,;]", m.group(1))]
-        if found:
+        refusal = "knowledge base does not contain" in sent.lower()
+        short = len(set(bm25_tokens(_CITE.sub(" ", sent)))) < self.min_words
+        if not self.enabled or refusal or short or (found and not self.verify) or not self.index:
             self.model_cited.update(found)
             return sent
-        if not self.enabled or "knowledge base does not contain" in sent.lower():
-            return sent
-        if len(set(bm25_tokens(sent))) < self.min_words or not self.tokens:
-            return sent
-        best = max(self.tokens, key=lambda n: (lexical_support(sent, self.tokens[n]), -n))
-        if lexical_support(sent, self.tokens[best]) < self.min_overlap:
-            return sent
+        if found:
+            keep = [n for n in dict.fromkeys(found) if n in self.index and self._score(sent, n) >= self.min_support]
+            self.dropped_citations += len(set(found)) - len(keep)
+            if len(keep) == len(set(found)):  # every citation holds: the model's text stays as written
+                self.model_cited.update(keep)
+                self.supported += 1
+                return sent
+            sent = re.sub(r"[ \t]+([.,;:!?。！？])", r"\1", _CITE.sub("", sent))
+            if keep:
+                self.model_cited.update(keep)
+                self.supported += 1
+                return self._mark(sent, f"[{', '.join(map(str, keep))}]")
+            # the model cited sources that do not say this: look for one that does
+        best = max(self.index, key=lambda n: (self._score(sent, n), -n))
+        if self._score(sent, best) < self.min_support:
+            self.unsupported.append(_CITE.sub("", sent).strip())
+            return self._mark(sent, UNSUPPORTED) if self.mark_unsupported else sent
         self.attributed.add(best)
-        body, punct, space = _TRAILER.match(sent).groups()
-        return f"{body} [{best}]{punct}{space}"
+        self.supported += 1
+        return self._mark(sent, f"[{best}]")
 
     def feed(self, delta: str) -> str:
         self.buf += delta
@@ -250,9 +336,21 @@ class Attributor:
         return out
 
 
-def attribute_citations(text: str, sources: list[Source], min_overlap: float = 0.5) -> tuple[str, Attributor]:
-    """``text`` with citations attributed to its uncited sentences (see ``Attributor``), and the attributor."""
-    att = Attributor(sources, min_overlap)
+def split_sentences(text: str) -> list[str]:
+    """The sentences of an answer, as the attributor sees them (a citation after the end stays with its sentence)."""
+    out, pos = [], 0
+    for m in _BOUNDARY.finditer(text):
+        out.append(text[pos:m.end()])
+        pos = m.end()
+    if text[pos:].strip():
+        out.append(text[pos:])
+    return out
+
+
+def attribute_citations(text: str, sources: list[Source], min_support: float = SUPPORT_THRESHOLD,
+                        ) -> tuple[str, Attributor]:
+    """``text`` with its citations verified and attributed (see ``Attributor``), and the attributor."""
+    att = Attributor(sources, min_support)
     return att.feed(text) + att.flush(), att
 
 
@@ -273,7 +371,7 @@ class Answerer:
     def __init__(self, kb: KnowledgeBase, generator: Generator | None, *, k: int = 4, mode: Mode = "hybrid",
                  min_score: float = 0.3, system_prompt: str | None = None, max_tokens: int = 256,
                  filters: Filters | None = None, reranker: Judge | None = None, rerank_depth: int = 10,
-                 attribute: bool = True, min_overlap: float = 0.5) -> None:
+                 attribute: bool = True, min_support: float = SUPPORT_THRESHOLD) -> None:
         self.kb = kb
         self.generator = generator
         self.k = k
@@ -285,13 +383,13 @@ class Answerer:
         self.reranker = reranker
         self.rerank_depth = rerank_depth
         self.attribute = attribute
-        self.min_overlap = min_overlap
+        self.min_support = min_support
 
     def with_options(self, **changes) -> "Answerer":
         """A copy with some settings changed (per-request options of a server)."""
         opts = {"k": self.k, "mode": self.mode, "min_score": self.min_score, "system_prompt": self.system_prompt,
                 "max_tokens": self.max_tokens, "filters": self.filters, "reranker": self.reranker,
-                "rerank_depth": self.rerank_depth, "attribute": self.attribute, "min_overlap": self.min_overlap,
+                "rerank_depth": self.rerank_depth, "attribute": self.attribute, "min_support": self.min_support,
                 "generator": self.generator}
         opts.update(changes)
         return Answerer(self.kb, opts.pop("generator"), **opts)
@@ -344,15 +442,29 @@ class Answerer:
             return
         valid = {s.number for s in sources}
         filt = CitationStreamFilter(valid)
-        att = Attributor(sources, self.min_overlap, enabled=self.attribute)
+        att = Attributor(sources, self.min_support, enabled=self.attribute)
         parts: list[str] = []
+        held: list[str] = []  # with attribution on, nothing is shown before some sentence is found supported
         for delta in self.generator.stream(self.messages(question if not history else standalone, sources, history),
                                            self.max_tokens):
             out = att.feed(filt.feed(delta))
-            if out:
-                parts.append(out)
-                yield StreamEvent(out)
-        tail = att.feed(filt.flush()) + att.flush()
+            if not out:
+                continue
+            if self.attribute and att.supported == 0:
+                held.append(out)
+                continue
+            if held:
+                out, held = "".join(held) + out, []
+            parts.append(out)
+            yield StreamEvent(out)
+        tail = "".join(held) + att.feed(filt.flush()) + att.flush()
+        if self.attribute and not att.grounded:
+            # no sentence of the answer is supported by a retrieved source: say so, never show unsupported text
+            ungrounded = "".join(parts) + tail
+            yield StreamEvent(NOT_FOUND)
+            yield StreamEvent(final=RagAnswer(question, NOT_FOUND, sources, [], True, standalone,
+                                              unsupported=list(att.unsupported), ungrounded_text=ungrounded.strip()))
+            return
         if tail:
             parts.append(tail)
             yield StreamEvent(tail)
@@ -361,7 +473,8 @@ class Answerer:
         refused = NOT_FOUND.lower().rstrip(".") in text.lower()
         by_number = {s.number: s for s in sources}
         citations = [replace(by_number[n], method="model" if n in att.model_cited else "attributed") for n in cited]
-        yield StreamEvent(final=RagAnswer(question, text, sources, citations, refused, standalone))
+        yield StreamEvent(final=RagAnswer(question, text, sources, citations, refused, standalone,
+                                          unsupported=list(att.unsupported)))
 
     def ask(self, question: str, history: list[dict] | None = None) -> RagAnswer:
         final = None

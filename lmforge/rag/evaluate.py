@@ -157,18 +157,20 @@ _CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _SENT = re.compile(r"(?<=[.!?。！？])\s+")
 
 
-def faithfulness(answer: str, sources: dict[int, str], threshold: float = 0.5) -> dict[str, Any]:
-    """Lexical check: for every sentence with citations, the share of its content words present in the cited
-    sources' text.  Supported when ≥ ``threshold``.  Returns counts and the supported share (None: nothing cited)."""
+def faithfulness(answer: str, sources: dict[int, str], threshold: float | None = None) -> dict[str, Any]:
+    """Lexical check: every sentence with citations is scored against the cited sources' text with
+    ``lmforge.rag.answer.support_score`` (content words and adjacent word pairs); supported when ≥ ``threshold``
+    (default: the attribution threshold).  Returns counts and the supported share (None: nothing cited)."""
+    from lmforge.rag.answer import SUPPORT_THRESHOLD, support_score
+
+    threshold = SUPPORT_THRESHOLD if threshold is None else threshold
     cited, supported, details = 0, 0, []
     for sent in _SENT.split(answer):
         nums = [int(n) for m in _CITE.finditer(sent) for n in m.group(1).split(",")]
         if not nums:
             continue
         cited += 1
-        words = set(bm25_tokens(_CITE.sub(" ", sent)))
-        source_words = set(bm25_tokens(" ".join(sources.get(n, "") for n in nums)))
-        share = len(words & source_words) / len(words) if words else 1.0
+        share = max((support_score(sent, sources[n]) for n in nums if n in sources), default=0.0)
         ok = share >= threshold and all(n in sources for n in nums)
         supported += ok
         details.append({"sentence": sent, "cites": nums, "overlap": round(share, 3), "supported": ok})

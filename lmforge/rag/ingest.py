@@ -137,6 +137,10 @@ def _jsonl_docs(text: str, rel: str, record: FileRecord) -> None:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = find_surrogate(line)  # bytes that are not UTF-8 (surrogateescape), CESU-8 included
+        if where:
+            record.warnings.append(f"{rel}:{lineno}: bad_jsonl_line: not UTF-8 ({where.split(' ', 2)[-1]})")
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
@@ -176,6 +180,12 @@ def read_file(path: Path, root: Path) -> FileRecord:
         doc, reason = _html_doc(data, rel)
     elif kind == "pdf":
         doc, reason = _pdf_doc(path, rel)
+    elif kind == "jsonl" and data.strip() and not sniff_binary(data):
+        # JSON Lines are UTF-8 by definition: decode line by line, so one bad line costs only itself
+        record.encoding = "utf-8"
+        _jsonl_docs(data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), rel, record)
+        if not record.docs:
+            reason = "no_text (no valid JSONL line with a 'text' field)"
     else:
         text, reason = _decode_text(data)
         if text is not None:
