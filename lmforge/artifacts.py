@@ -133,7 +133,7 @@ def fingerprint_input(spec: str | os.PathLike) -> str:
     h = hashlib.sha256()
     base = path if path.is_dir() else None
     for f in files:
-        h.update(str(f.relative_to(base) if base else f.name).encode())
+        h.update(os.fsencode(f.relative_to(base) if base else f.name))  # names need not be UTF-8
         _hash_file(f, h)
     return "sha256:" + h.hexdigest()[:16]
 

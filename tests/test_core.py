@@ -124,3 +124,17 @@ def test_execution_fields_do_not_change_the_fingerprint(tmp_path):
     b = StageRun("toy", "1", tmp_path / "o", {"k": 1, "workers": 4}, {}, execution_fields={"workers"})
     c = StageRun("toy", "1", tmp_path / "o", {"k": 2, "workers": 4}, {}, execution_fields={"workers"})
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_fingerprint_of_a_folder_with_a_non_utf8_file_name(tmp_path):
+    import os
+
+    from lmforge.artifacts import fingerprint_input
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("hello")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:  # a Latin-1 name, as old archives have
+        f.write(b"bonjour")
+    first = fingerprint_input(folder)
+    assert first.startswith("sha256:") and fingerprint_input(folder) == first
