@@ -422,6 +422,28 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
         board, problem = data_view.leaderboard(store)
         return page(request, "eval.html", board=board, problem=problem)
 
+    @app.get("/runs/{run_id}/items/{task}", response_class=HTMLResponse)
+    def items_page(request: Request, run_id: str, task: str, only: str = "") -> HTMLResponse:
+        """Per-item results of one task of an eval run (``items/<task>.jsonl``); ``only=wrong`` keeps failures."""
+        run = store.run(run_id)
+        path = store.file(run, f"items/{task}.jsonl")
+        try:
+            metric = json.loads((path.parent.parent / "results.json").read_text())["tasks"][task]["metric"]
+        except (OSError, ValueError, KeyError, TypeError):
+            metric = "acc"
+        rows, bad = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(rec, dict) and not (only == "wrong" and rec.get(metric) not in (0, 0.0, False)):
+                rows.append(rec)
+        cols = list(dict.fromkeys(k for r in rows[:200] for k in r))
+        return page(request, "items.html", run=run, task=task, rows=rows[:1000], cols=cols, bad=bad, metric=metric,
+                    total=len(rows), nav="eval")
+
     return app
 
 
