@@ -91,7 +91,8 @@ def page(browser):
 
 
 def _ids(server) -> dict[str, str]:
-    return {r["stage"]: r["run_id"] for r in reversed(httpx.get(server + "/api/runs").json())}
+    """The workspace's runs by stage (the oldest of each stage: runs the tests launch come later)."""
+    return {r["stage"]: r["run_id"] for r in httpx.get(server + "/api/runs").json()}  # newest first: oldest wins
 
 
 def test_every_page_opens_without_errors(server, page):
