@@ -174,6 +174,16 @@ def test_a_live_curve_grows_while_a_tiny_pretrain_runs(server, page, ws, tmp_pat
         got = page.evaluate(f"window.lmforgeCurves.data['{run_id}'].map(r => r.step)")
         assert got == steps == list(range(1, 51))  # every step once: nothing lost or doubled between fetch and stream
         assert page.inner_text(legend + ' [data-role="live"]') == ""
+        # two runs overlaid, and smoothing (an exponential moving average) applied to what is drawn
+        first_run = _ids(server)["pretrain"]
+        page.goto(f"{server}/curves?run={first_run}&run={run_id}")
+        page.wait_for_function(f"window.lmforgeCurves.points('{first_run}') == 8 && "
+                               f"window.lmforgeCurves.points('{run_id}') == 50")
+        assert page.locator("#legend li").count() == 2
+        assert page.evaluate("lmforgePlot.ema([[1, 1], [2, 3], [3, 3]], 0.5)") == [[1, 1], [2, 2], [3, 2.5]]
+        page.fill("#smooth", "0.9")
+        page.dispatch_event("#smooth", "input")
+        assert page.inner_text("#smooth-v") == "0.9"
         assert page.errors == []
     finally:
         if proc.poll() is None:
