@@ -240,3 +240,37 @@ def test_chat_in_the_playground(server, page, tmp_path_factory):
         assert [e for e in page.errors if "502" not in e] == []  # the failed fetch itself is logged by Chromium
     finally:
         engine.shutdown()
+
+
+def test_label_three_items_with_the_keyboard_and_export(server, page, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?",
+                                         "answers": [f"It is {2 * i}.", f"Maybe {i}."]}) + "\n" for i in range(3)))
+    page.goto(server + "/label")
+    page.fill("#new-project input[name=name]", "arith")
+    page.fill("#new-project input[name=items]", str(items))
+    page.fill("#new-project input[name=annotators]", "alice")
+    page.click("#new-project button[type=submit]")
+    page.wait_for_url("**/label/arith")
+    page.click("text=label as alice")
+    for i in range(3):
+        page.wait_for_function(f"document.getElementById('progress').textContent == '{i} / 3'")
+        assert page.inner_text("#prompt-text") == f"What is {i} + {i}?"
+        page.keyboard.press("5")  # rate 5
+        page.keyboard.press("a")  # answer a is better
+        page.keyboard.press("e")  # edit the gold answer
+        page.keyboard.press("Control+a")
+        page.keyboard.type(f"{i} + {i} = {2 * i}.")
+        page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#finished")
+    page.goto(server + "/label/arith")
+    assert "3 / 3" in page.inner_text("#progress")
+    with page.expect_download() as dl:
+        page.click("#export-sft")
+    sft = [json.loads(l) for l in Path(dl.value.path()).read_text().splitlines()]
+    assert [s["messages"][1]["content"] for s in sft] == [f"{i} + {i} = {2 * i}." for i in range(3)]
+    with page.expect_download() as dl:
+        page.click("#export-pref")
+    pref = [json.loads(l) for l in Path(dl.value.path()).read_text().splitlines()]
+    assert [(p["chosen"], p["meta"]["annotator"]) for p in pref] == [(f"It is {2 * i}.", "alice") for i in range(3)]
+    assert page.errors == []
