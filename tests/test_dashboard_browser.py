@@ -231,6 +231,15 @@ def test_chat_in_the_playground(server, page, tmp_path_factory):
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=120_000)
             assert page.inner_text(".msg.user .content") == "What is a tuple?"
             assert page.inner_text(".msg.assistant .content").strip()
+            # the same prompt to two models side by side (here the same one, greedy: the same answer twice)
+            page.fill("#temperature", "0")
+            page.check("#compare")
+            page.fill("#prompt", "What is a dict?")
+            page.click("#send-btn")
+            page.wait_for_function("document.querySelectorAll('.answers:last-child .msg[data-done=\"1\"]').length == 2",
+                                   timeout=120_000)
+            a, b = (page.inner_text(f".answers:last-child .msg[data-side='{s}'] .content") for s in "ab")
+            assert a == b and len(a) > 0  # a random tiny model: greedy text may be whitespace
             page.goto(f"{server}/serving?url={url[:-3]}")
             page.wait_for_function("document.getElementById('server').innerText.includes('generated tokens')")
         # the server is gone now: the playground says so in the page
