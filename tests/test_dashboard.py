@@ -231,3 +231,49 @@ def test_missing_and_corrupt_registry(tmp_path):
         assert r.status_code == 503, url
         assert "cannot be read" in r.text and "registry" in r.text
         assert_no_trace(r)
+
+
+def test_eval_leaderboard_with_intervals_and_per_item_results(lmforge_home, tmp_path):
+    from lmforge.artifacts import StageRun, write_json
+
+    ids = []
+    for name, score in (("small", 0.25), ("large", 0.75)):
+        run = StageRun("eval", "1", tmp_path / f"eval-{name}", {"model": name})
+        with run:
+            write_json(run.dir / "results.json", {
+                "model": str(tmp_path / name), "aggregate_centered": score - 0.25,
+                "tasks": {"mc": {"metric": "acc_norm", "score": score, "ci": [score - 0.1, score + 0.1], "n": 4}}})
+            items = [{"gold": i % 2, "acc": 1.0, "acc_norm": float(i < 4 * score)} for i in range(4)]
+            (run.dir / "items").mkdir()
+            (run.dir / "items" / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items) + "{broken\n")
+        ids.append(run.run_id)
+    c = TestClient(create_app(lmforge_home), raise_server_exceptions=False)
+    page = c.get("/eval").text
+    assert page.index(ids[1]) < page.index(ids[0])  # best aggregate first
+    assert "[0.65, 0.85]" in page and "[0.15, 0.35]" in page
+    assert f"/runs/{ids[0]}/items/mc" in page
+    items = c.get(f"/runs/{ids[0]}/items/mc").text
+    assert len(re.findall(r"<tr><td class=\"n\">", items)) == 4 and "1 unreadable line(s) skipped" in items
+    wrong = c.get(f"/runs/{ids[0]}/items/mc", params={"only": "wrong"}).text
+    assert len(re.findall(r"<tr><td class=\"n\">", wrong)) == 3  # acc_norm (the task's metric) is 0 on three items
+    assert c.get(f"/runs/{ids[0]}/items/..%2F..%2Fsecret").status_code in (403, 404)
+
+
+def test_running_rows_whose_process_is_gone_are_interrupted():
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from lmforge.dashboard.store import with_derived
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    base = {"status": "running", "started_at": time.time() - 10, "finished_at": None, "config": "{}", "metrics": None}
+    assert with_derived(dict(base))["state"] == "running"  # an older registry without pid/host columns
+    here = socket.gethostname()
+    assert with_derived({**base, "pid": gone.pid, "host": here})["state"] == "interrupted"
+    assert with_derived({**base, "pid": os.getpid(), "host": here})["state"] == "running"
+    assert with_derived({**base, "pid": gone.pid, "host": "another-machine"})["state"] == "running"
+    assert with_derived({**base, "heartbeat": time.time() - 3600})["state"] == "interrupted"
+    assert with_derived({**base, "status": "interrupted"})["state"] == "interrupted"

@@ -91,7 +91,8 @@ def page(browser):
 
 
 def _ids(server) -> dict[str, str]:
-    return {r["stage"]: r["run_id"] for r in reversed(httpx.get(server + "/api/runs").json())}
+    """The workspace's runs by stage (the oldest of each stage: runs the tests launch come later)."""
+    return {r["stage"]: r["run_id"] for r in httpx.get(server + "/api/runs").json()}  # newest first: oldest wins
 
 
 def test_every_page_opens_without_errors(server, page):
@@ -173,6 +174,16 @@ def test_a_live_curve_grows_while_a_tiny_pretrain_runs(server, page, ws, tmp_pat
         got = page.evaluate(f"window.lmforgeCurves.data['{run_id}'].map(r => r.step)")
         assert got == steps == list(range(1, 51))  # every step once: nothing lost or doubled between fetch and stream
         assert page.inner_text(legend + ' [data-role="live"]') == ""
+        # two runs overlaid, and smoothing (an exponential moving average) applied to what is drawn
+        first_run = _ids(server)["pretrain"]
+        page.goto(f"{server}/curves?run={first_run}&run={run_id}")
+        page.wait_for_function(f"window.lmforgeCurves.points('{first_run}') == 8 && "
+                               f"window.lmforgeCurves.points('{run_id}') == 50")
+        assert page.locator("#legend li").count() == 2
+        assert page.evaluate("lmforgePlot.ema([[1, 1], [2, 3], [3, 3]], 0.5)") == [[1, 1], [2, 2], [3, 2.5]]
+        page.fill("#smooth", "0.9")
+        page.dispatch_event("#smooth", "input")
+        assert page.inner_text("#smooth-v") == "0.9"
         assert page.errors == []
     finally:
         if proc.poll() is None:
@@ -220,6 +231,15 @@ def test_chat_in_the_playground(server, page, tmp_path_factory):
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=120_000)
             assert page.inner_text(".msg.user .content") == "What is a tuple?"
             assert page.inner_text(".msg.assistant .content").strip()
+            # the same prompt to two models side by side (here the same one, greedy: the same answer twice)
+            page.fill("#temperature", "0")
+            page.check("#compare")
+            page.fill("#prompt", "What is a dict?")
+            page.click("#send-btn")
+            page.wait_for_function("document.querySelectorAll('.answers:last-child .msg[data-done=\"1\"]').length == 2",
+                                   timeout=120_000)
+            a, b = (page.inner_text(f".answers:last-child .msg[data-side='{s}'] .content") for s in "ab")
+            assert a == b and len(a) > 0  # a random tiny model: greedy text may be whitespace
             page.goto(f"{server}/serving?url={url[:-3]}")
             page.wait_for_function("document.getElementById('server').innerText.includes('generated tokens')")
         # the server is gone now: the playground says so in the page
@@ -229,3 +249,37 @@ def test_chat_in_the_playground(server, page, tmp_path_factory):
         assert [e for e in page.errors if "502" not in e] == []  # the failed fetch itself is logged by Chromium
     finally:
         engine.shutdown()
+
+
+def test_label_three_items_with_the_keyboard_and_export(server, page, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?",
+                                         "answers": [f"It is {2 * i}.", f"Maybe {i}."]}) + "\n" for i in range(3)))
+    page.goto(server + "/label")
+    page.fill("#new-project input[name=name]", "arith")
+    page.fill("#new-project input[name=items]", str(items))
+    page.fill("#new-project input[name=annotators]", "alice")
+    page.click("#new-project button[type=submit]")
+    page.wait_for_url("**/label/arith")
+    page.click("text=label as alice")
+    for i in range(3):
+        page.wait_for_function(f"document.getElementById('progress').textContent == '{i} / 3'")
+        assert page.inner_text("#prompt-text") == f"What is {i} + {i}?"
+        page.keyboard.press("5")  # rate 5
+        page.keyboard.press("a")  # answer a is better
+        page.keyboard.press("e")  # edit the gold answer
+        page.keyboard.press("Control+a")
+        page.keyboard.type(f"{i} + {i} = {2 * i}.")
+        page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#finished")
+    page.goto(server + "/label/arith")
+    assert "3 / 3" in page.inner_text("#progress")
+    with page.expect_download() as dl:
+        page.click("#export-sft")
+    sft = [json.loads(l) for l in Path(dl.value.path()).read_text().splitlines()]
+    assert [s["messages"][1]["content"] for s in sft] == [f"{i} + {i} = {2 * i}." for i in range(3)]
+    with page.expect_download() as dl:
+        page.click("#export-pref")
+    pref = [json.loads(l) for l in Path(dl.value.path()).read_text().splitlines()]
+    assert [(p["chosen"], p["meta"]["annotator"]) for p in pref] == [(f"It is {2 * i}.", "alice") for i in range(3)]
+    assert page.errors == []

@@ -2,21 +2,17 @@
 restart, cancel, and interrupted jobs shown as such."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from lmforge.artifacts import write_json
 from lmforge.dashboard.app import create_app
 from lmforge.dashboard.jobs import STAGES, form_fields
-from lmforge.dashboard.store import _alive
+from lmforge.dashboard.store import process_alive
 
 ORIGIN = {"Origin": "http://127.0.0.1:8765"}
 
@@ -28,8 +24,6 @@ def client(home):
 
 def test_forms_have_the_cli_flags_of_each_stage(lmforge_home):
     c, _ = client(lmforge_home)
-    from lmforge.train import pretrain
-
     for name in STAGES:
         page = c.get(f"/launch/{name}").text
         for f in form_fields(STAGES[name]):
@@ -78,7 +72,7 @@ def test_launch_cancel_and_survive_a_restart(lmforge_home, tmp_path):
     assert r.status_code == 303
     deadline = time.time() + 60
     while True:
-        if not _alive(job["pid"]):
+        if not process_alive(job["pid"]):
             break
         assert time.time() < deadline, "cancel did not stop the job"
         time.sleep(0.2)

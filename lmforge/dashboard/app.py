@@ -422,6 +422,80 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
         board, problem = data_view.leaderboard(store)
         return page(request, "eval.html", board=board, problem=problem)
 
+    # -- labelling ----------------------------------------------------------------------------------------------------
+    from lmforge.dashboard.labels import Labelling
+
+    labelling = Labelling(store.home)
+
+    async def form_of(request: Request) -> dict[str, str]:
+        from urllib.parse import parse_qsl
+
+        return dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+
+    @app.get("/label", response_class=HTMLResponse)
+    def label_home(request: Request) -> HTMLResponse:
+        return page(request, "label_home.html", projects=labelling.projects(), nav="label")
+
+    @app.post("/label")
+    async def label_create(request: Request) -> RedirectResponse:
+        form = await form_of(request)
+        project = labelling.create(form.get("name", ""), form.get("items", ""), form.get("guidelines", ""),
+                                   [a.strip() for a in form.get("annotators", "").split(",") if a.strip()])
+        return RedirectResponse(f"/label/{project['name']}", status_code=303)
+
+    @app.get("/label/{name}", response_class=HTMLResponse)
+    def label_project(request: Request, name: str) -> HTMLResponse:
+        project = labelling.project(name)
+        total = len(labelling.items(name))
+        labels = labelling.labels(name)
+        progress = {a: len(labels.get(a, {})) for a in project["annotators"]}
+        return page(request, "label_project.html", project=project, total=total, progress=progress,
+                    agreement=labelling.agreement(name), nav="label")
+
+    @app.get("/label/{name}/as/{annotator}", response_class=HTMLResponse)
+    def label_next(request: Request, name: str, annotator: str) -> HTMLResponse:
+        labelling.check_annotator(name, annotator)
+        item, done, total = labelling.next_item(name, annotator)
+        return page(request, "label_item.html", project=labelling.project(name), annotator=annotator, item=item,
+                    done=done, total=total, nav="label")
+
+    @app.post("/label/{name}/as/{annotator}/{item_id}")
+    async def label_submit(request: Request, name: str, annotator: str, item_id: str) -> RedirectResponse:
+        form = await form_of(request)
+        rating = form.get("rating", "")
+        labelling.add(name, annotator, item_id, int(rating) if rating.isdigit() else None,
+                      [t.strip() for t in form.get("tags", "").split(",") if t.strip()], form.get("edited", "").strip(),
+                      form.get("choice") or None)
+        return RedirectResponse(f"/label/{name}/as/{annotator}", status_code=303)
+
+    @app.get("/label/{name}/export")
+    def label_export(name: str, kind: str = "sft") -> Response:
+        text = labelling.export(name, kind)
+        return Response(text, media_type="application/jsonl",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-{kind}.jsonl"'})
+
+    @app.get("/runs/{run_id}/items/{task}", response_class=HTMLResponse)
+    def items_page(request: Request, run_id: str, task: str, only: str = "") -> HTMLResponse:
+        """Per-item results of one task of an eval run (``items/<task>.jsonl``); ``only=wrong`` keeps failures."""
+        run = store.run(run_id)
+        path = store.file(run, f"items/{task}.jsonl")
+        try:
+            metric = json.loads((path.parent.parent / "results.json").read_text())["tasks"][task]["metric"]
+        except (OSError, ValueError, KeyError, TypeError):
+            metric = "acc"
+        rows, bad = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(rec, dict) and not (only == "wrong" and rec.get(metric) not in (0, 0.0, False)):
+                rows.append(rec)
+        cols = list(dict.fromkeys(k for r in rows[:200] for k in r))
+        return page(request, "items.html", run=run, task=task, rows=rows[:1000], cols=cols, bad=bad, metric=metric,
+                    total=len(rows), nav="eval")
+
     return app
 
 

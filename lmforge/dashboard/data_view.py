@@ -8,7 +8,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from lmforge.dashboard.store import PageError, Store
+from lmforge.dashboard.store import Store
 
 CHART_KEYS = (("length", "kept documents by length (characters)"), ("lang", "kept documents by language"),
               ("lang_score", "kept documents by language score"), ("quality", "kept documents by quality"),
@@ -98,10 +98,3 @@ def leaderboard(store: Store) -> tuple[list[dict[str, Any]], str | None]:
                       "aggregate": results.get("aggregate_centered"), "val_loss": results.get("val_loss")})
     board.sort(key=lambda b: -(b["aggregate"] if isinstance(b["aggregate"], (int, float)) else float("-inf")))
     return board, None if board else "no finished eval run with results.json in the registry"
-
-
-def task_columns(board: list[dict[str, Any]]) -> list[str]:
-    return sorted({t for b in board for t in b["tasks"]})
-
-
-__all__ = ["PageError", "load_stats", "charts", "browse", "leaderboard", "task_columns"]

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from lmforge.artifacts import write_json
 from lmforge.config import _cli_type
-from lmforge.dashboard.store import PageError, _alive
+from lmforge.dashboard.store import PageError, process_alive
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class Jobs:
             write_json(self.dir / job["id"] / "job.json", job)
         if job["exit_code"] is not None:
             job["state"] = "cancelled" if job.get("cancelled") else ("done" if job["exit_code"] == 0 else "failed")
-        elif proc is not None or _alive(job["pid"]):
+        elif proc is not None or process_alive(job["pid"]):
             job["state"] = "running"
         else:  # gone while no dashboard was watching it: did its run finish?
             try:

@@ -152,7 +152,7 @@ def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
         return f"({path.name} unreadable: {err})"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Is process ``pid`` running (a zombie, dead but not yet reaped, is not)?"""
     try:
         os.kill(pid, 0)
@@ -176,7 +176,7 @@ def with_derived(row: dict[str, Any]) -> dict[str, Any]:
     state = row.get("status") or "unknown"
     if state == "running":
         pid, host, beat = row.get("pid"), row.get("host"), row.get("heartbeat") or row.get("heartbeat_at")
-        if pid and host == socket.gethostname() and not _alive(int(pid)):
+        if pid and host == socket.gethostname() and not process_alive(int(pid)):
             state = "interrupted"
         elif isinstance(beat, (int, float)) and time.time() - beat > HEARTBEAT_STALE_S:
             state = "interrupted"
