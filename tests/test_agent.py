@@ -27,7 +27,7 @@ from lmforge.agent import (
     run_calls,
     tool,
 )
-from lmforge.agent.tools import parse_docstring
+from lmforge.agent.tools import history_arguments, parse_docstring
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,8 @@ def test_run_calls_validates_and_turns_every_failure_into_a_result():
     assert "unknown tool 'nope'" in res[4].error
     assert "not JSON-serialisable (object)" in res[5].error
     assert "not JSON" in res[6].error and "cut off" in res[7].error
+    assert history_arguments(calls[6]) == history_arguments(calls[7]) == "{}"
+    assert history_arguments(calls[0]) == calls[0].arguments
     for r in res[1:]:
         assert json.loads(r.content) == {"error": r.error}  # what the model reads
 

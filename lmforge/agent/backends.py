@@ -30,6 +30,9 @@ class ModelTurn:
     finish_reason: str | None = None
 
 
+TurnStream = Iterator[Union[str, ModelTurn]]  # text deltas, then the whole turn
+
+
 class ModelError(RuntimeError):
     """The model could not produce a turn (endpoint error, conversation longer than the context)."""
 
@@ -37,7 +40,7 @@ class ModelError(RuntimeError):
 class ModelBackend(Protocol):
     name: str
 
-    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> Iterator[Union[str, ModelTurn]]:
+    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> TurnStream:
         """Content text deltas (``str``) as they are generated, then one :class:`ModelTurn` (the whole turn).
         ``messages`` are OpenAI chat messages (assistant ``tool_calls``, ``tool`` results)."""
         ...
@@ -59,9 +62,10 @@ class EngineBackend:
         self.structured = structured or StructuredOutputs.for_engine(engine)
         self._calls = 0
 
-    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> Iterator[Union[str, ModelTurn]]:
+    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> TurnStream:
         from lmforge.serve.sampling import SamplingParams
-        from lmforge.serve.tools import ToolCallParser, parse_tool_choice, parse_tools, render_messages, tool_call_grammar
+        from lmforge.serve.tools import (TAG, ToolCallParser, parse_tool_choice, parse_tools, render_messages,
+                                         tool_call_grammar)
 
         parsed = parse_tools(tools)
         choice = parse_tool_choice(tool_choice if parsed else None, parsed)
@@ -87,8 +91,12 @@ class EngineBackend:
         for ev in parser.finish():
             if ev.content:
                 yield ev.content
+        content = parser.content
         calls = [Call(c.id, c.name, c.arguments, c.complete) for c in parser.calls]
-        yield ModelTurn(parser.content, calls, len(ids), completion, finish)
+        if not calls and TAG in content:  # the grammar keeps the tag out of text: a call cut off in its head
+            at = content.index(TAG)
+            content, calls = content[:at].rstrip(), [Call(parser.new_id(), "", content[at + len(TAG):], False)]
+        yield ModelTurn(content, calls, len(ids), completion, finish)
 
 
 class OpenAIBackend:
@@ -105,7 +113,7 @@ class OpenAIBackend:
         self.temperature = temperature
         self.max_tokens = max_tokens
 
-    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> Iterator[Union[str, ModelTurn]]:
+    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> TurnStream:
         import openai
 
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
@@ -151,7 +159,7 @@ class ScriptedModel:
         self.requests: list[list[dict]] = []
         self.tools_seen: list[list[dict]] = []
 
-    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> Iterator[Union[str, ModelTurn]]:
+    def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> TurnStream:
         self.requests.append(json.loads(json.dumps(messages)))
         self.tools_seen.append(tools)
         n = len(self.requests)

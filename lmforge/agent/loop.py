@@ -1,4 +1,4 @@
-"""The agent loop: messages → model → tool calls → tools (concurrently) → tool messages → model … → final answer.
+"""The agent loop: messages → model → tool calls → tools (concurrently) → tool messages → model … → answer.
 
 It ends with a final answer (a turn without tool calls), at the step limit (``max_steps`` model calls; a clear
 message and ``stop_reason="max_steps"``) or on a model error (``stop_reason="model_error"``), never with a
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from lmforge.agent.backends import ModelBackend, ModelTurn
-from lmforge.agent.tools import Call, CallResult, FunctionTool, as_tool, run_calls
+from lmforge.agent.tools import Call, CallResult, FunctionTool, as_tool, history_arguments, run_calls
 
 STOPPED = "Stopped: the step limit ({n} model calls) was reached before a final answer."
 
@@ -52,6 +52,7 @@ class Agent:
     tools: Iterable[FunctionTool | Callable[..., Any]] = ()
     system: str | None = None
     max_steps: int = 8
+    tool_choice: str = "auto"  # "auto", or "required" (every turn must call tools: the loop ends at max_steps)
     out_dir: str | Path | None = None
     _tools: dict[str, FunctionTool] = field(init=False, repr=False)
 
@@ -101,7 +102,7 @@ class Agent:
                 yield AgentEvent("step", step)
                 start, turn = time.perf_counter(), None
                 try:
-                    for item in self.model.stream(messages, decls, "auto" if decls else "none"):
+                    for item in self.model.stream(messages, decls, self.tool_choice if decls else "none"):
                         if isinstance(item, ModelTurn):
                             turn = item
                         elif item:
@@ -124,7 +125,8 @@ class Agent:
                     answer, reason = turn.content, "answer"
                     break
                 messages.append({"role": "assistant", "content": turn.content or None, "tool_calls": [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.name or "unknown", "arguments": history_arguments(c)}}
                     for c in turn.calls]})
                 for c in turn.calls:
                     yield AgentEvent("tool_call", step, call=c)

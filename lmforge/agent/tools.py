@@ -151,6 +151,16 @@ class CallResult:
     value: Any = field(default=None, repr=False)
 
 
+def history_arguments(call: Call) -> str:
+    """The arguments to keep in the conversation: the model's text when it is a JSON object, else ``{}`` (a cut-off
+    or malformed call; the tool result explains what was wrong)."""
+    try:
+        ok = call.complete and isinstance(json.loads(call.arguments or "{}"), dict)
+    except ValueError:
+        ok = False
+    return (call.arguments or "{}") if ok else "{}"
+
+
 def error_content(message: str) -> str:
     return json.dumps({"error": message}, ensure_ascii=False)
 
@@ -165,11 +175,12 @@ def _format_validation(name: str, err: pydantic.ValidationError) -> str:
 
 def prepare(call: Call, tools: dict[str, FunctionTool]) -> tuple[FunctionTool, dict] | str:
     """The tool and its validated keyword arguments, or an error message."""
+    if not call.complete:
+        return (f"the call of tool '{call.name or '?'}' was cut off before its arguments ended "
+                "(the model reached max_tokens or the end of its context)")
     t = tools.get(call.name)
     if t is None:
         return f"unknown tool '{call.name}' (available: {', '.join(tools) or 'none'})"
-    if not call.complete:
-        return f"the call of tool '{call.name}' was cut off before its arguments ended (raise max_tokens)"
     try:
         raw = json.loads(call.arguments) if call.arguments.strip() else {}
     except ValueError:
