@@ -93,6 +93,12 @@ def _agent() -> Callable[..., Any]:
     return agent_cmd
 
 
+def _agent_trace() -> Callable[..., Any]:
+    from lmforge.agent.cli import agent_trace_cmd
+
+    return agent_trace_cmd
+
+
 # Stage commands (their flags are their config's fields), built on first use.
 STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]]] = {
     "": {
@@ -112,6 +118,7 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                   "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
         "agent": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base) over a "
                   "model folder or an OpenAI-compatible endpoint.", _agent),
+        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree.", _agent_trace),
     },
     "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
     "tokenizer": {

@@ -244,6 +244,19 @@ def test_cli_streams_answer_and_prints_steps(tmp_path):
     assert "calculator" in proc.stderr and "← calculator: 42" in proc.stderr
     assert "outside the allowed folder" in proc.stderr and "[answer: 2 step(s)" in proc.stderr
     assert (tmp_path / "run" / "trace.jsonl").is_file()
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    shown = CliRunner().invoke(app, ["agent-trace", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith("step 1  model ") and "3 completion tokens" in lines[0]
+    assert lines[1].startswith('├─ calculator({"expression": "6 * 7"})  → 42')
+    assert "✗ tool 'read_file' raised PermissionError" in lines[2] and lines[-1] == "answer: It is 42. "
+    (tmp_path / "bad.jsonl").write_text('{"type": "model", "step": 1}\n{oops\n')
+    bad = CliRunner().invoke(app, ["agent-trace", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 2 and "bad.jsonl:2: not a JSON record" in bad.output
     bad = subprocess.run([sys.executable, "-m", "lmforge.cli", "agent", "q", "--base-url", "http://x/v1",
                           "--tools", "read_file"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--tools read_file needs --allow-dir DIR" in bad.stderr

@@ -125,3 +125,12 @@ def test_cli_with_an_in_process_model(tiny_model, tmp_path):
     assert "[answer: " in res.output or "[max_steps: 2 step(s)" in res.output
     recs = [json.loads(x) for x in (tmp_path / "run" / "trace.jsonl").read_text().splitlines()]
     assert recs[0]["type"] == "model" and recs[0]["prompt_tokens"] > 0 and recs[-1]["type"] in ("answer", "stop")
+    # a recorded run: its manifest holds the outcome and the registry links it to the model it used
+    from lmforge import registry
+
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["metrics"]["steps"] in (1, 2)
+    tree = registry.lineage(tmp_path / "run")
+    assert tree["stage"] == "agent" and tree["inputs"]["model"]["path"] == str(tiny_model.resolve())
+    shown = CliRunner().invoke(app, ["agent-trace", str(tmp_path / "run")])
+    assert shown.exit_code == 0 and shown.output.startswith("step 1  model ")

@@ -68,6 +68,35 @@ def agent_cmd(
         backend = EngineBackend(Engine.from_folder(model, max_num_seqs=1, max_model_len=max_model_len),
                                 temperature=temperature, max_tokens=max_tokens)
     agent = Agent(backend, tools=chosen, system=system, max_steps=max_steps, out_dir=out)
+    if out is None:
+        result = _print_events(agent, question)
+    else:  # a recorded run: manifest + registry row, linked to the model and index it used
+        from lmforge.agent.trace import TRACE
+        from lmforge.artifacts import StageRun
+
+        config = {"question": question, "model": str(model) if model else None, "base_url": base_url,
+                  "model_name": model_name if base_url else None, "tools": names, "system": system,
+                  "max_steps": max_steps, "max_tokens": max_tokens, "temperature": temperature,
+                  "tool_timeout": tool_timeout, "allow_dir": str(allow_dir) if allow_dir else None}
+        inputs = {k: v for k, v in {"model": model, "index": index}.items() if v is not None}
+        (out / TRACE).unlink(missing_ok=True)
+        with StageRun("agent", "1", out, config, inputs=inputs) as run:
+            result = _print_events(agent, question)
+            run.metrics.update(stop_reason=result.stop_reason, steps=result.steps, prompt_tokens=result.prompt_tokens,
+                               completion_tokens=result.completion_tokens,
+                               tool_calls=sum(r["type"] == "tool" for r in result.trace),
+                               tool_errors=sum(r["type"] == "tool" and bool(r["error"]) for r in result.trace))
+    if result.stop_reason != "answer":
+        typer.echo(result.answer)
+    typer.secho(f"[{result.stop_reason}: {result.steps} step(s), {result.prompt_tokens} prompt + "
+                f"{result.completion_tokens} completion tokens"
+                + (f", trace in {out / 'trace.jsonl'}" if out else "") + "]", fg="cyan", err=True)
+    if result.stop_reason == "model_error":
+        raise typer.Exit(1)
+
+
+def _print_events(agent, question: str):
+    """Stream the agent's events: the answer on stdout, steps and tool calls on stderr; return the result."""
     result = None
     streaming = False
     for ev in agent.stream(question):
@@ -92,10 +121,18 @@ def agent_cmd(
             result = ev.result
     if streaming:
         typer.echo("")
-    if result.stop_reason != "answer":
-        typer.echo(result.answer)
-    typer.secho(f"[{result.stop_reason}: {result.steps} step(s), {result.prompt_tokens} prompt + "
-                f"{result.completion_tokens} completion tokens"
-                + (f", trace in {out / 'trace.jsonl'}" if out else "") + "]", fg="cyan", err=True)
-    if result.stop_reason == "model_error":
-        raise typer.Exit(1)
+    return result
+
+
+def agent_trace_cmd(run: Path = typer.Argument(..., help="An agent run folder (--out of `lmforge agent`) or a "
+                                                         "trace.jsonl file.")) -> None:
+    """Print an agent run's trace as a tree: model calls (tokens, seconds) and their tool calls (arguments, result,
+    error)."""
+    from lmforge.agent.trace import format_trace, read_trace
+
+    try:
+        records = read_trace(run)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_trace(records))
