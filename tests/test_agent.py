@@ -261,3 +261,56 @@ def test_cli_streams_answer_and_prints_steps(tmp_path):
                           "--tools", "read_file"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--tools read_file needs --allow-dir DIR" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# -- EngineBackend's parsing, on a fake engine that replays text --------------------------------------------------------
+class _FakeEngine:
+    """Just what EngineBackend uses of an Engine: it replays ``text`` in 4-character outputs."""
+
+    max_model_len = 400
+    chat_stop_token_ids = frozenset({0})
+
+    def __init__(self, text: str, finish: str = "stop") -> None:
+        self.text, self.finish, self.prompts = text, finish, []
+
+    def encode_chat(self, messages):
+        self.prompts.append(messages)
+        return list(range(sum(len(m["content"]) for m in messages) // 4 + 1))
+
+    def generate(self, ids, params):
+        from lmforge.serve.engine import GenerationOutput
+
+        pieces = [self.text[i:i + 4] for i in range(0, len(self.text), 4)] or [""]
+        for i, p in enumerate(pieces):
+            last = i == len(pieces) - 1
+            yield GenerationOutput("r", p, [1], finished=last, finish_reason=self.finish if last else None)
+
+
+class _NoGrammar:
+    def processor(self, spec):
+        return lambda ids, logits: logits
+
+
+def test_engine_backend_streams_text_parses_calls_and_reports_cut_offs():
+    from lmforge.agent import EngineBackend
+
+    text = 'Let me compute.<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7"}}\n</tool_call>'
+    eng = _FakeEngine(text)
+    backend = EngineBackend(eng, structured=_NoGrammar())
+    items = list(backend.stream([{"role": "user", "content": "6*7?"}], [FunctionTool.from_function(calculator)
+                                                                         .to_openai()]))
+    turn = items[-1]
+    assert "".join(items[:-1]) == "Let me compute." == turn.content
+    assert [(c.name, json.loads(c.arguments), c.complete) for c in turn.calls] == [
+        ("calculator", {"expression": "6 * 7"}, True)]
+    assert "<tools>" in eng.prompts[0][0]["content"]  # the tools went into the system message
+    # a call cut off inside its head is a cut-off call, not an answer that contains a tag
+    cut = list(EngineBackend(_FakeEngine('<tool_call>\n{"na', "length"), structured=_NoGrammar())
+               .stream([{"role": "user", "content": "q"}], [FunctionTool.from_function(calculator).to_openai()]))[-1]
+    assert cut.content == "" and len(cut.calls) == 1 and not cut.calls[0].complete
+    # the loop keeps going: the error goes back to the model, then a conversation too long for the context ends it
+    agent = Agent(EngineBackend(_FakeEngine(text), structured=_NoGrammar()), tools=[calculator], max_steps=5,
+                  system="x" * 400)
+    result = agent.run("6*7?")
+    assert result.stop_reason == "model_error" and "no longer fits the model's context" in result.error
+    assert result.steps > 1 and [r["result"] for r in result.trace if r["type"] == "tool"] == ["42"] * (result.steps - 1)
