@@ -159,6 +159,7 @@ def test_two_step_calculator_task_streams_answer_and_traces(tmp_path):
     assert len(deltas) > 1 and "".join(deltas) == "17 times 23 plus 9 is 400."
     result = events[-1].result
     assert result.stop_reason == "answer" and result.steps == 3 and result.answer == "17 times 23 plus 9 is 400."
+    assert result.messages[-1] == {"role": "assistant", "content": result.answer} and len(result.messages) == 7
     # the tool results went back as tool messages answering each call
     second = model.requests[1]
     assert second[0] == {"role": "system", "content": "Use the calculator."}
@@ -177,7 +178,8 @@ def test_step_limit_ends_with_a_message_and_reason():
     result = Agent(model, tools=[calculator], max_steps=3).run("loop forever")
     assert result.stop_reason == "max_steps" and result.steps == 3 and len(model.requests) == 3
     assert "step limit (3 model calls)" in result.answer
-    assert result.trace[-1] == {"type": "stop", "step": 3, "reason": "max_steps", "message": result.answer}
+    last = dict(result.trace[-1])
+    assert last.pop("at") > 0 and last == {"type": "stop", "step": 3, "reason": "max_steps", "message": result.answer}
 
 
 def test_model_error_ends_the_loop_with_a_reason():

@@ -89,6 +89,7 @@ class Agent:
             sink = open(Path(self.out_dir) / "trace.jsonl", "a", encoding="utf-8")
 
         def record(rec: dict) -> None:
+            rec["at"] = round(time.time(), 3)  # wall-clock time the step ended
             trace.append(rec)
             if sink is not None:
                 sink.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
@@ -138,10 +139,11 @@ class Agent:
                     yield AgentEvent("tool_result", step, call=r.call, tool_result=r)
             else:
                 answer = STOPPED.format(n=self.max_steps)
-            if reason != "answer":
-                record({"type": "stop", "step": steps, "reason": reason, "message": answer})
             if reason == "answer":
+                messages.append({"role": "assistant", "content": answer})
                 record({"type": "answer", "step": steps, "content": answer})
+            else:
+                record({"type": "stop", "step": steps, "reason": reason, "message": answer})
             yield AgentEvent("final", steps, text=answer, result=AgentResult(
                 answer, reason, steps, messages, trace, ptok, ctok, error))
         finally:
