@@ -182,6 +182,14 @@ def test_step_limit_ends_with_a_message_and_reason():
     assert last.pop("at") > 0 and last == {"type": "stop", "step": 3, "reason": "max_steps", "message": result.answer}
 
 
+def test_tool_choice_first_forces_only_the_first_turn():
+    model = ScriptedModel([[("calculator", {"expression": "2 + 2"})], "4"])
+    assert Agent(model, tools=[calculator], tool_choice="first").run("2+2?").answer == "4"
+    assert model.choices == ["required", "auto"]
+    with pytest.raises(ValueError, match="tool_choice"):
+        Agent(model, tools=[calculator], tool_choice="sometimes")
+
+
 def test_model_error_ends_the_loop_with_a_reason():
     result = Agent(ScriptedModel([]), tools=[calculator]).run("hi")
     assert result.stop_reason == "model_error" and "only 0 turns" in result.error

@@ -158,10 +158,12 @@ class ScriptedModel:
         self.name = "scripted"
         self.requests: list[list[dict]] = []
         self.tools_seen: list[list[dict]] = []
+        self.choices: list[str] = []
 
     def stream(self, messages: list[dict], tools: list[dict], tool_choice: str = "auto") -> TurnStream:
         self.requests.append(json.loads(json.dumps(messages)))
         self.tools_seen.append(tools)
+        self.choices.append(tool_choice)
         n = len(self.requests)
         if n > len(self.turns):
             raise ModelError(f"the scripted model has only {len(self.turns)} turns (call {n})")

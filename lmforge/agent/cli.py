@@ -22,6 +22,8 @@ def agent_cmd(
                                                     "search_knowledge_base)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     max_steps: int = typer.Option(6, min=1, help="Most model calls before the loop stops."),
+    tool_choice: str = typer.Option("auto", help="auto | first (the first turn must call a tool; helps small "
+                                                 "models that answer from memory) | required (every turn)."),
     max_tokens: int = typer.Option(512, min=1, help="Most new tokens per model call."),
     temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature (0 is greedy)."),
     tool_timeout: float = typer.Option(30.0, min=0.001, help="Seconds a tool may run before it is abandoned."),
@@ -67,7 +69,9 @@ def agent_cmd(
             fail(f"--model {model}: no config.json (not a model folder)")
         backend = EngineBackend(Engine.from_folder(model, max_num_seqs=1, max_model_len=max_model_len),
                                 temperature=temperature, max_tokens=max_tokens)
-    agent = Agent(backend, tools=chosen, system=system, max_steps=max_steps, out_dir=out)
+    if tool_choice not in ("auto", "first", "required"):
+        fail(f"--tool-choice must be auto, first or required, got {tool_choice!r}")
+    agent = Agent(backend, tools=chosen, system=system, max_steps=max_steps, tool_choice=tool_choice, out_dir=out)
     if out is None:
         result = _print_events(agent, question)
     else:  # a recorded run: manifest + registry row, linked to the model and index it used
@@ -76,7 +80,7 @@ def agent_cmd(
 
         config = {"question": question, "model": str(model) if model else None, "base_url": base_url,
                   "model_name": model_name if base_url else None, "tools": names, "system": system,
-                  "max_steps": max_steps, "max_tokens": max_tokens, "temperature": temperature,
+                  "max_steps": max_steps, "tool_choice": tool_choice, "max_tokens": max_tokens, "temperature": temperature,
                   "tool_timeout": tool_timeout, "allow_dir": str(allow_dir) if allow_dir else None}
         inputs = {k: v for k, v in {"model": model, "index": index}.items() if v is not None}
         (out / TRACE).unlink(missing_ok=True)

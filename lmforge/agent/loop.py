@@ -52,11 +52,15 @@ class Agent:
     tools: Iterable[FunctionTool | Callable[..., Any]] = ()
     system: str | None = None
     max_steps: int = 8
-    tool_choice: str = "auto"  # "auto", or "required" (every turn must call tools: the loop ends at max_steps)
+    # "auto"; "first": the first turn must call a tool, later turns choose (small models that otherwise answer from
+    # memory); "required": every turn must call tools (the loop then ends at max_steps)
+    tool_choice: str = "auto"
     out_dir: str | Path | None = None
     _tools: dict[str, FunctionTool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.tool_choice not in ("auto", "first", "required"):
+            raise ValueError(f"tool_choice must be 'auto', 'first' or 'required', got {self.tool_choice!r}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         self._tools = {}
@@ -65,6 +69,11 @@ class Agent:
             if ft.name in self._tools:
                 raise ValueError(f"two tools are named {ft.name!r}")
             self._tools[ft.name] = ft
+
+    def _choice(self, step: int) -> str:
+        if self.tool_choice == "first":
+            return "required" if step == 1 else "auto"
+        return self.tool_choice
 
     @property
     def tool_declarations(self) -> list[dict]:
@@ -103,7 +112,7 @@ class Agent:
                 yield AgentEvent("step", step)
                 start, turn = time.perf_counter(), None
                 try:
-                    for item in self.model.stream(messages, decls, self.tool_choice if decls else "none"):
+                    for item in self.model.stream(messages, decls, self._choice(step) if decls else "none"):
                         if isinstance(item, ModelTurn):
                             turn = item
                         elif item:
