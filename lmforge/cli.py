@@ -87,6 +87,18 @@ def _scaling_sweep() -> Callable[..., Any]:
     return command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling")
 
 
+def _agent() -> Callable[..., Any]:
+    from lmforge.agent.cli import agent_cmd
+
+    return agent_cmd
+
+
+def _agent_trace() -> Callable[..., Any]:
+    from lmforge.agent.cli import agent_trace_cmd
+
+    return agent_trace_cmd
+
+
 # Stage commands (their flags are their config's fields), built on first use.
 STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]]] = {
     "": {
@@ -104,6 +116,9 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                        "artifact folder.", _stage("lmforge.model.pretrained_stage", "pretrained")),
         "crawl": ("Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, resumable); "
                   "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
+        "agent": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base) over a "
+                  "model folder or an OpenAI-compatible endpoint.", _agent),
+        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree.", _agent_trace),
     },
     "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
     "tokenizer": {
