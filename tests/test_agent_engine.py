@@ -134,3 +134,27 @@ def test_cli_with_an_in_process_model(tiny_model, tmp_path):
     assert tree["stage"] == "agent" and tree["inputs"]["model"]["path"] == str(tiny_model.resolve())
     shown = CliRunner().invoke(app, ["agent-trace", str(tmp_path / "run")])
     assert shown.exit_code == 0 and shown.output.startswith("step 1  model ")
+
+
+def test_openai_backend_against_our_own_server(tiny_model):
+    """The agent's OpenAI path against a real `lmforge serve` (tools through the HTTP API): the server's grammar makes
+    every call validate, the loop runs to an answer or the step limit."""
+    from lmforge.agent import OpenAIBackend
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.smoke import running_server
+
+    engine = Engine.from_folder(tiny_model, max_num_seqs=2, max_model_len=2048)
+    try:
+        with running_server(engine, "tiny") as url:
+            tools = [FunctionTool.from_function(calculator), FunctionTool.from_function(lookup)]
+            schemas = {t.name: t.parameters for t in tools}
+            backend = OpenAIBackend("tiny", base_url=url, temperature=1.0, max_tokens=80)
+            result = Agent(backend, tools=tools, max_steps=2, tool_choice="required").run("Where is order 12?")
+            assert result.stop_reason == "max_steps", result.error
+            calls = [r for r in result.trace if r["type"] == "tool"]
+            assert calls
+            for rec in calls:
+                if "cut off" not in (rec["error"] or ""):
+                    jsonschema.validate(json.loads(rec["arguments"]), schemas[rec["name"]])
+    finally:
+        engine.shutdown()
