@@ -1,6 +1,6 @@
 """Peak memory (RSS) of SFT and DPO on SmolLM2-135M-Instruct, each run in its own process.
 
-Runs LoRA SFT, full SFT, full DPO and LoRA DPO through the command line (``python -m lmforge.cli``) with the lmforge
+Runs LoRA SFT, full SFT, full DPO and LoRA DPO (and LoRA SFT / full DPO with ``--activation-checkpointing``) through the command line (``python -m lmforge.cli``) with the lmforge
 source tree given by ``--tree`` (default: this checkout), so the same settings can be measured on an older tree
 (``git archive <commit> lmforge | tar -x -C /tmp/old`` then ``--tree /tmp/old``).  Prints one JSON line per run with
 ``peak_rss_mb`` (from the run's manifest: ``ru_maxrss`` of the process) and the wall time.
@@ -48,7 +48,11 @@ def main() -> None:
     runs = [("sft_lora_r8", ["sft", "--data", str(CHAT), "--val-fraction", "0.02", "--lora-r", "8"]),
             ("sft_full", ["sft", "--data", str(CHAT), "--val-fraction", "0.02"]),
             ("dpo_full", ["dpo", "--data", str(PREFS), "--val-fraction", "0.15"]),
-            ("dpo_lora_r8", ["dpo", "--data", str(PREFS), "--val-fraction", "0.15", "--lora-r", "8"])]
+            ("dpo_lora_r8", ["dpo", "--data", str(PREFS), "--val-fraction", "0.15", "--lora-r", "8"]),
+            # the same with activation checkpointing (trees that have the flag)
+            ("sft_lora_r8_ckpt", ["sft", "--data", str(CHAT), "--val-fraction", "0.02", "--lora-r", "8",
+                                  "--activation-checkpointing"]),
+            ("dpo_full_ckpt", ["dpo", "--data", str(PREFS), "--val-fraction", "0.15", "--activation-checkpointing"])]
     only = set(filter(None, args.only.split(",")))
     env = dict(os.environ, PYTHONPATH=args.tree, LMFORGE_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
     for name, cmd in runs:
