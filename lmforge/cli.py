@@ -47,7 +47,7 @@ HEADLINE = {
     "dpo": ["loss", "val_before", "val_after"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
-    "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
+    "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],
 }
 
 
@@ -81,8 +81,8 @@ def _register() -> None:
         _stage_command("lmforge.align.synth", "synth"))
     rag_app.command("index", help="Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.")(
         _stage_command("lmforge.rag.stage", "rag"))
-    app.command("pretrained", help="A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a "
-                                   "model artifact folder.")(
+    app.command("pretrained", help="A packaged pretrained model (SmolLM2-135M-Instruct, Gemma 3 270M) or a GGUF "
+                                   "(llama, qwen2, qwen3, gemma3, phi3) as a model artifact folder.")(
         _stage_command("lmforge.model.pretrained_stage", "pretrained"))
     from lmforge.train import scaling
 
@@ -362,7 +362,7 @@ def rag_eval(
 
 @app.command("serve")
 def serve_cmd(
-    model: Path = typer.Argument(..., help="Model folder (HF layout) or a Llama .gguf file."),
+    model: Path = typer.Argument(..., help="Model folder (HF layout) or a .gguf file (llama, qwen2, qwen3, gemma3, phi3)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients use [default: the folder name]."),
