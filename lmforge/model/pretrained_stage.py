@@ -57,6 +57,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     with run_:
         convert_gguf_to_folder(src, out)
         cfg = load_config(out)
-        run_.metrics.update(source=src.name, model_type=cfg.model_type, vocab_size=cfg.vocab_size, layers=cfg.num_hidden_layers,
+        run_.metrics.update(source=src.name, model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+                            layers=cfg.num_hidden_layers,
                             hidden_size=cfg.hidden_size, context=cfg.max_position_embeddings)
     return finished(out)
