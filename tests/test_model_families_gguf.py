@@ -130,7 +130,7 @@ def test_k_quants_match_gguf_reference_and_transformers(exported, tmp_path):
     torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-4, rtol=2e-4)
 
 
-def test_gguf_becomes_a_model_folder_with_its_tokenizer(exported, tmp_path):
+def test_gguf_becomes_a_model_folder_with_its_tokenizer(exported, tiny_model_dir, tmp_path):
     from lmforge.model.pretrained import materialize_gguf
 
     family, model, path = exported
@@ -150,6 +150,8 @@ def test_gguf_becomes_a_model_folder_with_its_tokenizer(exported, tmp_path):
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert tok.eos_token_id == model.config.eos_token_id
+    template = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == template  # via GGUF metadata
 
 
 def lmforge_cli(*args: str, home) -> subprocess.CompletedProcess:

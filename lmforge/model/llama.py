@@ -395,6 +395,8 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         if return_hidden:
+            if cfg.final_logit_softcapping:
+                raise ValueError("return_hidden skips final_logit_softcapping: compute the loss from the logits")
             return x
         logits = self.lm_head(x)
         if cfg.final_logit_softcapping:
