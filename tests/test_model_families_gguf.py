@@ -5,7 +5,10 @@ computes from the same file; a GGUF becomes a model folder; bad files fail with 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,20 +130,34 @@ def test_k_quants_match_gguf_reference_and_transformers(exported, tmp_path):
     torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-4, rtol=2e-4)
 
 
-def test_gguf_becomes_a_model_folder_with_its_tokenizer(exported, tmp_path):
+def test_gguf_becomes_a_model_folder_with_its_tokenizer(exported, tiny_model_dir, tmp_path):
     from lmforge.model.pretrained import materialize_gguf
 
     family, model, path = exported
     if family == "gemma3_text":
         pytest.skip("transformers reads a gemma3 GGUF's tokenizer as SentencePiece, the tiny test tokenizer is BPE "
                     "(the real Gemma 3 270M file is the slow test's)")
-    folder = materialize_gguf(path, tmp_path / "folder")
+    if family == "qwen2":  # as a user does it: the pretrained stage from the command line
+        folder = tmp_path / "folder"
+        r = lmforge_cli("pretrained", "--gguf", str(path), "--out", str(folder), home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((folder / "manifest.json").read_text())["metrics"]["model_type"] == "qwen2"
+    else:
+        folder = materialize_gguf(path, tmp_path / "folder")
     loaded = load_model(folder)
     x = torch.randint(0, model.config.vocab_size, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert tok.eos_token_id == model.config.eos_token_id
+    template = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == template  # via GGUF metadata
+
+
+def lmforge_cli(*args: str, home) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMFORGE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
@@ -167,6 +184,9 @@ def test_unsupported_gguf_architecture_names_it_and_the_supported_list(tmp_path)
     w.close()
     with pytest.raises(GGUFError, match=r"architecture 'gpt2' is not supported \(supported: gemma3, llama, phi3"):
         load_gguf(path)
+    r = lmforge_cli("pretrained", "--gguf", str(path), "--out", str(tmp_path / "out"), home=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "architecture 'gpt2' is not supported (supported: gemma3, llama, phi3, qwen2, qwen3)" in r.stderr
 
 
 def test_unsupported_hf_folder_and_unknown_rope_scaling(tmp_path):

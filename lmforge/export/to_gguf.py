@@ -1,6 +1,6 @@
 """``export_gguf``: a GGUF for llama.cpp, written with the ``gguf`` package, for every family llama.cpp has.
 
-* metadata: architecture ``llama`` (Llama; Mistral without a sliding window), ``qwen2``, ``qwen3``, ``gemma3``, ``phi3``;
+* metadata: architecture ``llama`` (Llama; Mistral without a window), ``qwen2``, ``qwen3``, ``gemma3``, ``phi3``;
   context / embedding / feed-forward lengths, heads, kv-heads, RoPE base, RMS eps (+ sliding window);
 * tokenizer: byte-level BPE as ``gpt2`` with pre-tokenizer ``gpt-2`` (the split our tokenizers use), the vocabulary,
   token types (special tokens are CONTROL), merges, bos / eos / pad / unk ids and the chat template;

