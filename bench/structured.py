@@ -244,7 +244,7 @@ def run_batch(engine, jobs: list[tuple[list[int], object]]) -> list:
     return results
 
 
-def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str) -> None:
+def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str, waves: int) -> None:
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
@@ -268,7 +268,7 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str
         engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=streams, max_model_len=1024, quantize="int4")
         so = StructuredOutputs.for_engine(engine, backend=backend)
         times = timed_decode(engine)
-        njobs = streams * 3 if streams > 1 else 2
+        njobs = streams * waves if streams > 1 else 2
         per: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
         grammar_s, rows = 0.0, 0
         for r in range(rounds):
@@ -340,6 +340,7 @@ def main() -> None:
     ap.add_argument("--vocabs", default="SmolLM2-49k,lmforge-bpe512")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens in the overhead section")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--waves", type=int, default=3, help="requests per slot at 16 streams (keeps the batch full)")
     ap.add_argument("--model-schemas", type=int, default=64)
     ap.add_argument("--model-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -351,7 +352,7 @@ def main() -> None:
     if "grammar" in sections:
         section_grammar(schemas, args.walk_steps, args.walk_limit, args.backends.split(","), args.vocabs.split(","))
     if "overhead" in sections:
-        section_overhead(schemas, args.tokens, args.rounds, args.backend)
+        section_overhead(schemas, args.tokens, args.rounds, args.backend, args.waves)
     if "model" in sections:
         section_model(schemas, args.model_schemas, args.model_tokens, args.backend)
 
