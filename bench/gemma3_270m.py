@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--new", type=int, default=24)
+    ap.add_argument("--speed-only", action="store_true", help="only the engine's decode speed")
     args = ap.parse_args()
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer
@@ -45,6 +46,8 @@ def main() -> None:
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = torch.tensor([ours.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids[:args.tokens])
+    if args.speed_only:
+        return engine_speed(folder)
     t = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     print(f"transformers GGUF load {time.perf_counter() - t:.1f} s")
@@ -70,6 +73,12 @@ def main() -> None:
         same, total, exact = same + n, total + len(b), exact + (a == b)
         print(f"{p!r}: {tok.decode(a)!r} | agree for {n}/{len(b)} tokens")
     print(f"greedy agreement: {exact}/{len(prompts)} prompts identical, {same}/{total} tokens before divergence")
+    engine_speed(folder)
+
+
+def engine_speed(folder) -> None:
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
 
     for kw in ({}, {"quantize": "int8"}, {"quantize": "int4"}):
         eng = Engine.from_folder(folder, max_num_seqs=1, max_model_len=512, **kw)
