@@ -154,7 +154,11 @@ def test_openai_backend_against_our_own_server(tiny_model):
             calls = [r for r in result.trace if r["type"] == "tool"]
             assert calls
             for rec in calls:
-                if "cut off" not in (rec["error"] or ""):
-                    jsonschema.validate(json.loads(rec["arguments"]), schemas[rec["name"]])
+                try:
+                    args = json.loads(rec["arguments"])
+                except ValueError:  # a call cut off by max_tokens: reported back to the model, never run
+                    assert rec["error"], rec
+                    continue
+                jsonschema.validate(args, schemas[rec["name"]])  # the server's grammar: never an invalid call
     finally:
         engine.shutdown()
