@@ -157,3 +157,14 @@ def test_activation_checkpointing_trains_exactly_like_without(tiny_model_dir, tm
         logs.append([{k: r[k] for k in ("loss", "grad_norm", "val_loss") if k in r}
                      for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())])
     assert logs[0] == logs[1]  # recomputation repeats the same float operations
+
+
+def test_lora_checkpoints_activations_by_default_full_does_not(tiny_model_dir, tmp_path):
+    chat = ROOT / "data" / "chat" / "chatterbot_en.jsonl"
+    common = dict(model=str(tiny_model_dir), data=str(chat), seq_len=256, batch_size=2, max_steps=1, eval_every=1,
+                  on_error="skip", val_fraction=0.01, threads=1, seed=0)
+    lora = sft.run(sft.Config(lora_r=2, **common), tmp_path / "lora").metrics
+    full = sft.run(sft.Config(full=True, **common), tmp_path / "full").metrics
+    off = sft.run(sft.Config(lora_r=2, activation_checkpointing=False, **common), tmp_path / "off").metrics
+    assert (lora["activation_checkpointing"], full["activation_checkpointing"], off["activation_checkpointing"]) == \
+        (True, False, False)

@@ -41,8 +41,8 @@ from lmforge.align.chat_data import (IGNORE, SKIP_HINT, ChatDataError, ChatToken
                                      _check_text, _reason, encode_conversation, read_jsonl, validate_messages)
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
                                 check_lora_rank, mode_line, save_adapter, trainable_share)
-from lmforge.align.sft import (collate, head_weight, load_trainable_checkpoint, make_optimizer, pad_id_of,
-                               peak_rss_mb, save_trainable_checkpoint)
+from lmforge.align.sft import (checkpointing_on, collate, head_weight, load_trainable_checkpoint, make_optimizer,
+                               pad_id_of, peak_rss_mb, save_trainable_checkpoint)
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
@@ -84,8 +84,10 @@ class Config(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description="LoRA target layers.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
-    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
-                                                              "backward pass: much less memory, ~1/3 more compute.")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each decoder layer's activations in the backward pass: much less memory, ~1/3 "
+                          "more compute; default on with --lora-r (activations dominate: 7.1 → 3.3 GB for SmolLM2 "
+                          "LoRA, docs/benchmarks.md), off with --full (weights and optimizer state dominate).")
     seed: int = Field(1337, description="Seed for the data order.")
 
     @field_validator("lora_r")
@@ -294,7 +296,7 @@ def train(cfg: Config, out: Path) -> dict:
     base = load_model(model_dir)
     model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
         if cfg.lora_r else base
-    if cfg.activation_checkpointing:
+    if checkpointing_on(cfg):
         from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(base)

@@ -95,8 +95,10 @@ class Config(StageConfig):
                                                   "(written to samples.json and the metrics).")
     sample_max_tokens: int = Field(40, ge=1, description="New tokens per sample answer.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
-    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
-                                                              "backward pass: much less memory, ~1/3 more compute.")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each decoder layer's activations in the backward pass: much less memory, ~1/3 "
+                          "more compute; default on with --lora-r (activations dominate: 7.1 → 3.3 GB for SmolLM2 "
+                          "LoRA, docs/benchmarks.md), off with --full (weights and optimizer state dominate).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp, or fsdp (FSDP2 sharding; full "
                                                                 "fine-tuning only).")
@@ -123,6 +125,11 @@ class Batch:
     @property
     def n_targets(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+
+def checkpointing_on(cfg) -> bool:
+    """Activation checkpointing as asked, else on for LoRA (sft and dpo share this rule)."""
+    return cfg.activation_checkpointing if cfg.activation_checkpointing is not None else bool(cfg.lora_r)
 
 
 def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
@@ -455,7 +462,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context {base.config.max_position_embeddings}")
     model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
         if cfg.lora_r else base
-    if cfg.activation_checkpointing:
+    if checkpointing_on(cfg):
         from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(base)
@@ -568,6 +575,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     plot_loss(metrics_path, out / "loss.png", title="SFT" + (f" (LoRA r={cfg.lora_r})" if cfg.lora_r else ""))
     return {
         "mode": "lora" if cfg.lora_r else "full",
+        "activation_checkpointing": checkpointing_on(cfg),
         **share,
         "steps": step,
         "train_conversations": len(train_ex),
