@@ -232,6 +232,20 @@ def test_in_process_constrained(tiny_model, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["stage"] == bfcl.STAGE
 
 
+def test_in_process_unconstrained(tiny_model, tmp_path):
+    """Without the grammar the model writes what it likes; whatever it writes is recorded and scored."""
+    cats = ["simple_python", "irrelevance"]
+    bfcl.run(bfcl.Config(model=str(tiny_model), categories=cats, limit=1, max_tokens=24, constrained=False,
+                         max_model_len=2048), tmp_path / "u")
+    records = [json.loads(line) for line in (tmp_path / "u" / "items.jsonl").read_text().splitlines()]
+    assert [r["category"] for r in records] == cats
+    items = {it["id"]: it for c in cats for it in bfcl.load_category(c, 1)}
+    for r in records:
+        assert r["error_type"] != "request_error" and r["text"] and r["finish_reason"] in ("stop", "length")
+        assert r["valid"] == bfcl.score_item(items[r["id"]], r["calls"])["valid"]
+    assert json.loads((tmp_path / "u" / "results.json").read_text())["constrained"] is False
+
+
 def test_through_server(tiny_model, tmp_path):
     from lmforge.serve.engine import Engine
     from lmforge.serve.smoke import running_server

@@ -330,13 +330,15 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         answer, close = engine_answerer(config) if config.model else endpoint_answerer(config)
         records = []
         try:
-            for i, item in enumerate(items, 1):
-                records.append(evaluate_item(item, answer, config.underscore_dots))
-                if i % 10 == 0 or i == len(items):
-                    console.print(f"  {i}/{len(items)} questions, {sum(r['valid'] for r in records)} correct")
+            with open(out / "items.jsonl", "w", encoding="utf-8") as f:  # written as it goes: follow a long run
+                for i, item in enumerate(items, 1):
+                    records.append(evaluate_item(item, answer, config.underscore_dots))
+                    f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
+                    f.flush()
+                    if i % 10 == 0 or i == len(items):
+                        console.print(f"  {i}/{len(items)} questions, {sum(r['valid'] for r in records)} correct")
         finally:
             close()
-        write_text(out / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         summary = summarize(records)
         unparsed = sum(1 for r in records if r["calls"] and r["decoded"] is None)
         write_json(out / "results.json", {"model": config.model or config.base_url, "constrained": config.constrained
