@@ -171,6 +171,8 @@ def test_bad_config(tmp_path):
         bfcl.run(bfcl.Config(), tmp_path / "x")
     with pytest.raises(ConfigError, match="unknown BFCL category 'nope'"):
         bfcl.run(bfcl.Config(base_url="http://127.0.0.1:1/v1", categories=["nope"]), tmp_path / "y")
+    with pytest.raises(ConfigError, match="base_url: cannot reach http://127.0.0.1:1/v1"):  # not 0/N scored
+        bfcl.run(bfcl.Config(base_url="http://127.0.0.1:1/v1", categories=["simple_python"], limit=1), tmp_path / "z")
 
 
 @pytest.fixture(scope="module", autouse=True)

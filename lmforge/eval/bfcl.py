@@ -234,8 +234,13 @@ def score_item(item: dict, calls: list[tuple[str, str]] | None, names: dict[str,
 Answer = dict  # {"content": str | None, "calls": [(name, arguments)], "finish_reason": str}
 
 
+class ItemError(ValueError):
+    """The model side refused one question (a prompt longer than the context, a 400): it is scored wrong and the
+    run goes on.  Anything else (the endpoint is down) ends the run."""
+
+
 def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], Answer], Callable[[], None]]:
-    """Answer in-process with an lmforge Engine, as ``lmforge serve`` answers ``tool_choice="auto"``."""
+    """Answer in-process with an lmforge Engine, as ``lmforge serve`` answers ``tools`` with ``tool_choice``."""
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
     from lmforge.serve.structured import StructuredOutputs
@@ -247,9 +252,13 @@ def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], 
     structured = StructuredOutputs.for_engine(engine) if config.constrained else None
 
     def answer(messages: list[dict], tools: list[dict]) -> Answer:
-        parsed = parse_tools(tools)
-        choice = parse_tool_choice(config.tool_choice, parsed)
-        prompt = engine.encode_chat(render_messages(messages, parsed, choice))
+        try:
+            parsed = parse_tools(tools)
+            choice = parse_tool_choice(config.tool_choice, parsed)
+            prompt = engine.encode_chat(render_messages(messages, parsed, choice))
+            engine.check_request(prompt, SamplingParams(max_tokens=config.max_tokens))
+        except ValueError as err:  # a bad tool, a prompt that does not fit
+            raise ItemError(f"{type(err).__name__}: {err}") from None
         procs = [structured.processor(tool_call_grammar(parsed, choice, True))] if structured else []
         params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed,
                                 stop_token_ids=list(engine.chat_stop_token_ids), logits_processors=procs)
@@ -262,17 +271,24 @@ def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], 
 
 
 def endpoint_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], Answer], Callable[[], None]]:
-    """Answer through an OpenAI-compatible endpoint with ``tools`` and ``tool_choice="auto"``."""
-    from openai import OpenAI
+    """Answer through an OpenAI-compatible endpoint with ``tools`` and ``tool_choice``."""
+    from openai import APIConnectionError, BadRequestError, OpenAI
 
     client = OpenAI(base_url=config.base_url, api_key=config.api_key, max_retries=0)
-    name = config.model_name or client.models.list().data[0].id
+    try:
+        name = config.model_name or client.models.list().data[0].id
+    except APIConnectionError as err:
+        raise ConfigError(f"base_url: cannot reach {config.base_url}: {err}") from None
 
     def answer(messages: list[dict], tools: list[dict]) -> Answer:
-        resp = client.chat.completions.create(model=name, messages=messages, tools=tools,
-                                              tool_choice=config.tool_choice,
-                                              temperature=config.temperature, max_tokens=config.max_tokens,
-                                              seed=config.seed)
+        try:
+            resp = client.chat.completions.create(model=name, messages=messages, tools=tools,
+                                                  tool_choice=config.tool_choice, temperature=config.temperature,
+                                                  max_tokens=config.max_tokens, seed=config.seed)
+        except BadRequestError as err:
+            raise ItemError(f"{type(err).__name__}: {err}") from None
+        except APIConnectionError as err:
+            raise ConfigError(f"base_url: cannot reach {config.base_url}: {err}") from None
         choice = resp.choices[0]
         calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
         return {"content": choice.message.content, "calls": calls, "finish_reason": choice.finish_reason}
@@ -289,8 +305,8 @@ def evaluate_item(item: dict, answer: Callable[[list[dict], list[dict]], Answer]
     try:
         out = answer(item["question"][0], tools)
         request_error = None
-    except Exception as err:  # noqa: BLE001 - one bad item must not end the run; it is recorded and scored wrong
-        out, request_error = {"content": None, "calls": None, "finish_reason": "error"}, f"{type(err).__name__}: {err}"
+    except ItemError as err:  # one refused question does not end the run; it is recorded and scored wrong
+        out, request_error = {"content": None, "calls": None, "finish_reason": "error"}, str(err)
     verdict = score_item(item, out["calls"], names)
     if request_error:  # e.g. a prompt longer than the context: wrong, with the reason
         kind = "prompt_too_long" if "PromptTooLong" in request_error or "maximum context" in request_error \
