@@ -164,6 +164,12 @@ def _types(node) -> set:
     return set()
 
 
+def test_wilson_ci():
+    assert bfcl.wilson_ci(0, 3)[0] == 0.0 and 0.5 < bfcl.wilson_ci(0, 3)[1] < 0.6  # 0/3 is not "surely 0"
+    lo, hi = bfcl.wilson_ci(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # the textbook value
+
+
 def test_bad_config(tmp_path):
     from lmforge.config import ConfigError
 

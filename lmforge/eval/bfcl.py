@@ -13,7 +13,7 @@ live_irrelevance, live_relevance) from the question and answer files that ship i
 - the calls are decoded as BFCL decodes an OpenAI function-calling model (``[{name: json.loads(arguments)}]``) and
   scored with bfcl-eval's own AST checker; (ir)relevance items score whether any call was made, as BFCL does.
 
-Output: ``results.json`` (accuracy per category with a 95% bootstrap CI, and the item-weighted overall),
+Output: ``results.json`` (accuracy per category with a 95% Wilson CI, and the item-weighted overall),
 ``items.jsonl`` (one record per question: output, decoded calls, verdict and the checker's error) and ``results.md``.
 
 bfcl-eval pins numpy 1.26.4 and many vendor SDKs, so it is installed ``--no-deps``.  Its checker module
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import re
 import time
@@ -40,7 +41,6 @@ from pydantic import Field
 
 from lmforge.artifacts import Manifest, write_json, write_text
 from lmforge.config import ConfigError, StageConfig
-from lmforge.eval.metrics import bootstrap_ci
 from lmforge.progress import console
 from lmforge.stages import begin, finished
 
@@ -316,15 +316,25 @@ def evaluate_item(item: dict, answer: Callable[[list[dict], list[dict]], Answer]
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def wilson_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% for z=1.96): unlike a bootstrap it is not [0, 0] for 0 of 3."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def summarize(records: list[dict]) -> dict:
-    """Accuracy with a 95% bootstrap CI per category and overall (item-weighted)."""
+    """Accuracy with a 95% Wilson CI per category and overall (item-weighted)."""
     out = {}
     groups: dict[str, list[float]] = {}
     for r in records:
         groups.setdefault(r["category"], []).append(float(r["valid"]))
     groups["overall"] = [float(r["valid"]) for r in records]
     for name, values in groups.items():
-        lo, hi = bootstrap_ci(values)
+        lo, hi = wilson_ci(int(sum(values)), len(values))
         out[name] = {"accuracy": sum(values) / len(values) if values else float("nan"), "ci": [lo, hi],
                      "n": len(values)}
     return out
