@@ -72,6 +72,9 @@ class Config(StageConfig):
     limit: int | None = Field(None, ge=1, description="Score at most this many questions per category (the first).")
     tool_choice: Literal["auto", "required"] = Field("auto", description="OpenAI tool_choice: auto (the model may "
                                                      "answer in text; BFCL's setting) or required (calls only).")
+    parallel_tool_calls: Literal["always", "per_category"] = Field(
+        "always", description="always: several calls allowed in every answer (OpenAI's default, as BFCL runs FC "
+                              "models); per_category: only in the parallel categories.")
     constrained: bool = Field(True, description="In-process: constrain decoding to the tool-call format "
                                                 "(the tool_choice grammar).")
     max_tokens: int = Field(256, ge=1, description="Tokens generated per answer.")
@@ -239,7 +242,7 @@ class ItemError(ValueError):
     run goes on.  Anything else (the endpoint is down) ends the run."""
 
 
-def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], Answer], Callable[[], None]]:
+def engine_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[], None]]:
     """Answer in-process with an lmforge Engine, as ``lmforge serve`` answers ``tools`` with ``tool_choice``."""
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
@@ -251,7 +254,7 @@ def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], 
                                 quantize=config.quantize)
     structured = StructuredOutputs.for_engine(engine) if config.constrained else None
 
-    def answer(messages: list[dict], tools: list[dict]) -> Answer:
+    def answer(messages: list[dict], tools: list[dict], parallel: bool) -> Answer:
         try:
             parsed = parse_tools(tools)
             choice = parse_tool_choice(config.tool_choice, parsed)
@@ -259,7 +262,7 @@ def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], 
             engine.check_request(prompt, SamplingParams(max_tokens=config.max_tokens))
         except ValueError as err:  # a bad tool, a prompt that does not fit
             raise ItemError(f"{type(err).__name__}: {err}") from None
-        procs = [structured.processor(tool_call_grammar(parsed, choice, True))] if structured else []
+        procs = [structured.processor(tool_call_grammar(parsed, choice, parallel))] if structured else []
         params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed,
                                 stop_token_ids=list(engine.chat_stop_token_ids), logits_processors=procs)
         out = engine.generate_text(prompt, params)
@@ -270,7 +273,7 @@ def engine_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], 
     return answer, engine.shutdown
 
 
-def endpoint_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]], Answer], Callable[[], None]]:
+def endpoint_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[], None]]:
     """Answer through an OpenAI-compatible endpoint with ``tools`` and ``tool_choice``."""
     from openai import APIConnectionError, BadRequestError, OpenAI
 
@@ -280,11 +283,12 @@ def endpoint_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]]
     except APIConnectionError as err:
         raise ConfigError(f"base_url: cannot reach {config.base_url}: {err}") from None
 
-    def answer(messages: list[dict], tools: list[dict]) -> Answer:
+    def answer(messages: list[dict], tools: list[dict], parallel: bool) -> Answer:
         try:
             resp = client.chat.completions.create(model=name, messages=messages, tools=tools,
-                                                  tool_choice=config.tool_choice, temperature=config.temperature,
-                                                  max_tokens=config.max_tokens, seed=config.seed)
+                                                  tool_choice=config.tool_choice, parallel_tool_calls=parallel,
+                                                  temperature=config.temperature, max_tokens=config.max_tokens,
+                                                  seed=config.seed)
         except BadRequestError as err:
             raise ItemError(f"{type(err).__name__}: {err}") from None
         except APIConnectionError as err:
@@ -297,13 +301,14 @@ def endpoint_answerer(config: Config) -> tuple[Callable[[list[dict], list[dict]]
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
-def evaluate_item(item: dict, answer: Callable[[list[dict], list[dict]], Answer], underscore_dots: bool) -> dict:
+def evaluate_item(item: dict, answer: Callable[[list[dict], list[dict], bool], Answer], underscore_dots: bool,
+                  parallel: bool = True) -> dict:
     """Ask the model one question and score it; a request the model side refuses is an invalid answer, recorded."""
     tools = [to_openai_tool(f, underscore_dots) for f in item["function"]]
     names = {tool_name(f["name"], underscore_dots): f["name"] for f in item["function"]}
     t0 = time.perf_counter()
     try:
-        out = answer(item["question"][0], tools)
+        out = answer(item["question"][0], tools, parallel)
         request_error = None
     except ItemError as err:  # one refused question does not end the run; it is recorded and scored wrong
         out, request_error = {"content": None, "calls": None, "finish_reason": "error"}, str(err)
@@ -358,7 +363,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         try:
             with open(out / "items.jsonl", "w", encoding="utf-8") as f:  # written as it goes: follow a long run
                 for i, item in enumerate(items, 1):
-                    records.append(evaluate_item(item, answer, config.underscore_dots))
+                    parallel = config.parallel_tool_calls == "always" or "parallel" in item["category"]
+                    records.append(evaluate_item(item, answer, config.underscore_dots, parallel))
                     f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
                     f.flush()
                     if i % 10 == 0 or i == len(items):
