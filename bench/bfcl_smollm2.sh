@@ -3,7 +3,7 @@
 # then prints each results.md and the load.  Usage: bench/bfcl_smollm2.sh [LIMIT per category] [OUT folder]
 # Slow on a shared CPU: about a minute per question at load ~12 on 2 cores.
 set -euo pipefail
-LIMIT=${1:-7}
+LIMIT=${1:-3}
 OUT=${2:-/tmp/bfcl_smollm2}
 MODEL=$(python -m lmforge.cli smollm2 | tail -1)
 CATS="simple_python multiple irrelevance"

@@ -263,7 +263,8 @@ def test_through_server(tiny_model, tmp_path):
         with running_server(engine, "tiny-bfcl") as url:
             cats = list(bfcl.CATEGORIES[:4])
             bfcl.run(bfcl.Config(base_url=url, categories=cats, limit=2, max_tokens=160, tool_choice="required",
-                                 temperature=1.0, underscore_dots=True, parallel_tool_calls="per_category"), tmp_path / "srv")
+                                 temperature=1.0, underscore_dots=True, parallel_tool_calls="per_category"),
+                     tmp_path / "srv")
     finally:
         engine.shutdown()
     _check_run(tmp_path / "srv", 4, 2, underscore_dots=True)

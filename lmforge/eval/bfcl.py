@@ -229,8 +229,9 @@ def score_item(item: dict, calls: list[tuple[str, str]] | None, names: dict[str,
                 "error_type": "ast_decoder:decoder_wrong_output_format", "decoded": decoded}
     res = load_ast_checker().ast_checker(item["function"], decoded, item["ground_truth"], Language.PYTHON, category,
                                          CHECKER_NAME)
-    return {"valid": bool(res["valid"]), "error": res.get("error", []), "error_type": res.get("error_type"),
-            "decoded": decoded}
+    valid = bool(res["valid"])
+    return {"valid": valid, "error": [] if valid else res.get("error", []),
+            "error_type": None if valid else res.get("error_type"), "decoded": decoded}
 
 
 # -- models ------------------------------------------------------------------------------------------------------------
