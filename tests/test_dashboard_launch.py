@@ -35,8 +35,8 @@ def test_forms_have_the_cli_flags_of_each_stage(lmforge_home):
 
     from lmforge import cli
 
-    cli._register()
-    command = typer.main.get_command(cli.app).commands["pretrain"]
+    group = typer.main.get_command(cli.app)
+    _, command, _ = group.resolve_command(typer.Context(group), ["pretrain"])  # builds the lazy command
     flags = {p.name for p in command.params} - {"config_file", "force"}
     assert set(re.findall(r'id="f-(\w+)"', page)) == flags
     assert c.get("/launch/nope").status_code == 404
