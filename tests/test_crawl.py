@@ -138,7 +138,6 @@ def test_crawl_then_data_stage_and_lineage(tmp_path, monkeypatch):
     from lmforge import cli
     from lmforge.data.io import iter_documents
 
-    cli._register()
     runner = CliRunner()
     with SiteServer() as site:
         seeds = tmp_path / "seeds.txt"
