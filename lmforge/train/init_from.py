@@ -33,7 +33,8 @@ def check_init_folder(folder: str | os.PathLike, tokenizer_dir: str | os.PathLik
     try:  # LlamaConfig.from_hf_dict reads rope_theta from rope_parameters too, and refuses rope scaling
         cfg = load_config(folder)
     except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-        raise ConfigError(f"init_from: {folder}/config.json: {err}") from None
+        where = "" if str(err).startswith(str(folder)) else f"{folder}/config.json: "  # said once, not twice
+        raise ConfigError(f"init_from: {where}{err}") from None
     if vocab_size > cfg.vocab_size:
         raise ConfigError(f"init_from: the tokenizer {tokenizer_dir} has {vocab_size} tokens but the model in "
                           f"{folder} only {cfg.vocab_size} embeddings")
