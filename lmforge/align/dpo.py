@@ -41,8 +41,8 @@ from lmforge.align.chat_data import (IGNORE, SKIP_HINT, ChatDataError, ChatToken
                                      _check_text, _reason, encode_conversation, read_jsonl, validate_messages)
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
                                 check_lora_rank, mode_line, save_adapter, trainable_share)
-from lmforge.align.sft import (checkpointing_on, collate, head_weight, load_trainable_checkpoint, make_optimizer,
-                               pad_id_of, peak_rss_mb, save_trainable_checkpoint)
+from lmforge.align.sft import (checkpointing_on, collate, head_weight, load_trainable_checkpoint, logit_softcap,
+                               make_optimizer, pad_id_of, peak_rss_mb, save_trainable_checkpoint)
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
@@ -157,9 +157,13 @@ def sequence_logps(model: nn.Module, examples: list[Example], pad_id: int) -> tu
 
     Only the target tokens go through the output head, in chunks (``linear_log_probs``): no [N, T, vocab] logits."""
     batch = collate(examples, [[i] for i in range(len(examples))], pad_id, packed=False)
-    hidden = model(batch.input_ids, return_hidden=True)
     mask = batch.labels != IGNORE
-    token_lp = linear_log_probs(hidden[mask], head_weight(model), batch.labels[mask])
+    if logit_softcap(model):  # soft-capped logits (Gemma): the full-logits path
+        logits = model(batch.input_ids)[mask].float()
+        token_lp = logits.log_softmax(-1).gather(1, batch.labels[mask][:, None]).squeeze(1)
+    else:
+        hidden = model(batch.input_ids, return_hidden=True)
+        token_lp = linear_log_probs(hidden[mask], head_weight(model), batch.labels[mask])
     sums = torch.zeros(len(examples), dtype=token_lp.dtype).index_add(0, mask.nonzero()[:, 0], token_lp)
     return sums, mask.sum(-1)
 

@@ -224,6 +224,14 @@ def token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     return ce * (batch.labels != IGNORE)
 
 
+def logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-style final logit soft-capping of a ``Llama`` (or a DDP / peft wrapper around one), else None: the
+    chunked head skips it, so such models take the full-logits path."""
+    m = getattr(model, "module", model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    return getattr(getattr(m, "config", None), "final_logit_softcapping", None)
+
+
 def head_weight(model: nn.Module) -> torch.Tensor:
     """The output head's weight of a ``Llama`` or of a peft model around one."""
     llama = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -234,6 +242,8 @@ def target_loss_sum(forward: nn.Module, head: torch.Tensor, batch: Batch) -> tor
     """Summed cross-entropy of the target tokens, through the chunked fused head + loss (``linear_cross_entropy``):
     only target tokens meet the head and no [B, T, vocab] logits exist.  ``forward`` is the model (or its DDP
     wrapper), ``head`` its ``lm_head.weight``; equals ``token_losses(forward, batch).sum()``."""
+    if logit_softcap(forward):
+        return token_losses(forward, batch).sum()
     mask = batch.labels != IGNORE
     hidden = forward(batch.input_ids, segment_ids=batch.segment_ids, return_hidden=True)
     n = int(mask.sum())
