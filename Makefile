@@ -33,8 +33,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/lmforge run recipes/demo.yaml
 
+# two workers, one test file each at a time (--dist loadfile): files share nothing but the machine
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PY) bench/demo_stages.py
