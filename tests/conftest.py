@@ -72,3 +72,15 @@ def tiny_model_dir(tmp_path_factory):
     model.init_weights(seed=0)
     save_model(model, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (restored afterwards): tiny models decode faster without OpenMP threads
+    spinning on a shared machine.  Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

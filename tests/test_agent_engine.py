@@ -16,14 +16,7 @@ from lmforge.agent import Agent, EngineBackend, FunctionTool, calculator, knowle
 pytest.importorskip("xgrammar")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def lookup(order_id: int, verbose: bool = False) -> dict:

@@ -181,14 +181,7 @@ def test_bad_config(tmp_path):
         bfcl.run(bfcl.Config(base_url="http://127.0.0.1:1/v1", categories=["simple_python"], limit=1), tmp_path / "z")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")
