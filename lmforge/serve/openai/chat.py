@@ -11,7 +11,6 @@ concatenated stream equals the non-streaming response for the same seed.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -33,7 +32,6 @@ from lmforge.serve.protocol import (
     ToolCall,
     UsageInfo,
 )
-from lmforge.serve.structured import StructuredOutputError
 from lmforge.serve.tools import (
     ParseEvent,
     ToolCallParser,
@@ -87,13 +85,7 @@ class ChatServing:
             if answer is not None:
                 return answer
         prompt_ids, spec, field, with_tools = self.prepare(req)
-        make = None
-        if spec is not None:  # compiled on the grammar pool (cached), never on the event loop or the engine thread
-            try:
-                compiled = await asyncio.wrap_future(ctx.structured.compile(spec))
-            except StructuredOutputError as err:
-                raise APIError(400, f"{field}: {err}", param=field) from None
-            make = lambda: [ctx.structured.make_processor(compiled)]  # noqa: E731 - one per choice
+        make = await ctx.processor_factory(spec, field)
         fan = ctx.submit(req, [prompt_ids], req.effective_max_tokens, ctx.engine.chat_stop_token_ids, "messages",
                          make)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

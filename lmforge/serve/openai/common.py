@@ -125,6 +125,20 @@ class ServerContext:
                                code="not_implemented") from None
         return self._structured
 
+    async def processor_factory(self, spec, field: str | None) -> Callable[[], list[LogitsProcessor]] | None:
+        """For a request's output constraint (``None``: none), a function giving each choice its own grammar
+        processor; the grammar is compiled on the pool (cached), never on the event loop or the engine's thread.
+        A bad spec is a 400 naming ``field``."""
+        if spec is None:
+            return None
+        from lmforge.serve.structured import StructuredOutputError
+
+        try:
+            compiled = await asyncio.wrap_future(self.structured.compile(spec))
+        except StructuredOutputError as err:
+            raise APIError(400, f"{field}: {err}", param=field) from None
+        return lambda: [self.structured.make_processor(compiled)]
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",

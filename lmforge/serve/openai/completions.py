@@ -3,7 +3,6 @@ output constraints as chat (``response_format``, ``guided_*``, ``structured_outp
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -18,7 +17,6 @@ from lmforge.serve.protocol import (
     CompletionStreamResponse,
     UsageInfo,
 )
-from lmforge.serve.structured import StructuredOutputError
 
 
 class CompletionServing:
@@ -31,13 +29,7 @@ class CompletionServing:
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0])
         spec, field = spec_from_request(req)
-        make = None
-        if spec is not None:
-            try:
-                compiled = await asyncio.wrap_future(ctx.structured.compile(spec))
-            except StructuredOutputError as err:
-                raise APIError(400, f"{field}: {err}", param=field) from None
-            make = lambda: [ctx.structured.make_processor(compiled)]  # noqa: E731 - one per choice
+        make = await ctx.processor_factory(spec, field)
         prompts = req.prompts()
         prompt_ids = [ctx.engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         prompt_texts = [p if isinstance(p, str) else ctx.engine.decode(p) for p in prompts]
