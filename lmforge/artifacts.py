@@ -205,7 +205,7 @@ class StageRun:
         stage_version: str,
         out_dir: str | os.PathLike,
         config: dict[str, Any],
-        inputs: dict[str, str | os.PathLike] | None = None,
+        inputs: dict[str, str | os.PathLike | InputRef] | None = None,
         execution_fields: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         """``execution_fields``: config keys that change how a run executes but not what it produces (worker counts,
@@ -214,9 +214,10 @@ class StageRun:
         self.stage_version = stage_version
         self.dir = Path(out_dir)
         self.config = json.loads(json.dumps(config, default=str))
-        self.inputs = {
-            name: InputRef(path=str(Path(p).resolve()) if not any(c in str(p) for c in "*?[") else str(p),
-                           fingerprint=fingerprint_input(p))
+        self.inputs = {  # an InputRef is taken as it is (a stage that knows its input's identity, e.g. a run id)
+            name: p if isinstance(p, InputRef) else
+            InputRef(path=str(Path(p).resolve()) if not any(c in str(p) for c in "*?[") else str(p),
+                     fingerprint=fingerprint_input(p))
             for name, p in (inputs or {}).items()
         }
         produced_by = {k: v for k, v in self.config.items() if k not in execution_fields}

@@ -132,6 +132,8 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
     },
     "rag": {"index": ("Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.",
                       _stage("lmforge.rag.stage", "rag"))},
+    "feedback": {"export": ("Export feedback on answers recorded by `lmforge serve --record` as SFT or DPO JSONL "
+                            "(lineage back to the serve runs).", _stage("lmforge.feedback.export", "feedback_export"))},
     "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
                           "scaling-law fit.", _scaling_sweep)},
 }
@@ -156,6 +158,8 @@ app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
 app.add_typer(export_app, name="export")
+app.add_typer(_group("feedback", "Feedback from production: export what `lmforge serve --record` stored."),
+              name="feedback")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
@@ -172,6 +176,8 @@ HEADLINE = {
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],
     "crawl": ["pages", "pages_ok", "refused", "errors", "pages_per_s"],
+    "serve": ["responses", "feedback"],
+    "feedback_export": ["records", "responses", "serve_runs"],
 }
 
 
@@ -472,6 +478,8 @@ def serve_cmd(
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Recompute shared prompt prefixes."),
     max_num_batched_tokens: Optional[int] = typer.Option(
         None, help="Tokens per engine step (decode + prompt) before new requests wait."),
+    record: bool = typer.Option(False, "--record", help="Store every request/answer in $LMFORGE_HOME/feedback.sqlite "
+                                                        "as a recorded serve run; take POST /v1/feedback on them."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import ServeStartError, serve
@@ -483,7 +491,8 @@ def serve_cmd(
               max_tokens_limit=max_tokens_limit, max_concurrent_requests=max_concurrent_requests,
               max_body_bytes=max_body_bytes, engine_kind=engine,
               rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank,
-              enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens)
+              enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
+              record=record)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

@@ -42,7 +42,7 @@ def begin(
     version: str,
     out_dir: str | os.PathLike,
     config: dict[str, Any],
-    inputs: dict[str, str | os.PathLike] | None = None,
+    inputs: dict[str, Any] | None = None,  # paths, or InputRefs a stage computed itself
     force: bool = False,
     execution_fields: frozenset[str] | set[str] = frozenset(),
 ) -> StageRun | None:

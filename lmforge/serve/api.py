@@ -69,14 +69,19 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           max_tokens_limit: int | None = None, max_concurrent_requests: int = 256,
           max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
           rag_system_prompt: str | None = None, rag_rerank: bool = False, enable_prefix_caching: bool = True,
-          max_num_batched_tokens: int | None = None, announce: Callable[..., None] = print) -> None:
+          max_num_batched_tokens: int | None = None, record: bool = False,
+          announce: Callable[..., None] = print) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
     and serve it with uvicorn until SIGTERM / Ctrl-C.  The model name defaults to the folder name.
     ``engine_kind="vllm"`` hands the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed).
 
     Raises ``ServeStartError`` when the server cannot start (port in use, bad host, model folder missing or
     unreadable, HTTP server failing to start).  On SIGTERM or Ctrl-C, requests still generating end with
-    ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function returns normally."""
+    ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function returns normally.
+
+    ``record``: a recorded ``serve`` run (registry + ``$LMFORGE_HOME/serve/NAME-RUNID/``, its input the model, so
+    lineage runs from an answer back to the model's data) that stores every answer in ``$LMFORGE_HOME/feedback.sqlite``
+    and takes ``POST /v1/feedback`` (``lmforge.feedback``)."""
     if engine_kind not in ("lmforge", "vllm"):
         raise ValueError(f"engine must be 'lmforge' or 'vllm', got {engine_kind!r}")
     if str(model_dir).endswith(".gguf"):
@@ -90,6 +95,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
             raise ServeStartError(f"cannot convert {model_dir}: {type(err).__name__}: {err}") from None
     name = model_name or Path(model_dir).resolve().name
     if engine_kind == "vllm":
+        if record:
+            raise ValueError("--record needs lmforge's own engine (not --engine vllm)")
         from lmforge.serve.vllm_backend import serve_with_vllm
 
         serve_with_vllm(model_dir, host, port, name, max_model_len, max_num_seqs, api_key)
@@ -99,15 +106,48 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         engine = load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
                               quantize=quantize, enable_prefix_caching=enable_prefix_caching,
                               max_num_batched_tokens=max_num_batched_tokens)
+        run_, recorder = (_recording(model_dir, name, dict(dtype=dtype, quantize=quantize, max_model_len=max_model_len,
+                                                           max_num_seqs=max_num_seqs))
+                          if record else (None, None))
         app = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                         max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes)
+                         max_concurrent_requests=max_concurrent_requests, max_body_bytes=max_body_bytes,
+                         recorder=recorder)
         if rag_index is not None:  # answer /v1/chat/completions from a knowledge base, add /v1/rag/query
             from lmforge.rag.http import attach_knowledge_base
 
             attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
-        _run(app, engine, sock, host, port, name, log_level, announce)
+        if run_ is None:
+            _run(app, engine, sock, host, port, name, log_level, announce)
+            return
+        with run_:
+            from lmforge.artifacts import write_json
+
+            write_json(run_.dir / "recording.json", {"db": str(recorder.path.resolve()), "serve_run": run_.run_id,
+                                                     "model_lineage": recorder.model_lineage})
+            announce(f"recording answers to {recorder.path} as serve run {run_.run_id} ({run_.dir})", flush=True)
+            try:
+                _run(app, engine, sock, host, port, name, log_level, announce)
+            finally:
+                run_.metrics.update(recorder.counts())
+                recorder.close()
     finally:
         sock.close()
+
+
+def _recording(model_dir: str | os.PathLike, name: str, options: dict):
+    """A ``serve`` run (its input: the model) and the recorder that stores its answers with that run's id."""
+    import uuid
+
+    from lmforge.artifacts import StageRun
+    from lmforge.feedback.store import Recorder, default_path
+    from lmforge.registry import home
+
+    folder = home() / "serve" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    config = {"model": str(Path(model_dir).resolve()), "model_name": name, **options}
+    run_ = StageRun("serve", "1", folder, config, inputs={"model": model_dir})
+    recorder = Recorder(default_path(), run_.run_id, str(folder.resolve()), config["model"], name,
+                        run_.inputs["model"].fingerprint)
+    return run_, recorder
 
 
 def _run(app: FastAPI, engine: Engine, sock, host: str, port: int, name: str, log_level: str,

@@ -3,6 +3,7 @@
 - ``common``: error envelope, ``ServerContext`` (engine, model name, limits, hooks), fan-out, SSE, logprobs
 - ``guided``: ``response_format`` / ``guided_*`` / ``structured_outputs`` → a grammar spec
 - ``chat``, ``completions``, ``embeddings``, ``models``: a serving class and a router each
+- ``feedback``: ``POST /v1/feedback`` on answers recorded with ``--record`` (``ServerContext.recorder``)
 - ``app``: ``create_app`` assembles them; ``add_chat_hook`` lets other packages (RAG, personas, agents) answer chat
   requests without touching these modules
 

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serve.engine import Engine
-from lmforge.serve.openai import chat, completions, embeddings, models
+from lmforge.serve.openai import chat, completions, embeddings, feedback, models
 from lmforge.serve.openai.common import APIError, ChatHook, Guard, Limiter, ServerContext, error_response, \
     validation_message
 
@@ -24,16 +24,17 @@ log = logging.getLogger("lmforge.serve")
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_tokens_limit: int | None = None,
-               max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_concurrent_requests: int = 256, max_body_bytes: int = 1 << 20, recorder=None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``engine`` as model ``model_name``.
 
     ``api_key``: require ``Authorization: Bearer <api_key>`` on ``/v1/*``.  ``max_tokens_limit``: reject requests
     asking for more completion tokens (400).  ``max_concurrent_requests``: HTTP requests generating at once before
-    a 429.  ``max_body_bytes``: larger request bodies get a 413."""
+    a 429.  ``max_body_bytes``: larger request bodies get a 413.  ``recorder`` (``lmforge.feedback.store.Recorder``):
+    store every answer and take ``POST /v1/feedback`` on them."""
     from lmforge.serve.metrics import PrometheusMetrics
 
     app = FastAPI(title="lmforge", description="OpenAI-compatible API served by lmforge")
-    ctx = ServerContext(engine, model_name, Limiter(max_concurrent_requests), max_tokens_limit)
+    ctx = ServerContext(engine, model_name, Limiter(max_concurrent_requests), max_tokens_limit, recorder=recorder)
     app.state.ctx = ctx
     app.state.engine = engine
     app.state.model_name = model_name
@@ -64,6 +65,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     app.include_router(chat.router(chat.ChatServing(ctx)))
     app.include_router(completions.router(completions.CompletionServing(ctx)))
     app.include_router(embeddings.router(embeddings.EmbeddingServing(ctx)))
+    app.include_router(feedback.router(feedback.FeedbackServing(ctx)))
     return app
 
 

@@ -77,6 +77,7 @@ class ChatServing:
 
     async def create(self, req: ChatCompletionRequest, request: Request):
         ctx = self.ctx
+        started = time.monotonic()
         ctx.check_model(req.model)
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0])
@@ -91,7 +92,7 @@ class ChatServing:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         n_prompt = len(prompt_ids)
         if req.stream:
-            return streaming(self._events(req, fan, rid, created, n_prompt, with_tools), fan)
+            return streaming(self._events(req, fan, rid, created, n_prompt, with_tools, started), fan)
 
         texts, reasons, completion, lps = await collect(request, fan, req.n)
         choices = []
@@ -107,13 +108,17 @@ class ChatServing:
             choices.append(ChatCompletionChoice(index=i, message=message, finish_reason=reason,
                                                 logprobs=ctx.chat_logprobs(lps[i] if req.logprobs else None)))
         usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        await ctx.record(rid, "chat", _recorded_request(req), req,
+                         [_recorded_choice(c.message.content, c.finish_reason, c.message.tool_calls) for c in choices],
+                         n_prompt, completion, started)
         return ChatCompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
 
     async def _events(self, req: ChatCompletionRequest, fan, rid: str, created: int, n_prompt: int,
-                      with_tools: bool):
+                      with_tools: bool, started: float):
         ctx = self.ctx
         parsers = [ToolCallParser() for _ in range(req.n)] if with_tools else None
         completion = 0
+        texts, reasons = [""] * req.n, [None] * req.n  # what --record stores once the stream ends
 
         def chunk(choices, usage=None):
             return sse(ChatCompletionStreamResponse(id=rid, created=created, model=ctx.model_name, choices=choices,
@@ -122,8 +127,10 @@ class ChatServing:
         for i in range(req.n):
             yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         async for i, out in fan.outputs():
+            texts[i] += out.text or ""
             if out.finished:
                 completion += out.completion_tokens
+                reasons[i] = finish_reason(out)
             logprobs = ctx.chat_logprobs(out.logprobs)
             if parsers is None:
                 if out.text or out.finished or out.logprobs:
@@ -140,9 +147,32 @@ class ChatServing:
                     reason = "tool_calls"
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason,
                                                         logprobs=logprobs)])
+        if ctx.recorder is not None:
+            recorded = []
+            for i in range(req.n):
+                content, calls = parse_tool_calls(texts[i]) if with_tools else (texts[i], [])
+                reason = "tool_calls" if calls and reasons[i] == "stop" else reasons[i]
+                recorded.append(_recorded_choice(content, reason, calls))
+            await ctx.record(rid, "chat", _recorded_request(req), req, recorded, n_prompt, completion, started)
         if req.include_usage:
             yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
                                       total_tokens=n_prompt + completion))
+
+
+def _recorded_request(req: ChatCompletionRequest) -> dict:
+    out: dict = {"messages": [m.model_dump(exclude_none=True) for m in req.messages]}
+    if req.tools:
+        out["tools"] = req.tools
+    return out
+
+
+def _recorded_choice(content: str | None, reason: str | None, calls) -> dict:
+    out: dict = {"text": content or "", "finish_reason": reason}
+    if calls:
+        out["tool_calls"] = [{"name": c.function.name if hasattr(c, "function") else c.name,
+                              "arguments": c.function.arguments if hasattr(c, "function") else c.arguments}
+                             for c in calls]
+    return out
 
 
 def _delta(ev: ParseEvent) -> DeltaMessage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -109,7 +110,18 @@ class ServerContext:
     limiter: Limiter
     max_tokens_limit: int | None = None
     chat_hooks: list[ChatHook] = field(default_factory=list)
+    recorder: object = None  # a ``lmforge.feedback.store.Recorder`` when serving with --record
     _structured: object = None
+
+    async def record(self, response_id: str, endpoint: str, request, req, choices: list[dict], prompt_tokens: int,
+                     completion_tokens: int, started: float) -> None:
+        """Store one answer (``--record``), off the event loop; ``req``'s sampling fields are its parameters."""
+        if self.recorder is None:
+            return
+        params = req.model_dump(exclude_none=True, exclude={"messages", "prompt", "tools", "stream_options"})
+        params["model"] = self.model_name
+        await asyncio.to_thread(self.recorder.record, response_id, endpoint, request, params, choices,
+                                prompt_tokens, completion_tokens, round(time.monotonic() - started, 4))
 
     @property
     def structured(self):

@@ -25,6 +25,7 @@ class CompletionServing:
 
     async def create(self, req: CompletionRequest, request: Request):
         ctx = self.ctx
+        started = time.monotonic()
         ctx.check_model(req.model)
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0])
@@ -41,6 +42,7 @@ class CompletionServing:
         if req.stream:
             async def events():
                 completion = 0
+                texts, reasons = [""] * total, [None] * total  # what --record stores once the stream ends
 
                 def chunk(choices, usage=None):
                     return sse(CompletionStreamResponse(id=rid, created=created, model=ctx.model_name,
@@ -51,14 +53,19 @@ class CompletionServing:
                         yield chunk([CompletionChoice(index=i, text=prompt_texts[i // req.n])])
                 offsets = [0] * total
                 async for i, out in fan.outputs():
+                    texts[i] += out.text or ""
                     if out.finished:
                         completion += out.completion_tokens
+                        reasons[i] = finish_reason(out)
                     if out.text or out.finished or out.logprobs:
                         lp = ctx.completion_logprobs(out.logprobs, offsets[i])
                         if lp is not None and lp.tokens:
                             offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
                         yield chunk([CompletionChoice(index=i, text=out.text, finish_reason=finish_reason(out),
                                                       logprobs=lp)])
+                await ctx.record(rid, "completion", {"prompt": prompt_texts}, req,
+                                 [{"text": t, "finish_reason": r} for t, r in zip(texts, reasons)], n_prompt,
+                                 completion, started)
                 if req.include_usage:
                     yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
                                               total_tokens=n_prompt + completion))
@@ -73,6 +80,9 @@ class CompletionServing:
                                         len(prompt_texts[i // req.n]) if req.echo else 0))
                    for i in range(total)]
         usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        await ctx.record(rid, "completion", {"prompt": prompt_texts}, req,
+                         [{"text": texts[i], "finish_reason": reasons[i]} for i in range(total)], n_prompt, completion,
+                         started)
         return CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
 
 
