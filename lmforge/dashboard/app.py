@@ -414,6 +414,28 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # -- production feedback (lmforge serve --record) ------------------------------------------------------------------
+    from lmforge.dashboard import feedback_view
+
+    @app.get("/feedback", response_class=HTMLResponse)
+    def feedback_page(request: Request, rating: str = "", annotator: str = "", serve_run: str = "", q: str = "",
+                      skip: int = 0) -> HTMLResponse:
+        head, rows, more = feedback_view.listing(store.home, rating, annotator, serve_run, q, skip)
+        return page(request, "feedback.html", head=head, rows=rows, more=more, rating=rating, annotator=annotator,
+                    serve_run=serve_run, q=q, skip=max(skip, 0), page_size=feedback_view.PAGE_SIZE,
+                    db=feedback_view.db_path(store.home), ratings=list(feedback_view.RATING_FILTERS))
+
+    @app.get("/feedback/{response_id}", response_class=HTMLResponse)
+    def feedback_item(request: Request, response_id: str) -> HTMLResponse:
+        r = feedback_view.response(store.home, response_id)
+        return page(request, "feedback_item.html", r=r, serve=_try(store.run, r["serve_run"]), nav="feedback")
+
+    @app.get("/api/feedback")
+    def feedback_api(rating: str = "", annotator: str = "", serve_run: str = "", q: str = "",
+                     skip: int = 0) -> dict[str, Any]:
+        head, rows, more = feedback_view.listing(store.home, rating, annotator, serve_run, q, skip)
+        return {"summary": head, "responses": rows, "more": more}
+
     # -- evaluation ---------------------------------------------------------------------------------------------------
     @app.get("/eval", response_class=HTMLResponse)
     def eval_page(request: Request) -> HTMLResponse:

@@ -134,31 +134,75 @@ def read_only(path: str | os.PathLike) -> sqlite3.Connection:
     return con
 
 
+RATING_FILTERS = {
+    "any": "EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = r.id{who})",
+    "none": "NOT EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = r.id{who})",
+    "up": "EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = r.id AND f.rating = 'up'{who})",
+    "down": "EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = r.id AND f.rating = 'down'{who})",
+    "corrected": "EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = r.id AND f.correction IS NOT NULL{who})",
+}
+
+
 def load(con: sqlite3.Connection, serve_runs: list[str] | None = None, since: float | None = None,
-         limit: int | None = None) -> list[dict[str, Any]]:
+         limit: int | None = None, *, text: str = "", rating: str = "", annotator: str = "",
+         ids: list[str] | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """Responses (newest first) with their parsed request, params, choices, the serve run's folder and model, and
-    their feedback rows (oldest first) under ``feedback``."""
-    where, args = [], []
+    their feedback rows (oldest first) under ``feedback``.
+
+    Filters: ``serve_runs``, ``since`` (created at or after), ``text`` (in the request or the answers), ``rating``
+    (one of ``RATING_FILTERS``: has any / no / an up / a down / a corrected feedback, by ``annotator`` if given),
+    ``annotator`` alone (has feedback from them), ``ids``."""
+    where: list[str] = []
+    args: list[Any] = []
     if serve_runs:
         where.append(f"r.serve_run IN ({', '.join('?' * len(serve_runs))})")
         args += serve_runs
+    if ids:
+        where.append(f"r.id IN ({', '.join('?' * len(ids))})")
+        args += ids
     if since is not None:
         where.append("r.created >= ?")
         args.append(since)
+    if text:
+        where.append(  # in the texts only, not in the JSON around them (keys, finish reasons)
+            "(r.id = ? OR EXISTS (SELECT 1 FROM json_each(r.choices) c WHERE json_extract(c.value, '$.text') LIKE ?)"
+            " OR EXISTS (SELECT 1 FROM json_each(r.request, '$.messages') m"
+            "            WHERE json_extract(m.value, '$.content') LIKE ?)"
+            " OR EXISTS (SELECT 1 FROM json_each(r.request, '$.prompt') p WHERE p.value LIKE ?))")
+        args += [text] + [f"%{text}%"] * 3
+    if rating or annotator:
+        if rating and rating not in RATING_FILTERS:
+            raise ValueError(f"rating filter {rating!r}: one of {', '.join(RATING_FILTERS)}")
+        where.append(RATING_FILTERS[rating or "any"].format(who=" AND f.annotator = ?" if annotator else ""))
+        if annotator:
+            args.append(annotator)
     sql = ("SELECT r.*, s.path AS serve_path, s.model AS model, s.model_name AS model_name FROM responses r "
            "LEFT JOIN serve_runs s ON s.run_id = r.serve_run" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY r.created DESC" + (f" LIMIT {int(limit)}" if limit else ""))
+           + " ORDER BY r.created DESC" + (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit else ""))
     rows = [dict(r) for r in con.execute(sql, args)]
     by_id = {r["id"]: r for r in rows}
     for r in rows:
         for key in ("request", "params", "choices"):
             r[key] = json.loads(r[key])
         r["feedback"] = []
-    if by_id:
-        ids = list(by_id)
-        for chunk in range(0, len(ids), 500):
-            part = ids[chunk:chunk + 500]
-            for f in con.execute(f"SELECT * FROM feedback WHERE response_id IN ({', '.join('?' * len(part))}) "
-                                 "ORDER BY id", part):
-                by_id[f["response_id"]]["feedback"].append(dict(f))
+    ids_ = list(by_id)
+    for chunk in range(0, len(ids_), 500):
+        part = ids_[chunk:chunk + 500]
+        for f in con.execute(f"SELECT * FROM feedback WHERE response_id IN ({', '.join('?' * len(part))}) "
+                             "ORDER BY id", part):
+            by_id[f["response_id"]]["feedback"].append(dict(f))
     return rows
+
+
+def summary(con: sqlite3.Connection) -> dict[str, Any]:
+    """Counts for a page header: responses, feedback by rating, corrections, annotators, serve runs."""
+    def one(sql: str) -> int:
+        return con.execute(sql).fetchone()[0]
+
+    return {"responses": one("SELECT COUNT(*) FROM responses"),
+            "up": one("SELECT COUNT(*) FROM feedback WHERE rating = 'up'"),
+            "down": one("SELECT COUNT(*) FROM feedback WHERE rating = 'down'"),
+            "corrections": one("SELECT COUNT(*) FROM feedback WHERE correction IS NOT NULL"),
+            "annotators": [r[0] for r in con.execute("SELECT DISTINCT annotator FROM feedback WHERE annotator IS NOT "
+                                                     "NULL ORDER BY annotator")],
+            "serve_runs": [dict(r) for r in con.execute("SELECT * FROM serve_runs ORDER BY started_at DESC")]}
