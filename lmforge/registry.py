@@ -87,6 +87,9 @@ def connect(path: str | os.PathLike | None = None) -> sqlite3.Connection:
                 if "duplicate column" not in str(err):
                     raise
     con.execute("CREATE INDEX IF NOT EXISTS runs_resumes ON runs(resumes)")  # `resumed_by` look-ups in list_runs
+    # newest-first listings, all runs or one stage's (`lmforge runs --stage`, the dashboard's runs page)
+    con.execute("CREATE INDEX IF NOT EXISTS runs_stage_started ON runs(stage, started_at)")
+    con.execute("CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at)")
     con.row_factory = sqlite3.Row
     return con
 
