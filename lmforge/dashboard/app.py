@@ -465,8 +465,23 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
     @app.post("/label")
     async def label_create(request: Request) -> RedirectResponse:
         form = await form_of(request)
-        project = labelling.create(form.get("name", ""), form.get("items", ""), form.get("guidelines", ""),
-                                   [a.strip() for a in form.get("annotators", "").split(",") if a.strip()])
+        generate = None
+        if form.get("generate_from", "").strip():  # candidate answers from a model folder or an endpoint
+            from lmforge.dashboard import candidates
+
+            try:
+                n, max_tokens = int(form.get("candidates") or 2), int(form.get("max_tokens") or 128)
+                temperature, seed = float(form.get("temperature") or 0.8), int(form.get("seed") or 0)
+            except ValueError:
+                raise PageError("candidates, max tokens and seed are whole numbers, temperature a number", 400) \
+                    from None
+
+            def generate(prompts: list[str]) -> list[list[dict[str, Any]]]:
+                return candidates.generate(prompts, form["generate_from"], n, max_tokens, temperature, seed,
+                                           form.get("model", "").strip())
+        project = await asyncio.to_thread(  # generating takes a while: off the event loop
+            labelling.create, form.get("name", ""), form.get("items", ""), form.get("guidelines", ""),
+            [a.strip() for a in form.get("annotators", "").split(",") if a.strip()], generate)
         return RedirectResponse(f"/label/{project['name']}", status_code=303)
 
     @app.get("/label/{name}", response_class=HTMLResponse)

@@ -2,7 +2,8 @@
 (which of two is better) by annotators, one item at a time; exported as lmforge's SFT and preference JSONL.
 
 A project is a folder ``$LMFORGE_HOME/labelling/<name>/``: ``project.json`` (guidelines, annotators),
-``items.jsonl`` (``{"id", "prompt", "answers": [{"model", "text"}, ...]}``) and one append-only
+``items.jsonl`` (``{"id", "prompt", "answers": [{"model", "text"}, ...]}``: up to four answers, from the file or
+generated as candidates by a model, ``candidates.py``) and one append-only
 ``labels/<annotator>.jsonl`` per annotator (the newest label of an item wins).
 """
 
@@ -13,11 +14,13 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lmforge.artifacts import write_json, write_text
 from lmforge.dashboard.store import PageError
 
+MAX_ANSWERS = 4  # a-d: one key each (e edits)
+LETTERS = "abcd"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -31,7 +34,10 @@ class Labelling:
     def __init__(self, home: Path) -> None:
         self.dir = Path(home) / "labelling"
 
-    def create(self, name: str, items_file: str, guidelines: str, annotators: list[str]) -> dict[str, Any]:
+    def create(self, name: str, items_file: str, guidelines: str, annotators: list[str],
+               generate: Callable[[list[str]], list[list[dict[str, Any]]]] | None = None) -> dict[str, Any]:
+        """A project from a JSONL of prompts with answers; with ``generate`` (prompts → candidate answers each), the
+        prompts may come without answers and every item gets the generated candidates after its own answers."""
         folder = self.dir / _name(name, "project")
         if folder.exists():
             raise PageError(f"project {name} already exists", 409)
@@ -57,11 +63,17 @@ class Labelling:
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise PageError(f"{items_file}:{n}: expected {{\"prompt\": str, \"answers\": [str or "
                                 f"{{model, text}}, ...]}}", 400) from None
-            if not isinstance(prompt, str) or not answers:
-                raise PageError(f"{items_file}:{n}: a prompt and at least one answer are needed", 400)
-            items.append({"id": str(rec.get("id", n)), "prompt": prompt, "answers": answers[:2]})
+            if not isinstance(prompt, str) or not (answers or generate):
+                raise PageError(f"{items_file}:{n}: a prompt and at least one answer are needed (or generate "
+                                "candidate answers with a model)", 400)
+            items.append({"id": str(rec.get("id", n)), "prompt": prompt, "answers": answers})
         if not items:
             raise PageError(f"{items_file} holds no items", 400)
+        if generate is not None:
+            for item, candidates in zip(items, generate([i["prompt"] for i in items])):
+                item["answers"] = item["answers"] + candidates
+        for item in items:
+            item["answers"] = item["answers"][:MAX_ANSWERS]
         write_text(folder / "items.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
         project = {"name": name, "guidelines": guidelines, "annotators": annotators, "created_at": time.time()}
         write_json(folder / "project.json", project)
@@ -111,8 +123,10 @@ class Labelling:
             raise PageError(f"no item {item_id!r} in project {name}", 404)
         if rating is not None and not 1 <= rating <= 5:
             raise PageError("rating: 1 to 5", 400)
-        if choice not in (None, "a", "b"):
-            raise PageError("choice: a or b", 400)
+        answers = next(i["answers"] for i in self.items(name) if i["id"] == item_id)
+        if choice is not None and choice not in LETTERS[:len(answers)]:
+            raise PageError(f"choice: one of {', '.join(LETTERS[:len(answers)])} (the item has {len(answers)} "
+                            "answers)", 400)
         rec = {"item": item_id, "annotator": annotator, "rating": rating, "tags": tags, "edited": edited or None,
                "choice": choice, "time": time.time()}
         folder = self.dir / name / "labels"
@@ -140,14 +154,17 @@ class Labelling:
                 if kind == "sft" and lab.get("edited"):
                     lines.append({"messages": [{"role": "user", "content": item["prompt"]},
                                                {"role": "assistant", "content": lab["edited"]}], "meta": meta})
-                elif kind == "preference" and lab.get("choice") and len(item["answers"]) == 2:
-                    a, b = (item["answers"][0]["text"], item["answers"][1]["text"])
-                    chosen, rejected = (a, b) if lab["choice"] == "a" else (b, a)
-                    lines.append({"prompt": item["prompt"], "chosen": chosen, "rejected": rejected, "meta": meta})
+                elif kind == "preference" and lab.get("choice") and len(item["answers"]) >= 2:
+                    best = LETTERS.index(lab["choice"])  # the best answer against each of the others
+                    for k, other in enumerate(item["answers"]):
+                        if k != best and other["text"] != item["answers"][best]["text"]:
+                            lines.append({"prompt": item["prompt"], "chosen": item["answers"][best]["text"],
+                                          "rejected": other["text"], "meta": {**meta, "chosen": LETTERS[best],
+                                                                              "rejected": LETTERS[k]}})
         if kind not in ("sft", "preference"):
             raise PageError("kind: sft or preference", 400)
         if not lines:
-            what = "edited answers" if kind == "sft" else "choices between two answers"
+            what = "edited answers" if kind == "sft" else "choices of a best answer"
             raise PageError(f"nothing to export: project {name} has no {what} yet", 404)
         return "".join(json.dumps(l, ensure_ascii=False) + "\n" for l in lines)
 

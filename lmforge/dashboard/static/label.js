@@ -1,4 +1,4 @@
-// Keyboard-driven labelling: 1-5 rate, a/b pick, e edit, Ctrl+Enter save.
+// Keyboard-driven labelling: 1-5 rate, a-d pick the best answer, e edit, Ctrl+Enter save.
 (function () {
   var form = document.getElementById("label-form");
   if (!form) return;
