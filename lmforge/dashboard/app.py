@@ -452,6 +452,7 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
     from lmforge.dashboard.labels import Labelling
 
     labelling = Labelling(store.home)
+    app.state.guard.annotator_of = labelling.who  # annotator tokens open their own assignment only (security.py)
 
     async def form_of(request: Request) -> dict[str, str]:
         from urllib.parse import parse_qsl
@@ -479,9 +480,13 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
             def generate(prompts: list[str]) -> list[list[dict[str, Any]]]:
                 return candidates.generate(prompts, form["generate_from"], n, max_tokens, temperature, seed,
                                            form.get("model", "").strip())
+        overlap = form.get("overlap", "").strip()
+        if overlap and not overlap.isdigit():
+            raise PageError(f"annotators per item: a whole number (got {overlap!r})", 400)
         project = await asyncio.to_thread(  # generating takes a while: off the event loop
             labelling.create, form.get("name", ""), form.get("items", ""), form.get("guidelines", ""),
-            [a.strip() for a in form.get("annotators", "").split(",") if a.strip()], generate)
+            [a.strip() for a in form.get("annotators", "").split(",") if a.strip()], generate,
+            int(overlap) if overlap else None)
         return RedirectResponse(f"/label/{project['name']}", status_code=303)
 
     @app.get("/label/{name}", response_class=HTMLResponse)
@@ -489,8 +494,13 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
         project = labelling.project(name)
         total = len(labelling.items(name))
         labels = labelling.labels(name)
-        progress = {a: len(labels.get(a, {})) for a in project["annotators"]}
-        return page(request, "label_project.html", project=project, total=total, progress=progress,
+        progress = {}
+        for a in project["annotators"]:
+            mine = {i["id"] for i in labelling.assigned(name, a)}
+            progress[a] = (len(mine & set(labels.get(a, {}))), len(mine))
+        base = str(request.base_url).rstrip("/")
+        links = {a: f"{base}/?annotator_token={t}" for a, t in labelling.tokens(name).items()}
+        return page(request, "label_project.html", project=project, total=total, progress=progress, links=links,
                     agreement=labelling.agreement(name), nav="label")
 
     @app.get("/label/{name}/as/{annotator}", response_class=HTMLResponse)

@@ -5,12 +5,20 @@ A project is a folder ``$LMFORGE_HOME/labelling/<name>/``: ``project.json`` (gui
 ``items.jsonl`` (``{"id", "prompt", "answers": [{"model", "text"}, ...]}``: up to four answers, from the file or
 generated as candidates by a model, ``candidates.py``) and one append-only
 ``labels/<annotator>.jsonl`` per annotator (the newest label of an item wins).
+
+Assignments: with ``overlap`` k (default: every annotator), item i goes to k annotators in turn (annotators
+``i % A`` … ``(i + k - 1) % A``), so each item gets k labels for the agreement and the work is shared.  Each annotator
+has an access token (``access.json``, readable by this user only): on a dashboard that requires ``--token``, an
+annotator who opens ``/?annotator_token=T`` sees and labels only their own assignments (``security.py``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import re
+import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,7 +43,8 @@ class Labelling:
         self.dir = Path(home) / "labelling"
 
     def create(self, name: str, items_file: str, guidelines: str, annotators: list[str],
-               generate: Callable[[list[str]], list[list[dict[str, Any]]]] | None = None) -> dict[str, Any]:
+               generate: Callable[[list[str]], list[list[dict[str, Any]]]] | None = None,
+               overlap: int | None = None) -> dict[str, Any]:
         """A project from a JSONL of prompts with answers; with ``generate`` (prompts → candidate answers each), the
         prompts may come without answers and every item gets the generated candidates after its own answers."""
         folder = self.dir / _name(name, "project")
@@ -44,6 +53,11 @@ class Labelling:
         annotators = [_name(a, "annotator") for a in annotators]
         if not annotators:
             raise PageError("name at least one annotator", 400)
+        if len(set(annotators)) != len(annotators):
+            raise PageError("annotators: a name appears twice", 400)
+        overlap = len(annotators) if overlap is None else overlap
+        if not 1 <= overlap <= len(annotators):
+            raise PageError(f"annotators per item: 1 to {len(annotators)} (got {overlap})", 400)
         items = []
         path = Path(items_file)
         try:
@@ -75,8 +89,12 @@ class Labelling:
         for item in items:
             item["answers"] = item["answers"][:MAX_ANSWERS]
         write_text(folder / "items.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
-        project = {"name": name, "guidelines": guidelines, "annotators": annotators, "created_at": time.time()}
+        project = {"name": name, "guidelines": guidelines, "annotators": annotators, "overlap": overlap,
+                   "created_at": time.time()}
         write_json(folder / "project.json", project)
+        access = folder / "access.json"
+        write_json(access, {a: secrets.token_urlsafe(18) for a in annotators})
+        os.chmod(access, 0o600)
         return project
 
     def projects(self) -> list[dict[str, Any]]:
@@ -116,11 +134,42 @@ class Labelling:
         if annotator not in self.project(name)["annotators"]:
             raise PageError(f"{annotator!r} is not an annotator of project {name}", 403)
 
+    def assigned(self, name: str, annotator: str) -> list[dict[str, Any]]:
+        """The items of ``annotator``'s assignment, in order."""
+        project = self.project(name)
+        people = project["annotators"]
+        k = project.get("overlap") or len(people)  # projects made before assignments: everyone labels everything
+        me = people.index(annotator)
+        return [item for i, item in enumerate(self.items(name)) if (me - i) % len(people) < k]
+
+    def tokens(self, name: str) -> dict[str, str]:
+        """``{annotator: access token}`` of a project (none for projects made before tokens)."""
+        try:
+            return json.loads((self.dir / _name(name, "project") / "access.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def who(self, token: str) -> tuple[str, str] | None:
+        """``(project, annotator)`` whose access token is ``token``, or None."""
+        if not token or not self.dir.is_dir():
+            return None
+        for d in sorted(self.dir.iterdir()):
+            try:
+                tokens = json.loads((d / "access.json").read_text())
+            except (OSError, ValueError):
+                continue
+            for annotator, t in tokens.items():
+                if hmac.compare_digest(str(t), token):
+                    return d.name, annotator
+        return None
+
     def add(self, name: str, annotator: str, item_id: str, rating: int | None, tags: list[str], edited: str,
             choice: str | None) -> None:
         self.check_annotator(name, annotator)
         if item_id not in {i["id"] for i in self.items(name)}:
             raise PageError(f"no item {item_id!r} in project {name}", 404)
+        if item_id not in {i["id"] for i in self.assigned(name, annotator)}:
+            raise PageError(f"item {item_id!r} is not in {annotator}'s assignment", 403)
         if rating is not None and not 1 <= rating <= 5:
             raise PageError("rating: 1 to 5", 400)
         answers = next(i["answers"] for i in self.items(name) if i["id"] == item_id)
@@ -135,9 +184,9 @@ class Labelling:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     def next_item(self, name: str, annotator: str) -> tuple[dict[str, Any] | None, int, int]:
-        """The first item this annotator has not labelled, with ``(done, total)``."""
+        """The first item of this annotator's assignment not labelled yet, with ``(done, total)``."""
         done = self.labels(name, annotator).get(annotator, {})
-        items = self.items(name)
+        items = self.assigned(name, annotator)
         todo = [i for i in items if i["id"] not in done]
         return (todo[0] if todo else None), len(items) - len(todo), len(items)
 
@@ -181,10 +230,11 @@ class Labelling:
                             if k in labels[q] and labels[p][k].get(field) is not None
                             and labels[q][k].get(field) is not None]
                     if len(both) >= 2:
-                        kappas.append((cohen_kappa(both), len(both)))
+                        kappas.append((cohen_kappa(both), len(both), p, q))
             if kappas:
-                out[field] = {"kappa": sum(k for k, _ in kappas) / len(kappas), "pairs": len(kappas),
-                              "items": sum(n for _, n in kappas)}
+                out[field] = {"kappa": sum(k[0] for k in kappas) / len(kappas), "pairs": len(kappas),
+                              "items": sum(k[1] for k in kappas),
+                              "by_pair": [{"annotators": [p, q], "kappa": k, "items": n} for k, n, p, q in kappas]}
         return out
 
 

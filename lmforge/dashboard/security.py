@@ -2,6 +2,9 @@
 
 - **Token**: when one is set, every request carries it: the ``lmforge_token`` cookie (set by opening any page once
   with ``?token=T``), an ``Authorization: Bearer T`` header or an ``X-Lmforge-Token`` header.  Others get 401.
+- **Annotators**: on a dashboard with a token, an annotator of a labelling project opens ``/?annotator_token=A`` once
+  (their own token, from the project page) and gets the ``lmforge_annotator`` cookie: it opens their assignment
+  (``/label/PROJECT/as/NAME``) and nothing else, so an annotator sees and edits only their own labels.
 - **Host check**: on loopback the ``Host`` header must name loopback (a DNS-rebinding page cannot reach the app).
 - **Writes** (POST/PUT/PATCH/DELETE): the ``Origin`` (or ``Referer``) must be this server and the request must carry
   the CSRF token (url-encoded form field ``csrf`` or header ``X-CSRF-Token``) that every page embeds.
@@ -12,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from urllib.parse import parse_qs, urlencode, urlsplit
+from typing import Callable
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 COOKIE = "lmforge_token"
+ANNOTATOR_COOKIE = "lmforge_annotator"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -32,6 +37,7 @@ class Guard:
         self.allowed_hosts = allowed_hosts
         self._secret = secrets.token_bytes(32)
         self.csrf_token = hmac.new(self._secret, b"csrf:" + (token or "").encode(), hashlib.sha256).hexdigest()[:32]
+        self.annotator_of: Callable[[str], tuple[str, str] | None] = lambda token: None  # set by the app
 
     def token_ok(self, request: Request) -> bool:
         if self.token is None:
@@ -85,10 +91,28 @@ def install(app: FastAPI) -> None:
             resp = RedirectResponse(target, status_code=303)
             resp.set_cookie(COOKIE, guard.token, httponly=True, samesite="strict")
             return resp
+        given_annotator = request.query_params.get("annotator_token")
+        if given_annotator is not None and request.method == "GET":  # an annotator signs in: their page, a cookie
+            who = guard.annotator_of(given_annotator)
+            if who is None:
+                return _deny(request, 401, "Wrong annotator token.")
+            resp = RedirectResponse(f"/label/{quote(who[0])}/as/{quote(who[1])}", status_code=303)
+            resp.set_cookie(ANNOTATOR_COOKIE, given_annotator, httponly=True, samesite="strict")
+            return resp
         if not guard.token_ok(request) and not request.url.path.startswith("/static/"):
-            return _deny(request, 401, "This dashboard needs its access token: open it once as "
-                                       "<code>http://HOST:PORT/?token=YOUR_TOKEN</code> (or send the "
-                                       "<code>Authorization: Bearer</code> header).")
+            who = guard.annotator_of(request.cookies.get(ANNOTATOR_COOKIE, ""))
+            if who is not None:
+                own = f"/label/{quote(who[0])}/as/{quote(who[1])}"
+                if request.url.path in ("/", "/label"):
+                    return RedirectResponse(own, status_code=303)
+                if request.url.path != own and not request.url.path.startswith(own + "/"):
+                    return _deny(request, 403, f"Signed in as annotator {who[1]} of project {who[0]}: only "
+                                               f"<a href=\"{own}\">your assignment</a> is open to you.")
+            else:
+                return _deny(request, 401, "This dashboard needs its access token: open it once as "
+                                           "<code>http://HOST:PORT/?token=YOUR_TOKEN</code> (or send the "
+                                           "<code>Authorization: Bearer</code> header); annotators open their "
+                                           "own link (<code>/?annotator_token=…</code>).")
         if request.method not in SAFE_METHODS:
             if not guard.same_origin(request):
                 return _deny(request, 403, "Cross-origin request refused (Origin/Referer is not this dashboard).")
