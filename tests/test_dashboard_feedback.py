@@ -132,6 +132,9 @@ def test_feedback_page_in_a_browser(tmp_path):
             page.click("#serve-run")
             page.wait_for_url(f"**/runs/{serve_run}")
             assert "serve" in page.inner_text("h1")
+            page.click("#feedback-link")  # and back: the serve run's recorded answers
+            page.wait_for_url(f"**/feedback?serve_run={serve_run}")
+            assert page.locator("#responses tbody tr").count() == 3
             assert errors == []
             browser.close()
     finally:

@@ -160,3 +160,20 @@ def test_export_with_nothing_usable_says_why(tmp_path):
         export.run(export.Config(db=str(db)), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="--record"):
         export.run(export.Config(db=str(tmp_path / "missing.sqlite")), tmp_path / "out")
+
+
+def test_a_failed_recording_does_not_fail_the_answer(engine, tmp_path, caplog):
+    import sqlite3
+
+    rec = Recorder(tmp_path / "f.sqlite", "s", str(tmp_path), "m", NAME, "sha256:x")
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    rec.record = broken
+    with running_server(engine, NAME, recorder=rec) as url:
+        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    rec.close()
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert f"could not record response {answer.id}" in caplog.text

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -120,8 +122,11 @@ class ServerContext:
             return
         params = req.model_dump(exclude_none=True, exclude={"messages", "prompt", "tools", "stream_options"})
         params["model"] = self.model_name
-        await asyncio.to_thread(self.recorder.record, response_id, endpoint, request, params, choices,
-                                prompt_tokens, completion_tokens, round(time.monotonic() - started, 4))
+        try:
+            await asyncio.to_thread(self.recorder.record, response_id, endpoint, request, params, choices,
+                                    prompt_tokens, completion_tokens, round(time.monotonic() - started, 4))
+        except sqlite3.Error:  # the client still gets its answer; the log says which one was not recorded
+            logging.getLogger("lmforge.serve").exception("could not record response %s", response_id)
 
     @property
     def structured(self):
