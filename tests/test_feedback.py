@@ -177,3 +177,32 @@ def test_a_failed_recording_does_not_fail_the_answer(engine, tmp_path, caplog):
     rec.close()
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert f"could not record response {answer.id}" in caplog.text
+
+
+def test_answers_of_a_chat_hook_are_recorded_too(engine, tmp_path, monkeypatch):
+    """A hook (RAG, a persona) that answers a chat request: its (non-streamed) answer is recorded and takes feedback."""
+    import lmforge.serve.smoke as smoke
+    from lmforge.serve.openai import add_chat_hook
+
+    rec = Recorder(tmp_path / "f.sqlite", "s", str(tmp_path), "m", NAME, "sha256:x")
+
+    async def kb(req, request):
+        return {"id": "chatcmpl-kb1", "object": "chat.completion", "created": 0, "model": NAME,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "From the handbook."},
+                             "finish_reason": "stop"}], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+
+    def app_with_hook(*args, create=smoke.create_app, **kwargs):
+        app = create(*args, **kwargs)
+        add_chat_hook(app, kb)
+        return app
+
+    monkeypatch.setattr(smoke, "create_app", app_with_hook)  # running_server builds its app with it
+    with running_server(engine, NAME, recorder=rec) as url:
+        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "vacation?"}])
+        assert _post(url, {"response_id": answer.id, "rating": "up"}).status_code == 200
+    rec.close()
+    with closing_ro(tmp_path / "f.sqlite") as con:
+        (row,) = load(con)
+    assert row["id"] == "chatcmpl-kb1" and row["choices"][0]["text"] == "From the handbook."
+    assert row["completion_tokens"] == 3 and [f["rating"] for f in row["feedback"]] == ["up"]

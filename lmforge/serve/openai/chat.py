@@ -84,6 +84,8 @@ class ChatServing:
         for hook in ctx.chat_hooks:  # RAG, personas ...: the first that answers wins
             answer = await hook(req, request)
             if answer is not None:
+                if isinstance(answer, dict) and isinstance(answer.get("id"), str) and answer.get("choices"):
+                    await self._record_hook_answer(req, answer, started)  # (a hook's stream is not recorded)
                 return answer
         prompt_ids, spec, field, with_tools = self.prepare(req)
         make = await ctx.processor_factory(spec, field)
@@ -112,6 +114,13 @@ class ChatServing:
                          [_recorded_choice(c.message.content, c.finish_reason, c.message.tool_calls) for c in choices],
                          n_prompt, completion, started)
         return ChatCompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+
+    async def _record_hook_answer(self, req: ChatCompletionRequest, answer: dict, started: float) -> None:
+        usage = answer.get("usage") or {}
+        choices = [_recorded_choice((c.get("message") or {}).get("content"), c.get("finish_reason"), None)
+                   for c in answer["choices"] if isinstance(c, dict)]
+        await self.ctx.record(answer["id"], "chat", _recorded_request(req), req, choices,
+                              int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), started)
 
     async def _events(self, req: ChatCompletionRequest, fan, rid: str, created: int, n_prompt: int,
                       with_tools: bool, started: float):
