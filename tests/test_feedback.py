@@ -143,6 +143,9 @@ def test_export_rules_sft_and_dpo():
     assert skipped["tied_votes"] == 1
     by_b = export.build(responses, "dpo", {"b"})[0]  # only annotator b's votes: no up answer, no correction
     assert by_b == []
+    capped, skipped, _ = export.build(responses, "dpo", max_pairs_per_prompt=1)
+    assert sorted((r["chosen"], r["rejected"]) for r in capped) == [("good one", "bad one"), ("right", "wrong")]
+    assert skipped["over_max_pairs_per_prompt"] == 1
     # what dpo reads: the records pass its own validation
     from lmforge.align.dpo import pair_to_conversations
 

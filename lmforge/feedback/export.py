@@ -6,8 +6,8 @@ annotator); the answer is *good* when it has more thumbs up than down, *bad* whe
 - ``--format sft``: ``{"messages": prompt + [answer]}`` for every choice with a correction (the newest correction is
   the answer) or a good answer.
 - ``--format dpo``: ``{"prompt": messages, "chosen", "rejected"}`` for every correction (chosen) against the answer it
-  corrects (rejected), and for every good against every bad answer to the same messages (several choices of one
-  request, or the same conversation asked twice).
+  corrects (rejected), and for good against bad answers to the same messages (several choices of one request, or the
+  same conversation asked twice), at most ``max_pairs_per_prompt`` of them per conversation.
 
 Every record carries ``meta`` (response ids, serve run, the model's lineage id, annotators, feedback ids).  The stage
 is a recorded run whose inputs are the serve runs that gave the answers (by run id) and the recordings file (by a
@@ -43,6 +43,8 @@ class Config(StageConfig):
     db: str | None = Field(None, description="Recordings file [default: $LMFORGE_HOME/feedback.sqlite].")
     serve_runs: list[str] = Field(default_factory=list, description="Only answers of these serve run ids.")
     annotators: list[str] = Field(default_factory=list, description="Only feedback from these annotators.")
+    max_pairs_per_prompt: int = Field(16, ge=1, description="dpo: at most this many up-vs-down pairs per conversation "
+                                                            "(an often-asked question would otherwise dominate).")
 
 
 def _choice_verdicts(response: dict[str, Any], annotators: set[str]) -> dict[int, dict[str, Any]]:
@@ -83,8 +85,8 @@ def _prompt(response: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str 
     return messages, None
 
 
-def build(responses: list[dict[str, Any]], fmt: str, annotators: set[str] | None = None
-          ) -> tuple[list[dict[str, Any]], Counter, set[str]]:
+def build(responses: list[dict[str, Any]], fmt: str, annotators: set[str] | None = None,
+          max_pairs_per_prompt: int = 16) -> tuple[list[dict[str, Any]], Counter, set[str]]:
     """``(records, skipped per reason, serve runs used)`` for ``fmt`` ("sft" or "dpo")."""
     records: list[dict[str, Any]] = []
     skipped: Counter = Counter()
@@ -130,14 +132,22 @@ def build(responses: list[dict[str, Any]], fmt: str, annotators: set[str] | None
             elif not v["correction"]:
                 skipped["tied_votes"] += 1
     for g in groups.values():
-        for good, gm in g["good"]:
-            for bad, bm in g["bad"]:
-                if good.strip() == bad.strip():
-                    skipped["same_text_up_and_down"] += 1
-                    continue
-                records.append({"prompt": g["messages"], "chosen": good, "rejected": bad,
-                                "meta": {"source": "feedback", "pair": "up_vs_down", "chosen": gm, "rejected": bm}})
-                used.update((gm["serve_run"], bm["serve_run"]))
+        # diagonal order (i + j): the first pairs spread over every good and every bad answer, then the cap cuts
+        order = sorted(((i, j) for i in range(len(g["good"])) for j in range(len(g["bad"]))),
+                       key=lambda ij: (ij[0] + ij[1], ij[0]))
+        kept = 0
+        for i, j in order:
+            (good, gm), (bad, bm) = g["good"][i], g["bad"][j]
+            if good.strip() == bad.strip():
+                skipped["same_text_up_and_down"] += 1
+                continue
+            if kept == max_pairs_per_prompt:
+                skipped["over_max_pairs_per_prompt"] += 1
+                continue
+            kept += 1
+            records.append({"prompt": g["messages"], "chosen": good, "rejected": bad,
+                            "meta": {"source": "feedback", "pair": "up_vs_down", "chosen": gm, "rejected": bm}})
+            used.update((gm["serve_run"], bm["serve_run"]))
     return records, skipped, used
 
 
@@ -150,7 +160,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     with closing(read_only(db)) as con:
         responses = load(con, config.serve_runs or None)
         serve_paths = {row["run_id"]: row["path"] for row in con.execute("SELECT run_id, path FROM serve_runs")}
-    records, skipped, used = build(responses, config.format, set(config.annotators))
+    records, skipped, used = build(responses, config.format, set(config.annotators), config.max_pairs_per_prompt)
     if not records:
         n_feedback = sum(len(r["feedback"]) for r in responses)
         need = ("a thumbs-up or a correction" if config.format == "sft" else
