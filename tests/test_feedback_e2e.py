@@ -131,3 +131,15 @@ def test_serve_feedback_export_dpo_eval_lineage(tiny_model_dir, tmp_path, lmforg
     served_model = serve_node["inputs"]["model"]  # the tiny folder: a raw input with its content fingerprint
     recorded = {p["meta"]["model"] for p in pairs if "model" in p["meta"]}
     assert served_model["path"] == str(tiny_model_dir.resolve()) and recorded == {served_model["fingerprint"]}
+
+    # the dashboard draws the same chain: the DPO model's lineage graph holds the serve run and the export
+    from fastapi.testclient import TestClient
+
+    from lmforge.dashboard.app import create_app
+
+    dash = TestClient(create_app(lmforge_home))
+    graph = dash.get(f"/api/runs/{dpo_node['run_id']}/lineage").json()
+    keys = {n["key"] for n in graph["nodes"]}
+    assert {f"run:{serve_node['run_id']}", f"run:{export_node['run_id']}"} <= keys, keys
+    # and forward: the export's page lists the DPO run that read a file inside its folder
+    assert f'href="/runs/{dpo_node["run_id"]}"' in dash.get(f"/runs/{export_node['run_id']}").text

@@ -121,6 +121,8 @@ def create_app(home: str | Path, token: str | None = None, allowed_hosts: set[st
         for e in store.inputs_of(run_id):
             fp = e.get("src_fingerprint") or ""
             src = store.run_at(e["src"]) if not fp.startswith("run:") else _try(store.run, fp[4:])
+            if src is None and not fp.startswith("run:"):  # a file inside another run's folder
+                src = store.run_containing(e["src"], run["started_at"])
             inputs.append({"role": e["role"], "path": e["src"], "fingerprint": fp, "run": src})
         users = []
         for e in store.users_of(run["path"], run_id):

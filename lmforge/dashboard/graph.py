@@ -62,6 +62,8 @@ def build(store: Store, run_id: str) -> Graph:
                     src = None
             if src is None:
                 src = store.run_at(e["src"])
+            if src is None and not fp.startswith("run:"):  # a file inside another run's artifact folder
+                src = store.run_containing(e["src"], run["started_at"])
             if src is None:
                 key = f"raw:{e['src']}"
                 g.nodes.setdefault(key, Node(key, "raw input", _short(e["src"]), None, "raw", layer - 1))

@@ -93,9 +93,20 @@ class Store:
     def inputs_of(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM edges WHERE dst_run = ? ORDER BY role", (run_id,))
 
+    def run_containing(self, path: str, before: float) -> dict[str, Any] | None:
+        """The run that wrote the artifact folder holding file ``path`` (a DPO run reads ``export/dpo.jsonl``): the
+        newest done run of the nearest parent folder that finished before ``before``, as ``lmforge lineage`` does."""
+        for parent in Path(path).parents:
+            rows = self._rows("SELECT * FROM runs WHERE path = ? AND status = 'done' AND finished_at <= ? "
+                              "ORDER BY started_at DESC LIMIT 1", (str(parent), before))
+            if rows:
+                return with_derived(rows[0])
+        return None
+
     def users_of(self, path: str, run_id: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM edges WHERE src = ? OR src_fingerprint = ? ORDER BY role",
-                          (path, f"run:{run_id}"))
+        """Edges from this run's artifact: by run id, by its folder, or by a file inside the folder."""
+        return self._rows("SELECT * FROM edges WHERE src = ? OR src_fingerprint = ? OR substr(src, 1, ?) = ? "
+                          "ORDER BY role", (path, f"run:{run_id}", len(path) + 1, path.rstrip("/") + "/"))
 
     # -- run folders --------------------------------------------------------------------------------------------------
     def folder(self, run: dict[str, Any]) -> Path:
