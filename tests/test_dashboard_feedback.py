@@ -70,6 +70,31 @@ def test_feedback_api_filters(tmp_path):
     assert client.get("/api/feedback", params={"rating": "sideways"}).status_code == 400
 
 
+def test_export_launched_from_the_dashboard(tmp_path):
+    """The Feedback page's export link: a feedback_export job from the Launch form's API, run as a subprocess."""
+    import json
+
+    home = tmp_path / "home"
+    serve_run = _recordings(home)
+    app = create_app(home)
+    c = TestClient(app, base_url="http://127.0.0.1:8765", raise_server_exceptions=False)
+    assert 'href="/launch/feedback_export"' in c.get("/feedback").text
+    assert 'name="max_pairs_per_prompt"' in c.get("/launch/feedback_export").text
+    out = tmp_path / "export"
+    job = c.post("/api/jobs", json={"stage": "feedback_export", "config": {"format": "dpo"}, "out": str(out)},
+                 headers={"Origin": "http://127.0.0.1:8765", "X-CSRF-Token": app.state.guard.csrf_token}).json()
+    deadline = time.time() + 180
+    while c.get(f"/api/jobs/{job['id']}").json()["state"] == "running":
+        assert time.time() < deadline, "the export job did not finish"
+        time.sleep(0.5)
+    assert c.get(f"/api/jobs/{job['id']}").json()["state"] == "done"
+    pairs = [json.loads(l) for l in (out / "dpo.jsonl").read_text().splitlines()]
+    # chatcmpl-a: the correction beats the down-rated answer, the up-rated answer beats it too
+    assert sorted(p["chosen"] for p in pairs) == ["A tuple is an immutable sequence.", "An immutable sequence."]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["serve"]["fingerprint"] == f"run:{serve_run}"
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 

@@ -44,6 +44,7 @@ STAGES = {s.name: s for s in (
     StageEntry("sft", "lmforge.align.sft", ("sft",), "sft"),
     StageEntry("dpo", "lmforge.align.dpo", ("dpo",), "dpo"),
     StageEntry("eval", "lmforge.eval.stage", ("eval",), "eval"),
+    StageEntry("feedback_export", "lmforge.feedback.export", ("feedback", "export"), "feedback_export"),
 )}
 
 
