@@ -165,9 +165,9 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         n_feedback = sum(len(r["feedback"]) for r in responses)
         need = ("a thumbs-up or a correction" if config.format == "sft" else
                 "a correction, or a thumbs-up and a thumbs-down answer to the same messages")
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
         raise ValueError(f"nothing to export from {db}: {len(responses)} recorded answers, {n_feedback} feedback "
-                         f"rows{', skipped: ' + dict(skipped).__repr__() if skipped else ''}; {config.format} needs "
-                         f"{need}")
+                         f"rows{' (not usable: ' + why + ')' if why else ''}; {config.format} needs {need}")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     inputs: dict[str, Any] = {"recordings": InputRef(path=str(db.resolve()),
                                                      fingerprint="sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16])}
