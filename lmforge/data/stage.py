@@ -308,7 +308,10 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     from lmforge.data.report import render
     from lmforge.data.steps import ExactDedup, HtmlExtract
     from lmforge.progress import console
+    from lmforge.storage import local_copy, is_url, origins_of
 
+    if any(is_url(spec) for spec in config.inputs):  # the Python API takes URLs too (the CLI copies them first)
+        config = config.model_copy(update={"inputs": [str(local_copy(s)) if is_url(s) else s for s in config.inputs]})
     out = Path(out_dir)
     if not config.inputs:
         raise ValueError("data: no inputs given")
@@ -334,7 +337,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         stats = execute(
             files, out,
             make_steps=functools.partial(build_steps, cfg),
-            reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars),
+            reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars,
+                                     origins=origins_of(config.inputs)),
             dedup=ExactDedup() if config.dedup else None,
             shards=config.shards,
             workers=config.workers,
