@@ -317,14 +317,16 @@ def global_pass(out_dir: Path, n_shards: int, results: dict[int, dict[str, Any]]
     if line_dedup is not None:
         t = time.time()
         tables = [str(plan.work(i, "lines.npy")) for i in range(n_shards)]
-        found = mapper(gp.frequent_bucket, [(tables, line_dedup.max_docs, b) for b in range(gp.LINE_BUCKETS)])
+        n = gp.LINE_BUCKETS  # slices of the hash space: memory per task is about 1/n of the tables
+        found = mapper(gp.frequent_bucket, [(tables, line_dedup.max_docs, b, n) for b in range(n)])
         plan.frequent = np.concatenate(found) if found else np.zeros(0, np.uint64)
         line_seconds = time.time() - t
     if dedup or minhash is not None:
         mapper(gp.prepare_shard, [(plan, i) for i in range(n_shards)])
     duplicates: list[np.ndarray | None] = [None] * n_shards
     if dedup:
-        rows = mapper(gp.exact_partition, [(plan, p) for p in range(gp.EXACT_PARTITIONS)])
+        n = gp.EXACT_PARTITIONS
+        rows = mapper(gp.exact_partition, [(plan, p, n) for p in range(n)])
         allrows = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
         duplicates = [allrows[allrows[:, 0] == i] for i in range(n_shards)]
     if minhash is not None:
@@ -332,8 +334,9 @@ def global_pass(out_dir: Path, n_shards: int, results: dict[int, dict[str, Any]]
         key_files = [str(plan.work(i, "minhash.npy")) for i in range(n_shards)]
         sizes = [np.load(f, mmap_mode="r").shape[0] for f in key_files]
         plan.offsets = np.cumsum([0] + sizes).tolist()
-        edges = mapper(gp.band_edges, [(key_files, minhash.bands, b, minhash.threshold)
-                                       for b in range(minhash.bands)])
+        n = gp.task_count(n_shards, minhash.bands)
+        edges = mapper(gp.band_edges, [(key_files, minhash.bands, list(range(minhash.bands))[g::n], minhash.threshold)
+                                       for g in range(n)])
         plan.roots = gp.cluster_roots_from_edges(plan.offsets[-1], edges)
         cluster_seconds = time.time() - t
     final = gp.merge_shard_results(mapper(gp.apply_shard, [(plan, i, duplicates[i]) for i in range(n_shards)]))

@@ -81,7 +81,7 @@ class GlobalPlan:
 # 1. repeated lines
 
 
-def frequent_bucket(table_files: list[str], max_docs: int, bucket: int, buckets: int = LINE_BUCKETS) -> np.ndarray:
+def frequent_bucket(table_files: list[str], max_docs: int, bucket: int, buckets: int) -> np.ndarray:
     """The hashes of one of ``buckets`` slices of the 64-bit space whose summed document count is above ``max_docs``."""
     lo, hi = bucket * 2**64 // buckets, (bucket + 1) * 2**64 // buckets
     parts_h, parts_c = [], []
@@ -130,7 +130,7 @@ def prepare_shard(plan: GlobalPlan, i: int) -> int:
 # 3. exact dedup: a hash shuffle
 
 
-def exact_partition(plan: GlobalPlan, p: int, partitions: int = EXACT_PARTITIONS) -> np.ndarray:
+def exact_partition(plan: GlobalPlan, p: int, partitions: int) -> np.ndarray:
     """The duplicates among the keys of partition ``p``: rows (shard, position, winner shard, winner position)."""
     chunks = []
     for i in range(plan.n_shards):
@@ -154,10 +154,19 @@ def exact_partition(plan: GlobalPlan, p: int, partitions: int = EXACT_PARTITIONS
 # 4. MinHash: one band's verified links
 
 
-def band_edges(key_files: list[str], bands: int, band: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def band_edges(key_files: list[str], bands: int, group: list[int], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The verified links of the LSH bands in ``group`` (one task handles a few bands)."""
     from lmforge.data.minhash import band_links
 
-    return band_links([Path(f) for f in key_files], bands, band, threshold)
+    links = [band_links([Path(f) for f in key_files], bands, band, threshold) for band in group]
+    return (np.concatenate([x for x, _ in links]) if links else np.zeros(0, np.int64),
+            np.concatenate([y for _, y in links]) if links else np.zeros(0, np.int64))
+
+
+def task_count(n_shards: int, most: int) -> int:
+    """How many tasks a corpus-wide step is split into: one per shard, at most ``most`` (results do not depend
+    on it)."""
+    return max(1, min(most, n_shards))
 
 
 def cluster_roots_from_edges(n: int, edges: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
