@@ -213,10 +213,13 @@ class StageRun:
         self.stage = stage
         self.stage_version = stage_version
         self.dir = Path(out_dir)
-        self.config = json.loads(json.dumps(config, default=str))
+        from lmforge.storage import origin, to_origins
+
+        # a local copy of a remote input is recorded as its URL (lmforge.storage), in the config and the inputs
+        self.config = json.loads(json.dumps(to_origins(config), default=str))
         self.inputs = {  # an InputRef is taken as it is (a stage that knows its input's identity, e.g. a run id)
             name: p if isinstance(p, InputRef) else
-            InputRef(path=str(Path(p).resolve()) if not any(c in str(p) for c in "*?[") else str(p),
+            InputRef(path=origin(p) or (str(Path(p).resolve()) if not any(c in str(p) for c in "*?[") else str(p)),
                      fingerprint=fingerprint_input(p))
             for name, p in (inputs or {}).items()
         }

@@ -176,7 +176,7 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
     ]
     if default_out is not None:
         params += [
-            inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
+            inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[str],
                               default=typer.Option(
                                   None, "--out", "-o", show_default=False,
                                   help=_escape(f"Artifact folder.  [default: $LMFORGE_HOME/{default_out}]"))),
@@ -223,9 +223,18 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
             raise typer.Exit(2) from None
         if default_out is None:
             return run(config)
+        from lmforge import storage
         from lmforge.registry import home
 
-        return run(config, out or home() / default_out, force=force)
+        if storage.uses_remote(config, out):  # URL inputs copied locally, a URL --out staged then published
+            try:
+                return storage.run_stage(run, config, out or home() / default_out, force=force)
+            except RuntimeError as err:
+                if "://" not in str(err):
+                    raise
+                typer.secho(str(err), fg="red", err=True)
+                raise typer.Exit(1) from None
+        return run(config, Path(out) if out else home() / default_out, force=force)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = help_text or cls.__doc__

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from lmforge import storage
 from lmforge.artifacts import Manifest, read_manifest
 from lmforge.config import ConfigError, StageConfig, read_yaml, validate
 from lmforge.progress import console
@@ -160,7 +161,7 @@ def run_recipe(recipe: Recipe, force: list[str] | None = None, only: list[str] |
         t0 = time.time()
         # a recipe is make-like: a finished stage whose config or inputs changed is re-run, not refused
         with overwrite_allowed():
-            manifest = module.run(config, folders[st.name], force=st.name in force)
+            manifest = storage.run_stage(module.run, config, folders[st.name], force=st.name in force)
         results.append(StageResult(st.name, st.kind, folders[st.name], manifest.run_id != before,
                                    time.time() - t0, manifest))
     return results

@@ -118,18 +118,18 @@ def test_crash_after_counting_then_resume_matches_uninterrupted(tmp_path, monkey
                  shards=3)
     run(cfg, tmp_path / "whole")
 
-    real = executor.dedup_pass
+    real = executor.global_pass
 
     def crash(*a, **kw):
         raise KeyboardInterrupt("killed after phase 1")
 
-    monkeypatch.setattr(executor, "dedup_pass", crash)
+    monkeypatch.setattr(executor, "global_pass", crash)
     try:
         run(cfg, tmp_path / "resumed")
     except KeyboardInterrupt:
         pass
     assert len(list((tmp_path / "resumed" / "work").glob("*.lines.npy"))) == 3  # the counts survive the crash
-    monkeypatch.setattr(executor, "dedup_pass", real)
+    monkeypatch.setattr(executor, "global_pass", real)
     m = run(cfg, tmp_path / "resumed")
     assert m.metrics["shards_resumed"] == 3
     for i in range(3):

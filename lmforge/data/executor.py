@@ -12,8 +12,10 @@ Layout of the output folder::
     stats.json, report.html
 
 Phase 1 (parallel, resumable): read → steps → ``work/part-i.jsonl.zst`` + ``dropped/part-i.jsonl.zst``, then the
-marker.  A resumed run skips every shard whose marker holds the same fingerprint.  Phase 2 (sequential, cheap): the
-dedup step over all shards in shard order, so "first copy wins" is global and deterministic; it writes ``docs/``.
+marker.  A resumed run skips every shard whose marker holds the same fingerprint.  Phase 2: the corpus-wide steps
+(repeated lines, exact dedup, MinHash) as independent tasks over small per-shard tables (:mod:`global_pass`), then
+one task per shard applies the decisions and writes ``docs/``; "first copy wins" is global and deterministic.  The
+local executor runs the tasks in this process, the Ray executor (:mod:`ray_executor`) as Ray tasks.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
     ``on_file(files_done, docs_read)`` is called after each file (for a progress bar in the parent process).
     """
     out = Path(task.out_dir)
+    remove_partial_files(out, task.index)
     t0 = time.time()
     log = ReadLog()
     steps = task.make_steps()
@@ -239,15 +242,17 @@ def stop_pool(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
             p.join()
 
 
-def remove_partial_files(out_dir: Path) -> None:
-    """Temporary files of shards that were cut short (killed or interrupted mid-write)."""
+def remove_partial_files(out_dir: Path, shard: int | None = None) -> None:
+    """Temporary files of shards that were cut short (killed or interrupted mid-write): all, or one shard's (a
+    retried shard task clears what its killed attempt left)."""
+    pattern = f".{part(shard)}.*.tmp-*" if shard is not None else ".*.tmp-*"
     for sub in ("work", "dropped", "docs"):
-        for tmp in (out_dir / sub).glob(".*.tmp-*"):
+        for tmp in (out_dir / sub).glob(pattern):
             tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# phase 2: global exact dedup
+# phase 2: the corpus-wide steps
 
 
 def _bin(x: float, edges: tuple[float, ...]) -> str:
@@ -290,45 +295,71 @@ class Profile:
         return d
 
 
-def dedup_pass(out_dir: Path, n_shards: int, steps: list[Step]) -> dict[str, Any]:
-    """Run the global ``steps`` (exact dedup, near dedup, mixing ...) over the survivors of all shards in shard order;
-    write ``docs/`` (and the documents they drop to ``dropped/dedup-part-*``)."""
-    examples: dict[str, list[dict[str, Any]]] = {}
-    kept = kept_bytes = 0
-    profile = Profile()
-    for i in range(n_shards):
-        src = out_dir / "work" / f"{part(i)}.jsonl.zst"
+Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
-        def on_error(reason: str, line: int | None, detail: str, src: Path = src) -> None:
-            raise RuntimeError(f"{src}:{line}: {reason} {detail} (an intermediate shard is damaged; re-run with force)")
 
-        docs: Iterable[Document] = (Document.from_dict(rec) for _, rec in iter_jsonl(src, on_error))
-        for step in steps:
-            docs = step(docs)
-        with ShardWriter(out_dir / "docs" / f"{part(i)}.jsonl.zst") as keep:
-            drop = ShardWriter(out_dir / "dropped" / f"dedup-{part(i)}.jsonl.zst") if steps else None
-            try:
-                for doc in docs:
-                    if doc.dropped:
-                        drop.write(doc)  # type: ignore[union-attr]
-                        ex = examples.setdefault(doc.meta["drop_reason"], [])
-                        if len(ex) < EXAMPLES_PER_REASON:
-                            ex.append(_example(doc))
-                    else:
-                        keep.write(doc)
-                        profile.add(doc)
-            finally:
-                if drop is not None:
-                    drop.close()
-            kept += keep.count
-            kept_bytes += keep.text_bytes
-    for step in steps:
-        finish = getattr(step, "finish", None)
-        if finish is not None:
-            finish()
-        step.stats.check()
-    return {"kept": kept, "kept_bytes": kept_bytes, "examples": examples,
-            "steps": [step.stats.to_dict(full=True) for step in steps], "profile": profile.to_dict()}
+def local_map(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+    """The local executor's way of running independent tasks: one after the other, in this process."""
+    return [fn(*a) for a in args]
+
+
+def global_pass(out_dir: Path, n_shards: int, results: dict[int, dict[str, Any]], mapper: Mapper, *,
+                line_dedup: Any = None, dedup: bool = False, minhash: Any = None,
+                final_steps: Callable[[], list[Step]] | None = None) -> dict[str, Any]:
+    """Phase 2: the corpus-wide steps (repeated lines, exact dedup, MinHash near-dedup, then ``final_steps``) over
+    the survivors of all shards, as the independent tasks of :mod:`lmforge.data.global_pass` run by ``mapper``;
+    writes ``docs/`` (and the documents they drop to ``dropped/dedup-part-*``)."""
+    from lmforge.data import global_pass as gp
+
+    plan = gp.GlobalPlan(str(out_dir), n_shards, line_dedup=line_dedup, dedup=dedup, minhash=minhash,
+                         final_steps=final_steps)
+    line_seconds = cluster_seconds = 0.0
+    if line_dedup is not None:
+        t = time.time()
+        tables = [str(plan.work(i, "lines.npy")) for i in range(n_shards)]
+        n = gp.LINE_BUCKETS  # slices of the hash space: memory per task is about 1/n of the tables
+        found = mapper(gp.frequent_bucket, [(tables, line_dedup.max_docs, b, n) for b in range(n)])
+        plan.frequent = np.concatenate(found) if found else np.zeros(0, np.uint64)
+        line_seconds = time.time() - t
+    if dedup or minhash is not None:
+        mapper(gp.prepare_shard, [(plan, i) for i in range(n_shards)])
+    duplicates: list[np.ndarray | None] = [None] * n_shards
+    if dedup:
+        n = gp.EXACT_PARTITIONS
+        rows = mapper(gp.exact_partition, [(plan, p, n) for p in range(n)])
+        allrows = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
+        duplicates = [allrows[allrows[:, 0] == i] for i in range(n_shards)]
+    if minhash is not None:
+        t = time.time()
+        key_files = [str(plan.work(i, "minhash.npy")) for i in range(n_shards)]
+        sizes = [np.load(f, mmap_mode="r").shape[0] for f in key_files]
+        plan.offsets = np.cumsum([0] + sizes).tolist()
+        n = gp.task_count(n_shards, minhash.bands)
+        edges = mapper(gp.band_edges, [(key_files, minhash.bands, list(range(minhash.bands))[g::n], minhash.threshold)
+                                       for g in range(n)])
+        plan.roots = gp.cluster_roots_from_edges(plan.offsets[-1], edges)
+        cluster_seconds = time.time() - t
+    final = gp.merge_shard_results(mapper(gp.apply_shard, [(plan, i, duplicates[i]) for i in range(n_shards)]))
+    for st in final["steps"]:
+        if st["name"] == "line_dedup_v1":
+            from lmforge.data.linededup import TOP_EXAMPLES
+
+            st["seconds"] = round(st["seconds"] + line_seconds
+                                  + sum(r.get("line_hash_seconds", 0.0) for r in results.values()), 4)
+            st["tallies"]["frequent"] = {"distinct_units": int(len(plan.frequent))}
+            top = sorted(st["tallies"].get("top_removed", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+            if top:  # the most removed units; units tied with the last one stay too (no arbitrary cut)
+                cut = top[min(TOP_EXAMPLES, len(top)) - 1][1]
+                st["tallies"]["top_removed"] = dict(kv for kv in top if kv[1] >= cut)
+        elif st["name"] == "minhash_dedup_v1":
+            from lmforge.data.minhash import cluster_size_tally
+
+            st["seconds"] = round(st["seconds"] + cluster_seconds
+                                  + sum(r.get("minhash_seconds", 0.0) for r in results.values()), 4)
+            sizes_tally = cluster_size_tally(plan.roots)
+            if sizes_tally:
+                st["tallies"]["cluster_size"] = sizes_tally
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,13 +390,18 @@ def execute(
     select: Any = None,
     output_format: str = "jsonl",
     line_dedup: Any = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run phase 1 on every unfinished shard and phase 2 on all; write and return ``stats.json``'s content.
 
     Phase 2 runs corpus-wide repeated-line removal when ``line_dedup`` (a ``LineDedupParams``) is given, ``dedup``
     (exact), then MinHash near-dedup when ``minhash`` (a ``MinHashParams``) is given, then the
     steps of ``final_steps()``, over all shards in order; then, if ``select`` (a :class:`~lmforge.data.mixing.MixSpec`)
-    is active, the corpus-level top-fraction selection and mixing pass over ``docs/``."""
+    is active, the corpus-level top-fraction selection and mixing pass over ``docs/``.
+
+    ``executor="ray"`` runs the shards and the corpus-wide tasks (:mod:`lmforge.data.global_pass`) as Ray tasks on
+    the cluster at ``ray_address`` (a local one when None) instead of local processes; the output is the same."""
     from lmforge.progress import console, progress, rate_text
 
     t0 = time.time()
@@ -396,7 +432,16 @@ def execute(
                        rate=rate_text(docs_now, time.time() - started, "docs"))
 
         try:
-            if workers <= 1 or len(pending) <= 1:
+            if executor == "ray":
+                from lmforge.data import ray_executor
+
+                ray_executor.connect(ray_address, workers)
+                for t, stats in ray_executor.run_shards(pending, _run_task):
+                    results[t.index] = stats
+                    done_files += len(t.files)
+                    done_docs += stats["docs_read"]
+                    advance(done_files, done_docs)
+            elif workers <= 1 or len(pending) <= 1:
                 for t in pending:
                     base_files, base_docs = done_files, done_docs
                     results[t.index] = run_shard(
@@ -426,31 +471,14 @@ def execute(
             raise
     phase1_s = time.time() - t0
 
-    steps2: list[Step] = []
-    if line_dedup is not None:
-        from lmforge.data.linededup import RepeatedLineRemoval, frequent_hashes
+    if executor == "ray":
+        from lmforge.data import ray_executor
 
-        t_count = time.time()
-        frequent = frequent_hashes([out_dir / "work" / f"{part(i)}.lines.npy" for i in range(len(plan))],
-                                   line_dedup.max_docs)
-        lines_step = RepeatedLineRemoval(frequent, line_dedup)
-        lines_step.stats.seconds = (time.time() - t_count
-                                    + sum(r.get("line_hash_seconds", 0.0) for r in results.values()))
-        lines_step.stats.tally("frequent", "distinct_units", len(frequent))
-        steps2.append(lines_step)
-    if dedup is not None:
-        steps2.append(dedup)
-    if minhash is not None:
-        from lmforge.data.minhash import NearDedup, cluster_roots
-
-        t_cluster = time.time()
-        roots = cluster_roots([out_dir / "work" / f"{part(i)}.minhash.npy" for i in range(len(plan))], minhash.bands,
-                              minhash.threshold)
-        near = NearDedup(roots)
-        near.stats.seconds = time.time() - t_cluster + sum(r.get("minhash_seconds", 0.0) for r in results.values())
-        steps2.append(near)
-    steps2 += final_steps() if final_steps else []
-    final = dedup_pass(out_dir, len(plan), steps2)
+        mapper: Mapper = ray_executor.map_tasks
+    else:
+        mapper = local_map
+    final = global_pass(out_dir, len(plan), results, mapper, line_dedup=line_dedup, dedup=dedup is not None,
+                        minhash=minhash, final_steps=final_steps)
     final["written"], final["copies_added"] = final["kept"], 0
     if select is not None and select.active:
         from lmforge.data.mixing import select_pass
@@ -479,7 +507,8 @@ def execute(
     for i in range(len(plan)):  # the survivors now live in docs/ (and dropped/dedup-*)
         (out_dir / "work" / f"{part(i)}.jsonl.zst").unlink(missing_ok=True)
         (out_dir / "work" / f"{part(i)}.minhash.npy").unlink(missing_ok=True)
-        (out_dir / "work" / f"{part(i)}.lines.npy").unlink(missing_ok=True)
+        for suffix in ("lines.npy", "ids.json", "keys.npy"):
+            (out_dir / "work" / f"{part(i)}.{suffix}").unlink(missing_ok=True)
     return stats
 
 

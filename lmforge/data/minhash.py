@@ -22,6 +22,7 @@ estimated similarity is at least ``threshold`` (0.7 by default, about the S-curv
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -163,48 +164,56 @@ class _Signatures:
         return ok
 
 
-def cluster_roots(key_files: list[Path], bands: int, threshold: float = 0.0) -> np.ndarray:
-    """For the documents of ``key_files`` (in order), the global index of their cluster's first document.
+def band_links(key_files: list[Path], bands: int, band: int, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The links (x, y) of one LSH band between the documents of ``key_files`` (global indices, in order).
 
     With ``threshold > 0`` a pair of bucket mates is linked only if their signatures (stored after the keys) estimate
     a Jaccard similarity of at least ``threshold``.  Each document is checked against the first document of its
     bucket and the one before it, so a bucket holding an unrelated first document still links the similar rest."""
     sizes = [np.load(f, mmap_mode="r").shape[0] for f in key_files]
     n = sum(sizes)
-    uf = UnionFind(n)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if n == 0:
-        return uf.parent
+        return empty
     sigs = _Signatures(key_files, bands) if threshold > 0 else None
     if sigs is not None and not sigs.available:
         raise ValueError("minhash: the shard files hold bucket keys without signatures (written by an older "
                          "version); re-run the data stage with --force")
-    for band in range(bands):
-        keys = np.empty(n, dtype=np.uint64)
-        at = 0
-        for f, size in zip(key_files, sizes):
-            if size:
-                keys[at : at + size] = np.load(f, mmap_mode="r")[:, band]
-            at += size
-        order = np.argsort(keys, kind="stable")  # equal keys stay in index order: the first is the smallest
-        sk = keys[order]
-        same = np.flatnonzero(sk[1:] == sk[:-1]) + 1  # positions whose key equals the previous one
-        if same.size == 0:
-            continue
-        # the first position of each run of equal keys, for every position in `same`
-        run_start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-        first = run_start[np.searchsorted(run_start, same, side="right") - 1]
-        xs, ys = order[first], order[same]
-        if sigs is not None:
-            prev = order[same - 1]  # the bucket mate just before (the first one, for the second member)
-            ok = sigs.similar(xs, ys, threshold)
-            other = prev != xs
-            ok_prev = np.zeros(len(ys), dtype=bool)
-            if other.any():
-                ok_prev[other] = sigs.similar(prev[other], ys[other], threshold)
-            xs, ys = np.concatenate([xs[ok], prev[ok_prev]]), np.concatenate([ys[ok], ys[ok_prev]])
+    keys = np.empty(n, dtype=np.uint64)
+    at = 0
+    for f, size in zip(key_files, sizes):
+        if size:
+            keys[at : at + size] = np.load(f, mmap_mode="r")[:, band]
+        at += size
+    order = np.argsort(keys, kind="stable")  # equal keys stay in index order: the first is the smallest
+    sk = keys[order]
+    same = np.flatnonzero(sk[1:] == sk[:-1]) + 1  # positions whose key equals the previous one
+    if same.size == 0:
+        return empty
+    # the first position of each run of equal keys, for every position in `same`
+    run_start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    first = run_start[np.searchsorted(run_start, same, side="right") - 1]
+    xs, ys = order[first], order[same]
+    if sigs is not None:
+        prev = order[same - 1]  # the bucket mate just before (the first one, for the second member)
+        ok = sigs.similar(xs, ys, threshold)
+        other = prev != xs
+        ok_prev = np.zeros(len(ys), dtype=bool)
+        if other.any():
+            ok_prev[other] = sigs.similar(prev[other], ys[other], threshold)
+        xs, ys = np.concatenate([xs[ok], prev[ok_prev]]), np.concatenate([ys[ok], ys[ok_prev]])
+    return xs, ys
+
+
+def cluster_roots(key_files: list[Path], bands: int, threshold: float = 0.0) -> np.ndarray:
+    """For the documents of ``key_files`` (in order), the global index of their cluster's first document: the links
+    of every band (:func:`band_links`) joined in a union-find."""
+    n = sum(np.load(f, mmap_mode="r").shape[0] for f in key_files)
+    uf = UnionFind(n)
+    for band in range(bands if n else 0):
+        xs, ys = band_links(key_files, bands, band, threshold)
         for x, y in zip(xs.tolist(), ys.tolist()):
             uf.union(x, y)
-        del keys, order, sk
     return uf.roots()
 
 
@@ -217,24 +226,34 @@ class NearDedup(Step):
 
     name = "minhash_dedup_v1"
 
-    def __init__(self, roots: np.ndarray) -> None:
+    def __init__(self, roots: np.ndarray, offset: int = 0, root_ids: dict[int, str] | None = None,
+                 tally: bool = True) -> None:
+        """``roots``: the cluster roots of the documents this step will see (global indices); ``offset``: the global
+        index of the first of them; ``root_ids``: the ids of roots before ``offset`` (another shard's documents);
+        ``tally``: count cluster sizes in :meth:`finish` (off when each shard runs its own step and the driver counts
+        them from all roots with :func:`cluster_size_tally`)."""
         super().__init__()
         self.roots = roots
+        self.offset = offset
         self.index = 0
-        self.root_ids: dict[int, str] = {}
+        self.root_ids: dict[int, str] = dict(root_ids or {})
+        local = np.arange(offset, offset + len(roots))
+        members = roots[roots != local]
         has_members = np.zeros(len(roots), dtype=bool)
-        has_members[roots[roots != np.arange(len(roots))]] = True
+        has_members[members[members >= offset] - offset] = True
         self.has_members = has_members
+        self.tally = tally
         self.cluster_sizes: dict[int, int] = {}
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
-            i = self.index
+            k = self.index
             self.index += 1
-            if self.has_members[i]:
+            i = k + self.offset
+            if self.has_members[k]:
                 self.root_ids[i] = doc.id
-            root = int(self.roots[i])
-            if root != i:
+            root = int(self.roots[k])
+            if root != i and self.tally:
                 self.cluster_sizes[root] = self.cluster_sizes.get(root, 1) + 1
             if doc.dropped:
                 yield doc
@@ -254,6 +273,13 @@ class NearDedup(Step):
                                  f"{len(self.roots)}")
         for size in self.cluster_sizes.values():
             self.stats.tally("cluster_size", str(size))
+
+
+def cluster_size_tally(roots: np.ndarray) -> dict[str, int]:
+    """How many clusters of each size (2 or more documents) ``roots`` hold: NearDedup's ``cluster_size`` tally."""
+    counts = np.bincount(roots, minlength=len(roots)) if len(roots) else np.zeros(0, np.int64)
+    sizes = Counter(str(int(c)) for c in counts[counts > 1])
+    return dict(sizes)
 
 
 def near_duplicate_pairs(texts: list[str], params: MinHashParams = MinHashParams()) -> set[tuple[int, int]]:

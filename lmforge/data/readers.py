@@ -94,8 +94,33 @@ def file_format(path: Path) -> str | None:
     return None
 
 
-def read_file(path: Path, log: ReadLog, chunk_chars: int = 20_000) -> Iterator[Document]:
-    """Documents of one input file, by extension.  Never raises for bad content: errors go to ``log``."""
+def read_file(path: Path, log: ReadLog, chunk_chars: int = 20_000,
+              origins: dict[str, str] | None = None) -> Iterator[Document]:
+    """Documents of one input file, by extension.  Never raises for bad content: errors go to ``log``.
+
+    ``origins`` maps local copies of remote inputs (:mod:`lmforge.storage`) to their URLs: documents read from a copy
+    name the URL in ``meta.source`` and in ids built from the path, as if read from the bucket itself."""
+    docs = _read_file(path, log, chunk_chars)
+    root = next((r for r in (origins or {}) if str(path) == r or str(path).startswith(r.rstrip("/") + "/")), None)
+    if root is None:
+        yield from docs
+        return
+    url = origins[root]  # type: ignore[index]
+
+    def rename(s: str) -> str:  # root/jsonl/a.jsonl:12 → URL/jsonl/a.jsonl:12; a copied file → URL:12
+        rest = s[len(root):]
+        return url.rstrip("/") + rest if rest.startswith("/") else url + rest
+
+    for doc in docs:
+        src = doc.meta.get("source")
+        if isinstance(src, str) and src.startswith(root):
+            doc.meta["source"] = rename(src)
+        if doc.id.startswith(root):
+            doc.id = rename(doc.id)
+        yield doc
+
+
+def _read_file(path: Path, log: ReadLog, chunk_chars: int) -> Iterator[Document]:
     fmt = file_format(path)
     if fmt is None:
         log.skip("unknown_format")

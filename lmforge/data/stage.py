@@ -15,10 +15,11 @@ Later stages read the result with :func:`lmforge.data.io.iter_documents`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from pydantic import Field
 
@@ -44,7 +45,14 @@ class Config(StageConfig):
     output_format: Literal["jsonl", "parquet"] = Field(
         "jsonl", description="Kept documents as JSONL.zst or Parquet (id, text, meta as a JSON string) shards.")
     shards: int = Field(4, ge=1, description="Number of output shards (input files are spread over them by size).")
-    workers: int = Field(1, ge=1, description="Worker processes for the shards (1 = in this process).")
+    workers: int = Field(1, ge=1, description="Worker processes for the shards (1 = in this process); with "
+                                              "executor ray and no ray_address, the CPUs of the local Ray instance.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where shards and corpus-wide tasks run: local processes, or Ray tasks (pip install "
+                             "'lmforge[ray]'); the output is the same.")
+    ray_address: Optional[str] = Field(
+        None, description="Executor ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT); none starts a "
+                          "local Ray instance for the run. The output folder must be on storage every node sees.")
     extractor: Literal["resiliparse", "trafilatura"] = Field(
         "resiliparse", description="HTML main-text extractor (trafilatura is an optional extra)."
     )
@@ -282,13 +290,28 @@ def _count_by_extension(names: list[str]) -> str:
     return ", ".join(f"{ext}: {n}" for ext, n in counts.most_common())
 
 
+@contextlib.contextmanager
+def _executor_session(config: Config) -> Iterator[None]:
+    """Ray's connection lives for the run (a local instance started for it is stopped after it)."""
+    try:
+        yield
+    finally:
+        if config.executor == "ray":
+            from lmforge.data import ray_executor
+
+            ray_executor.shutdown()
+
+
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     from lmforge.data.executor import clean, execute
     from lmforge.data.readers import read_file
     from lmforge.data.report import render
     from lmforge.data.steps import ExactDedup, HtmlExtract
     from lmforge.progress import console
+    from lmforge.storage import local_copy, is_url, origins_of
 
+    if any(is_url(spec) for spec in config.inputs):  # the Python API takes URLs too (the CLI copies them first)
+        config = config.model_copy(update={"inputs": [str(local_copy(s)) if is_url(s) else s for s in config.inputs]})
     out = Path(out_dir)
     if not config.inputs:
         raise ValueError("data: no inputs given")
@@ -300,7 +323,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     cfg = config.model_dump()
     files, skipped = collect_inputs(config.inputs)  # before the run starts: nothing to read is an error now
     stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
-                      execution_fields={"workers"})
+                      execution_fields={"workers", "executor", "ray_address"})
     if stage_run is None:
         return finished(out)
     resume = stage_run.resumable() and not force
@@ -308,13 +331,14 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     for reason, names in skipped.items():
         console.print(f"[yellow]⚠ {reason}[/]: {len(names)} file(s) not read: {', '.join(names[:5])}"
                       + (" …" if len(names) > 5 else ""), highlight=False)
-    with stage_run:
+    with stage_run, _executor_session(config):
         if not resume:
             clean(out)
         stats = execute(
             files, out,
             make_steps=functools.partial(build_steps, cfg),
-            reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars),
+            reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars,
+                                     origins=origins_of(config.inputs)),
             dedup=ExactDedup() if config.dedup else None,
             shards=config.shards,
             workers=config.workers,
@@ -324,6 +348,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             line_dedup=line_dedup_params(config),
             select=select_spec(config),
             output_format=config.output_format,
+            executor=config.executor,
+            ray_address=config.ray_address,
         )
         # backslashreplace: a file name that is not UTF-8 (a lone surrogate from os.fsdecode) must not fail the run
         write_bytes(out / "report.html",
