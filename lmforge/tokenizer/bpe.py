@@ -127,4 +127,62 @@ def load_tokenizer(folder: str | os.PathLike) -> tuple[Tokenizer, dict]:
         raise FileNotFoundError(f"{folder} has no tokenizer.json")
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    return Tokenizer.from_file(str(path)), cfg
+    tok = Tokenizer.from_file(str(path))
+    if (folder / "config.json").is_file():
+        check_special_tokens(folder, tok, cfg)
+    return tok, cfg
+
+
+def _ids(value: object) -> list[int]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _token_name(value: object) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def check_special_tokens(folder: str | os.PathLike, tok: Tokenizer, tok_cfg: dict) -> None:
+    """A model folder whose special tokens disagree is refused with the files and fields named, never served with a
+    wrong BOS or a stop token it cannot emit: every bos/eos/pad id of ``config.json`` / ``generation_config.json`` must
+    be a token of ``tokenizer.json``; ``tokenizer_config.json``'s bos_token must be ``config.json``'s bos_token_id and
+    its eos_token one of the eos ids, where both name them."""
+    folder = Path(folder)
+    model_cfg = json.loads((folder / "config.json").read_text())
+    gen_path = folder / "generation_config.json"
+    gen_cfg = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    size = tok.get_vocab_size(with_added_tokens=True)
+    problems: list[str] = []
+    for fname, cfg in (("config.json", model_cfg), ("generation_config.json", gen_cfg)):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            for i in _ids(cfg.get(key)):
+                if not 0 <= i < size:
+                    problems.append(f"{fname}: {key} {i} is not a token of tokenizer.json (vocabulary of {size})")
+    bos_name = _token_name(tok_cfg.get("bos_token"))
+    bos_ids = _ids(model_cfg.get("bos_token_id"))
+    if bos_name is not None and bos_ids:
+        bos = tok.token_to_id(bos_name)
+        if bos is None:
+            problems.append(f"tokenizer_config.json: bos_token {bos_name!r} is not in tokenizer.json")
+        elif bos not in bos_ids:
+            problems.append(f"config.json: bos_token_id {bos_ids[0]} ({tok.id_to_token(bos_ids[0])!r}) disagrees with "
+                            f"tokenizer_config.json's bos_token {bos_name!r} (id {bos})")
+    eos_name = _token_name(tok_cfg.get("eos_token"))
+    eos_ids = _ids(model_cfg.get("eos_token_id")) + _ids(gen_cfg.get("eos_token_id"))
+    if eos_name is not None and eos_ids:
+        eos = tok.token_to_id(eos_name)
+        if eos is None:
+            problems.append(f"tokenizer_config.json: eos_token {eos_name!r} is not in tokenizer.json")
+        elif eos not in eos_ids:
+            problems.append(f"config.json: eos_token_id {eos_ids if len(eos_ids) > 1 else eos_ids[0]} disagrees with "
+                            f"tokenizer_config.json's eos_token {eos_name!r} (id {eos})")
+    if problems:
+        raise ValueError(f"{folder}: special tokens disagree — " + "; ".join(problems)
+                         + " (fix the files so that they name the same tokens)")
