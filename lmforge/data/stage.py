@@ -105,6 +105,19 @@ class Config(StageConfig):
                                                                "(FineWeb uses 0.65).")
     lang_thresholds: dict[str, float] = Field(default_factory=dict,
                                               description="Per-language minimum scores (YAML only), e.g. {en: 0.65}.")
+    mixed_langs: Literal["off", "keep", "drop", "split"] = Field(
+        "keep", description="Mixed-language documents (paragraph-level language ID; meta.lang_shares, meta.mixed): "
+                            "keep, drop (mixed_language) or split into one document per language; off skips the "
+                            "per-paragraph language ID.")
+    mixed_min_share: float = Field(0.2, ge=0, le=1, description="A document is mixed when its second language has at "
+                                                               "least this share of the characters.")
+    lang_profiles: bool = Field(
+        True, description="Apply each language's own rule thresholds, stop words and word segmentation "
+                          "(lmforge/data/lang_profiles.yaml, FineWeb-2's values) to the Gopher/C4/FineWeb rules, by "
+                          "the detected language; the config's rule values then apply to English (and to documents "
+                          "without a language). Languages without a profile skip the stop-word and word-length rules.")
+    lang_profiles_file: Optional[str] = Field(
+        None, description="A YAML file of extra / overriding language profiles (same keys as the built-in table).")
     # c4_quality_v2 / fineweb_quality_v2
     c4_quality: bool = Field(False, description="Run C4's line and document rules (removes lines from the text).")
     c4_min_sentences: int = Field(5, description="C4: drop documents with fewer sentences after line filtering.")
@@ -162,6 +175,11 @@ def build_steps(config: dict[str, Any]) -> list:
     from lmforge.data.steps import HtmlExtract, UnicodeNormalize
 
     c = Config.model_validate(config)
+    profiles = None
+    if c.lang_profiles and c.langid:
+        from lmforge.data.langprofiles import LangProfiles
+
+        profiles = LangProfiles.load(c.lang_profiles_file)
     steps: list = [HtmlExtract(c.extractor, c.main_content, c.extract_timeout), UnicodeNormalize()]
     if c.line_junk:
         from lmforge.data.filters import LineJunk
@@ -170,13 +188,14 @@ def build_steps(config: dict[str, Any]) -> list:
     if c.langid:
         from lmforge.data.langid import LanguageId
 
-        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds))
+        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds, mixed=c.mixed_langs,
+                                mixed_min_share=c.mixed_min_share))
     if c.gopher_repetition:
         steps.append(GopherRepetition(
             max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
             max_dup_line_char_frac=c.max_dup_line_char_frac, max_dup_para_char_frac=c.max_dup_para_char_frac,
             top_ngram_fracs=tuple(c.top_ngram_fracs), dup_ngram_fracs=tuple(c.dup_ngram_fracs),
-            word_split=c.word_split,
+            word_split=c.word_split, profiles=profiles,
         ))
     if c.gopher_quality:
         steps.append(GopherQuality(
@@ -184,16 +203,17 @@ def build_steps(config: dict[str, Any]) -> list:
             max_mean_word_length=c.max_mean_word_length, max_symbol_word_ratio=c.max_symbol_word_ratio,
             max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
             min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words, word_split=c.word_split,
+            profiles=profiles,
         ))
     if c.c4_quality:
         from lmforge.data.filters import C4Quality
 
         steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket,
-                               word_split=c.word_split))
+                               word_split=c.word_split, profiles=profiles))
     if c.fineweb_quality:
         from lmforge.data.filters import FineWebQuality
 
-        steps.append(FineWebQuality(word_split=c.word_split))
+        steps.append(FineWebQuality(word_split=c.word_split, profiles=profiles))
     if c.toxicity:
         from lmforge.data.toxicity import Toxicity
 
