@@ -1,7 +1,7 @@
 """The data stage: raw files → clean, deduplicated ``{id, text, meta}`` JSONL.zst shards.
 
 Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
-[``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
+[``line_junk_v1``] → ``langid_v1`` → ``cjk_normalize_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
 [``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards:
 [``line_dedup_v1``] → ``exact_dedup_v1`` →
 [``minhash_dedup_v1``].  Bracketed steps are off by default.
@@ -111,6 +111,11 @@ class Config(StageConfig):
                             "per-paragraph language ID.")
     mixed_min_share: float = Field(0.2, ge=0, le=1, description="A document is mixed when its second language has at "
                                                                "least this share of the characters.")
+    width_normalize: bool = Field(True, description="Full-width Latin letters / digits → ASCII, half-width katakana "
+                                                    "→ full-width (cjk_normalize_v1; Chinese punctuation is kept).")
+    zh_convert: Literal["none", "t2s", "s2t", "tw2s", "hk2s"] = Field(
+        "none", description="Convert Chinese documents (meta.lang zh) with OpenCC: t2s = traditional → simplified, "
+                            "s2t the reverse, tw2s / hk2s from Taiwan / Hong Kong standards (needs langid).")
     lang_profiles: bool = Field(
         True, description="Apply each language's own rule thresholds, stop words and word segmentation "
                           "(lmforge/data/lang_profiles.yaml, FineWeb-2's values) to the Gopher/C4/FineWeb rules, by "
@@ -132,7 +137,7 @@ class Config(StageConfig):
     toxicity_classifier: bool = Field(True, description="Toxicity: run the classifier too (English model).")
     pii: bool = Field(False, description="Redact e-mails, phones, IP addresses, card numbers, Chinese ID numbers.")
     pii_kinds: list[str] = Field(default_factory=list, description="PII kinds to redact (empty = all): email, phone, "
-                                                                   "ipv4, ipv6, credit_card, cn_id.")
+                                                                   "ipv4, ipv6, credit_card, cn_id, cn_mobile, cn_bank_card.")
     # quality_v1
     quality_model: Optional[str] = Field(None, description="Folder of a model from `lmforge data train-quality`: "
                                                            "score every document (meta.quality).")
@@ -190,6 +195,12 @@ def build_steps(config: dict[str, Any]) -> list:
 
         steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds, mixed=c.mixed_langs,
                                 mixed_min_share=c.mixed_min_share))
+    if c.width_normalize or c.zh_convert != "none":
+        if c.zh_convert != "none" and not c.langid:
+            raise ValueError("zh_convert needs language ID (langid: true) to find the Chinese documents")
+        from lmforge.data.cjk import CjkNormalize
+
+        steps.append(CjkNormalize(c.width_normalize, c.zh_convert))
     if c.gopher_repetition:
         steps.append(GopherRepetition(
             max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
