@@ -164,3 +164,13 @@ class Profiled:
             resolved = p.resolve(self._base)
             got = self._resolved[key] = (self._base if resolved == self._base else resolved, split)
         return got
+
+
+def word_count(text: str, lang: str | None, profiles: LangProfiles | None = None) -> int:
+    """Words in ``text`` as the rules count them for ``lang`` (its profile's segmenter: jieba for Chinese, MeCab for
+    Japanese, whitespace words elsewhere; CJK characters one each without a segmenter)."""
+    from lmforge.data.filters import words
+
+    p = (profiles or LangProfiles.load()).get(lang, text)
+    split = p.segmenter if p.segmenter in ("jieba", "japanese") else "whitespace"
+    return len(words(text, split))

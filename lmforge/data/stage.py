@@ -368,6 +368,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             docs_in=t["docs_in"],
             docs_kept=t["docs_kept"],
             docs_dropped=t["docs_dropped"],
+            docs_added=t.get("docs_added", 0),
             bytes_kept=t["bytes_kept"],
             docs_written=t["docs_written"],
             read_errors=t["read_errors"],
@@ -384,7 +385,9 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         )
         console.print(
             f"[green]✓ data[/]: {t['docs_kept']:,} of {t['docs_in']:,} documents kept "
-            f"({t['bytes_kept'] / 1e6:,.2f} MB), {t['docs_dropped']:,} dropped, {t['read_errors']:,} read errors; "
+            f"({t['bytes_kept'] / 1e6:,.2f} MB), {t['docs_dropped']:,} dropped"
+            + (f", {t['docs_added']:,} added (mixed-language splits)" if t.get("docs_added") else "")
+            + f", {t['read_errors']:,} read errors; "
             f"{stats['timing']['docs_per_s'] or 0:,.0f} docs/s → {out}"
         )
     return finished(out)
