@@ -42,8 +42,9 @@ def main() -> None:
     docs = read_all(out)
     # split pieces (id#lang) are not input documents: count each input document once, by its own id
     by_lang: dict[str, Counter] = defaultdict(Counter)
-    lid_ok = lid_n = 0
+    lid_ok = lid_n = whole_ok = 0
     mixed_hit = mixed_n = false_alarm = single_n = 0
+    share_err: list[float] = []
     for d in docs:
         m = d["meta"]
         if m.get("split_from"):
@@ -57,9 +58,12 @@ def main() -> None:
         if gold == "mixed":
             mixed_n += 1
             mixed_hit += bool(m.get("mixed"))
+            other = next(k for k in m["gold_shares"] if k != "en")
+            share_err.append(abs((m.get("lang_shares") or {}).get(other, 0.0) - m["gold_shares"][other]))
         elif "lang" in m:
             lid_n += 1
             lid_ok += m["lang"] == gold
+            whole_ok += m.get("lang_whole", m["lang"]) == gold
             single_n += 1
             false_alarm += bool(m.get("mixed"))
     print(f"{'language':22s} {'docs':>5s} {'kept':>6s}  drop reasons")
@@ -68,10 +72,13 @@ def main() -> None:
         reasons = ", ".join(f"{k} {v}" for k, v in c.most_common() if k not in ("docs", "kept"))
         print(f"{key:22s} {c['docs']:5d} {c['kept'] / c['docs']:6.0%}  {reasons}")
     if lid_n:
-        print(f"language ID accuracy: {lid_ok}/{lid_n} = {lid_ok / lid_n:.3f} (single-language documents)")
+        print(f"language ID accuracy (single-language documents): whole document {whole_ok}/{lid_n} = "
+              f"{whole_ok / lid_n:.3f}; final meta.lang (largest paragraph share for mixed ones) {lid_ok}/{lid_n} = "
+              f"{lid_ok / lid_n:.3f}")
     if mixed_n and any("mixed" in d["meta"] or "lang_shares" in d["meta"] for d in docs):
         print(f"mixed detection: {mixed_hit}/{mixed_n} mixed documents flagged; "
-              f"{false_alarm}/{single_n} single-language documents flagged")
+              f"{false_alarm}/{single_n} single-language documents flagged; second-language share off by "
+              f"{sum(share_err) / len(share_err):.3f} on average (max {max(share_err):.3f})")
 
 
 if __name__ == "__main__":
