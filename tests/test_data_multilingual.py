@@ -69,6 +69,17 @@ def test_segmenters():
     assert "の" in ja and "を" in ja and len(ja) < len("日本語の文章を単語に分割します")  # words, not characters
 
 
+def test_japanese_without_fugashi_counts_characters(monkeypatch):
+    from lmforge.data import wordsplit
+
+    monkeypatch.setattr(wordsplit, "japanese_tagger", lambda: None)
+    wordsplit._last_seg.clear()
+    assert words("日本語の文章を apt-get で分割します。", "japanese") == [
+        "日", "本", "語", "の", "文", "章", "を", "apt-get", "で", "分", "割", "し", "ま", "す"]
+    assert wordsplit.japanese_segmenter() == "characters"
+    wordsplit._last_seg.clear()
+
+
 def _doc(text: str, lang: str) -> Document:
     return Document("d", text, {"lang": lang})
 
