@@ -16,6 +16,7 @@ spaces (CJK) is counted one word per character.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -119,18 +120,13 @@ def _load(extra: str | None) -> LangProfiles:
     return LangProfiles(profiles)
 
 
-_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
-
-
-def _is_cjk(c: str) -> bool:
-    o = ord(c)
-    return any(lo <= o <= hi for lo, hi in _CJK_RANGES)
+_CJK_RE = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
 def mostly_cjk(text: str, sample: int = 2000) -> bool:
     """More than half of the letters (of the first ``sample`` characters) are CJK ideographs or kana."""
-    letters = [c for c in text[:sample] if c.isalpha()]
-    return bool(letters) and sum(map(_is_cjk, letters)) * 2 > len(letters)
+    letters = "".join(filter(str.isalpha, text[:sample]))
+    return bool(letters) and not letters.isascii() and len(_CJK_RE.findall(letters)) * 2 > len(letters)
 
 
 class Profiled:
