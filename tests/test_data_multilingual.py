@@ -152,7 +152,7 @@ def test_stage_default_rules_keep_every_language_and_report_per_language(tmp_pat
     assert {"de", "zh", "ja", "ru", "en"} <= set(lang_step["tallies"]["lang_kept"])
     assert "de" in lang_step["tallies"]["profile"]
     html = (out / "report.html").read_text()
-    assert "Per language" in html and "langid_v1: mixed" in html
+    assert "Per language" in html and "Mixed-language documents" in html and "mix languages; " in html
     langid = next(s for s in stats["steps"] if s["name"] == "langid_v1")
     assert sum(langid["tallies"]["mixed"].values()) >= 20  # of the 24 mixed documents
     if mixed == "split":

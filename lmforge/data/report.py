@@ -88,6 +88,21 @@ def lang_step_table(steps: list[dict[str, Any]]) -> str:
             "<p><small>kept / in per step once the language is known (hover a cell for its drop reasons)</small></p>")
 
 
+def mixed_section(steps: list[dict[str, Any]]) -> str:
+    """Mixed-language documents found by ``langid_v1``: how many, which language pairs, what was done with them."""
+    lid = next((st for st in steps if st["name"].startswith("langid_")), None)
+    if lid is None:
+        return "<p>no language ID in this run</p>"
+    mixed = (lid.get("tallies") or {}).get("mixed") or {}
+    n = sum(mixed.values())
+    if not n:
+        return f"<p>none of {lid['in']:,} documents</p>"
+    action = ("dropped (mixed_language)" if lid["dropped"].get("mixed_language")
+              else f"split, {lid['added']:,} documents added" if lid.get("added") else "kept (meta.mixed, meta.lang_shares)")
+    return (f"<p>{n:,} of {lid['in']:,} documents ({100 * n / max(1, lid['in']):.1f}%) mix languages; {action}.</p>"
+            + bars(mixed, "mixed documents by language pair"))
+
+
 def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
     t = stats["totals"]
     rows = []
@@ -154,6 +169,8 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
 {''.join(rows)}</table>
 <h2>Per language</h2>
 {lang_step_table(stats["steps"]) or '<p>no language ID in this run</p>'}
+<h2>Mixed-language documents</h2>
+{mixed_section(stats["steps"])}
 <h2>Kept documents</h2>
 {'<br>'.join(charts) or '<p>none</p>'}
 <h2>Step tallies</h2>
