@@ -13,7 +13,6 @@ import pytest
 
 from lmforge.data.io import iter_documents
 from lmforge.data.langprofiles import word_count
-from lmforge.data.stage import Config, run
 from lmforge.tokenizer import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +40,11 @@ def data_run(tmp_path_factory):
         (src / f"{name}.jsonl").write_text((CORPUS / f"{name}.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     (src / "short.jsonl").write_text(json.dumps({"id": "s", "text": "Zu kurz."}) + "\n")  # dropped by a rule
     out = tmp / "out"
-    run(Config(inputs=[str(src)], shards=2, mixed_langs="split"), out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "data", "run", "--inputs", str(src), "--shards", "2",
+                        "--mixed-langs", "split", "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "added (mixed-language splits)" in r.stdout + r.stderr
     english = [json.loads(line)["text"] for line in (CORPUS / "en.jsonl").open()]
     return out, _bpe(english, tmp / "tok")
 
