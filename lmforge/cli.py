@@ -305,6 +305,44 @@ def data_report(run: Path = typer.Argument(..., help="A data run folder (with st
     typer.echo(str(render_report(run)))
 
 
+@data_app.command("langs")
+def data_langs(
+    run: Path = typer.Argument(..., help="A finished data run folder (with stats.json)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Count tokens with this tokenizer.json or "
+                                                                       "tokenizer folder too."),
+) -> None:
+    """Language ratios: documents, characters, words (and tokens) per language, read and left after each step;
+    writes langs.json and langs.png into the run folder."""
+    from lmforge.data.langs import language_table, write
+
+    try:
+        t = language_table(run, tokenizer)
+    except FileNotFoundError as err:
+        console.print(f"[red]✗ {err}[/]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"languages of {run}")
+    for col in ("lang", "docs read", "docs kept", "kept %", "chars read", "chars kept", "chars %",
+                "words kept", *(["tokens kept"] if tokenizer else []), "lost most at"):
+        table.add_column(col, justify="left" if col in ("lang", "lost most at") else "right")
+    steps = t["steps"]
+    tr = max(1, t["totals"]["kept"]["chars"])
+    for lang, row in t["langs"].items():
+        r, k = row["read"], row["kept"]
+        prev, worst, worst_n = r["docs"], "–", 0
+        for s in steps:
+            lost = prev - row["after"][s]["docs"]
+            if lost > worst_n:
+                worst, worst_n = s, lost
+            prev = row["after"][s]["docs"]
+        table.add_row(lang, f"{r['docs']:,}", f"{k['docs']:,}", f"{100 * k['docs'] / max(1, r['docs']):.0f}",
+                      f"{r['chars']:,}", f"{k['chars']:,}", f"{100 * k['chars'] / tr:.1f}", f"{k['words']:,}",
+                      *([f"{k['tokens']:,}"] if tokenizer else []),
+                      f"{worst.rsplit('_v', 1)[0]} (−{worst_n})" if worst_n else "–")
+    console.print(table)
+    js, png = write(t, run)
+    console.print(f"per-step counts: {js}; plot: {png}")
+
+
 @app.command("leaderboard")
 def leaderboard_cmd(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown to this file."),

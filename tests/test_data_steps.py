@@ -282,7 +282,8 @@ def test_stage_all_steps_report_and_conservation(tmp_path):
     m = run(cfg, tmp_path / "out")
     stats = check_conservation(tmp_path / "out")
     names = [s["name"] for s in stats["steps"]]
-    assert names == ["html_extract_v1", "unicode_normalize_v1", "line_junk_v1", "langid_v1", "gopher_repetition_v2",
+    assert names == ["html_extract_v1", "unicode_normalize_v1", "line_junk_v1", "langid_v1", "cjk_normalize_v1",
+                     "gopher_repetition_v2",
                      "gopher_quality_v2", "fineweb_quality_v2", "toxicity_v1", "pii_redact_v1", "exact_dedup_v1",
                      "minhash_dedup_v1"] == m.metrics["steps"]
     lang = next(s for s in stats["steps"] if s["name"] == "langid_v1")

@@ -177,8 +177,10 @@ def run_shard(task: ShardTask, on_file: Callable[[int, int], None] | None = None
         _save_npy(out / "work" / f"{part(task.index)}.lines.npy", line_counter.table())
     step_stats = [s.stats for s in steps]
     check_chain(counter["docs"], step_stats, kept_count)
-    if counter["docs"] != kept_count + dropped_count:
-        raise AssertionError(f"shard {task.index}: {counter['docs']} read != {kept_count} kept + {dropped_count} dropped")
+    added = sum(s.added for s in step_stats)
+    if counter["docs"] + added != kept_count + dropped_count:
+        raise AssertionError(f"shard {task.index}: {counter['docs']} read + {added} added != {kept_count} kept + "
+                             f"{dropped_count} dropped")
     for reason, exs in log.examples.items():
         examples.setdefault(reason, exs)
     stats = {
@@ -536,6 +538,8 @@ def merge_stats(
                               "tallies": {}})
             steps[k]["in"] += st["in"]
             steps[k]["kept"] += st["kept"]
+            if st.get("added"):
+                steps[k]["added"] = steps[k].get("added", 0) + st["added"]
             steps[k]["dropped"].update(st["dropped"])
             steps[k]["seconds"] += st.get("seconds", 0.0)
             for table, counts in st.get("tallies", {}).items():
@@ -558,12 +562,16 @@ def merge_stats(
 
     # conservation, across shards and the final pass
     expected = docs_read
+    docs_added = 0
     for st in steps:
-        if st["in"] != expected or st["in"] != st["kept"] + sum(st["dropped"].values()):
+        added = st.get("added", 0)
+        docs_added += added
+        if st["in"] != expected or st["in"] + added != st["kept"] + sum(st["dropped"].values()):
             raise AssertionError(f"conservation violated in {st['name']}: {st}")
         expected = st["kept"]
-    if docs_kept != expected or docs_read != docs_kept + docs_dropped:
-        raise AssertionError(f"conservation violated: read {docs_read}, kept {docs_kept}, dropped {docs_dropped}")
+    if docs_kept != expected or docs_read + docs_added != docs_kept + docs_dropped:
+        raise AssertionError(f"conservation violated: read {docs_read} + added {docs_added}, kept {docs_kept}, "
+                             f"dropped {docs_dropped}")
 
     bytes_in = sum(f.stat().st_size for f in files)
     chars_read = sum(s["chars_read"] for s in shards)
@@ -593,6 +601,7 @@ def merge_stats(
             "bytes_kept": final["kept_bytes"],
             "docs_written": final["written"],
             "copies_added": final["copies_added"],
+            "docs_added": docs_added,
             "read_errors": sum(read_errors.values()),
         },
         "dropped_by_reason": dict(sorted(dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),

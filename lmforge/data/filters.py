@@ -17,8 +17,9 @@ from collections import Counter
 import numpy as np
 
 from lmforge.data.documents import Document
+from lmforge.data.langprofiles import LangProfiles, Profiled
 from lmforge.data.steps import Step
-from lmforge.data.wordsplit import sentence_count, spacy_words
+from lmforge.data.wordsplit import jieba_words, japanese_words, sentence_count, spacy_words
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 # CJK and full-width punctuation (、。「」，：？ …) separates words like a space does
@@ -38,16 +39,22 @@ PUNCTUATION_SET = frozenset(
     + "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))
 )
 _HAS_ALPHA = re.compile(r"[^\W\d_]").search
-WORD_SPLITS = ("spacy", "whitespace")
+WORD_SPLITS = ("spacy", "whitespace", "chars", "jieba", "japanese", "jieba+spacy", "japanese+spacy")
 
 
 def words(text: str, split: str = "spacy") -> list[str]:
     """Word tokens (CJK characters count one each): ``spacy`` splits punctuation off words as spaCy / datatrove do
-    (see :mod:`lmforge.data.wordsplit`); ``whitespace`` keeps whitespace-separated chunks whole."""
+    (see :mod:`lmforge.data.wordsplit`); ``whitespace`` keeps whitespace-separated chunks whole (``chars`` is the
+    same: one word per CJK character); ``jieba`` / ``japanese`` segment the CJK runs into Chinese / Japanese words
+    and keep the other runs whole (``+spacy``: split them like spaCy and count CJK punctuation marks as words)."""
     if split == "spacy":
         return spacy_words(text)
-    if split == "whitespace":
+    if split in ("whitespace", "chars"):
         return WORD_RE.findall(text)
+    if split.startswith("jieba"):
+        return jieba_words(text, split.endswith("+spacy"))
+    if split.startswith("japanese"):
+        return japanese_words(text, split.endswith("+spacy"))
     raise ValueError(f"unknown word split {split!r} (one of {', '.join(WORD_SPLITS)})")
 
 
@@ -167,13 +174,16 @@ class NGrams:
         return chars
 
 
-class GopherRepetition(Step):
+class GopherRepetition(Profiled, Step):
     """Drops documents made of repeated lines, paragraphs or n-grams (boilerplate, spam, link lists).
 
     Defaults are Gopher's: duplicate lines ≤ 30 % (by count) and ≤ 20 % (by characters), the same for paragraphs; the
     top 2/3/4-gram covers ≤ 20/18/16 % of characters; duplicated 5…10-grams cover ≤ 15…10 %.  Character fractions
     are of the whole text, as in Gopher and datatrove.  Paragraphs and lines are counted as datatrove splits them
     (``\\n\\n+`` / ``\\n+``, blank pieces included); n-grams are of :func:`words` (``word_split``).
+
+    With ``profiles`` (:class:`~lmforge.data.langprofiles.LangProfiles`) a document's ``meta.lang`` picks its
+    language's thresholds and word segmentation (FineWeb-2's per-language values).
     """
 
     name = "gopher_repetition_v2"
@@ -187,10 +197,15 @@ class GopherRepetition(Step):
         top_ngram_fracs: tuple[float, ...] = (0.20, 0.18, 0.16),
         dup_ngram_fracs: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10),
         word_split: str = "whitespace",
+        profiles: LangProfiles | None = None,
     ) -> None:
         super().__init__()
         words("", word_split)  # validates the name
         self.word_split = word_split
+        self.use_profiles(profiles, dict(
+            max_dup_line_frac=max_dup_line_frac, max_dup_para_frac=max_dup_para_frac,
+            max_dup_line_char_frac=max_dup_line_char_frac, max_dup_para_char_frac=max_dup_para_char_frac,
+            top_ngram_fracs=tuple(top_ngram_fracs), dup_ngram_fracs=tuple(dup_ngram_fracs)))
         self.max_dup_line_frac = max_dup_line_frac
         self.max_dup_para_frac = max_dup_para_frac
         self.max_dup_line_char_frac = max_dup_line_char_frac
@@ -206,6 +221,7 @@ class GopherRepetition(Step):
 
         if not text:
             return "empty"
+        p, split = self.params(doc)
         paras = PARA_SPLIT.split(text.strip())
         n_dup, dup_chars = _dup_stats(paras)
         s_para, s_para_chars = n_dup / max(len(paras), 1), dup_chars / n_chars
@@ -214,24 +230,24 @@ class GopherRepetition(Step):
         s_line, s_line_chars = n_dup / max(len(lines), 1), dup_chars / n_chars
         scores.update(dup_para_frac=round(s_para, 4), dup_para_char_frac=round(s_para_chars, 4),
                       dup_line_frac=round(s_line, 4), dup_line_char_frac=round(s_line_chars, 4))
-        if s_para > self.max_dup_para_frac:
+        if s_para > p["max_dup_para_frac"]:
             reason = "dup_para_frac"
-        elif s_para_chars > self.max_dup_para_char_frac:
+        elif s_para_chars > p["max_dup_para_char_frac"]:
             reason = "dup_para_char_frac"
-        elif s_line > self.max_dup_line_frac:
+        elif s_line > p["max_dup_line_frac"]:
             reason = "dup_line_frac"
-        elif s_line_chars > self.max_dup_line_char_frac:
+        elif s_line_chars > p["max_dup_line_char_frac"]:
             reason = "dup_line_char_frac"
 
         if reason is not None:  # as datatrove: stop at the first failed rule (a kept document has every score)
             return reason
-        grams = NGrams(words(text, self.word_split))
-        for n, limit in enumerate(self.top_ngram_fracs, start=2):
+        grams = NGrams(words(text, split))
+        for n, limit in enumerate(p["top_ngram_fracs"], start=2):
             s = grams.top_chars(n) / n_chars
             scores[f"top_{n}gram_frac"] = round(s, 4)
             if s > limit:
                 return f"top_{n}gram_frac"
-        for n, limit in enumerate(self.dup_ngram_fracs, start=5):
+        for n, limit in enumerate(p["dup_ngram_fracs"], start=5):
             s = grams.dup_chars(n) / n_chars
             scores[f"dup_{n}gram_frac"] = round(s, 4)
             if s > limit:
@@ -239,7 +255,7 @@ class GopherRepetition(Step):
         return doc
 
 
-class GopherQuality(Step):
+class GopherQuality(Profiled, Step):
     """Drops documents that do not look like prose: too short or long, too many symbols, mostly bullet or ellipsis
     lines, odd mean word length, too few words with letters, no English stop words.
 
@@ -251,6 +267,9 @@ class GopherQuality(Step):
     alphabetic-word fraction); the word-count and mean-length rules skip tokens made only of punctuation; line
     fractions are over all lines (blank ones too); bullets are lines starting with ``bullets``; stop words are
     matched as written (lower case).  CJK: mostly-CJK documents skip the mean-length and stop-word rules.
+
+    With ``profiles`` a document's ``meta.lang`` picks its language's thresholds, stop words and word segmentation
+    (jieba for Chinese, ...); a rule whose profile value is None is skipped for that language.
     """
 
     name = "gopher_quality_v2"
@@ -268,8 +287,13 @@ class GopherQuality(Step):
         min_stop_words: int = 2,
         word_split: str = "whitespace",
         bullets: tuple[str, ...] = ("•", "-"),
+        profiles: LangProfiles | None = None,
     ) -> None:
         super().__init__()
+        self.use_profiles(profiles, dict(
+            min_words=min_words, max_words=max_words, min_mean_word_length=min_mean_word_length,
+            max_mean_word_length=max_mean_word_length, min_alpha_words_frac=min_alpha_words_frac,
+            min_stop_words=min_stop_words, stop_words=STOP_WORDS))
         self.min_words = min_words
         self.max_words = max_words
         self.min_mean_word_length = min_mean_word_length
@@ -286,23 +310,30 @@ class GopherQuality(Step):
 
     def process(self, doc: Document) -> Document | str:
         text = doc.text
-        toks = words(text, self.word_split)
+        p, split = self.params(doc)
+        toks = words(text, split)
         n = len(toks) or 1
         punct = self._punct
         freq = Counter(toks)  # the per-token tests below run once per distinct token
         content = [(w, c) for w, c in freq.items() if w.isalnum() or not punct.issuperset(w)]
         n_content = sum(c for _, c in content)
-        n_cjk = len(CJK_RE.findall(text)) if not text.isascii() else 0
-        mostly_cjk = n_cjk > n_content - n_cjk
         scores = doc.meta.setdefault("scores", {})
         scores["words"] = n_content
-        if n_content < self.min_words:
+        if n_content < p["min_words"]:
             return "too_few_words"
-        if n_content > self.max_words:
+        if n_content > p["max_words"]:
             return "too_many_words"
 
-        latin = n_content - n_cjk
-        mean_len = (sum(len(w) * c for w, c in content) - n_cjk) / latin if latin > 0 else 0.0
+        if p is self._base:  # no language profile: CJK characters are words, mostly-CJK text skips two rules
+            n_cjk = len(CJK_RE.findall(text)) if not text.isascii() else 0
+            mostly_cjk = n_cjk > n_content - n_cjk
+            latin = n_content - n_cjk
+            mean_len = (sum(len(w) * c for w, c in content) - n_cjk) / latin if latin > 0 else 0.0
+        else:  # the profile's segmentation counts every word alike
+            mostly_cjk = False
+            mean_len = sum(len(w) * c for w, c in content) / n_content if n_content else 0.0
+        lo, hi = p["min_mean_word_length"], p["max_mean_word_length"]
+        check_len = not mostly_cjk and lo is not None
         hashes = text.count("#") / n
         ellipses = (text.count("...") + text.count("…")) / n
         lines = text.splitlines() or [""]
@@ -310,14 +341,15 @@ class GopherQuality(Step):
         bullet = sum(1 for ln in lines if ln.lstrip().startswith(self.bullets)) / n_lines
         ellipsis = sum(1 for ln in lines if ln.rstrip().endswith(ELLIPSES)) / n_lines
         alpha = sum(c for w, c in freq.items() if w.isalpha() or _HAS_ALPHA(w)) / n
-        stop = len(STOP_WORDS.intersection(freq)) if not mostly_cjk else None
+        stop = (len(p["stop_words"].intersection(freq))
+                if not mostly_cjk and (p is self._base or p["min_stop_words"]) else None)
         scores.update(symbol_word_ratio=round(max(hashes, ellipses), 4), bullet_lines_frac=round(bullet, 4),
                       ellipsis_lines_frac=round(ellipsis, 4), alpha_words_frac=round(alpha, 4),
                       mean_word_length=round(mean_len, 3))
         if stop is not None:
             scores["stop_words"] = stop
 
-        if not mostly_cjk and not self.min_mean_word_length <= mean_len <= self.max_mean_word_length:
+        if check_len and not lo <= mean_len <= hi:
             return "mean_word_length"
         if hashes > self.max_symbol_word_ratio or ellipses > self.max_symbol_word_ratio:
             return "symbol_word_ratio"
@@ -325,9 +357,9 @@ class GopherQuality(Step):
             return "bullet_lines"
         if ellipsis > self.max_ellipsis_lines_frac:
             return "ellipsis_lines"
-        if alpha < self.min_alpha_words_frac:
+        if alpha < p["min_alpha_words_frac"]:
             return "alpha_words_frac"
-        if stop is not None and stop < self.min_stop_words:
+        if stop is not None and stop < p["min_stop_words"]:
             return "stop_words"
         return doc
 
@@ -357,7 +389,7 @@ def count_sentences(line: str) -> int:
     return max(1, len(SENTENCE_END_RE.findall(line))) if line.strip() else 0
 
 
-class C4Quality(Step):
+class C4Quality(Profiled, Step):
     """C4's rules (as in the T5 code and datatrove's ``C4QualityFilter``): keep only lines that end in terminal
     punctuation and have at least 3 words, drop lines with "javascript", cookie/terms-of-use lines and lines with a
     word over 1,000 characters, remove citation marks like ``[3]``; drop the document for "lorem ipsum", a curly
@@ -382,9 +414,11 @@ class C4Quality(Step):
         filter_curly_bracket: bool = True,
         filter_policy: bool = True,
         word_split: str = "whitespace",
+        profiles: LangProfiles | None = None,
     ) -> None:
         super().__init__()
         words("", word_split)
+        self.use_profiles(profiles, dict(line_end="", min_words_per_line=min_words_per_line))
         self._sentences = sentence_count if word_split == "spacy" else count_sentences
         self.min_sentences = min_sentences
         self.min_words_per_line = min_words_per_line
@@ -400,6 +434,9 @@ class C4Quality(Step):
         kept: list[str] = []
         sentences = 0
         removed = 0
+        p, _ = self.params(doc)
+        ends = C4_END_PUNCTUATION + tuple(p["line_end"] or ())
+        min_words = p["min_words_per_line"]
         for line in doc.text.splitlines():
             line = line.strip()
             if not line:
@@ -410,10 +447,10 @@ class C4Quality(Step):
                 continue
             if self.remove_citations:
                 line = CITATION_RE.sub("", line)
-            if self.filter_no_terminal_punct and (not line.endswith(C4_END_PUNCTUATION) or line.endswith("...")):
+            if self.filter_no_terminal_punct and (not line.endswith(ends) or line.endswith("...")):
                 removed += 1
                 continue
-            if len(toks) < self.min_words_per_line:
+            if len(toks) < min_words:
                 removed += 1
                 continue
             low = line.lower()
@@ -436,7 +473,7 @@ class C4Quality(Step):
         return doc
 
 
-class FineWebQuality(Step):
+class FineWebQuality(Profiled, Step):
     """FineWeb's extra rules (datatrove ``FineWebQualityFilter`` defaults): drop when fewer than 12 % of lines end in
     terminal punctuation, more than 67 % of lines are ≤ 30 characters, more than 1 % of characters are in repeated
     lines, or there are more than 0.3 newlines per word (lists).  Words are :func:`words` tokens (spaCy-like, CJK
@@ -453,9 +490,12 @@ class FineWebQuality(Step):
         char_duplicates_ratio: float = 0.01,
         new_line_ratio: float = 0.3,
         word_split: str = "whitespace",
+        profiles: LangProfiles | None = None,
     ) -> None:
         super().__init__()
         words("", word_split)
+        self.use_profiles(profiles, dict(line_punct_thr=line_punct_thr, short_line_length=short_line_length,
+                                         new_line_ratio=new_line_ratio, line_end=""))
         self.word_split = word_split
         self.line_punct_thr = line_punct_thr
         self.line_punct_exclude_zero = line_punct_exclude_zero
@@ -471,21 +511,23 @@ class FineWebQuality(Step):
         if not lines:
             return "empty"
         scores = doc.meta.setdefault("scores", {})
+        p, split = self.params(doc)
+        stops = self._stops + tuple(p["line_end"] or ())
         n = len(lines)
-        punct = sum(1 for ln in lines if ln.endswith(self._stops)) / n
-        short = sum(1 for ln in lines if len(ln) <= self.short_line_length) / n
+        punct = sum(1 for ln in lines if ln.endswith(stops)) / n
+        short = sum(1 for ln in lines if len(ln) <= p["short_line_length"]) / n
         dup = _dup_stats(lines)[1] / max(len(text) - text.count("\n"), 1)
-        n_tokens = len(words(text, self.word_split))
+        n_tokens = len(words(text, split))
         newline = text.count("\n") / max(n_tokens, 1)
         scores.update(line_punct_ratio=round(punct, 4), short_line_ratio=round(short, 4),
                       char_dup_ratio=round(dup, 4), newline_ratio=round(newline, 4))
-        if punct < self.line_punct_thr and not (punct == 0 and self.line_punct_exclude_zero):
+        if punct < p["line_punct_thr"] and not (punct == 0 and self.line_punct_exclude_zero):
             return "line_punct_ratio"
         if short > self.short_line_thr:
             return "short_line_ratio"
         if dup > self.char_duplicates_ratio:
             return "char_dup_ratio"
-        if newline > self.new_line_ratio:
+        if newline > p["new_line_ratio"]:
             return "list_ratio"
         return doc
 

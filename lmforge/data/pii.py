@@ -1,5 +1,6 @@
-"""PII redaction: e-mail addresses, phone numbers, IPv4/IPv6 addresses, credit-card numbers (Luhn-checked) and
-Chinese resident ID numbers (ISO 7064 checksum), each replaced by a placeholder such as ``<EMAIL>``.
+"""PII redaction: e-mail addresses, phone numbers, IPv4/IPv6 addresses, credit-card numbers (Luhn-checked),
+Chinese resident ID numbers (ISO 7064 checksum), Chinese mobile numbers and UnionPay bank-card numbers (Luhn, or
+after 卡号 / 银行卡 / 账号), each replaced by a placeholder such as ``<EMAIL>``.
 
 Candidates are found with regexes and then validated, so version numbers, dates and other digit runs are left alone
 unless they pass the check for their type.  Types are tried in a fixed order (most specific first) and a redacted
@@ -24,6 +25,8 @@ from lmforge.data.steps import Step
 PLACEHOLDERS = {
     "email": "<EMAIL>",
     "cn_id": "<CN_ID>",
+    "cn_bank_card": "<BANK_CARD>",
+    "cn_mobile": "<PHONE>",
     "credit_card": "<CREDIT_CARD>",
     "ipv6": "<IP>",
     "ipv4": "<IP>",
@@ -32,6 +35,13 @@ PLACEHOLDERS = {
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 _CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
+# Chinese mainland mobile numbers: 1[3-9]x xxxx xxxx, optionally +86 / 0086 / 86, grouped 3-4-4; ASCII digits only
+# (cjk_normalize_v1 turns full-width digits into ASCII first).  Chinese text glues numbers to words (电话13812345678),
+# so only digits may not border the number.
+_CN_MOBILE = re.compile(r"(?<![0-9+])(?:(?:\+|00)?86[ -]?)?1[3-9][0-9](?:[ -]?[0-9]{4}){2}(?![0-9])")
+# China UnionPay bank cards: 16-19 digits starting with 62, optionally grouped by 4
+_CN_BANK = re.compile(r"(?<![0-9-])62[0-9]{2}(?:[ -]?[0-9]{4}){3}(?:[ -]?[0-9]{1,3})?(?![0-9-])")
+_BANK_CONTEXT = re.compile(r"(?:卡号|银行卡|銀行卡|账号|帳號|賬號|账户|帳戶|储蓄卡|借记卡|信用卡)[^0-9]{0,6}$")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]*\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -80,6 +90,13 @@ def _card_ok(m: str, before: str = "", after: str = "") -> bool:
     return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_ok(digits)
 
 
+def _cn_bank_ok(m: str, before: str = "", after: str = "") -> bool:
+    """A UnionPay card number: Luhn-valid, or (older debit cards skip the check digit) right after a word such as
+    卡号 / 银行卡 / 账号."""
+    digits = re.sub(r"[ -]", "", m)
+    return 16 <= len(digits) <= 19 and (luhn_ok(digits) or bool(_BANK_CONTEXT.search(before)))
+
+
 def _ipv4_ok(m: str, before: str = "", after: str = "") -> bool:
     if _NOT_IP_BEFORE.search(before) or re.match(r"\.[A-Za-z]|[-~+]\w", after):
         return False  # a version or section number: ``Standards-Version: 4.6.1.0``, ``pkg-3.1.1.3.tar.gz``, ``1.2.7.2-1``
@@ -119,9 +136,11 @@ def _phone_ok(m: str, before: str = "", after: str = "") -> bool:
 CHECKS: list[tuple[str, re.Pattern[str], Callable[..., bool]]] = [
     ("email", _EMAIL, lambda m, before="", after="": True),
     ("cn_id", _CN_ID, lambda m, before="", after="": cn_id_ok(m)),
+    ("cn_bank_card", _CN_BANK, _cn_bank_ok),
     ("credit_card", _CARD, _card_ok),
     ("ipv6", _IPV6, _ipv6_ok),
     ("ipv4", _IPV4, _ipv4_ok),
+    ("cn_mobile", _CN_MOBILE, lambda m, before="", after="": True),
     ("phone", _PHONE, _phone_ok),
 ]
 
@@ -129,7 +148,8 @@ CHECKS: list[tuple[str, re.Pattern[str], Callable[..., bool]]] = [
 # Precision of each kind on 204 hand-labelled lines of real technical text (bench/pii_precision.py; redactions that
 # are true PII / all redactions; None: the set holds no candidate of that kind).  Shown beside the counts in reports.
 MEASURED_PRECISION: dict[str, float | None] = {
-    "email": 1.0, "ipv4": 0.976, "ipv6": 1.0, "phone": None, "credit_card": None, "cn_id": None}
+    "email": 1.0, "ipv4": 0.976, "ipv6": 1.0, "phone": None, "credit_card": None, "cn_id": None,
+    "cn_mobile": None, "cn_bank_card": None}
 
 
 def precision_note(counts: dict[str, int]) -> str:

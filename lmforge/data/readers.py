@@ -209,6 +209,14 @@ def decode_html(data: bytes, declared: str | None = None) -> str:
     return decode_html_encoding(data, declared)[0]
 
 
+_META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?([A-Za-z0-9_.:-]+)""", re.I)
+
+
+# labels that browsers read as a superset (WHATWG Encoding Standard)
+_WHATWG = {"gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "iso-8859-1": "cp1252", "latin1": "cp1252",
+           "us-ascii": "cp1252", "ascii": "cp1252", "big5": "big5hkscs"}
+
+
 def decode_html_encoding(data: bytes, declared: str | None = None) -> tuple[str, str]:
     """An HTML page's text and the encoding used: the declared one (HTTP header) if it works, else the one resiliparse
     detects (BOM, ``<meta charset>``, then content)."""
@@ -221,6 +229,19 @@ def decode_html_encoding(data: bytes, declared: str | None = None) -> tuple[str,
             pass
     if data.isascii():  # resiliparse says cp1252 (the WHATWG default) for pure ASCII; any ASCII superset reads it
         return data.decode("ascii"), "utf-8"
+    m = _META_CHARSET.search(data[:4096])
+    if m:  # the page's own <meta charset>, when it decodes the page
+        try:
+            name = m.group(1).decode("ascii").lower()
+            name = _WHATWG.get(name, name)
+            return data.decode(name), name
+        except (LookupError, UnicodeDecodeError):
+            pass
+    else:  # no charset anywhere: resiliparse's content guess misreads e.g. Big5 as GBK; charset-normalizer (and the
+        # line-by-line decoding of pages that mix UTF-8 with a legacy encoding) does better
+        text, encoding = decode_text(data)
+        if text is not None:
+            return text, encoding
     encoding = detect_encoding(data)
     return bytes_to_str(data, encoding), encoding
 

@@ -52,13 +52,67 @@ def _sorted_bins(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: lo(kv[0])))
 
 
+LANG_TABLES = ("lang_kept", "lang_dropped", "lang_drop_reason")
+
+
+def lang_step_table(steps: list[dict[str, Any]]) -> str:
+    """Kept / in per language per step (from the ``lang_kept`` / ``lang_dropped`` tallies), with the drop reasons
+    of each cell as its tooltip and the share dropped in red above 10 %."""
+    cols = [st for st in steps if any(t in (st.get("tallies") or {}) for t in LANG_TABLES[:2])]
+    if not cols:
+        return ""
+    langs: dict[str, int] = {}
+    for st in cols:
+        for table in LANG_TABLES[:2]:
+            for lang, n in (st["tallies"].get(table) or {}).items():
+                langs[lang] = langs.get(lang, 0) + n
+    head = "".join(f"<th>{escape(st['name'])}</th>" for st in cols)
+    rows = []
+    for lang in sorted(langs, key=lambda k: (-langs[k], k))[:40]:
+        cells = []
+        for st in cols:
+            t = st["tallies"]
+            kept = (t.get("lang_kept") or {}).get(lang, 0)
+            dropped = (t.get("lang_dropped") or {}).get(lang, 0)
+            if kept + dropped == 0:
+                cells.append("<td>–</td>")
+                continue
+            why = ", ".join(f"{k.split(': ', 1)[1]}: {v}" for k, v in (t.get("lang_drop_reason") or {}).items()
+                            if k.startswith(lang + ": "))
+            share = dropped / (kept + dropped)
+            cls = "bad" if share > 0.10 else "ok"
+            cells.append(f'<td class="n" title="{escape(why)}">{kept:,}/{kept + dropped:,} '
+                         f'<span class={cls}>(−{100 * share:.0f}%)</span></td>')
+        rows.append(f"<tr><td>{escape(lang)}</td>{''.join(cells)}</tr>")
+    return (f"<table><tr><th>language</th>{head}</tr>{''.join(rows)}</table>"
+            "<p><small>kept / in per step once the language is known (hover a cell for its drop reasons)</small></p>")
+
+
+def mixed_section(steps: list[dict[str, Any]]) -> str:
+    """Mixed-language documents found by ``langid_v1``: how many, which language pairs, what was done with them."""
+    lid = next((st for st in steps if st["name"].startswith("langid_")), None)
+    if lid is None:
+        return "<p>no language ID in this run</p>"
+    mixed = (lid.get("tallies") or {}).get("mixed") or {}
+    n = sum(mixed.values())
+    if not n:
+        return f"<p>none of {lid['in']:,} documents</p>"
+    action = ("dropped (mixed_language)" if lid["dropped"].get("mixed_language")
+              else f"split, {lid['added']:,} documents added" if lid.get("added") else "kept (meta.mixed, meta.lang_shares)")
+    return (f"<p>{n:,} of {lid['in']:,} documents ({100 * n / max(1, lid['in']):.1f}%) mix languages; {action}.</p>"
+            + bars(mixed, "mixed documents by language pair"))
+
+
 def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
     t = stats["totals"]
     rows = []
     for st in stats["steps"]:
         dropped = sum(st["dropped"].values())
-        ok = st["in"] == st["kept"] + dropped
+        added = st.get("added", 0)
+        ok = st["in"] + added == st["kept"] + dropped
         reasons = ", ".join(f"{escape(k)}: {v:,}" for k, v in st["dropped"].items()) or "–"
+        if st.get("added"):
+            reasons += f" (+{st['added']:,} added)"
         us = st.get("us_per_doc")
         rows.append(
             f"<tr><td>{escape(st['name'])}</td>{_n(st['in'])}{_n(st['kept'])}{_n(dropped)}<td>{reasons}</td>"
@@ -68,6 +122,8 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
     tallies = []
     for st in stats["steps"]:
         for table, counts in (st.get("tallies") or {}).items():
+            if table in LANG_TABLES:
+                continue
             label = f"{st['name']}: {table}"
             if st["name"] == "pii_redact_v1" and table == "pii":
                 from lmforge.data.pii import precision_note
@@ -109,8 +165,12 @@ def render(stats: dict[str, Any], title: str = "lmforge data report") -> str:
 {timing.get('seconds', 0):.1f} s, {timing.get('docs_per_s') or 0:,.0f} docs/s.</p>
 <h2>Steps</h2>
 <table><tr><th>step</th><th>in</th><th>kept</th><th>dropped</th><th>drop reasons</th><th>µs / doc</th>
-<th>in = kept + dropped</th></tr>
+<th>in (+ added) = kept + dropped</th></tr>
 {''.join(rows)}</table>
+<h2>Per language</h2>
+{lang_step_table(stats["steps"]) or '<p>no language ID in this run</p>'}
+<h2>Mixed-language documents</h2>
+{mixed_section(stats["steps"])}
 <h2>Kept documents</h2>
 {'<br>'.join(charts) or '<p>none</p>'}
 <h2>Step tallies</h2>

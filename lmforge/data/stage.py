@@ -1,7 +1,7 @@
 """The data stage: raw files → clean, deduplicated ``{id, text, meta}`` JSONL.zst shards.
 
 Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` → ``unicode_normalize_v1`` →
-[``line_junk_v1``] → ``langid_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
+[``line_junk_v1``] → ``langid_v1`` → ``cjk_normalize_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
 [``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards:
 [``line_dedup_v1``] → ``exact_dedup_v1`` →
 [``minhash_dedup_v1``].  Bracketed steps are off by default.
@@ -113,6 +113,24 @@ class Config(StageConfig):
                                                                "(FineWeb uses 0.65).")
     lang_thresholds: dict[str, float] = Field(default_factory=dict,
                                               description="Per-language minimum scores (YAML only), e.g. {en: 0.65}.")
+    mixed_langs: Literal["off", "keep", "drop", "split"] = Field(
+        "keep", description="Mixed-language documents (paragraph-level language ID; meta.lang_shares, meta.mixed): "
+                            "keep, drop (mixed_language) or split into one document per language; off skips the "
+                            "per-paragraph language ID.")
+    mixed_min_share: float = Field(0.2, ge=0, le=1, description="A document is mixed when its second language has at "
+                                                               "least this share of the characters.")
+    width_normalize: bool = Field(True, description="Full-width Latin letters / digits → ASCII, half-width katakana "
+                                                    "→ full-width (cjk_normalize_v1; Chinese punctuation is kept).")
+    zh_convert: Literal["none", "t2s", "s2t", "tw2s", "hk2s"] = Field(
+        "none", description="Convert Chinese documents (meta.lang zh) with OpenCC: t2s = traditional → simplified, "
+                            "s2t the reverse, tw2s / hk2s from Taiwan / Hong Kong standards (needs langid).")
+    lang_profiles: bool = Field(
+        True, description="Apply each language's own rule thresholds, stop words and word segmentation "
+                          "(lmforge/data/lang_profiles.yaml, FineWeb-2's values) to the Gopher/C4/FineWeb rules, by "
+                          "the detected language; the config's rule values then apply to English (and to documents "
+                          "without a language). Languages without a profile skip the stop-word and word-length rules.")
+    lang_profiles_file: Optional[str] = Field(
+        None, description="A YAML file of extra / overriding language profiles (same keys as the built-in table).")
     # c4_quality_v2 / fineweb_quality_v2
     c4_quality: bool = Field(False, description="Run C4's line and document rules (removes lines from the text).")
     c4_min_sentences: int = Field(5, description="C4: drop documents with fewer sentences after line filtering.")
@@ -127,7 +145,7 @@ class Config(StageConfig):
     toxicity_classifier: bool = Field(True, description="Toxicity: run the classifier too (English model).")
     pii: bool = Field(False, description="Redact e-mails, phones, IP addresses, card numbers, Chinese ID numbers.")
     pii_kinds: list[str] = Field(default_factory=list, description="PII kinds to redact (empty = all): email, phone, "
-                                                                   "ipv4, ipv6, credit_card, cn_id.")
+                                                                   "ipv4, ipv6, credit_card, cn_id, cn_mobile, cn_bank_card.")
     # quality_v1
     quality_model: Optional[str] = Field(None, description="Folder of a model from `lmforge data train-quality`: "
                                                            "score every document (meta.quality).")
@@ -170,6 +188,11 @@ def build_steps(config: dict[str, Any]) -> list:
     from lmforge.data.steps import HtmlExtract, UnicodeNormalize
 
     c = Config.model_validate(config)
+    profiles = None
+    if c.lang_profiles and c.langid:
+        from lmforge.data.langprofiles import LangProfiles
+
+        profiles = LangProfiles.load(c.lang_profiles_file)
     steps: list = [HtmlExtract(c.extractor, c.main_content, c.extract_timeout), UnicodeNormalize()]
     if c.line_junk:
         from lmforge.data.filters import LineJunk
@@ -178,13 +201,20 @@ def build_steps(config: dict[str, Any]) -> list:
     if c.langid:
         from lmforge.data.langid import LanguageId
 
-        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds))
+        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds, mixed=c.mixed_langs,
+                                mixed_min_share=c.mixed_min_share))
+    if c.width_normalize or c.zh_convert != "none":
+        if c.zh_convert != "none" and not c.langid:
+            raise ValueError("zh_convert needs language ID (langid: true) to find the Chinese documents")
+        from lmforge.data.cjk import CjkNormalize
+
+        steps.append(CjkNormalize(c.width_normalize, c.zh_convert))
     if c.gopher_repetition:
         steps.append(GopherRepetition(
             max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
             max_dup_line_char_frac=c.max_dup_line_char_frac, max_dup_para_char_frac=c.max_dup_para_char_frac,
             top_ngram_fracs=tuple(c.top_ngram_fracs), dup_ngram_fracs=tuple(c.dup_ngram_fracs),
-            word_split=c.word_split,
+            word_split=c.word_split, profiles=profiles,
         ))
     if c.gopher_quality:
         steps.append(GopherQuality(
@@ -192,16 +222,17 @@ def build_steps(config: dict[str, Any]) -> list:
             max_mean_word_length=c.max_mean_word_length, max_symbol_word_ratio=c.max_symbol_word_ratio,
             max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
             min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words, word_split=c.word_split,
+            profiles=profiles,
         ))
     if c.c4_quality:
         from lmforge.data.filters import C4Quality
 
         steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket,
-                               word_split=c.word_split))
+                               word_split=c.word_split, profiles=profiles))
     if c.fineweb_quality:
         from lmforge.data.filters import FineWebQuality
 
-        steps.append(FineWebQuality(word_split=c.word_split))
+        steps.append(FineWebQuality(word_split=c.word_split, profiles=profiles))
     if c.toxicity:
         from lmforge.data.toxicity import Toxicity
 
@@ -363,6 +394,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             docs_in=t["docs_in"],
             docs_kept=t["docs_kept"],
             docs_dropped=t["docs_dropped"],
+            docs_added=t.get("docs_added", 0),
             bytes_kept=t["bytes_kept"],
             docs_written=t["docs_written"],
             read_errors=t["read_errors"],
@@ -379,7 +411,9 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         )
         console.print(
             f"[green]✓ data[/]: {t['docs_kept']:,} of {t['docs_in']:,} documents kept "
-            f"({t['bytes_kept'] / 1e6:,.2f} MB), {t['docs_dropped']:,} dropped, {t['read_errors']:,} read errors; "
+            f"({t['bytes_kept'] / 1e6:,.2f} MB), {t['docs_dropped']:,} dropped"
+            + (f", {t['docs_added']:,} added (mixed-language splits)" if t.get("docs_added") else "")
+            + f", {t['read_errors']:,} read errors; "
             f"{stats['timing']['docs_per_s'] or 0:,.0f} docs/s → {out}"
         )
     return finished(out)

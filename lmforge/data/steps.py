@@ -34,6 +34,8 @@ class StepStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    added: int = 0
+    """Documents a step made besides the ones it was given (a mixed-language document split in two adds one)."""
     tallies: dict[str, Counter] = field(default_factory=dict)
     """Named counters a step keeps beside in/kept/dropped, e.g. ``tallies["lang"]["en"]``, ``tallies["pii"]["email"]``."""
 
@@ -44,17 +46,32 @@ class StepStats:
         """Counts; ``full`` adds the time spent in the step and its tallies."""
         d: dict[str, Any] = {"name": self.name, "in": self.docs_in, "kept": self.kept,
                              "dropped": dict(sorted(self.dropped.items()))}
+        if self.added:
+            d["added"] = self.added
         if full:
             d["seconds"] = round(self.seconds, 4)
             d["tallies"] = {k: dict(sorted(v.items())) for k, v in sorted(self.tallies.items())}
         return d
 
     def check(self) -> None:
-        if self.docs_in != self.kept + sum(self.dropped.values()):
+        if self.docs_in + self.added != self.kept + sum(self.dropped.values()):
             raise AssertionError(
-                f"conservation violated in {self.name}: {self.docs_in} in != {self.kept} kept + "
+                f"conservation violated in {self.name}: {self.docs_in} in + {self.added} added != {self.kept} kept + "
                 f"{sum(self.dropped.values())} dropped"
             )
+
+
+def count_lang(stats: StepStats, doc: Document, reason: str | None) -> None:
+    """Per-language outcome of one document in one step (once its language is known): tallies ``lang_kept`` and
+    ``lang_dropped`` (language → documents) and ``lang_drop_reason`` (``"zh: stop_words"`` → documents)."""
+    lang = doc.meta.get("lang")
+    if lang is None:
+        return
+    if reason is None:
+        stats.tally("lang_kept", lang)
+    else:
+        stats.tally("lang_dropped", lang)
+        stats.tally("lang_drop_reason", f"{lang}: {reason}")
 
 
 class Step:
@@ -65,7 +82,9 @@ class Step:
     def __init__(self) -> None:
         self.stats = StepStats(self.name)
 
-    def process(self, doc: Document) -> Document | str:
+    def process(self, doc: Document) -> Document | str | list[Document]:
+        """The document (changed or not), a drop reason, or a list: the document followed by new ones made from it
+        (counted as kept, the new ones also as ``added``)."""
         raise NotImplementedError
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
@@ -81,9 +100,17 @@ class Step:
             stats.seconds += clock() - t0
             if isinstance(out, str):
                 stats.dropped[out] += 1
+                count_lang(stats, doc, out)
                 yield doc.drop(self.name, out)
+            elif isinstance(out, list):
+                stats.kept += len(out)
+                stats.added += len(out) - 1
+                for d in out:
+                    count_lang(stats, d, None)
+                    yield d
             else:
                 stats.kept += 1
+                count_lang(stats, out, None)
                 yield out
 
 
@@ -378,8 +405,10 @@ class BatchStep(Step):
             out = next(decided)
             if isinstance(out, str):
                 stats.dropped[out] += 1
+                count_lang(stats, doc, out)
                 result.append(doc.drop(self.name, out))
             else:
                 stats.kept += 1
+                count_lang(stats, out, None)
                 result.append(out)
         return result

@@ -2,8 +2,8 @@
 
 * :func:`sniff_binary` says why bytes are not text: the magic number of a common binary format (PNG, JPEG, PDF,
   ZIP/Office, gzip, ELF, ...), NUL bytes (UTF-16/32 with a byte-order mark excepted) or many control characters.
-* :func:`decode_text` decodes text: UTF-8 (BOM or not) first, UTF-16/32 by their BOM, else the encoding
-  charset-normalizer finds (when Windows-1252 fits as well as its first guess, Windows-1252: the legacy encoding of
+* :func:`decode_text` decodes text: UTF-8 (BOM or not) first, UTF-16/32 by their BOM, then a file whose lines mix
+  UTF-8 and one legacy encoding line by line (:func:`decode_mixed_lines`), else the encoding charset-normalizer finds (when Windows-1252 fits as well as its first guess, Windows-1252: the legacy encoding of
   most English and Western European text).  Bytes that fit no encoding are binary.
 * :func:`find_surrogate` finds a lone surrogate (``"\\ud800"`` from a JSON escape or CESU-8 bytes), which no UTF-8
   writer can encode.
@@ -86,6 +86,9 @@ def decode_text(data: bytes) -> tuple[str | None, str]:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
+    mixed = decode_mixed_lines(data)
+    if mixed is not None:
+        return mixed
     import charset_normalizer
 
     results = list(charset_normalizer.from_bytes(data))
@@ -101,6 +104,36 @@ def decode_text(data: bytes) -> tuple[str | None, str]:
         except UnicodeDecodeError:
             pass
     return str(best), enc
+
+def decode_mixed_lines(data: bytes) -> tuple[str, str] | None:
+    """A file whose lines are in two encodings (UTF-8 lines and lines of one legacy encoding, e.g. a log or a
+    concatenation of GBK and UTF-8 files): ``(text, "utf-8+<encoding>")``, each line decoded in its own encoding;
+    None when the bytes are not like that (no non-ASCII line is valid UTF-8, or the other lines fit no encoding)."""
+    lines = data.split(b"\n")
+    utf8, other = [], []
+    for i, line in enumerate(lines):
+        if line.isascii():
+            continue
+        try:
+            line.decode("utf-8")
+            utf8.append(i)
+        except UnicodeDecodeError:
+            other.append(i)
+    if not utf8 or not other:
+        return None
+    import charset_normalizer
+
+    best = charset_normalizer.from_bytes(b"\n".join(lines[i] for i in other)).best()
+    if best is None:
+        return None
+    enc = best.encoding
+    out = []
+    for line in lines:
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(line.decode(enc, "replace"))
+    return "\n".join(out), f"utf-8+{enc}"
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

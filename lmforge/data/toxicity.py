@@ -4,6 +4,10 @@
   derived from the LDNOOBW lists C4 used).  A document is checked against the list of its ``meta.lang`` (set by
   ``langid_v1``) plus English.  Space-separated languages match whole words and phrases; CJK lists match substrings.
   ``meta.scores.badword_ratio`` = matches / words.
+  Chinese and Japanese lists leave out one-character entries, which match inside ordinary words (豆乳 "soy milk").
+* Chinese spam: ``zh_spam.txt`` (phrases for gambling, fake invoices, click-farming, loan and adult ads; written for
+  lmforge, Apache-2.0) in documents whose ``meta.lang`` is ``zh``: ``meta.scores.spam`` = matches; drops
+  ``spam_words`` when matches / words is above ``max_badword_ratio``.
 * Classifier: ``alt-profanity-check``'s bundled linear model (English), ``meta.scores.toxicity`` in [0, 1].
 
 Drops ``toxic_words`` (ratio above ``max_badword_ratio``) and ``toxic_score`` (score above ``max_toxicity``).
@@ -50,12 +54,25 @@ def load_wordlist(lang: str) -> tuple[frozenset[str], re.Pattern[str] | None]:
     except (OSError, ValueError, KeyError) as err:
         raise RuntimeError(f"{path}: cannot read the word list ({err})") from None
     if lang in _NO_SPACES:
+        if lang in ("zh", "ja"):  # one-character entries (乳, 屌 ...) match inside ordinary words (豆乳): left out
+            entries = [w for w in entries if len(w) > 1 and any(c.isalpha() for c in w)]
         pattern = "|".join(re.escape(w) for w in sorted(entries, key=len, reverse=True))
         return frozenset(), re.compile(pattern) if pattern else None
     single = frozenset(w for w in entries if " " not in w)
     phrases = [w for w in entries if " " in w]
     pattern = "|".join(re.escape(w) for w in sorted(phrases, key=len, reverse=True))
     return single, (re.compile(rf"(?<!\w)(?:{pattern})(?!\w)") if pattern else None)
+
+
+SPAM_FILE = Path(__file__).with_name("zh_spam.txt")
+
+
+@lru_cache(maxsize=1)
+def zh_spam_pattern() -> re.Pattern[str]:
+    """The Chinese spam phrases of ``zh_spam.txt`` as one regex."""
+    phrases = [ln.strip().lower() for ln in SPAM_FILE.read_text(encoding="utf-8").splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    return re.compile("|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)))
 
 
 def badword_count(text: str, langs: tuple[str, ...]) -> int:
@@ -103,14 +120,20 @@ class Toxicity(BatchStep):
             lang = doc.meta.get("lang")
             langs = ((lang,) if lang else ()) + self.extra_langs
             hits = badword_count(text, langs)
-            ratio = hits / (len(WORD_RE.findall(text)) or 1)
+            n_words = len(WORD_RE.findall(text)) or 1
+            ratio = hits / n_words
             scores = doc.meta.setdefault("scores", {})
             scores["badwords"] = hits
             scores["badword_ratio"] = round(ratio, 4)
+            spam = len(zh_spam_pattern().findall(text.lower())) if lang == "zh" else 0
+            if lang == "zh":
+                scores["spam"] = spam
             if probs is not None:
                 scores["toxicity"] = round(float(probs[i]), 4)
             if ratio > self.max_badword_ratio:
                 out.append("toxic_words")
+            elif spam / n_words > self.max_badword_ratio:
+                out.append("spam_words")
             elif probs is not None and scores["toxicity"] > self.max_toxicity:
                 out.append("toxic_score")
             else:

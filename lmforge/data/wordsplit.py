@@ -155,3 +155,79 @@ def sentence_count(line: str) -> int:
         elif end:
             seen_period = True
     return n
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# word segmentation for languages written without spaces
+
+
+@lru_cache(maxsize=1)
+def _jieba():
+    try:
+        import jieba
+    except ImportError:
+        raise RuntimeError("Chinese word segmentation needs jieba: pip install jieba") from None
+    import logging
+
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()
+    return jieba
+
+
+# a run of CJK characters (segmented by the language's segmenter), one CJK punctuation mark, or a run of other
+# non-space characters (a whitespace word: "apt-get", "/etc/fstab", "2024年" splits at the CJK character)
+_CJK_RUNS = re.compile(f"([{_CJK}]+)|([{_CJK_PUNCT}])|([^\\s{_CJK}{_CJK_PUNCT}]+)")
+_last_seg: dict[tuple[str, bool], tuple[str, list[str]]] = {}
+
+
+def _segment(text: str, cut, punct_words: bool, key: str) -> list[str]:
+    """Words of mixed CJK / other text: CJK runs cut by ``cut``; other runs are whitespace words (``punct_words``:
+    split like spaCy, and CJK punctuation marks are words too, as datatrove counts; else they only separate words,
+    as the whitespace split counts).  The last result per segmenter is remembered (filters in a row segment the same
+    text); do not change it in place."""
+    last = _last_seg.get((key, punct_words))
+    if last is not None and (text is last[0] or text == last[0]):
+        return last[1]
+    out: list[str] = []
+    for cjk, punct, other in _CJK_RUNS.findall(text):
+        if cjk:
+            out.extend(cut(cjk))
+        elif punct:
+            if punct_words:
+                out.append(punct)
+        elif punct_words:
+            out.extend(_cache[other])
+        else:
+            out.append(other)
+    _last_seg[(key, punct_words)] = (text, out)
+    return out
+
+
+def jieba_words(text: str, punct_words: bool = False) -> list[str]:
+    """Chinese words (jieba's default, accurate mode) for the CJK runs of ``text``; see :func:`_segment`."""
+    return _segment(text, _jieba().lcut, punct_words, "jieba")
+
+
+@lru_cache(maxsize=1)
+def japanese_tagger():
+    """fugashi's MeCab tagger with the unidic-lite dictionary, or None when they are not installed."""
+    try:
+        import fugashi
+
+        return fugashi.Tagger()
+    except Exception:  # ImportError, or a dictionary that fails to load
+        return None
+
+
+def japanese_words(text: str, punct_words: bool = False) -> list[str]:
+    """Japanese words (fugashi + unidic-lite, MeCab's morphemes) for the CJK runs of ``text``; without them one
+    word per kana / ideograph; see :func:`_segment`."""
+    tagger = japanese_tagger()
+    if tagger is None:
+        return _segment(text, list, punct_words, "chars")
+    return _segment(text, lambda run: [w.surface for w in tagger(run) if w.surface], punct_words, "japanese")
+
+
+def japanese_segmenter() -> str:
+    """Which Japanese segmentation this machine has: ``fugashi+unidic-lite`` or ``characters``."""
+    return "fugashi+unidic-lite" if japanese_tagger() is not None else "characters"

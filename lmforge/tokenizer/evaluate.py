@@ -1,7 +1,9 @@
 """Tokenizer compression on held-out text, per language / domain / source: ``lmforge tokenizer eval``.
 
 Compression is UTF-8 bytes per token (higher is better: fewer tokens for the same text, so a longer effective context
-and cheaper training).  Documents are grouped by fields of their ``meta`` (``lang``, ``domain``, ``source``; a
+and cheaper training).  Fertility is tokens per word (words counted per language as the data rules count them: jieba
+for Chinese, MeCab for Japanese, whitespace words elsewhere) and tokens per character: what a language mixture does to
+tokenisation, per language.  Documents are grouped by fields of their ``meta`` (``lang``, ``domain``, ``source``; a
 document without the field counts under ``(none)``).  With ``split="val"`` only the documents the tokenizer stage
 held out are measured (the same id hash, with the tokenizer artifact's own ``val_fraction``), so the figure is not
 flattered by text the BPE was trained on.
@@ -86,7 +88,9 @@ def _batched(items: Iterable[dict], size: int) -> Iterable[list[dict]]:
 
 def _row(c: dict[str, int]) -> dict[str, float | int]:
     return {**c, "bytes_per_token": round(c["bytes"] / max(1, c["tokens"]), 4),
-            "chars_per_token": round(c["chars"] / max(1, c["tokens"]), 4)}
+            "chars_per_token": round(c["chars"] / max(1, c["tokens"]), 4),
+            "tokens_per_word": round(c["tokens"] / max(1, c["words"]), 4),
+            "tokens_per_char": round(c["tokens"] / max(1, c["chars"]), 4)}
 
 
 def evaluate_tokenizer(tokenizer_dir: str | os.PathLike, data: str | os.PathLike | list, group_by: Iterable[str] = (
@@ -94,21 +98,26 @@ def evaluate_tokenizer(tokenizer_dir: str | os.PathLike, data: str | os.PathLike
         max_docs: int = 0, batch_docs: int = 256) -> dict:
     """``{"tokenizer", "split", "val_fraction", "overall": row, "groups": {field: {value: row}}}``.
 
-    A row is ``{docs, bytes, chars, tokens, bytes_per_token, chars_per_token}``; special tokens are not added."""
+    A row is ``{docs, bytes, chars, words, tokens, bytes_per_token, chars_per_token, tokens_per_word,
+    tokens_per_char}`` (words per the document's ``meta.lang``); special tokens are not added."""
     tokenizer_dir = Path(tokenizer_dir)
     tok, _ = load_tokenizer(tokenizer_dir)
     paths = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
     fraction = _held_out_fraction(tokenizer_dir, val_fraction)
     fields = list(group_by)
-    zero = lambda: {"docs": 0, "bytes": 0, "chars": 0, "tokens": 0}  # noqa: E731
+    from lmforge.data.langprofiles import LangProfiles, word_count
+
+    profiles = LangProfiles.load()
+    zero = lambda: {"docs": 0, "bytes": 0, "chars": 0, "words": 0, "tokens": 0}  # noqa: E731
     overall = zero()
     groups: dict[str, dict[str, dict[str, int]]] = {f: defaultdict(zero) for f in fields}
     for batch in _batched(_documents(paths, split, fraction, max_docs), batch_docs):
         encoded = tok.encode_batch([d["text"] for d in batch], add_special_tokens=False)
         for doc, enc in zip(batch, encoded):
             text = doc["text"]
-            counts = {"docs": 1, "bytes": len(text.encode("utf-8")), "chars": len(text), "tokens": len(enc.ids)}
             meta = doc.get("meta") or {}
+            counts = {"docs": 1, "bytes": len(text.encode("utf-8")), "chars": len(text),
+                      "words": word_count(text, meta.get("lang"), profiles), "tokens": len(enc.ids)}
             for target in [overall] + [groups[f][str(meta.get(f) or NONE)] for f in fields]:
                 for k, v in counts.items():
                     target[k] += v
@@ -137,11 +146,12 @@ def to_markdown(result: dict) -> str:
              + f"; overall **{o['bytes_per_token']} bytes/token**, {o['chars_per_token']} chars/token over "
                f"{o['docs']:,} docs, {o['tokens']:,} tokens.", ""]
     for field, rows in result["groups"].items():
-        lines += [f"## by {field}", "", f"| {field} | docs | KB | tokens | bytes/token | chars/token |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## by {field}", "", f"| {field} | docs | KB | tokens | bytes/token | chars/token | tokens/word "
+                                        f"| tokens/char |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for value, r in rows.items():
             lines.append(f"| {value} | {r['docs']:,} | {r['bytes'] / 1024:,.1f} | {r['tokens']:,} | "
-                         f"{r['bytes_per_token']:.3f} | {r['chars_per_token']:.3f} |")
+                         f"{r['bytes_per_token']:.3f} | {r['chars_per_token']:.3f} | {r['tokens_per_word']:.3f} | "
+                         f"{r['tokens_per_char']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
