@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
+MULTILINGUAL_DEBS := man-db manpages-ru manpages-pl debian-faq-ko fortunes-zh fortunes-de fortunes-es fortunes-it \
+	fortunes-pl debian-reference-en debian-reference-de debian-reference-es debian-reference-fr debian-reference-it \
+	debian-reference-ja debian-reference-pt debian-reference-zh-cn debian-reference-zh-tw
 
 .PHONY: install demo test bench clean
 
@@ -28,6 +31,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then \
 		(apt-get update -q && apt-get install -y -q chromium) || \
 		echo "could not install Debian's chromium (needs root): the dashboard's browser tests will skip"; fi
+	# the multilingual check corpus (data/multilingual/README.md): GPL text from Debian's packages, built here
+	@if [ ! -f data/multilingual/zh.jsonl ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -q --no-install-recommends $(MULTILINGUAL_DEBS) >/dev/null 2>&1 || \
+			(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(MULTILINGUAL_DEBS) >/dev/null) || \
+			echo "could not install the multilingual corpus's Debian packages (needs root)"; fi; \
+		$(PY) bench/build_multilingual_corpus.py --out data/multilingual || \
+			echo "data/multilingual not built: its tests will skip"; fi
 	touch $@
 
 demo: install
