@@ -227,13 +227,7 @@ def command_from_config(cls: type[C], run: Callable[..., Any], help_text: str | 
         from lmforge.registry import home
 
         if storage.uses_remote(config, out):  # URL inputs copied locally, a URL --out staged then published
-            try:
-                return storage.run_stage(run, config, out or home() / default_out, force=force)
-            except RuntimeError as err:
-                if "://" not in str(err):
-                    raise
-                typer.secho(str(err), fg="red", err=True)
-                raise typer.Exit(1) from None
+            return storage.run_stage(run, config, out or home() / default_out, force=force)
         return run(config, Path(out) if out else home() / default_out, force=force)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -27,7 +27,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lmforge.progress import console
 
-_ORIGINS: dict[str, str] = {}  # local copy → the URL it came from
+_ORIGINS: dict[str, str] = {}
+
+
+class StorageError(ValueError):
+    """A remote location that does not exist, denies access or has no file system installed (names the URL)."""  # local copy → the URL it came from
 
 
 def is_url(value: Any) -> bool:
@@ -56,14 +60,14 @@ def _fs(url: str):
     except (ImportError, ValueError) as e:
         scheme = url.split("://", 1)[0]
         hint = " (pip install 'lmforge[s3]')" if scheme == "s3" else ""
-        raise RuntimeError(f"{redact(url)}: no file system for {scheme}://{hint}: {e}") from None
+        raise StorageError(f"{redact(url)}: no file system for {scheme}://{hint}: {e}") from None
 
 
-def _remote_error(url: str, err: Exception) -> RuntimeError:
+def _remote_error(url: str, err: Exception) -> StorageError:
     kind = {FileNotFoundError: "not found (no such bucket or key)", PermissionError: "access denied"}.get(
         type(err), type(err).__name__)
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return RuntimeError(f"{redact(url)}: {kind}{': ' + detail if detail else ''}")
+    return StorageError(f"{redact(url)}: {kind}{': ' + detail if detail else ''}")
 
 
 def _listing(fs, path: str) -> list[tuple[str, dict]]:
@@ -85,7 +89,7 @@ def local_copy(url: str) -> Path:
     except Exception as e:  # noqa: BLE001 - every backend raises its own kinds: one clear message
         raise _remote_error(url, e) from None
     if not files:
-        raise RuntimeError(f"{redact(url)}: matches no file")
+        raise StorageError(f"{redact(url)}: matches no file")
     version = hashlib.sha256(json.dumps(
         [(p, i.get("size"), str(i.get("ETag") or i.get("etag") or i.get("mtime") or i.get("LastModified") or ""))
          for p, i in files]).encode()).hexdigest()[:16]

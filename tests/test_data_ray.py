@@ -208,7 +208,7 @@ def test_shard_whose_worker_keeps_dying_is_reported_and_resumed(cluster, tmp_pat
     make = functools.partial(_steps, cfg, marker, False, "kjv-jonah")
     try:
         ray_executor.connect(cluster, 2)
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(ray_executor.RayExecutorError) as err:
             _execute(tmp_path / "out", make, "ray", cluster)
         msg = str(err.value)
         shards = plan_shards(collect_inputs(INPUTS)[0], 3)

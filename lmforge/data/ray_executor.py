@@ -19,6 +19,10 @@ import os
 from typing import Any, Callable, Iterator
 
 RETRIES_ENV = "LMFORGE_RAY_RETRIES"
+
+
+class RayExecutorError(ValueError):
+    """A cluster that cannot be reached, shards that failed after their retries: one clear line for the CLI."""
 _started_here = False
 
 
@@ -26,7 +30,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise RuntimeError("--executor ray needs Ray: pip install 'lmforge[ray]'") from None
+        raise RayExecutorError("--executor ray needs Ray: pip install 'lmforge[ray]'") from None
     return ray
 
 
@@ -53,7 +57,7 @@ def connect(address: str | None, workers: int) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"data: cannot connect to {where}: {first}") from None
+        raise RayExecutorError(f"data: cannot connect to {where}: {first}") from None
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -63,11 +67,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise RuntimeError(f"data: --ray-address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+        raise RayExecutorError(f"data: --ray-address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise RuntimeError(f"data: cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
+        raise RayExecutorError(f"data: cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
                            f"`ray start --head` or check the address") from None
 
 
@@ -111,7 +115,7 @@ def run_shards(tasks: list[Any], fn: Callable[[Any], dict[str, Any]]) -> Iterato
             ray.cancel(ref, force=True)
         raise
     if failures:
-        raise RuntimeError(f"data: {len(failures)} of {len(tasks)} shard(s) failed after {retries()} retries "
+        raise RayExecutorError(f"data: {len(failures)} of {len(tasks)} shard(s) failed after {retries()} retries "
                            f"(the others are done; re-run to retry only these): " + "; ".join(failures))
 
 
@@ -135,7 +139,7 @@ def map_tasks(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as e:
-        raise RuntimeError(f"data: a corpus-wide task ({getattr(fn, '__name__', fn)}) failed: {_describe(e)}") from None
+        raise RayExecutorError(f"data: a corpus-wide task ({getattr(fn, '__name__', fn)}) failed: {_describe(e)}") from None
     except BaseException:
         for r in refs:
             ray.cancel(r, force=True)
