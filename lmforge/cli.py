@@ -99,6 +99,15 @@ def _agent_trace() -> Callable[..., Any]:
     return agent_trace_cmd
 
 
+def _from_agent_cli(name: str) -> Callable[[], Callable[..., Any]]:
+    def build() -> Callable[..., Any]:
+        from lmforge.agent import cli
+
+        return getattr(cli, name)
+
+    return build
+
+
 # Stage commands (their flags are their config's fields), built on first use.
 STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]]] = {
     "": {
@@ -132,6 +141,11 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
     },
     "rag": {"index": ("Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.",
                       _stage("lmforge.rag.stage", "rag"))},
+    "mcp": {
+        "serve": ("Serve lmforge's tools (knowledge-base search and answers, generation, calculator, read_file) over "
+                  "MCP (stdio or streamable HTTP).", _from_agent_cli("mcp_serve_cmd")),
+        "tools": ("List the tools of any MCP server (a URL or a command line).", _from_agent_cli("mcp_tools_cmd")),
+    },
     "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
                           "scaling-law fit.", _scaling_sweep)},
 }
@@ -156,6 +170,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
 app.add_typer(export_app, name="export")
+app.add_typer(_group("mcp", "Model Context Protocol: serve lmforge's tools, list any server's tools."), name="mcp")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
