@@ -487,6 +487,10 @@ def serve_cmd(
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Recompute shared prompt prefixes."),
     max_num_batched_tokens: Optional[int] = typer.Option(
         None, help="Tokens per engine step (decode + prompt) before new requests wait."),
+    persona: Optional[list[Path]] = typer.Option(None, help="Persona card (YAML), served as model persona:NAME; "
+                                                           "repeatable."),
+    persona_state: Optional[Path] = typer.Option(None, help="Folder for the personas' memory and tool data "
+                                                            "\\[default: $LMFORGE_HOME/personas]."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import ServeStartError, serve
@@ -498,7 +502,9 @@ def serve_cmd(
               max_tokens_limit=max_tokens_limit, max_concurrent_requests=max_concurrent_requests,
               max_body_bytes=max_body_bytes, engine_kind=engine,
               rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank,
-              enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens)
+              enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
+              personas=[str(p) for p in persona or []] or None,
+              persona_state=str(persona_state) if persona_state else None)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

@@ -109,6 +109,7 @@ class ServerContext:
     limiter: Limiter
     max_tokens_limit: int | None = None
     chat_hooks: list[ChatHook] = field(default_factory=list)
+    extra_models: list[str] = field(default_factory=list)  # other names a chat hook answers (persona:<name>)
     _structured: object = None
 
     @property
@@ -140,7 +141,7 @@ class ServerContext:
         return lambda: [self.structured.make_processor(compiled)]
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and name not in self.extra_models:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
