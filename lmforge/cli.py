@@ -60,6 +60,16 @@ class LazyGroup(TyperGroup):
             raise typer.Exit(128 + getattr(err, "signum", 2)) from None
 
 
+class DefaultCommandGroup(LazyGroup):
+    """A lazy group whose first argument, when it names none of its commands, goes to the ``run`` command:
+    ``lmforge agent "question"`` is ``lmforge agent run "question"``, beside ``lmforge agent trace RUN``."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
 def lazy_group(commands: dict[str, tuple[str, Callable[[], Callable[..., Any]]]]) -> type[LazyGroup]:
     """A :class:`LazyGroup` class holding ``{name: (one-line help, builder of the command function)}``."""
     return type("LazyGroup", (LazyGroup,), {"lazy": commands})
@@ -128,9 +138,10 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                        _stage("lmforge.model.pretrained_stage", "pretrained")),
         "crawl": ("Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, resumable); "
                   "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
-        "agent": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base) over a "
-                  "model folder or an OpenAI-compatible endpoint.", _agent),
-        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree.", _agent_trace),
+        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree (alias of `agent "
+                        "trace`).", _agent_trace),
+        "team": ("Run a role-playing team (roles, SOPs, structured messages on a shared log, stop condition) on a task.",
+                 _from_agent_cli("team_cmd")),
     },
     "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
     "tokenizer": {
@@ -141,6 +152,13 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
     },
     "rag": {"index": ("Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.",
                       _stage("lmforge.rag.stage", "rag"))},
+    "agent": {
+        "run": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base, MCP servers) "
+                "over a model folder or an OpenAI-compatible endpoint (the default: `lmforge agent QUESTION`).",
+                _agent),
+        "trace": ("Print an agent, persona or team run's trace (model calls, tool calls, results) as a tree.",
+                  _agent_trace),
+    },
     "mcp": {
         "serve": ("Serve lmforge's tools (knowledge-base search and answers, generation, calculator, read_file) over "
                   "MCP (stdio or streamable HTTP).", _from_agent_cli("mcp_serve_cmd")),
@@ -170,6 +188,9 @@ app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
 app.add_typer(export_app, name="export")
+app.add_typer(typer.Typer(help="Tool-using agents: `lmforge agent QUESTION` (= `agent run`), `agent trace RUN`.",
+                          no_args_is_help=True, cls=type("AgentGroup", (DefaultCommandGroup,),
+                                                         {"lazy": STAGE_COMMANDS["agent"]})), name="agent")
 app.add_typer(_group("mcp", "Model Context Protocol: serve lmforge's tools, list any server's tools."), name="mcp")
 
 # Key metrics shown in summaries, per stage kind.

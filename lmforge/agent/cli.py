@@ -256,3 +256,79 @@ def mcp_tools_cmd(server: str = typer.Argument(..., help="An MCP server: a URL (
     except MCPError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+
+
+def team_cmd(
+    team: Path = typer.Argument(..., help="Team file (YAML): roles, SOPs, message schemas, stop condition."),
+    task: str = typer.Argument(..., help="The task or question."),
+    model: Optional[Path] = typer.Option(None, help="Model folder, served in-process (messages grammar-constrained)."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint (…/v1) instead of --model."),
+    model_name: str = typer.Option("default", help="Model name sent to --base-url."),
+    index: Optional[Path] = typer.Option(None, help="`lmforge rag index` folder (for search_knowledge_base)."),
+    max_tokens: int = typer.Option(384, min=1, help="Most new tokens per model call."),
+    max_model_len: int = typer.Option(4096, help="Context cap for --model."),
+    out: Optional[Path] = typer.Option(None, help="Folder for trace.jsonl and log.json (a recorded run)."),
+) -> None:
+    """Run a role-playing team on TASK: each role's structured messages on a shared log until the stop condition; prints
+    the log."""
+    import json
+
+    from lmforge.agent import EngineBackend, OpenAIBackend
+    from lmforge.agent.team import Team, load_team, team_tools
+    from lmforge.config import ConfigError
+
+    def fail(msg: str) -> None:
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2)
+
+    if bool(model) == bool(base_url):
+        fail("give exactly one of --model MODEL_DIR or --base-url URL")
+    try:
+        spec = load_team(team)
+        tools = team_tools([t for r in spec.roles for t in r.tools], index)
+        unknown = sorted({t for r in spec.roles for t in r.tools} - set(tools))
+        if unknown:
+            raise ConfigError(f"{team}: unknown tool(s) {', '.join(unknown)} (built-in: calculator, "
+                              "search_knowledge_base)")
+    except (ConfigError, ValueError, OSError) as err:
+        fail(str(err))
+    if base_url:
+        backend = OpenAIBackend(model_name, base_url=base_url, max_tokens=max_tokens)
+    else:
+        from lmforge.serve.engine import Engine
+
+        if not (model / "config.json").is_file():
+            fail(f"--model {model}: no config.json (not a model folder)")
+        backend = EngineBackend(Engine.from_folder(model, max_num_seqs=1, max_model_len=max_model_len),
+                                max_tokens=max_tokens)
+    try:
+        runner = Team(spec, backend, tools, out_dir=out)
+    except ValueError as err:
+        fail(f"{team}: {err}")
+
+    def show(result) -> None:
+        for m in result.log:
+            typer.echo(f"[round {m['round']}] {m['role']}: {json.dumps(m['content'], ensure_ascii=False)}")
+        typer.secho(f"[{result.stop_reason} after {result.rounds} round(s)"
+                    + (f": {result.error}" if result.error else "") + "]", fg="cyan", err=True)
+
+    if out is None:
+        result = runner.run(task)
+        show(result)
+    else:
+        from lmforge.agent.trace import TRACE
+        from lmforge.artifacts import StageRun
+
+        (out / TRACE).unlink(missing_ok=True)
+        config = {"team": str(team), "spec": spec.model_dump(), "task": task, "model": str(model) if model else None,
+                  "base_url": base_url, "max_tokens": max_tokens}
+        inputs = {k: v for k, v in {"model": model, "index": index}.items() if v is not None}
+        with StageRun("team", "1", out, config, inputs=inputs) as run:
+            result = runner.run(task)
+            (out / "log.json").write_text(json.dumps(result.log, indent=2, ensure_ascii=False))
+            run.metrics.update(stop_reason=result.stop_reason, rounds=result.rounds, messages=len(result.log),
+                               model_calls=sum(r["type"] == "model" for r in result.trace),
+                               tool_calls=sum(r["type"] == "tool" for r in result.trace))
+        show(result)
+    if result.stop_reason == "role_failed":
+        raise typer.Exit(1)

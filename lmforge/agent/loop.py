@@ -57,6 +57,7 @@ class Agent:
     tool_choice: str = "auto"
     out_dir: str | Path | None = None
     _tools: dict[str, FunctionTool] = field(init=False, repr=False)
+    last_trace: list[dict] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.tool_choice not in ("auto", "first", "required"):
@@ -92,6 +93,7 @@ class Agent:
             messages.insert(0, {"role": "system", "content": self.system})
         decls = self.tool_declarations
         trace: list[dict] = []
+        self.last_trace = trace  # readable while streaming, and after a stream closed early
         sink: IO[str] | None = None
         if self.out_dir is not None:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)

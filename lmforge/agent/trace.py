@@ -44,9 +44,21 @@ def _short(text: str | None, width: int) -> str:
 def format_trace(records: list[dict], width: int = 100) -> str:
     """A readable tree of an agent run: each model call with its tokens and time, its tool calls under it."""
     lines: list[str] = []
+    turn = None
     for rec in records:
         kind = rec["type"]
-        if kind == "model":
+        if rec.get("role") and kind in ("model", "tool") and (rec.get("round"), rec["role"]) != turn:
+            turn = (rec.get("round"), rec["role"])  # a team run: a header per role's turn
+            lines.append(f"round {rec.get('round')}  {rec['role']}")
+        if kind == "message":
+            lines.append(f"message from {rec.get('role')}: {_short(json.dumps(rec.get('content'), ensure_ascii=False), width)}")
+        elif kind == "persona":
+            lines.append(f"persona {rec.get('persona')} (user {rec.get('user')})")
+        elif kind == "retrieval":
+            lines.append(f"retrieved {len(rec.get('passages') or [])} passage(s), best score {rec.get('best_score')}")
+        elif kind == "memory":
+            lines.append(f"recalled {len(rec.get('recalled') or [])} earlier message(s)")
+        elif kind == "model":
             if rec.get("error"):
                 lines.append(f"step {rec['step']}  model failed: {_short(rec['error'], width)}")
             else:
@@ -60,7 +72,8 @@ def format_trace(records: list[dict], width: int = 100) -> str:
             lines.append(f"├─ {rec.get('name')}({_short(rec.get('arguments'), width // 2)})  "
                          f"{_short(outcome, width)}  ({rec.get('seconds', 0):.3f} s)")
         elif kind == "answer":
-            lines.append(f"answer: {_short(rec.get('content'), width)}")
+            how = f" ({rec['guardrail']})" if rec.get("guardrail") else ""
+            lines.append(f"answer{how}: {_short(rec.get('content'), width)}")
         elif kind == "stop":
             lines.append(f"stopped ({rec.get('reason')}): {_short(rec.get('message'), width)}")
     return "\n".join(lines)
