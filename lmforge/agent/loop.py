@@ -129,10 +129,14 @@ class Agent:
                     break
                 ptok += turn.prompt_tokens
                 ctok += turn.completion_tokens
-                record({"type": "model", "step": step, "seconds": round(time.perf_counter() - start, 6),
-                        "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
-                        "finish_reason": turn.finish_reason, "content": turn.content,
-                        "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls]})
+                rec = {"type": "model", "step": step, "seconds": round(time.perf_counter() - start, 6),
+                       "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
+                       "finish_reason": turn.finish_reason, "content": turn.content,
+                       "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls]}
+                if turn.prefill_seconds is not None:
+                    rec.update(prefill_seconds=round(turn.prefill_seconds, 6),
+                               decode_seconds=round(turn.decode_seconds or 0.0, 6), cached_tokens=turn.cached_tokens)
+                record(rec)
                 if not turn.calls:
                     answer, reason = turn.content, "answer"
                     break

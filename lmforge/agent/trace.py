@@ -64,7 +64,10 @@ def format_trace(records: list[dict], width: int = 100) -> str:
             else:
                 lines.append(f"step {rec['step']}  model {rec.get('seconds', 0):.3f} s, {rec.get('prompt_tokens', 0)} "
                              f"prompt + {rec.get('completion_tokens', 0)} completion tokens"
-                             + (f", {rec['finish_reason']}" if rec.get("finish_reason") else ""))
+                             + (f", {rec['finish_reason']}" if rec.get("finish_reason") else "")
+                             + (f" (prefill {rec['prefill_seconds']:.3f} s, {rec.get('cached_tokens', 0)} cached; decode "
+                                f"{rec.get('decode_seconds', 0):.3f} s)" if rec.get("prefill_seconds") is not None
+                                else ""))
                 if rec.get("content") and rec.get("tool_calls"):
                     lines.append(f"│  text: {_short(rec['content'], width)}")
         elif kind == "tool":
