@@ -35,3 +35,17 @@ def test_engine_steps_record_prefill_decode_and_cached_tokens(tmp_path):
     assert 0 < steps[1]["cached_tokens"] < steps[1]["prompt_tokens"]  # the conversation so far came from the cache
     printed = CliRunner().invoke(app, ["agent", "trace", str(tmp_path / "run")])
     assert printed.exit_code == 0 and "prefill" in printed.stdout and "cached; decode" in printed.stdout
+
+
+def test_a_call_cut_off_inside_its_tag_is_a_cut_off_call():
+    from test_agent import _FakeEngine, _NoGrammar
+
+    from lmforge.agent import FunctionTool
+
+    decl = [FunctionTool.from_function(calculator).to_openai()]
+    cut = list(EngineBackend(_FakeEngine("Sure. <tool_ca", "length"), structured=_NoGrammar())
+               .stream([{"role": "user", "content": "q"}], decl))[-1]
+    assert cut.content == "Sure." and len(cut.calls) == 1 and not cut.calls[0].complete
+    done = list(EngineBackend(_FakeEngine("Use <b>bold</b> and <", "stop"), structured=_NoGrammar())
+                .stream([{"role": "user", "content": "q"}], decl))[-1]
+    assert done.content == "Use <b>bold</b> and <" and done.calls == []  # ended by itself: an answer

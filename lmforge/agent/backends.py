@@ -88,7 +88,7 @@ class EngineBackend:
                                 stop_token_ids=sorted(self.engine.chat_stop_token_ids), logits_processors=procs)
         parser = ToolCallParser()
         completion, finish = 0, None
-        hits_before = self.engine.prefix_cache_hits  # exact with one request at a time (the agent's own engine)
+        hits_before = getattr(self.engine, "prefix_cache_hits", None)  # exact with one request at a time
         start = time.perf_counter()
         first = None
         for out in self.engine.generate(ids, params):
@@ -112,7 +112,8 @@ class EngineBackend:
         end = time.perf_counter()
         first = first or end
         yield ModelTurn(content, calls, len(ids), completion, finish, prefill_seconds=first - start,
-                        decode_seconds=end - first, cached_tokens=self.engine.prefix_cache_hits - hits_before)
+                        decode_seconds=end - first,
+                        cached_tokens=None if hits_before is None else self.engine.prefix_cache_hits - hits_before)
 
 
 class OpenAIBackend:

@@ -56,6 +56,7 @@ class Agent:
     # memory); "required": every turn must call tools (the loop then ends at max_steps)
     tool_choice: str = "auto"
     out_dir: str | Path | None = None
+    parallel_tools: bool = True  # False: a turn's calls run one after another, in order (stateful tools)
     _tools: dict[str, FunctionTool] = field(init=False, repr=False)
     last_trace: list[dict] = field(init=False, repr=False, default_factory=list)
 
@@ -146,7 +147,9 @@ class Agent:
                     for c in turn.calls]})
                 for c in turn.calls:
                     yield AgentEvent("tool_call", step, call=c)
-                for r in run_calls(turn.calls, self._tools):
+                results = (run_calls(turn.calls, self._tools) if self.parallel_tools
+                           else [r for c in turn.calls for r in run_calls([c], self._tools)])
+                for r in results:
                     messages.append({"role": "tool", "tool_call_id": r.call.id, "content": r.content})
                     record({"type": "tool", "step": step, "id": r.call.id, "name": r.call.name,
                             "arguments": r.call.arguments, "seconds": round(r.seconds, 6),
