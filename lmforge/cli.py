@@ -585,9 +585,16 @@ def chat_cmd(
     dtype: str = typer.Option("float32", help="float32 | bfloat16, as for `serve`."),
     quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only, as for `serve`."),
     max_model_len: int = typer.Option(2048, help="Cap on the conversation's tokens."),
+    persona: Optional[Path] = typer.Option(None, help="Talk to this persona card (YAML) instead of the bare model."),
+    user: str = typer.Option("you", help="Who you are to the persona (its memory is per user)."),
 ) -> None:
     """Chat with a model in the terminal (streams answers; Ctrl-D to quit).  With --prompt, or with stdin not a
     terminal (one message per line), only the answers are printed: `echo hi | lmforge chat M --temperature 0`."""
+    if persona is not None:
+        from lmforge.agent.cli import persona_chat
+
+        return persona_chat(model, persona, user=user, prompt=prompt, temperature=temperature, max_tokens=max_tokens,
+                            max_model_len=max_model_len)
     from lmforge.serve.api import ServeStartError
     from lmforge.serve.repl import chat_repl
 

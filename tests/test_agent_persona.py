@@ -251,3 +251,29 @@ def test_smollm2_npc_answers_from_its_world_facts(smollm2_dir, cards, tmp_path):
         engine.shutdown()
     assert "40 silver" in r.choices[0].message.content
     assert r.usage.completion_tokens <= 16 and r.model_extra["persona"]["steps"] == 1
+
+
+def test_chat_with_a_persona_in_the_terminal(cards, tmp_path, monkeypatch):
+    """`lmforge chat MODEL --persona CARD`: piped messages, answers only; the decline needs no model."""
+    from test_serve import _build_serve_model
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    tiny_model_dir = tmp_path / "tiny"
+    _build_serve_model(tiny_model_dir, ctx=2048)
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(app, ["chat", str(tiny_model_dir), "--persona", str(cards / "npc" / "brann.yaml"),
+                                   "--user", "tilda", "--max-tokens", "4", "--temperature", "0"],
+                             input="Can you fix my smartphone?\nHello there\n")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("*Brann frowns and wipes his hands on his apron.*")
+    assert "Stopped" not in res.stdout  # the tiny model answered the second message (4 random tokens)
+    memory = tmp_path / "home" / "personas" / "brann" / "memory.sqlite"
+    import sqlite3
+
+    with sqlite3.connect(memory) as db:
+        said = [r[0] for r in db.execute("SELECT content FROM memory WHERE user = 'tilda' ORDER BY at")]
+    assert said == ["Can you fix my smartphone?", "Hello there"]
+    bad = CliRunner().invoke(app, ["chat", str(tiny_model_dir), "--persona", str(tmp_path / "none.yaml")])
+    assert bad.exit_code == 1 and "none.yaml: file not found" in bad.stderr

@@ -332,3 +332,59 @@ def team_cmd(
         show(result)
     if result.stop_reason == "role_failed":
         raise typer.Exit(1)
+
+
+def persona_chat(model: Path, card: Path, *, user: str, prompt: Optional[str], temperature: float, max_tokens: int,
+                 max_model_len: int, state_dir: Optional[Path] = None) -> None:
+    """`lmforge chat MODEL --persona CARD`: talk to a persona in the terminal (one conversation; the persona's
+    memory of USER persists between sessions).  With --prompt or piped stdin only the answers are printed."""
+    import sys
+    import uuid
+
+    from lmforge.agent import EngineBackend
+    from lmforge.agent.persona import load_persona
+    from lmforge.config import ConfigError
+    from lmforge.serve.engine import Engine
+
+    try:
+        persona = load_persona(card, state_dir)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if not (model / "config.json").is_file():
+        typer.echo(f"error: {model}: no config.json (not a model folder)", err=True)
+        raise typer.Exit(1)
+    engine = Engine.from_folder(model, max_num_seqs=1, max_model_len=max_model_len)
+    backend = EngineBackend(engine, temperature=temperature, max_tokens=max_tokens)
+    interactive = prompt is None and sys.stdin.isatty()
+    if prompt is not None:
+        messages = iter([prompt])
+    elif interactive:
+        def ask():
+            while True:
+                try:
+                    yield input("you> ")
+                except EOFError:
+                    return
+        messages = ask()
+    else:
+        messages = (line.rstrip("\n") for line in sys.stdin)
+    history: list[dict] = []
+    conversation = uuid.uuid4().hex
+    try:
+        for text in messages:
+            if not text.strip():
+                continue
+            history.append({"role": "user", "content": text})
+            if interactive:
+                typer.echo(f"{persona.name}> ", nl=False)
+            for ev in persona.stream(history, backend, user=user, conversation=conversation):
+                if ev.type == "delta":
+                    typer.echo(ev.text, nl=False)
+                elif ev.type == "final":
+                    if ev.result.steps == 0 or ev.result.stop_reason != "answer":
+                        typer.echo(ev.result.answer, nl=False)
+                    history.append({"role": "assistant", "content": ev.result.answer})
+            typer.echo("")
+    finally:
+        engine.shutdown()
