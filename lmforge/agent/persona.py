@@ -300,13 +300,16 @@ class Persona:
         raise AssertionError("the persona stream ended without a final event")
 
 
-def load_persona(path: str | os.PathLike, state_dir: str | os.PathLike | None = None) -> Persona:
-    """Load and check a persona card (``ConfigError`` naming the file and key on any problem)."""
+def load_persona(path: str | os.PathLike, state_dir: str | os.PathLike | None = None,
+                 state_root: str | os.PathLike | None = None) -> Persona:
+    """Load and check a persona card (``ConfigError`` naming the file and key on any problem).  Its memory and tool
+    data live in ``state_dir``, else ``state_root/<name>``, else ``$LMFORGE_HOME/personas/<name>``."""
     p = Path(path)
     card = validate(PersonaCard, read_yaml(p), str(p))
     if not NAME.match(card.name):
         raise ConfigError(f"{p}: name: {card.name!r} must be 1-64 characters of a-z, A-Z, 0-9, _ . -")
-    return Persona(card, p.resolve().parent, Path(state_dir) if state_dir else None, source=str(p))
+    state = Path(state_dir) if state_dir else Path(state_root) / card.name if state_root else None
+    return Persona(card, p.resolve().parent, state, source=str(p))
 
 
 @dataclass
@@ -319,7 +322,7 @@ class PersonaSet:
     def load(cls, paths: list[str | os.PathLike], state_dir: str | os.PathLike | None = None) -> "PersonaSet":
         out = cls()
         for path in paths:
-            p = load_persona(path, Path(state_dir) / Path(path).stem if state_dir else None)
+            p = load_persona(path, state_root=state_dir)
             if p.name in out.personas:
                 raise ConfigError(f"{path}: name: a persona named {p.name!r} is already loaded")
             out.personas[p.name] = p
