@@ -16,5 +16,6 @@ from lmforge.agent.mcp_client import MCPError, MCPTools
 from lmforge.agent.tools import Call, CallResult, FunctionTool, run_calls, tool
 
 __all__ = ["Agent", "AgentEvent", "AgentResult", "Call", "CallResult", "EngineBackend", "FunctionTool",
-           "MCPError", "MCPTools", "ModelBackend", "ModelError", "ModelTurn", "OpenAIBackend", "ScriptedModel", "calculator",
+           "MCPError", "MCPTools", "ModelBackend", "ModelError", "ModelTurn", "OpenAIBackend", "ScriptedModel",
+           "calculator",
            "knowledge_base_tool", "read_file_tool", "run_calls", "tool"]

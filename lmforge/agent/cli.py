@@ -93,7 +93,8 @@ def agent_cmd(
             fail(str(err))
         config = {"question": question, "model": str(model) if model else None, "base_url": base_url,
                   "model_name": model_name if base_url else None, "tools": names, "system": system,
-                  "max_steps": max_steps, "tool_choice": tool_choice, "max_tokens": max_tokens, "temperature": temperature,
+                  "max_steps": max_steps, "tool_choice": tool_choice, "max_tokens": max_tokens,
+                  "temperature": temperature,
                   "tool_timeout": tool_timeout, "allow_dir": str(allow_dir) if allow_dir else None, "mcp": mcp or []}
         inputs = {k: v for k, v in {"model": model, "index": index}.items() if v is not None}
         run_agent(agent, question, out, config, inputs)

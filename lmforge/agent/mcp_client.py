@@ -182,7 +182,7 @@ class MCPTools:
             if not fut.done():
                 fut.set_exception(MCPError(f"MCP server {self.label}: {self._gone}"))
 
-    # -- calls -----------------------------------------------------------------------------------------------------------
+    # -- calls ---------------------------------------------------------------------------------------------------------
     def call(self, name: str, arguments: dict | None = None) -> Any:
         """Call tool ``name`` (its name on the server, without ``prefix``) and wait for its value."""
         fut: concurrent.futures.Future = concurrent.futures.Future()

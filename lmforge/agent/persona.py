@@ -263,7 +263,8 @@ class Persona:
         if self.kb is not None:
             hits = self.kb.search(question, k=c.k)
             best = max((float(h.dense_score) for h in hits), default=-1.0)
-            passages = [{"source": i + 1, "path": h.chunk.path, "text": h.chunk.text, "score": round(float(h.dense_score), 4)}
+            passages = [{"source": i + 1, "path": h.chunk.path, "text": h.chunk.text,
+                         "score": round(float(h.dense_score), 4)}
                         for i, h in enumerate(hits) if float(h.dense_score) >= c.guardrails.min_score]
             records.append({"type": "retrieval", "step": 0, "best_score": round(best, 4),
                             "passages": [{"path": p["path"], "score": p["score"]} for p in passages]})

@@ -51,7 +51,8 @@ def format_trace(records: list[dict], width: int = 100) -> str:
             turn = (rec.get("round"), rec["role"])  # a team run: a header per role's turn
             lines.append(f"round {rec.get('round')}  {rec['role']}")
         if kind == "message":
-            lines.append(f"message from {rec.get('role')}: {_short(json.dumps(rec.get('content'), ensure_ascii=False), width)}")
+            text = json.dumps(rec.get("content"), ensure_ascii=False)
+            lines.append(f"message from {rec.get('role')}: {_short(text, width)}")
         elif kind == "persona":
             lines.append(f"persona {rec.get('persona')} (user {rec.get('user')})")
         elif kind == "retrieval":
@@ -65,8 +66,8 @@ def format_trace(records: list[dict], width: int = 100) -> str:
                 lines.append(f"step {rec['step']}  model {rec.get('seconds', 0):.3f} s, {rec.get('prompt_tokens', 0)} "
                              f"prompt + {rec.get('completion_tokens', 0)} completion tokens"
                              + (f", {rec['finish_reason']}" if rec.get("finish_reason") else "")
-                             + (f" (prefill {rec['prefill_seconds']:.3f} s, {rec.get('cached_tokens', 0)} cached; decode "
-                                f"{rec.get('decode_seconds', 0):.3f} s)" if rec.get("prefill_seconds") is not None
+                             + (f" (prefill {rec['prefill_seconds']:.3f} s, {rec.get('cached_tokens', 0)} cached; "
+                                f"decode {rec.get('decode_seconds', 0):.3f} s)" if rec.get("prefill_seconds") is not None
                                 else ""))
                 if rec.get("content") and rec.get("tool_calls"):
                     lines.append(f"│  text: {_short(rec['content'], width)}")

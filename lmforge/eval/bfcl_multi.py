@@ -105,7 +105,8 @@ def score(entry: dict, decoded: list[list[list[str]]], run_id: str | None = None
     try:
         return multi_turn_checker(turns, entry["ground_truth"], entry, entry["id"].rsplit("_", 1)[0], name)
     except Exception as err:  # noqa: BLE001 - a checker crash on an odd trajectory scores as invalid, with the reason
-        return {"valid": False, "error_type": "multi_turn:checker_error", "error_message": f"{type(err).__name__}: {err}"}
+        return {"valid": False, "error_type": "multi_turn:checker_error",
+                "error_message": f"{type(err).__name__}: {err}"}
 
 
 def main() -> None:
