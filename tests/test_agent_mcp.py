@@ -154,7 +154,7 @@ def minilm_index(tmp_path_factory) -> Path:
 
 
 def test_lmforge_mcp_serve_over_http_searches_the_index_and_generates(minilm_index, tmp_path):
-    script = ["Lyon is in France."]
+    script = ["Lyon is in France.", "Items can be returned within 30 days of delivery for a full refund [1]."]
     with fake_openai_server(script) as (base_url, requests):
         cmd = [sys.executable, "-m", "lmforge.cli", "mcp", "serve", "--index", str(minilm_index), "--base-url",
                base_url, "--transport", "http", "--port", "0"]
@@ -164,12 +164,18 @@ def test_lmforge_mcp_serve_over_http_searches_the_index_and_generates(minilm_ind
                 [hit, *_] = server.call("search_knowledge_base", {"query": "how long do I have to return an item",
                                                                   "k": 1})["result"]
                 generated = server.call("generate", {"prompt": "Where is Lyon?", "max_tokens": 20})
+                question = {"question": "How long do I have to return an item?"}
+                answered = server.call("ask_knowledge_base", question)["result"]
     assert listed.exit_code == 0, listed.stderr
     names = [t["function"]["name"] for t in json.loads(listed.stdout)]
     assert names == ["calculator", "search_knowledge_base", "generate", "ask_knowledge_base"]
     assert hit["path"] == "returns.md" and "30 days" in hit["text"] and hit["heading"].endswith("Returns")
     assert generated == {"result": "Lyon is in France. "}
     assert requests[0]["messages"] == [{"role": "user", "content": "Where is Lyon?"}]
+    assert answered["refused"] is False and "30 days" in answered["answer"]
+    assert [c["path"] for c in answered["citations"]] == ["returns.md"]
+    shown = " ".join(m["content"] for m in requests[1]["messages"])
+    assert "within 30 days of delivery" in shown  # the retrieved source was given to the model
 
 
 def test_lmforge_mcp_serve_bad_input_is_one_line(tmp_path):
