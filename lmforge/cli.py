@@ -60,6 +60,16 @@ class LazyGroup(TyperGroup):
             raise typer.Exit(128 + getattr(err, "signum", 2)) from None
 
 
+class DefaultCommandGroup(LazyGroup):
+    """A lazy group whose first argument, when it names none of its commands, goes to the ``run`` command:
+    ``lmforge agent "question"`` is ``lmforge agent run "question"``, beside ``lmforge agent trace RUN``."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
 def lazy_group(commands: dict[str, tuple[str, Callable[[], Callable[..., Any]]]]) -> type[LazyGroup]:
     """A :class:`LazyGroup` class holding ``{name: (one-line help, builder of the command function)}``."""
     return type("LazyGroup", (LazyGroup,), {"lazy": commands})
@@ -99,6 +109,15 @@ def _agent_trace() -> Callable[..., Any]:
     return agent_trace_cmd
 
 
+def _from_agent_cli(name: str) -> Callable[[], Callable[..., Any]]:
+    def build() -> Callable[..., Any]:
+        from lmforge.agent import cli
+
+        return getattr(cli, name)
+
+    return build
+
+
 # Stage commands (their flags are their config's fields), built on first use.
 STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]]] = {
     "": {
@@ -119,9 +138,10 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                        _stage("lmforge.model.pretrained_stage", "pretrained")),
         "crawl": ("Crawl the web politely from seed URLs into WARC files (robots.txt, rate limits, resumable); "
                   "`lmforge data run --inputs OUT/warc` reads them.", _stage("lmforge.crawl.stage", "crawl")),
-        "agent": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base) over a "
-                  "model folder or an OpenAI-compatible endpoint.", _agent),
-        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree.", _agent_trace),
+        "agent-trace": ("Print an agent run's trace (model calls, tool calls, results) as a tree (alias of `agent "
+                        "trace`).", _agent_trace),
+        "team": ("Run a role-playing team (roles, SOPs, structured messages on a shared log, stop condition) on a task.",
+                 _from_agent_cli("team_cmd")),
     },
     "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
     "tokenizer": {
@@ -134,6 +154,18 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                       _stage("lmforge.rag.stage", "rag"))},
     "feedback": {"export": ("Export feedback on answers recorded by `lmforge serve --record` as SFT or DPO JSONL "
                             "(lineage back to the serve runs).", _stage("lmforge.feedback.export", "feedback_export"))},
+    "agent": {
+        "run": ("Answer a question with a tool-using agent (calculator, read_file, search_knowledge_base, MCP servers) "
+                "over a model folder or an OpenAI-compatible endpoint (the default: `lmforge agent QUESTION`).",
+                _agent),
+        "trace": ("Print an agent, persona or team run's trace (model calls, tool calls, results) as a tree.",
+                  _agent_trace),
+    },
+    "mcp": {
+        "serve": ("Serve lmforge's tools (knowledge-base search and answers, generation, calculator, read_file) over "
+                  "MCP (stdio or streamable HTTP).", _from_agent_cli("mcp_serve_cmd")),
+        "tools": ("List the tools of any MCP server (a URL or a command line).", _from_agent_cli("mcp_tools_cmd")),
+    },
     "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
                           "scaling-law fit.", _scaling_sweep)},
 }
@@ -160,6 +192,10 @@ app.add_typer(rag_app, name="rag")
 app.add_typer(export_app, name="export")
 app.add_typer(_group("feedback", "Feedback from production: export what `lmforge serve --record` stored."),
               name="feedback")
+app.add_typer(typer.Typer(help="Tool-using agents: `lmforge agent QUESTION` (= `agent run`), `agent trace RUN`.",
+                          no_args_is_help=True, cls=type("AgentGroup", (DefaultCommandGroup,),
+                                                         {"lazy": STAGE_COMMANDS["agent"]})), name="agent")
+app.add_typer(_group("mcp", "Model Context Protocol: serve lmforge's tools, list any server's tools."), name="mcp")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
@@ -518,6 +554,10 @@ def serve_cmd(
         None, help="Tokens per engine step (decode + prompt) before new requests wait."),
     record: bool = typer.Option(False, "--record", help="Store every request/answer in $LMFORGE_HOME/feedback.sqlite "
                                                         "as a recorded serve run; take POST /v1/feedback on them."),
+    persona: Optional[list[Path]] = typer.Option(None, help="Persona card (YAML), served as model persona:NAME; "
+                                                           "repeatable."),
+    persona_state: Optional[Path] = typer.Option(None, help="Folder for the personas' memory and tool data "
+                                                            "\\[default: $LMFORGE_HOME/personas]."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import ServeStartError, serve
@@ -530,7 +570,9 @@ def serve_cmd(
               max_body_bytes=max_body_bytes, engine_kind=engine,
               rag_index=str(rag_index) if rag_index else None, rag_system_prompt=rag_system, rag_rerank=rag_rerank,
               enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
-              record=record)
+              record=record,
+              personas=[str(p) for p in persona or []] or None,
+              persona_state=str(persona_state) if persona_state else None)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
@@ -590,9 +632,16 @@ def chat_cmd(
     dtype: str = typer.Option("float32", help="float32 | bfloat16, as for `serve`."),
     quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only, as for `serve`."),
     max_model_len: int = typer.Option(2048, help="Cap on the conversation's tokens."),
+    persona: Optional[Path] = typer.Option(None, help="Talk to this persona card (YAML) instead of the bare model."),
+    user: str = typer.Option("you", help="Who you are to the persona (its memory is per user)."),
 ) -> None:
     """Chat with a model in the terminal (streams answers; Ctrl-D to quit).  With --prompt, or with stdin not a
     terminal (one message per line), only the answers are printed: `echo hi | lmforge chat M --temperature 0`."""
+    if persona is not None:
+        from lmforge.agent.cli import persona_chat
+
+        return persona_chat(model, persona, user=user, prompt=prompt, temperature=temperature, max_tokens=max_tokens,
+                            max_model_len=max_model_len)
     from lmforge.serve.api import ServeStartError
     from lmforge.serve.repl import chat_repl
 

@@ -12,8 +12,10 @@ OpenAI-compatible endpoint, built-in calculator / read_file / knowledge-base sea
 from lmforge.agent.backends import EngineBackend, ModelBackend, ModelError, ModelTurn, OpenAIBackend, ScriptedModel
 from lmforge.agent.builtin import calculator, knowledge_base_tool, read_file_tool
 from lmforge.agent.loop import Agent, AgentEvent, AgentResult
+from lmforge.agent.mcp_client import MCPError, MCPTools
 from lmforge.agent.tools import Call, CallResult, FunctionTool, run_calls, tool
 
 __all__ = ["Agent", "AgentEvent", "AgentResult", "Call", "CallResult", "EngineBackend", "FunctionTool",
-           "ModelBackend", "ModelError", "ModelTurn", "OpenAIBackend", "ScriptedModel", "calculator",
+           "MCPError", "MCPTools", "ModelBackend", "ModelError", "ModelTurn", "OpenAIBackend", "ScriptedModel",
+           "calculator",
            "knowledge_base_tool", "read_file_tool", "run_calls", "tool"]

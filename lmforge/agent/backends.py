@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Union
 
@@ -28,6 +29,11 @@ class ModelTurn:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    # in-process engine only: seconds to the first token (prefill, incl. queueing) and after it (decode), and the
+    # prompt tokens whose keys/values the prefix cache already held
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    cached_tokens: int | None = None
 
 
 TurnStream = Iterator[Union[str, ModelTurn]]  # text deltas, then the whole turn
@@ -82,7 +88,12 @@ class EngineBackend:
                                 stop_token_ids=sorted(self.engine.chat_stop_token_ids), logits_processors=procs)
         parser = ToolCallParser()
         completion, finish = 0, None
+        hits_before = getattr(self.engine, "prefix_cache_hits", None)  # exact with one request at a time
+        start = time.perf_counter()
+        first = None
         for out in self.engine.generate(ids, params):
+            if first is None and out.token_ids:
+                first = time.perf_counter()
             completion += len(out.token_ids)
             finish = out.finish_reason or finish
             for ev in parser.feed(out.text):
@@ -93,10 +104,16 @@ class EngineBackend:
                 yield ev.content
         content = parser.content
         calls = [Call(c.id, c.name, c.arguments, c.complete) for c in parser.calls]
-        if not calls and TAG in content:  # the grammar keeps the tag out of text: a call cut off in its head
-            at = content.index(TAG)
+        at = content.find(TAG) if not calls else -1
+        if not calls and at < 0 and finish == "length":  # cut off inside the tag itself ("<tool_ca")
+            at = next((len(content) - k for k in range(len(TAG) - 1, 0, -1) if content.endswith(TAG[:k])), -1)
+        if at >= 0:  # the grammar keeps the tag out of text: a call cut off in its head
             content, calls = content[:at].rstrip(), [Call(parser.new_id(), "", content[at + len(TAG):], False)]
-        yield ModelTurn(content, calls, len(ids), completion, finish)
+        end = time.perf_counter()
+        first = first or end
+        yield ModelTurn(content, calls, len(ids), completion, finish, prefill_seconds=first - start,
+                        decode_seconds=end - first,
+                        cached_tokens=None if hits_before is None else self.engine.prefix_cache_hits - hits_before)
 
 
 class OpenAIBackend:

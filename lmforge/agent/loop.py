@@ -56,7 +56,9 @@ class Agent:
     # memory); "required": every turn must call tools (the loop then ends at max_steps)
     tool_choice: str = "auto"
     out_dir: str | Path | None = None
+    parallel_tools: bool = True  # False: a turn's calls run one after another, in order (stateful tools)
     _tools: dict[str, FunctionTool] = field(init=False, repr=False)
+    last_trace: list[dict] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.tool_choice not in ("auto", "first", "required"):
@@ -92,6 +94,7 @@ class Agent:
             messages.insert(0, {"role": "system", "content": self.system})
         decls = self.tool_declarations
         trace: list[dict] = []
+        self.last_trace = trace  # readable while streaming, and after a stream closed early
         sink: IO[str] | None = None
         if self.out_dir is not None:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
@@ -127,10 +130,14 @@ class Agent:
                     break
                 ptok += turn.prompt_tokens
                 ctok += turn.completion_tokens
-                record({"type": "model", "step": step, "seconds": round(time.perf_counter() - start, 6),
-                        "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
-                        "finish_reason": turn.finish_reason, "content": turn.content,
-                        "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls]})
+                rec = {"type": "model", "step": step, "seconds": round(time.perf_counter() - start, 6),
+                       "prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
+                       "finish_reason": turn.finish_reason, "content": turn.content,
+                       "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls]}
+                if turn.prefill_seconds is not None:
+                    rec.update(prefill_seconds=round(turn.prefill_seconds, 6),
+                               decode_seconds=round(turn.decode_seconds or 0.0, 6), cached_tokens=turn.cached_tokens)
+                record(rec)
                 if not turn.calls:
                     answer, reason = turn.content, "answer"
                     break
@@ -140,7 +147,9 @@ class Agent:
                     for c in turn.calls]})
                 for c in turn.calls:
                     yield AgentEvent("tool_call", step, call=c)
-                for r in run_calls(turn.calls, self._tools):
+                results = (run_calls(turn.calls, self._tools) if self.parallel_tools
+                           else [r for c in turn.calls for r in run_calls([c], self._tools)])
+                for r in results:
                     messages.append({"role": "tool", "tool_call_id": r.call.id, "content": r.content})
                     record({"type": "tool", "step": step, "id": r.call.id, "name": r.call.name,
                             "arguments": r.call.arguments, "seconds": round(r.seconds, 6),

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import pydantic
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from lmforge.serve.tools import NAME_RE, parse_tools
+from lmforge.serve.tools import NAME_RE, ToolError, parse_tools
 
 _ARGS_HEAD = re.compile(r"^\s*(Args|Arguments|Parameters)\s*:\s*$")
 _ARG_LINE = re.compile(r"^\s+(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
@@ -81,8 +81,9 @@ class FunctionTool:
     name: str
     description: str
     fn: Callable[..., Any]
-    args_model: type[pydantic.BaseModel]
+    args_model: type[pydantic.BaseModel] | None
     timeout: float = 30.0
+    schema: dict | None = None  # a tool declared by JSON Schema (an MCP server's): validated with jsonschema
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], name: str | None = None, description: str | None = None,
@@ -107,9 +108,45 @@ class FunctionTool:
         parse_tools([tool.to_openai()])  # the schema must be one constrained decoding can enforce
         return tool
 
+    @classmethod
+    def from_schema(cls, name: str, description: str, parameters: dict, fn: Callable[..., Any],
+                    timeout: float = 30.0) -> "FunctionTool":
+        """A tool declared by a JSON Schema (``fn`` gets the validated arguments as keywords); the schema must be
+        one constrained decoding can enforce (``ValueError`` naming the keyword otherwise)."""
+        import jsonschema
+
+        try:
+            parse_tools([{"type": "function", "function": {"name": name, "parameters": parameters}}])
+            jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        except (ToolError, jsonschema.SchemaError) as err:
+            raise ValueError(f"tool {name!r}: {getattr(err, 'message', err)}") from None
+        return cls(name, description, fn, None, timeout, schema=parameters)
+
     @property
     def parameters(self) -> dict:
+        if self.schema is not None:
+            return self.schema
+        assert self.args_model is not None
         return _strip_titles(self.args_model.model_json_schema())
+
+    def validate(self, raw: dict) -> dict:
+        """The keyword arguments for ``fn`` from the model's JSON object; ``ValueError`` naming each bad field."""
+        if self.schema is not None:
+            import jsonschema
+
+            errors = sorted(jsonschema.validators.validator_for(self.schema)(self.schema).iter_errors(raw),
+                            key=lambda e: list(e.absolute_path))
+            if errors:
+                raise ValueError(f"invalid arguments for tool '{self.name}': " + "; ".join(
+                    f"field '{'.'.join(str(x) for x in e.absolute_path) or '(arguments)'}': {e.message}"
+                    for e in errors))
+            return raw
+        assert self.args_model is not None
+        try:
+            parsed = self.args_model.model_validate(raw)
+        except pydantic.ValidationError as err:
+            raise ValueError(_format_validation(self.name, err)) from None
+        return {k: getattr(parsed, k) for k in self.args_model.model_fields}
 
     def to_openai(self) -> dict:
         fn: dict[str, Any] = {"name": self.name}
@@ -188,10 +225,9 @@ def prepare(call: Call, tools: dict[str, FunctionTool]) -> tuple[FunctionTool, d
     if not isinstance(raw, dict):
         return f"invalid arguments for tool '{call.name}': expected a JSON object, got {type(raw).__name__}"
     try:
-        parsed = t.args_model.model_validate(raw)
-    except pydantic.ValidationError as err:
-        return _format_validation(call.name, err)
-    return t, {k: getattr(parsed, k) for k in t.args_model.model_fields}
+        return t, t.validate(raw)
+    except ValueError as err:
+        return str(err)
 
 
 def run_calls(calls: list[Call], tools: dict[str, FunctionTool]) -> list[CallResult]:

@@ -44,15 +44,31 @@ def _short(text: str | None, width: int) -> str:
 def format_trace(records: list[dict], width: int = 100) -> str:
     """A readable tree of an agent run: each model call with its tokens and time, its tool calls under it."""
     lines: list[str] = []
+    turn = None
     for rec in records:
         kind = rec["type"]
-        if kind == "model":
+        if rec.get("role") and kind in ("model", "tool") and (rec.get("round"), rec["role"]) != turn:
+            turn = (rec.get("round"), rec["role"])  # a team run: a header per role's turn
+            lines.append(f"round {rec.get('round')}  {rec['role']}")
+        if kind == "message":
+            text = json.dumps(rec.get("content"), ensure_ascii=False)
+            lines.append(f"message from {rec.get('role')}: {_short(text, width)}")
+        elif kind == "persona":
+            lines.append(f"persona {rec.get('persona')} (user {rec.get('user')})")
+        elif kind == "retrieval":
+            lines.append(f"retrieved {len(rec.get('passages') or [])} passage(s), best score {rec.get('best_score')}")
+        elif kind == "memory":
+            lines.append(f"recalled {len(rec.get('recalled') or [])} earlier message(s)")
+        elif kind == "model":
             if rec.get("error"):
                 lines.append(f"step {rec['step']}  model failed: {_short(rec['error'], width)}")
             else:
                 lines.append(f"step {rec['step']}  model {rec.get('seconds', 0):.3f} s, {rec.get('prompt_tokens', 0)} "
                              f"prompt + {rec.get('completion_tokens', 0)} completion tokens"
-                             + (f", {rec['finish_reason']}" if rec.get("finish_reason") else ""))
+                             + (f", {rec['finish_reason']}" if rec.get("finish_reason") else "")
+                             + (f" (prefill {rec['prefill_seconds']:.3f} s, {rec.get('cached_tokens', 0)} cached; "
+                                f"decode {rec.get('decode_seconds', 0):.3f} s)" if rec.get("prefill_seconds") is not None
+                                else ""))
                 if rec.get("content") and rec.get("tool_calls"):
                     lines.append(f"│  text: {_short(rec['content'], width)}")
         elif kind == "tool":
@@ -60,7 +76,8 @@ def format_trace(records: list[dict], width: int = 100) -> str:
             lines.append(f"├─ {rec.get('name')}({_short(rec.get('arguments'), width // 2)})  "
                          f"{_short(outcome, width)}  ({rec.get('seconds', 0):.3f} s)")
         elif kind == "answer":
-            lines.append(f"answer: {_short(rec.get('content'), width)}")
+            how = f" ({rec['guardrail']})" if rec.get("guardrail") else ""
+            lines.append(f"answer{how}: {_short(rec.get('content'), width)}")
         elif kind == "stop":
             lines.append(f"stopped ({rec.get('reason')}): {_short(rec.get('message'), width)}")
     return "\n".join(lines)

@@ -70,7 +70,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
           rag_system_prompt: str | None = None, rag_rerank: bool = False, enable_prefix_caching: bool = True,
           max_num_batched_tokens: int | None = None, record: bool = False,
-          announce: Callable[..., None] = print) -> None:
+          announce: Callable[..., None] = print,
+          personas: list[str] | None = None, persona_state: str | None = None) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
     and serve it with uvicorn until SIGTERM / Ctrl-C.  The model name defaults to the folder name.
     ``engine_kind="vllm"`` hands the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed).
@@ -103,6 +104,15 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         return
     sock = _listen(host, port)
     try:
+        persona_set = None
+        if personas:  # persona:<name> models (lmforge.agent.persona): cards checked before the model loads
+            from lmforge.agent.persona import PersonaSet
+            from lmforge.config import ConfigError
+
+            try:
+                persona_set = PersonaSet.load(personas, persona_state)
+            except ConfigError as err:
+                raise ServeStartError(str(err)) from None
         engine = load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
                               quantize=quantize, enable_prefix_caching=enable_prefix_caching,
                               max_num_batched_tokens=max_num_batched_tokens)
@@ -116,6 +126,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
             from lmforge.rag.http import attach_knowledge_base
 
             attach_knowledge_base(app, rag_index, system_prompt=rag_system_prompt, rerank=rag_rerank)
+        if persona_set is not None:
+            from lmforge.agent.persona_http import attach_personas
+
+            attach_personas(app, persona_set)
         if run_ is None:
             _run(app, engine, sock, host, port, name, log_level, announce)
             return

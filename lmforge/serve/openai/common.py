@@ -113,6 +113,7 @@ class ServerContext:
     max_tokens_limit: int | None = None
     chat_hooks: list[ChatHook] = field(default_factory=list)
     recorder: object = None  # a ``lmforge.feedback.store.Recorder`` when serving with --record
+    extra_models: list[str] = field(default_factory=list)  # other names a chat hook answers (persona:<name>)
     _structured: object = None
 
     async def record(self, response_id: str, endpoint: str, request, req, choices: list[dict], prompt_tokens: int,
@@ -157,7 +158,7 @@ class ServerContext:
         return lambda: [self.structured.make_processor(compiled)]
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and name not in self.extra_models:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 

@@ -25,7 +25,7 @@ def router(ctx: ServerContext, metrics) -> APIRouter:
     @r.get("/v1/models", response_model=ModelList)
     async def models():
         e = ctx.engine
-        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=e.max_model_len, dtype=e.dtype,
-                                         quantize=e.quantize)])
+        return ModelList(data=[ModelCard(id=name, max_model_len=e.max_model_len, dtype=e.dtype, quantize=e.quantize)
+                               for name in [ctx.model_name, *ctx.extra_models]])
 
     return r

@@ -1,0 +1,219 @@
+"""Role-playing teams (MetaGPT-style): roles with their own system prompt, standard operating procedure (SOP) steps and
+tools take turns on a shared message log; each turn ends with one structured message whose JSON Schema is the role's
+(``post_message``, a tool call the model must make — grammar-constrained on the in-process engine), until a stop
+condition holds or ``max_rounds`` is reached.
+
+A team (YAML, ``examples/teams/``)::
+
+    name: kb-answer
+    roles:
+      - name: analyst
+        goal: find what the knowledge base says
+        sop: ["Search the knowledge base.", "Post the facts you found, each with its source number."]
+        tools: [search_knowledge_base]
+        message: {type: object, properties: {facts: {type: array, items: {type: string}}}, required: [facts]}
+      - name: writer ...
+      - name: reviewer
+        message: {type: object, properties: {verdict: {enum: [approve, revise]}, comments: {type: string}},
+                  required: [verdict, comments]}
+    repeat_from: writer                 # later rounds start here (the writer revises, the reviewer reviews again)
+    stop: {role: reviewer, field: verdict, equals: approve}
+    max_rounds: 3
+
+Every model call, tool call and message is recorded (``trace``, ``OUT/trace.jsonl`` with the role on each record), so
+``lmforge agent trace OUT`` prints the team's run as a tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import Field
+
+from lmforge.agent.backends import ModelBackend
+from lmforge.agent.loop import Agent
+from lmforge.agent.tools import FunctionTool, as_tool
+from lmforge.config import ConfigError, StageConfig, read_yaml, validate
+
+POST = "post_message"
+
+
+class RoleSpec(StageConfig):
+    name: str
+    goal: str = ""
+    system_prompt: str = ""
+    sop: list[str] = Field(default_factory=list, description="The role's standard operating procedure, in order.")
+    tools: list[str] = Field(default_factory=list)
+    message: dict = Field(default_factory=lambda: {"type": "object", "properties": {"content": {"type": "string"}},
+                                                   "required": ["content"]},
+                          description="JSON Schema of the message the role posts.")
+    max_steps: int = Field(4, ge=1, le=20, description="Model calls per turn (tool calls, then the message).")
+
+
+class StopSpec(StageConfig):
+    role: str
+    field: str
+    equals: Any
+
+
+class TeamSpec(StageConfig):
+    """A team file (YAML); unknown keys are errors naming the file and key."""
+
+    name: str
+    roles: list[RoleSpec] = Field(min_length=1)
+    repeat_from: str | None = None
+    stop: StopSpec | None = None
+    max_rounds: int = Field(3, ge=1, le=20)
+
+
+@dataclass
+class TeamResult:
+    log: list[dict]  # the shared message log: {"round", "role", "content": dict}
+    stop_reason: str  # "stop_condition" | "max_rounds" | "role_failed"
+    rounds: int
+    trace: list[dict]
+    error: str | None = None
+
+    @property
+    def final(self) -> dict | None:
+        return self.log[-1]["content"] if self.log else None
+
+
+@dataclass
+class Team:
+    spec: TeamSpec
+    backend: ModelBackend
+    tools: dict[str, FunctionTool | Any] = field(default_factory=dict)  # name -> tool the roles may use
+    out_dir: str | Path | None = None
+    backends: dict[str, ModelBackend] = field(default_factory=dict)  # per-role backends (default: ``backend``)
+
+    def __post_init__(self) -> None:
+        self.tools = {name: as_tool(t) for name, t in self.tools.items()}
+        names = [r.name for r in self.spec.roles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"team {self.spec.name!r}: two roles share a name")
+        for r in self.spec.roles:
+            missing = [t for t in r.tools if t not in self.tools]
+            if missing:
+                raise ValueError(f"role {r.name!r}: unknown tool(s) {', '.join(missing)} (available: "
+                                 f"{', '.join(self.tools) or 'none'})")
+            FunctionTool.from_schema(POST, "", r.message, lambda **kw: kw)  # a schema decoding can enforce
+        if self.spec.repeat_from is not None and self.spec.repeat_from not in names:
+            raise ValueError(f"repeat_from: no role {self.spec.repeat_from!r}")
+        if self.spec.stop is not None and self.spec.stop.role not in names:
+            raise ValueError(f"stop.role: no role {self.spec.stop.role!r}")
+
+    def _system(self, role: RoleSpec, task: str) -> str:
+        others = ", ".join(r.name for r in self.spec.roles if r.name != role.name)
+        parts = [f"You are the {role.name} of a team ({self.spec.name}; the others: {others or 'none'})."]
+        if role.goal:
+            parts.append(f"Your goal: {role.goal}")
+        if role.system_prompt.strip():
+            parts.append(role.system_prompt.strip())
+        if role.sop:
+            parts.append("Your procedure:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(role.sop, 1)))
+        parts.append(f"The team's task: {task}")
+        parts.append(f"End your turn by calling {POST} with your message to the team.")
+        return "\n\n".join(parts)
+
+    @staticmethod
+    def _log_text(log: list[dict]) -> str:
+        if not log:
+            return "The message log is empty: you are the first to speak."
+        return "Messages so far:\n" + "\n".join(
+            f"[round {m['round']}] {m['role']}: {json.dumps(m['content'], ensure_ascii=False)}" for m in log)
+
+    def _turn(self, role: RoleSpec, task: str, log: list[dict], rnd: int, record) -> dict | str:
+        """One role's turn: its message (a dict), or why it produced none."""
+        posted: list[dict] = []
+
+        def post(**message: Any) -> str:
+            posted.append(message)
+            return "posted"
+
+        post_tool = FunctionTool.from_schema(POST, "Post your message to the team (ends your turn).", role.message,
+                                             post)
+        tools = [self.tools[t] for t in role.tools] + [post_tool]
+        agent = Agent(self.backends.get(role.name, self.backend), tools=tools, system=self._system(role, task),
+                      max_steps=role.max_steps, tool_choice="required")
+        stream = agent.stream([{"role": "user", "content": self._log_text(log)}])
+        try:
+            for ev in stream:
+                if ev.type == "tool_result" and ev.call.name == POST and ev.tool_result.error is None:
+                    break
+        finally:
+            stream.close()
+        for rec in agent.last_trace:
+            rec.update(role=role.name, round=rnd)
+            record(rec)
+        if posted:
+            return posted[-1]
+        return f"role {role.name!r} posted no valid message in {role.max_steps} model call(s)"
+
+    def run(self, task: str) -> TeamResult:
+        trace: list[dict] = []
+        sink = None
+        if self.out_dir is not None:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            sink = open(Path(self.out_dir) / "trace.jsonl", "a", encoding="utf-8")
+
+        def record(rec: dict) -> None:
+            rec.setdefault("at", round(time.time(), 3))
+            trace.append(rec)
+            if sink is not None:
+                sink.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                sink.flush()
+
+        log: list[dict] = []
+        roles = self.spec.roles
+        start = 0
+        reason, error, rnd = "max_rounds", None, 0
+        try:
+            for rnd in range(1, self.spec.max_rounds + 1):
+                for role in roles[start:]:
+                    out = self._turn(role, task, log, rnd, record)
+                    if isinstance(out, str):
+                        reason, error = "role_failed", out
+                        record({"type": "stop", "step": 0, "role": role.name, "round": rnd, "reason": reason,
+                                "message": out})
+                        return TeamResult(log, reason, rnd, trace, error)
+                    log.append({"round": rnd, "role": role.name, "content": out})
+                    record({"type": "message", "step": 0, "role": role.name, "round": rnd, "content": out})
+                    s = self.spec.stop
+                    if s is not None and role.name == s.role and out.get(s.field) == s.equals:
+                        reason = "stop_condition"
+                        record({"type": "stop", "step": 0, "round": rnd, "reason": reason,
+                                "message": f"{s.role}.{s.field} == {s.equals!r}"})
+                        return TeamResult(log, reason, rnd, trace)
+                start = [r.name for r in roles].index(self.spec.repeat_from) if self.spec.repeat_from else 0
+            record({"type": "stop", "step": 0, "round": rnd, "reason": reason,
+                    "message": f"no stop condition after {self.spec.max_rounds} round(s)"})
+            return TeamResult(log, reason, rnd, trace)
+        finally:
+            if sink is not None:
+                sink.close()
+
+
+def load_team(path: str | os.PathLike) -> TeamSpec:
+    p = Path(path)
+    return validate(TeamSpec, read_yaml(p), str(p))
+
+
+def team_tools(names: Iterable[str], index: str | os.PathLike | None = None) -> dict[str, FunctionTool]:
+    """The built-in tools a team file names (``calculator``; ``search_knowledge_base`` with ``index``)."""
+    from lmforge.agent.builtin import calculator, knowledge_base_tool
+
+    out: dict[str, FunctionTool] = {}
+    for n in set(names):
+        if n == "calculator":
+            out[n] = FunctionTool.from_function(calculator)
+        elif n == "search_knowledge_base":
+            if index is None:
+                raise ConfigError("a role uses search_knowledge_base: give --index DIR")
+            out[n] = knowledge_base_tool(index)
+    return out
