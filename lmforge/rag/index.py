@@ -18,8 +18,8 @@ The dense index type is chosen from the size (``auto``: flat below ``hnsw_min_ch
 (``flat`` / ``hnsw`` / ``ivf``).  BM25 tokens are lower-cased words (English stop words dropped); Chinese /
 Japanese / Korean runs, which have no spaces, become tokens one of two ways (``bm25_cjk``, recorded in the index's
 build settings so queries are cut the same way): ``bigram`` (single characters plus character bigrams: no
-dictionary, any CJK language) or ``jieba`` (Chinese words from the jieba segmenter in search mode, which also emits
-the shorter words inside a long one, plus single characters).
+dictionary, any CJK language; the default, measured best on the bundled Chinese QA set, docs/rag_results.md) or
+``jieba`` (Chinese words from the jieba segmenter in search mode, which also emits the shorter words inside a long one).
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ def _jieba():
 
 def bm25_tokens(text: str, cjk: CJKTokens = "bigram") -> list[str]:
     """Words (lower-cased, stop words dropped); CJK runs → characters + bigrams (``bigram``) or jieba search-mode
-    words + characters (``jieba``)."""
+    words (``jieba``)."""
     out: list[str] = []
     for tok in _TOKEN.findall(text.lower()):
         if _CJK_RUN.match(tok):
-            out.extend(tok)
             if cjk == "jieba":
-                out.extend(w for w in _jieba().lcut_for_search(tok) if len(w) > 1)
+                out.extend(_jieba().lcut_for_search(tok))
             else:
+                out.extend(tok)
                 out.extend(tok[i:i + 2] for i in range(len(tok) - 1))
         elif tok not in _STOP:
             out.append(tok.replace("’", "'"))

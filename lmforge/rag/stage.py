@@ -47,8 +47,8 @@ class Config(StageConfig):
                                                                "hnsw_min_chunks chunks, HNSW above.")
     hnsw_min_chunks: int = Field(50_000, ge=1, description="auto switches from flat to HNSW at this many chunks.")
     bm25_cjk: Literal["bigram", "jieba"] = Field(
-        "jieba", description="BM25 tokens of Chinese/Japanese/Korean text (no spaces): jieba (Chinese words from the "
-        "jieba segmenter + characters) or bigram (characters + character bigrams, no dictionary).")
+        "bigram", description="BM25 tokens of Chinese/Japanese/Korean text (no spaces): bigram (characters + character "
+        "bigrams, no dictionary) or jieba (Chinese words from the jieba segmenter, search mode).")
 
 
 def config_embedder(config: Config) -> Embedder:
