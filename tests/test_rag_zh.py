@@ -96,7 +96,7 @@ def test_jieba_bm25_on_the_bundled_chinese_qa_set(tmp_path):
     items = load_qa(KB_ZH / "qa.jsonl")
     assert sum(1 for q in items if q.gold) >= 30 and any(not q.gold for q in items)
     kb, report = build_index(Config(docs=str(KB_ZH / "docs")), tmp_path / "index", embedder=HashEmbedder())
-    assert report["skipped"] == [] and report["chunks"] > 100
+    assert report["skipped"] == [] and report["chunks"] > 100 and report["warnings"] == []
     assert kb.bm25_cjk == "bigram"
     m = retrieval_metrics(kb, items, mode="bm25", ks=(1, 5, 10))
     assert m["gold_not_found_in_index"] == 0  # every gold quote is in the extracted text
@@ -134,6 +134,13 @@ def test_sentence_transformers_folder_embedder_through_the_cli(zh_docs, tmp_path
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output[res.output.index("{"):])
     assert metrics["bm25"]["recall@1"] == 1.0 and metrics["dense"]["questions"] == 1
+
+    # MiniLM over Chinese text: the index report says it is English-only and names the multilingual embedders
+    res = runner.invoke(app, ["rag", "index", "--docs", str(zh_docs), "--out", str(tmp_path / "idx_minilm")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "idx_minilm" / "report.json").read_text())
+    assert any("English-only" in w and "--embedder e5" in w for w in report["warnings"]), report["warnings"]
+    assert "English-only" in res.output
 
     with pytest.raises(FileNotFoundError, match="not a sentence-transformers model folder"):
         make_embedder("st", model=str(tmp_path))
