@@ -63,7 +63,8 @@ class SentenceTransformerEmbedder:
         self.batch_size = batch_size
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
-        self.query_prompt = "query" if "query" in (getattr(self.model, "prompts", None) or {}) else None
+        # a non-empty "query" prompt (E5's "query: ", BGE's instruction); MiniLM's config has "query": ""
+        self.query_prompt = "query" if (getattr(self.model, "prompts", None) or {}).get("query") else None
 
     def _encode(self, texts: list[str], prompt_name: str | None = None) -> np.ndarray:
         if not texts:
@@ -76,6 +77,8 @@ class SentenceTransformerEmbedder:
         return self._encode(texts)
 
     def embed_query(self, query: str) -> np.ndarray:
+        if self.query_prompt is None:  # a symmetric model: a query is embedded as any text
+            return self.embed([query])[0]
         return self._encode([query], self.query_prompt)[0]
 
 
