@@ -54,6 +54,9 @@ class Config(StageConfig):
     max_windows: int = Field(64, ge=1, description="At most this many windows are scored.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts for greedy samples.")
     max_new_tokens: int = Field(40, ge=1, description="Tokens generated per sample.")
+    bpb_by: str | None = Field(None, description="A document meta field (e.g. lang): loss and bits-per-byte per "
+                               "value, on the documents the `data` tokenizer artifact held out (read from the data "
+                               "it was packed from); metrics val_bpb.<field>.<value>.")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -105,6 +108,28 @@ def score(model, tokens: np.ndarray, seq_len: int, max_windows: int, byte_length
             "val_bytes_scored": n_bytes}
 
 
+def score_groups(model, tokenizer, tok_cfg: dict, tokenizer_dir: Path, field: str, seq_len: int, max_windows: int,
+                 byte_lengths: np.ndarray) -> dict[str, dict]:
+    """``score`` per value of ``meta[field]`` over the tokenizer artifact's held-out documents, each group's documents
+    packed as the tokenizer stage packs them (ids + end-of-text).  A document without the field counts as ``(none)``."""
+    from lmforge.tokenizer.evaluate import held_out_documents
+
+    eos = tokenizer.token_to_id(tok_cfg.get("eos_token") or "<|endoftext|>")
+    groups: dict[str, list[str]] = {}
+    for doc in held_out_documents(tokenizer_dir):
+        groups.setdefault(str((doc.get("meta") or {}).get(field) or "(none)"), []).append(doc["text"])
+    out = {}
+    for value, texts in sorted(groups.items()):
+        ids: list[int] = []
+        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids.extend(enc.ids + ([eos] if eos is not None else []))
+        if len(ids) < 2:
+            continue
+        res = score(model, np.array(ids, dtype=np.int64), seq_len, max_windows, byte_lengths)
+        out[value] = {**res, "docs": len(texts)}
+    return out
+
+
 def _task_inputs(config: Config) -> dict[str, str]:
     """Each task's YAML and JSONL as fingerprinted inputs (a changed item re-runs the eval)."""
     inputs = {}
@@ -141,6 +166,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     out = Path(out_dir)
     if config.data is None and not config.tasks:
         raise ConfigError("eval: give `data` (a tokenizer artifact), `tasks`, or both")
+    if config.bpb_by and not config.data:
+        raise ConfigError("eval: bpb_by needs `data` (the tokenizer artifact whose held-out documents are scored)")
     inputs = {"model": config.model, **({"data": config.data} if config.data else {}), **_task_inputs(config)}
     run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
     if run_ is None:
@@ -152,7 +179,15 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         if config.data:
             tokens = load_split(Path(config.data) / "tokens", config.split)
             seq_len = config.seq_len or model.config.max_position_embeddings
-            metrics = score(model, tokens, seq_len, config.max_windows, token_byte_lengths(tokenizer))
+            byte_lengths = token_byte_lengths(tokenizer)
+            metrics = score(model, tokens, seq_len, config.max_windows, byte_lengths)
+        by_group = {}
+        if config.bpb_by:
+            by_group = score_groups(model, tokenizer, tok_cfg, Path(config.data), config.bpb_by, seq_len,
+                                    config.max_windows, byte_lengths)
+            for value, res in by_group.items():
+                metrics[f"val_bpb.{config.bpb_by}.{value}"] = res["val_bpb"]
+                metrics[f"val_loss.{config.bpb_by}.{value}"] = res["val_loss"]
         task_results, task_metrics = run_tasks(config, model, tokenizer, tok_cfg, out) if config.tasks else ({}, {})
         eos = tokenizer.token_to_id(tok_cfg.get("eos_token") or "<|endoftext|>")
         samples = []
@@ -164,6 +199,8 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         run_.metrics.update(task_metrics)
         write_json(out / "results.json", {"model": str(Path(config.model).resolve()), "metrics": metrics,
                                           "tasks": task_results,
+                                          **({"bpb_by": {"field": config.bpb_by, "groups": by_group}}
+                                             if config.bpb_by else {}),
                                           "aggregate_centered": task_metrics.get("aggregate_centered"),
                                           "samples": samples})
         lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
@@ -175,6 +212,9 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
         write_text(out / "results.md", "\n".join(lines) + "\n")
         if metrics:
             console.print(f"  val loss {metrics['val_loss']}, ppl {metrics['val_ppl']}, bits/byte {metrics['val_bpb']}")
+        for value, res in by_group.items():
+            console.print(f"  {config.bpb_by}={value}: bits/byte {res['val_bpb']} ({res['docs']} held-out docs, "
+                          f"{res['val_bytes_scored']:,} bytes scored)")
         for s in samples:
             console.print(f"  [dim]{s['prompt']}[/] → {s['completion']!r}")
     return finished(out)

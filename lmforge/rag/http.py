@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool
 
 from lmforge.rag.answer import Answerer, EngineGenerator, RagAnswer
+from lmforge.rag.embed import query_vector
 from lmforge.rag.index import Filters
 from lmforge.serve.protocol import ChatCompletionRequest
 
@@ -231,6 +232,9 @@ class _OnDriver:
 
     def embed(self, texts: list[str]):
         return self.engine.call_on_driver(lambda: self.embedder.embed(texts))
+
+    def embed_query(self, query: str):
+        return self.engine.call_on_driver(lambda: query_vector(self.embedder, query))
 
     def __getattr__(self, name: str):
         return getattr(self.embedder, name)

@@ -15,8 +15,11 @@ A new version is written completely into its own folder, then ``CURRENT`` is rep
 versions are removed: a crash at any point leaves the previous version live and whole.
 
 The dense index type is chosen from the size (``auto``: flat below ``hnsw_min_chunks``, HNSW above) or forced
-(``flat`` / ``hnsw`` / ``ivf``).  BM25 tokens are lower-cased words (English stop words dropped) and, for Chinese /
-Japanese / Korean runs, single characters plus character bigrams, so unsegmented CJK text is searchable.
+(``flat`` / ``hnsw`` / ``ivf``).  BM25 tokens are lower-cased words (English stop words dropped); Chinese /
+Japanese / Korean runs, which have no spaces, become tokens one of two ways (``bm25_cjk``, recorded in the index's
+build settings so queries are cut the same way): ``bigram`` (single characters plus character bigrams: no
+dictionary, any CJK language; the default, measured best on the bundled Chinese QA set, docs/rag_results.md) or
+``jieba`` (Chinese words from the jieba segmenter in search mode, which also emits the shorter words inside a long one).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 
 from lmforge.artifacts import write_json, write_text
 from lmforge.rag.chunking import Chunk
-from lmforge.rag.embed import Embedder
+from lmforge.rag.embed import Embedder, query_vector
 from lmforge.rag.ingest import SourceDoc
 
 Mode = Literal["hybrid", "dense", "bm25"]
@@ -58,13 +61,29 @@ _TOKEN = re.compile(rf"[{_CJK}]+|[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 _CJK_RUN = re.compile(rf"^[{_CJK}]+$")
 
 
-def bm25_tokens(text: str) -> list[str]:
-    """Words (lower-cased, stop words dropped); CJK runs → characters + bigrams."""
+CJKTokens = Literal["bigram", "jieba"]
+
+
+def _jieba():
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter on stderr
+    return jieba
+
+
+def bm25_tokens(text: str, cjk: CJKTokens = "bigram") -> list[str]:
+    """Words (lower-cased, stop words dropped); CJK runs → characters + bigrams (``bigram``) or jieba search-mode
+    words (``jieba``)."""
     out: list[str] = []
     for tok in _TOKEN.findall(text.lower()):
         if _CJK_RUN.match(tok):
-            out.extend(tok)
-            out.extend(tok[i:i + 2] for i in range(len(tok) - 1))
+            if cjk == "jieba":
+                out.extend(_jieba().lcut_for_search(tok))
+            else:
+                out.extend(tok)
+                out.extend(tok[i:i + 2] for i in range(len(tok) - 1))
         elif tok not in _STOP:
             out.append(tok.replace("’", "'"))
     return out
@@ -133,6 +152,7 @@ class KnowledgeBase:
         self.embedder_name = embedder_name
         self.files = files or {}
         self.build = build or {}  # the settings it was built with (chunk sizes, embedder): re-use needs a match
+        self.bm25_cjk: CJKTokens = self.build.get("bm25_cjk", "bigram")  # indexes from before the switch: bigram
         self.embedder: Embedder | None = None
         if dense_index is None:
             dense_index, dense_kind = build_dense_index(self.vectors, index_type, hnsw_min_chunks)
@@ -149,7 +169,7 @@ class KnowledgeBase:
         import bm25s
 
         retriever = bm25s.BM25()
-        corpus = [bm25_tokens(c.search_text()) or [""] for c in self.chunks]
+        corpus = [bm25_tokens(c.search_text(), self.bm25_cjk) or [""] for c in self.chunks]
         if corpus:
             retriever.index(corpus, show_progress=False)
         return retriever
@@ -185,7 +205,7 @@ class KnowledgeBase:
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     def bm25_search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        tokens = bm25_tokens(query)
+        tokens = bm25_tokens(query, self.bm25_cjk)
         if not tokens or not len(self.chunks) or k <= 0:
             return []
         weight = allowed.astype(np.float32) if allowed is not None else None
@@ -196,7 +216,7 @@ class KnowledgeBase:
     def embed_query(self, query: str) -> np.ndarray:
         if self.embedder is None:
             raise RuntimeError("no embedder attached: use KnowledgeBase.load(folder) or set kb.embedder")
-        return self.embedder.embed([query])[0]
+        return query_vector(self.embedder, query)
 
     def search(self, query: str, k: int = 5, mode: Mode = "hybrid", filters: Filters | None = None,
                candidates: int | None = None, dense_weight: float | None = None, bm25_weight: float | None = None,
@@ -334,4 +354,8 @@ def embedder_for(name: str) -> Embedder:
 
     if name.startswith("openai:"):
         raise ValueError(f"this index was built with {name}: pass the same embedder (base_url) to load it")
+    if name.startswith("st:"):
+        return make_embedder("st", model=name[3:])
+    if name == "multilingual-e5-small":
+        return make_embedder("e5")
     return make_embedder("minilm")

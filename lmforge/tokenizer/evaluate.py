@@ -26,7 +26,7 @@ from lmforge.config import StageConfig
 from lmforge.data.io import iter_documents
 from lmforge.progress import console
 from lmforge.tokenizer.bpe import load_tokenizer
-from lmforge.tokenizer.stage import is_val
+from lmforge.tokenizer.stage import REPEAT_SUFFIX, is_val
 
 NONE = "(none)"
 DEFAULT_VAL_FRACTION = 0.05
@@ -73,6 +73,19 @@ def _documents(data: Iterable[str], split: str, fraction: float, max_docs: int) 
             n += 1
             if max_docs and n >= max_docs:
                 return
+
+
+def held_out_documents(tokenizer_dir: str | os.PathLike, data: list[str] | None = None) -> Iterable[dict]:
+    """The documents a tokenizer artifact held out (its ``val`` split, by the same id hash and ``val_fraction``),
+    read from ``data`` or, by default, from the data the artifact was packed from (its manifest's ``data``).  Mixing
+    copies (``<id>#rep<k>``) are left out: each held-out text counts once."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if data is None:
+        if not is_artifact(tokenizer_dir):
+            raise ValueError(f"{tokenizer_dir}: not a tokenizer artifact (no manifest.json): its data is unknown")
+        data = [str(d) for d in read_manifest(tokenizer_dir).config.get("data") or []]
+    docs = _documents(data, "val", _held_out_fraction(tokenizer_dir, 0.0), 0)
+    return (d for d in docs if not REPEAT_SUFFIX.search(str(d["id"])))
 
 
 def _batched(items: Iterable[dict], size: int) -> Iterable[list[dict]]:

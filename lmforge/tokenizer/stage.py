@@ -11,6 +11,7 @@ weights.  The BPE is trained on every source's training documents; the weights o
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import time
 import shutil
@@ -76,7 +77,13 @@ class Config(StageConfig):
         return self
 
 
+REPEAT_SUFFIX = re.compile(r"#rep\d+$")
+
+
 def is_val(doc_id: str, fraction: float) -> bool:
+    """Whether a document is held out: a hash of its id, where a mixing copy (``<id>#rep<k>``) counts as its
+    original, so the copies of a held-out document never land in the training split."""
+    doc_id = REPEAT_SUFFIX.sub("", doc_id)
     h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
     return (h % 1_000_000) < fraction * 1_000_000
 
