@@ -112,6 +112,10 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "sft": ("Supervised fine-tuning (full or LoRA) on chat JSONL.", _stage("lmforge.align.sft", "sft")),
         "dpo": ("Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.",
                 _stage("lmforge.align.dpo", "dpo")),
+        "grpo": ("GRPO reinforcement learning with verifiable rewards (built-in tasks or a JSONL task file); "
+                 "rollouts on lmforge's engine.", _stage("lmforge.rl.grpo", "grpo")),
+        "sample": ("Best-of-n / rejection sampling: n answers per prompt, scored; best → SFT JSONL, best/worst → "
+                   "preference JSONL.", _stage("lmforge.rl.sample", "sample")),
         "synth": ("Generate instruction/response pairs through an OpenAI-compatible endpoint.",
                   _stage("lmforge.align.synth", "synth")),
         "pretrained": ("A packaged pretrained model (SmolLM2-135M-Instruct, Gemma 3 270M) or a GGUF (llama, qwen2, "
@@ -168,6 +172,8 @@ HEADLINE = {
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
             "model_state_mb"],
     "dpo": ["preference_loss", "val_before", "val_after", "peak_rss_mb"],
+    "grpo": ["task", "steps", "val_reward_before", "val_reward_after", "train_seconds"],
+    "sample": ["prompts", "samples", "reward_mean", "reward_best_mean", "completion_tokens"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],

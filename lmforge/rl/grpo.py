@@ -473,12 +473,14 @@ def train(cfg: Config, out: Path) -> dict:
             ref_s = time.time() - t0
             # 4. policy update(s)
             t0 = time.time()
+            iter_stats = []
             for it in range(cfg.iterations):
                 logp, ent = token_logps(policy, batch, with_entropy=it == 0)
                 if ent is not None:
                     entropy = float(ent.mean()) if len(ent) else 0.0
                 old = old_lp if old_lp is not None else logp.detach()
                 loss, st = grpo_loss(logp, old, ref_lp, adv_tok, row_of, len(prompts), batch.n_tokens, cfg)
+                iter_stats.append(st)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower the learning rate")
@@ -496,7 +498,8 @@ def train(cfg: Config, out: Path) -> dict:
                    "reward": round(float(rew.mean()), 5), "reward_std": round(float(rew.std()), 5),
                    **{f"reward_{n}": round(float(np.mean([s.parts[n] for s in scored])), 5) for n in reward.names},
                    **{f"reward_{n}_std": round(float(np.std([s.parts[n] for s in scored])), 5) for n in reward.names},
-                   "kl": round(st["kl"], 6), "clip_fraction": round(st["clip_fraction"], 5),
+                   "kl": round(iter_stats[0]["kl"], 6),  # of the policy that sampled the batch
+                   "clip_fraction": round(float(np.mean([x["clip_fraction"] for x in iter_stats])), 5),
                    "completion_len": round(n_gen / len(prompts), 2), "entropy": round(entropy, 4),
                    "skipped_groups": int((~valid).sum()), "reward_failures": int(failed.sum()),
                    "rollout_s": round(rollout_s, 3), "ref_s": round(ref_s, 3), "train_s": round(train_s, 3),

@@ -109,8 +109,9 @@ def _json_item(rng: random.Random) -> Item:
     values = {"name": name, "age": age, "city": city, "job": job}
     schema = {"type": "object", "properties": {k: {"type": types[k]} for k in keys}, "required": list(keys),
               "additionalProperties": False}
-    prompt = (f"Fill this JSON schema with facts from the text. Reply with the JSON object only.\n"
-              f"Schema: {json.dumps(schema)}\nText: {text}")
+    blank = {"string": "...", "integer": 0}
+    template = "{" + ", ".join(f'"{k}": {json.dumps(blank[types[k]])}' for k in keys) + "}"
+    prompt = f"Text: {text}\nFill in this JSON object from the text and reply with the JSON only: {template}"
     return Item(prompt, {"schema": schema, "expected": {k: values[k] for k in keys}})
 
 
