@@ -244,7 +244,10 @@ def required_fields(components: list[tuple[str, RewardFn, float]]) -> dict[str, 
 
 
 def _accepted(fn: RewardFn, fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields ``fn`` takes: all of them when it has ``**kwargs``, else those it names."""
+    """The fields ``fn`` takes: all of them when it has ``**kwargs``, else those it names (never ``prompt`` or
+    ``completion``, which it gets positionally)."""
+    if "prompt" in fields or "completion" in fields:
+        fields = {k: v for k, v in fields.items() if k not in ("prompt", "completion")}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
