@@ -87,6 +87,12 @@ def _scaling_sweep() -> Callable[..., Any]:
     return command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling")
 
 
+def _reward_score() -> Callable[..., Any]:
+    from lmforge.align import reward
+
+    return command_from_config(reward.ScoreConfig, reward.score_file, reward.ScoreConfig.__doc__)
+
+
 def _agent() -> Callable[..., Any]:
     from lmforge.agent.cli import agent_cmd
 
@@ -136,6 +142,11 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
     },
     "rag": {"index": ("Index a folder of documents (.txt .md .html .pdf .jsonl) for retrieval.",
                       _stage("lmforge.rag.stage", "rag"))},
+    "reward": {
+        "train": ("Train a Bradley–Terry reward model (full or LoRA) on chosen/rejected JSONL; an HF "
+                  "sequence-classification folder.", _stage("lmforge.align.reward", "reward")),
+        "score": ("Score JSONL ({prompt, completion} or {messages}) with a reward model.", _reward_score),
+    },
     "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
                           "scaling-law fit.", _scaling_sweep)},
 }
@@ -160,6 +171,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(scaling_app, name="scaling")
 app.add_typer(rag_app, name="rag")
 app.add_typer(export_app, name="export")
+app.add_typer(_group("reward", "Reward models: train on preference pairs, score answers."), name="reward")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
@@ -174,6 +186,7 @@ HEADLINE = {
     "dpo": ["preference_loss", "val_before", "val_after", "peak_rss_mb"],
     "grpo": ["task", "steps", "val_reward_before", "val_reward_after", "train_seconds"],
     "sample": ["prompts", "samples", "reward_mean", "reward_best_mean", "completion_tokens"],
+    "reward": ["mode", "val_accuracy_before", "val_accuracy", "peak_rss_mb"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],

@@ -28,6 +28,9 @@ Loss normalisation (``loss_type``):
 * ``dr_grpo``: the sum over tokens divided by (completions x ``max_tokens``), a constant (Liu et al. 2025); pair it
   with ``scale_rewards: false`` for the paper's setting.
 
+The optimiser, schedule, backward / finite-loss check / clipping step, ``metrics.jsonl`` + TensorBoard and the
+checkpoints are the shared training core's (``lmforge.train.core``); this module keeps rollouts, rewards and the loss.
+
 Resume: a checkpoint holds the trainable tensors, the optimiser state and torch's RNG; the prompts of a step and the
 sampling seeds are pure functions of (seed, step), and the engine is re-synced from the restored policy, so a run
 killed with SIGKILL and resumed produces the same weights as one that was never interrupted (a test checks it).
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -57,8 +59,6 @@ from torch import nn
 
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora, check_lora_rank,
                                 mode_line, save_adapter, trainable_share)
-from lmforge.align.sft import (head_weight, load_trainable_checkpoint, make_optimizer, peak_rss_mb,
-                               save_trainable_checkpoint)
 from lmforge.artifacts import Manifest, atomic_path, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
@@ -66,7 +66,8 @@ from lmforge.progress import console, progress
 from lmforge.rl import tasks as T
 from lmforge.rl.rewards import Reward
 from lmforge.stages import begin, finished
-from lmforge.train.schedule import lr_at
+from lmforge.train import core
+from lmforge.train.loss import head_weight
 
 STAGE = "grpo"
 VERSION = "1"
@@ -257,38 +258,6 @@ def check_same_tokenizer(policy_dir: Path, ref_dir: Path) -> None:
                         f"log-probs of the same token ids, so the reference must share the policy's tokenizer")
 
 
-class _Log:
-    """``metrics.jsonl`` + TensorBoard; on resume, records after the checkpoint are dropped (they are logged again)."""
-
-    def __init__(self, out: Path, tensorboard: bool, resume_step: int) -> None:
-        self.path = out / "metrics.jsonl"
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        self.file = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                console.print("[yellow]  tensorboard is not installed: no event files[/]")
-            else:
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-
-    def log(self, rec: dict) -> None:
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def plot_reward(metrics_path: Path, out_png: Path, title: str) -> None:
     import matplotlib
 
@@ -333,9 +302,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     resume = run_.resumable()
     with run_:
         if not resume:
-            for stale in ("checkpoints", "metrics.jsonl", "tensorboard", "val_before.json"):
-                p = out / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            core.clear_stale(out, ("checkpoints", "metrics.jsonl", "tensorboard", "val_before.json"))
         run_.metrics.update(train(config, out))
     return finished(out)
 
@@ -403,9 +370,10 @@ def train(cfg: Config, out: Path) -> dict:
             p.requires_grad_(False)
     policy.train()
     share = trainable_share(policy)
-    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    step = load_trainable_checkpoint(out / "checkpoints", policy, opt)
-    log = _Log(out, cfg.tensorboard, step)
+    opt = core.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    ckpt = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
+    step, _ = ckpt.load(policy, opt)
+    log = core.MetricsLog(out, tensorboard=cfg.tensorboard, resume_step=step)
 
     sync_engine(engine, policy)
     before_path = out / "val_before.json"
@@ -429,9 +397,7 @@ def train(cfg: Config, out: Path) -> dict:
     with progress() as bar:
         task_bar = bar.add_task("grpo", total=cfg.max_steps, completed=step, rate="")
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = core.set_lr(opt, core.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
             idx = prompt_indices(len(task.train), P, cfg.seed, step)
             # 1. rollouts
             t0 = time.time()
@@ -474,21 +440,19 @@ def train(cfg: Config, out: Path) -> dict:
             # 4. policy update(s)
             t0 = time.time()
             iter_stats = []
-            for it in range(cfg.iterations):
+
+            def loss_of(it: int) -> tuple[torch.Tensor, dict]:
                 logp, ent = token_logps(policy, batch, with_entropy=it == 0)
-                if ent is not None:
-                    entropy = float(ent.mean()) if len(ent) else 0.0
                 old = old_lp if old_lp is not None else logp.detach()
                 loss, st = grpo_loss(logp, old, ref_lp, adv_tok, row_of, len(prompts), batch.n_tokens, cfg)
-                iter_stats.append(st)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower the learning rate")
-                loss.backward()
-                trainable = [p for p in policy.parameters() if p.requires_grad]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                if ent is not None:
+                    st["entropy"] = float(ent.mean()) if len(ent) else 0.0
+                return loss, st
+
+            for it in range(cfg.iterations):  # one optimiser step per iteration over the same rollouts
+                res = core.step(opt, policy.parameters(), [it], loss_of, grad_clip=cfg.grad_clip, at_step=step + 1)
+                iter_stats += res.stats
+            loss_value, grad_norm, entropy = res.loss, res.grad_norm, iter_stats[0]["entropy"]
             train_s = time.time() - t0
             step += 1
             t0 = time.time()
@@ -511,7 +475,7 @@ def train(cfg: Config, out: Path) -> dict:
             log.log(rec)
             last = rec
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_trainable_checkpoint(out / "checkpoints", step, policy, opt, cfg.keep_checkpoints)
+                ckpt.save(step, policy, opt)
             bar.update(task_bar, completed=step, rate=f"reward {rec['reward']:.3f} kl {rec['kl']:.4f}")
     seconds = time.time() - t_start
     log.close()
@@ -536,5 +500,5 @@ def train(cfg: Config, out: Path) -> dict:
         "val_reward_parts_before": before["parts"], "val_reward_parts_after": final_parts,
         "final": {k: v for k, v in last.items() if k != "step"},
         "skipped_groups": skipped_groups, "reward_failures": dict(reward.failures),
-        "train_seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_seconds": round(seconds, 2), "peak_rss_mb": round(core.peak_rss_mb(), 1),
     }

@@ -3,7 +3,8 @@
 A reward is any callable taking the prompt text, the completion text and the item's fields as keywords.  The fields
 it needs are its keyword parameters without a default (``required_fields``): a task file line that lacks one is an
 error naming it.  Rewards are named in a *spec*: ``"numeric_match"``, ``"json_fields:1,json_schema:0.5"`` (weights
-after a colon) or ``"my_module:my_reward:0.5"`` (any importable ``module:function``).
+after a colon), ``"my_module:my_reward:0.5"`` (any importable ``module:function``) or a reward-model folder written by
+``lmforge reward train`` (its scalar score of the prompt + completion as a chat exchange).
 
 Built in (all return values in [0, 1]):
 
@@ -208,9 +209,25 @@ def resolve(name: str) -> RewardFn:
             raise RewardError(f"reward {name!r} is not callable")
         return fn
     if Path(name).is_dir():
-        raise RewardError(f"reward {name!r} is a folder: reward models are scored with `lmforge sample --reward DIR` "
-                          f"only once a reward model stage is available")
+        return reward_model(name)
     raise RewardError(f"unknown reward {name!r}: built in are {sorted(REWARDS)}; or give module:function")
+
+
+def reward_model(folder: str) -> RewardFn:
+    """A reward-model folder (``lmforge reward train``) as a reward: its scalar score of the prompt + completion
+    rendered as a user/assistant exchange.  The model is loaded once."""
+    from lmforge.align.reward import load_reward_model
+
+    try:
+        scorer = load_reward_model(folder)
+    except (OSError, ValueError) as err:
+        raise RewardError(f"reward {folder!r}: not a usable reward model folder: {err}") from None
+
+    def score(prompt: str, completion: str, **_: Any) -> float:
+        return scorer.score_completions([prompt], [completion])[0]
+
+    score.__name__ = f"reward_model({folder})"
+    return score
 
 
 def parse_spec(spec: str) -> list[tuple[str, RewardFn, float]]:
