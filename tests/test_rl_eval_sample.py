@@ -107,3 +107,27 @@ def test_sample_bad_input(tiny_model_dir, tmp_path):
     assert "Traceback" not in r.stderr
     r = _run_sample(tiny_model_dir, prompts, tmp_path / "o2", "--reward", "no_such_reward")
     assert r.returncode != 0 and "unknown reward 'no_such_reward'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_scores_with_a_reward_model_folder(tiny_model_dir, tmp_path):
+    import torch
+
+    from lmforge.align.reward import RewardModel, load_reward_model, save_reward_model
+    from lmforge.model.hf import load_model
+
+    torch.manual_seed(0)
+    llama = load_model(tiny_model_dir)
+    rm = RewardModel(llama, llama.config.hidden_size, llama.config.pad_token_id)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    save_reward_model(rm, tmp_path / "rm", tiny_model_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "bon"
+    r = _run_sample(tiny_model_dir, prompts, out, "--reward", str(tmp_path / "rm"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    scorer = load_reward_model(tmp_path / "rm")
+    want = scorer.score_completions([f"Question {s['prompt_index']}?" for s in samples],
+                                    [s["completion"] for s in samples])
+    assert [s["reward"] for s in samples] == pytest.approx(want, abs=1e-5)
+    assert len({round(s["reward"], 6) for s in samples}) > 1  # a real score, not a constant
