@@ -91,6 +91,8 @@ def test_task_file_errors_name_file_line_and_field(tmp_path):
         T.load(str(f), "numeric_match")
     with pytest.raises(T.TaskError, match="needs a reward"):
         T.load(str(f))
+    with pytest.raises(T.TaskError, match="neither a built-in task"):
+        T.load(str(tmp_path / "nope.jsonl"), "numeric_match")
     f.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(20)))
     t = T.load(str(f), "numeric_match", test_fraction=0.25)
     assert len(t.train) == 15 and len(t.test) == 5

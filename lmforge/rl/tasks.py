@@ -190,6 +190,8 @@ def load(task: str, reward: str | None = None, test_file: str | None = None, n_t
         if reward:
             t.reward = reward
         return t
+    if not Path(task).is_file():
+        raise TaskError(f"{task}: neither a built-in task ({', '.join(sorted(GENERATORS))}) nor a JSONL task file")
     if not reward:
         raise TaskError(f"{task}: a task file needs a reward (--reward NAME[:WEIGHT],... or module:function); "
                         f"built-in tasks are {sorted(GENERATORS)}")
