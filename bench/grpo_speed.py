@@ -46,8 +46,28 @@ def run_lmforge(args, work: Path) -> dict:
     recs = [json.loads(l) for l in (work / "lmforge" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     parts = {k: sum(r[k] for r in recs) / len(recs) for k in ("rollout_s", "ref_s", "train_s", "sync_s")}
     step_s = sum(parts.values())
+    # the same rollouts (prompts x G, same max_tokens and concurrency) on a standalone engine, for tokens/s
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.sampling import SamplingParams
+
+    n = args.group_size * args.prompts_per_step
+    eng = Engine.from_folder(args.model, max_num_seqs=n, max_model_len=512)
+    stop = list(eng.chat_stop_token_ids)
+    toks, secs = 0, 0.0
+    for s in range(args.steps):
+        batch = [eng.encode_chat([{"role": "user", "content": p}])
+                 for p in prompts(64)[s * args.prompts_per_step:(s + 1) * args.prompts_per_step]
+                 for _ in range(args.group_size)]
+        eng.reset_prefix_cache()
+        t = time.time()
+        res = eng.generate_batch(batch, [SamplingParams(max_tokens=args.max_tokens, seed=i, stop_token_ids=stop)
+                                         for i in range(n)])
+        secs += time.time() - t
+        toks += sum(r.completion_tokens for r in res)
+    in_grpo = sum(r["completion_len"] * n for r in recs) / sum(r["rollout_s"] for r in recs)
     return {"framework": "lmforge", "s_per_step": step_s, "steps_per_s": 1 / step_s, "run_s_incl_load": total,
-            "parts_s_per_step": parts, "completion_len": sum(r["completion_len"] for r in recs) / len(recs)}
+            "parts_s_per_step": parts, "completion_len": sum(r["completion_len"] for r in recs) / len(recs),
+            "rollout_tokens_per_s_in_grpo": in_grpo, "engine_tokens_per_s_standalone": toks / secs}
 
 
 def run_trl(args, work: Path) -> dict:
@@ -144,6 +164,11 @@ def main() -> None:
             parts = ", ".join(f"{k.split('/')[-1]} {v:.3f}s" for k, v in r["parts_s_per_step"].items())
             print(f"{r['framework']:8s} {r['s_per_step']:.3f} s/step ({r['steps_per_s']:.3f} steps/s), completion "
                   f"length {r['completion_len']}: {parts}")
+        for r in results:
+            if "engine_tokens_per_s_standalone" in r:
+                a, b = r["rollout_tokens_per_s_in_grpo"], r["engine_tokens_per_s_standalone"]
+                print(f"lmforge rollout tokens/s inside GRPO {a:.1f} vs the standalone engine at the same concurrency "
+                      f"{b:.1f}: {100 * a / b:.0f}%")
         if len(results) == 2:
             print(f"lmforge / trl steps/s: {results[0]['steps_per_s'] / results[1]['steps_per_s']:.2f}x")
         return
