@@ -55,6 +55,7 @@ class Config(StageConfig):
     max_model_len: int = Field(2048, ge=16, description="Engine context (prompt + answer).")
     dtype: str = Field("float32", description="Engine weights: float32 or bfloat16.")
     quantize: str | None = Field(None, description="Engine weight quantisation: int8 or int4.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     seed: int = Field(0, description="Sampling seed (answer j of prompt i uses a seed derived from it).")
 
 
@@ -77,6 +78,10 @@ def sample(cfg: Config, out: Path) -> dict:
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     reward = Reward(parse_spec(cfg.reward))
     items = T.read_items(cfg.prompts, required_fields(reward.components))
     engine = Engine.from_folder(cfg.model, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
