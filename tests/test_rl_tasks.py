@@ -2,7 +2,6 @@
 score what they claim and a failing reward never stops scoring."""
 
 import json
-import math
 
 import pytest
 

@@ -307,11 +307,6 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     return finished(out)
 
 
-def _chat_ids(engine, item: T.Item, where: str) -> list[int]:
-    ids = engine.encode_chat(item.messages())
-    return ids
-
-
 def evaluate(engine, reward: Reward, items: list[T.Item], prompts: list[list[int]], max_tokens: int
              ) -> tuple[float, list[str], dict[str, float]]:
     """Mean greedy reward over ``items`` (and the completions, and per-component means)."""
@@ -349,9 +344,9 @@ def train(cfg: Config, out: Path) -> dict:
     engine = Engine.from_folder(model_dir, max_num_seqs=cfg.prompts_per_step * cfg.group_size,
                                 max_model_len=cfg.max_model_len, dtype=cfg.rollout_dtype)
     room = engine.max_model_len - cfg.max_tokens
-    train_prompts = [_chat_ids(engine, it, "") for it in task.train]
-    test_prompts = [_chat_ids(engine, it, "") for it in test_items]
-    for split, items, ids in (("train", task.train, train_prompts), ("test", test_items, test_prompts)):
+    train_prompts = [engine.encode_chat(it.messages()) for it in task.train]
+    test_prompts = [engine.encode_chat(it.messages()) for it in test_items]
+    for split, ids in (("train", train_prompts), ("test", test_prompts)):
         for i, p in enumerate(ids):
             if len(p) > room:
                 raise GRPOError(f"{cfg.task}: {split} prompt {i} is {len(p)} tokens; with max_tokens {cfg.max_tokens} "
