@@ -97,6 +97,12 @@ def _scaling_sweep() -> Callable[..., Any]:
     return command_from_config(scaling.SweepConfig, scaling.sweep, default_out="scaling")
 
 
+def _reward_score() -> Callable[..., Any]:
+    from lmforge.align import reward
+
+    return command_from_config(reward.ScoreConfig, reward.score_file, reward.ScoreConfig.__doc__)
+
+
 def _agent() -> Callable[..., Any]:
     from lmforge.agent.cli import agent_cmd
 
@@ -131,6 +137,10 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "sft": ("Supervised fine-tuning (full or LoRA) on chat JSONL.", _stage("lmforge.align.sft", "sft")),
         "dpo": ("Preference alignment (DPO / IPO / SimPO) on chosen/rejected JSONL.",
                 _stage("lmforge.align.dpo", "dpo")),
+        "grpo": ("GRPO reinforcement learning with verifiable rewards (built-in tasks or a JSONL task file); "
+                 "rollouts on lmforge's engine.", _stage("lmforge.rl.grpo", "grpo")),
+        "sample": ("Best-of-n / rejection sampling: n answers per prompt, scored; best → SFT JSONL, best/worst → "
+                   "preference JSONL.", _stage("lmforge.rl.sample", "sample")),
         "synth": ("Generate instruction/response pairs through an OpenAI-compatible endpoint.",
                   _stage("lmforge.align.synth", "synth")),
         "pretrained": ("A packaged pretrained model (SmolLM2-135M-Instruct, Gemma 3 270M) or a GGUF (llama, qwen2, "
@@ -166,6 +176,11 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
                   "MCP (stdio or streamable HTTP).", _from_agent_cli("mcp_serve_cmd")),
         "tools": ("List the tools of any MCP server (a URL or a command line).", _from_agent_cli("mcp_tools_cmd")),
     },
+    "reward": {
+        "train": ("Train a Bradley–Terry reward model (full or LoRA) on chosen/rejected JSONL; an HF "
+                  "sequence-classification folder.", _stage("lmforge.align.reward", "reward")),
+        "score": ("Score JSONL ({prompt, completion} or {messages}) with a reward model.", _reward_score),
+    },
     "scaling": {"sweep": ("Train a grid of small models (depths × token budgets) on one tokenizer artifact, for a "
                           "scaling-law fit.", _scaling_sweep)},
 }
@@ -196,6 +211,7 @@ app.add_typer(typer.Typer(help="Tool-using agents: `lmforge agent QUESTION` (= `
                           no_args_is_help=True, cls=type("AgentGroup", (DefaultCommandGroup,),
                                                          {"lazy": STAGE_COMMANDS["agent"]})), name="agent")
 app.add_typer(_group("mcp", "Model Context Protocol: serve lmforge's tools, list any server's tools."), name="mcp")
+app.add_typer(_group("reward", "Reward models: train on preference pairs, score answers."), name="reward")
 
 # Key metrics shown in summaries, per stage kind.
 HEADLINE = {
@@ -208,6 +224,9 @@ HEADLINE = {
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
             "model_state_mb"],
     "dpo": ["preference_loss", "val_before", "val_after", "peak_rss_mb"],
+    "grpo": ["task", "steps", "val_reward_before", "val_reward_after", "train_seconds"],
+    "sample": ["prompts", "samples", "reward_mean", "reward_best_mean", "completion_tokens"],
+    "reward": ["mode", "val_accuracy_before", "val_accuracy", "peak_rss_mb"],
     "synth": ["mode", "kept", "rejected", "parse_retries", "prompt_tokens", "completion_tokens", "cost_usd"],
     "rag_index": ["files", "chunks", "chunks_embedded", "embed_chunks_per_s"],
     "pretrained": ["source", "model_type", "layers", "hidden_size", "vocab_size"],

@@ -4,8 +4,11 @@ A stage module exposes ``STAGE`` (name), ``VERSION`` (bump it when outputs chang
 ``StageConfig``) and ``run(config, out_dir, force=False) -> Manifest``.  Inside ``run`` a stage calls
 ``begin(...)``: it returns ``None`` when the folder already holds a finished run with the same fingerprint (and says
 so), else a ``StageRun`` to use as a context manager.  When the folder holds an unfinished run of the same
-fingerprint (and ``force`` is off) the new run records that it ``resumes`` it; a stage that decides otherwise (starts
-afresh, or resumes under ``force``) sets ``run.resumes`` itself before entering the run.
+fingerprint (and ``force`` is off) the new run records that it ``resumes`` it.  A stage that keeps its partial state
+(checkpoints, finished tasks) even under ``force`` passes ``force_resumes=True``: then a forced re-run of an unfinished
+folder is recorded as the resume it is.  The decision is ``run.resumes is not None``: stages read it there instead of
+deciding again.  A stage that decides otherwise (pretraining on a changed config) sets ``run.resumes`` itself before
+entering the run.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ def begin(
     inputs: dict[str, Any] | None = None,  # paths, or InputRefs a stage computed itself
     force: bool = False,
     execution_fields: frozenset[str] | set[str] = frozenset(),
+    force_resumes: bool = False,
 ) -> StageRun | None:
+    """The run to enter, or None when the folder is up to date (see the module docstring)."""
     run = StageRun(stage, version, out_dir, config, inputs, execution_fields)
     _refuse_if_busy(run, out_dir)
     if not force and run.up_to_date():
         console.print(f"[green]✓ {stage}[/]: up to date in {out_dir} (fingerprint {run.fingerprint}), skipped")
         return None
-    if run.resumable() and not force:
+    if run.resumable() and (not force or force_resumes):
         prev = run.previous()
         run.resumes = prev.run_id if prev else None
         console.print(f"[yellow]↻ {stage}[/]: resuming the unfinished run {run.resumes} in {out_dir}")

@@ -27,11 +27,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from tokenizers import Tokenizer
 
 from lmforge.tokenizer.bpe import CHAT_TEMPLATE, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -370,3 +373,52 @@ def encode_file(tok: ChatTokenizer, path: str | os.PathLike, max_len: int, mode:
             continue
         examples.append(ex)
     return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# batches of examples (sft, dpo and reward training share them)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], IGNORE where no loss
+    segment_ids: torch.Tensor | None  # [B, T] for packed rows (0 = padding), else None
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool,
+            seq_len: int | None = None) -> Batch:
+    """Rows of example indices → padded tensors.  Packed rows get segment ids 1, 2, ... and 0 for padding."""
+    import torch
+
+    seqs = [[t for i in row for t in examples[i].input_ids] for row in rows]
+    T = seq_len or max(len(s) for s in seqs)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    segs = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row, 1):
+            ex = examples[i]
+            n = len(ex.input_ids)
+            ids[r, at:at + n] = torch.tensor(ex.input_ids)
+            labels[r, at:at + n] = torch.tensor(ex.labels)
+            segs[r, at:at + n] = k
+            at += n
+    return Batch(ids, labels, segs if packed else None)
+
+
+def pad_id_of(model_dir: str | os.PathLike, tok: ChatTokenizer | None = None) -> int:
+    """The model's padding token id: ``pad_token_id``, else ``eos_token_id`` of its ``config.json``, else 0."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("pad_token_id", "eos_token_id"):
+        v = cfg.get(key)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0

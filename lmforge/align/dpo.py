@@ -24,7 +24,6 @@ difference.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -38,19 +37,19 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from lmforge.align.chat_data import (IGNORE, SKIP_HINT, ChatDataError, ChatTokenizer, DataStats, Example,
-                                     _check_text, _reason, encode_conversation, read_jsonl, validate_messages)
+                                     _check_text, _reason, collate, encode_conversation, pad_id_of, read_jsonl,
+                                     validate_messages)
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
                                 check_lora_rank, mode_line, save_adapter, trainable_share)
-from lmforge.align.sft import (checkpointing_on, collate, head_weight, load_trainable_checkpoint, logit_softcap,
-                               make_optimizer, pad_id_of, peak_rss_mb, save_trainable_checkpoint)
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
-from lmforge.progress import console, progress
+from lmforge.progress import console
 from lmforge.stages import begin, finished
-from lmforge.train.loss import linear_log_probs
+from lmforge.train import core
+from lmforge.train.core import checkpointing_on, lr_at, peak_rss_mb
+from lmforge.train.loss import head_weight, linear_log_probs, logit_softcap
 from lmforge.train.plots import plot_loss
-from lmforge.train.schedule import lr_at
 
 STAGE = "dpo"
 VERSION = "1"
@@ -243,15 +242,13 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     inputs = {"model": config.model, "data": config.data}
     if config.val_data:
         inputs["val_data"] = config.val_data
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
     if run_ is None:
         return finished(out)
-    resume = run_.resumable()
+    resume = run_.resumes is not None
     with run_:
         if not resume:
-            for stale in ("checkpoints", "metrics.jsonl", REF_CACHE):
-                p = out / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            core.clear_stale(out, ("checkpoints", "metrics.jsonl", REF_CACHE))
         run_.metrics.update(train(config, out))
     return finished(out)
 
@@ -306,12 +303,9 @@ def train(cfg: Config, out: Path) -> dict:
         apply_activation_checkpointing(base)
     model.train()
     share = trainable_share(model)
-    opt = make_optimizer(model, cfg.lr, 0.0)
-    step = load_trainable_checkpoint(out / "checkpoints", model, opt)
-    metrics_path = out / "metrics.jsonl"
-    if step and metrics_path.exists():
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    opt = core.make_optimizer(model, cfg.lr, 0.0)
+    ckpts = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
+    step, _ = ckpts.load(model, opt)
     before = preference_metrics(model, val_pairs, pad_id, val_ref, cfg.loss, cfg.beta, cfg.simpo_gamma)
     console.print(f"  {len(train_pairs)} train / {len(val_pairs)} held-out pairs, loss {cfg.loss}, beta {cfg.beta}; "
                   f"held-out reward_margin before {before.get('reward_margin', float('nan')):.3f}")
@@ -324,37 +318,32 @@ def train(cfg: Config, out: Path) -> dict:
     t0 = time.time()
     last: dict[str, float] = {}
     after = before
-    with open(metrics_path, "a") as mf, progress() as bar:
+    with core.MetricsLog(out, resume_step=step) as log, core.bar_for(core.World()) as bar:
         task = bar.add_task(f"dpo ({cfg.loss})", total=cfg.max_steps, completed=step, rate="")
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = core.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
             idx = pair_indices(step)
-            lp, n = sequence_logps(model, [train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx], pad_id)
-            B = len(idx)
-            rc = torch.tensor([ref[i][0] for i in idx])
-            rr = torch.tensor([ref[i][1] for i in idx])
-            loss, st = preference_loss(cfg.loss, cfg.beta, lp[:B], lp[B:], n[:B], n[B:], rc, rr, cfg.simpo_gamma)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning rate")
-            loss.backward()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+
+            def pair_loss(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+                lp, n = sequence_logps(model, [train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx],
+                                       pad_id)
+                B = len(idx)
+                rc = torch.tensor([ref[i][0] for i in idx])
+                rr = torch.tensor([ref[i][1] for i in idx])
+                return preference_loss(cfg.loss, cfg.beta, lp[:B], lp[B:], n[:B], n[B:], rc, rr, cfg.simpo_gamma)
+
+            result = core.step(opt, model.parameters(), [idx], pair_loss, grad_clip=cfg.grad_clip, at_step=step)
+            loss_value, st = result.loss, result.stats[0]
             step += 1
             last = {"loss": loss_value, **st}
-            rec = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+            rec = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(result.grad_norm, 4),
                    **{k: round(v, 5) for k, v in st.items()}}
             if val_pairs and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 after = preference_metrics(model, val_pairs, pad_id, val_ref, cfg.loss, cfg.beta, cfg.simpo_gamma)
                 rec.update({f"val_{k}": round(v, 5) for k, v in after.items()})
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            log.log(rec)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints)
+                ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {loss_value:.3f} reward_margin {st['reward_margin']:.3f}")
     seconds = time.time() - t0
 
@@ -366,7 +355,7 @@ def train(cfg: Config, out: Path) -> dict:
     for name in TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, out / name)
-    plot_loss(metrics_path, out / "loss.png", title=f"preference loss ({cfg.loss})")
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"preference loss ({cfg.loss})")
     return {
         "mode": "lora" if cfg.lora_r else "full", **share, "preference_loss": cfg.loss, "steps": step,
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),

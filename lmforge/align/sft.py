@@ -23,14 +23,11 @@ every rank (the sharded forward is a collective) and checkpoints and the model a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,23 +35,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.align.chat_data import IGNORE, ChatTokenizer, DataStats, Example, encode_file
+from lmforge.align.chat_data import (IGNORE, Batch, ChatTokenizer, DataStats, Example, collate, encode_file,  # noqa: F401
+                                     pad_id_of)
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora,
                                 check_lora_rank, mode_line, save_adapter, trainable_share)
 from lmforge.align.qlora import model_state_bytes
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import load_model, save_model
-from lmforge.progress import console, progress, rate_text
-from lmforge.stages import begin, finished
-from lmforge.train import distributed
+from lmforge.progress import console, rate_text
+from lmforge.stages import begin
+from lmforge.train import core, distributed
 from lmforge.train.distributed import World
-from lmforge.train.loss import linear_cross_entropy
+from lmforge.train.core import checkpointing_on, peak_rss_mb
+from lmforge.train.loss import head_weight, linear_cross_entropy, logit_softcap
 from lmforge.train.plots import plot_loss
-from lmforge.train.schedule import lr_at
+from lmforge.train.core import lr_at
 
 STAGE = "sft"
 VERSION = "1"
@@ -116,22 +114,6 @@ class Config(StageConfig):
 # batches
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    labels: torch.Tensor  # [B, T], IGNORE where no loss
-    segment_ids: torch.Tensor | None  # [B, T] for packed rows (0 = padding), else None
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.labels != IGNORE).sum())
-
-
-def checkpointing_on(cfg) -> bool:
-    """Activation checkpointing as asked, else on for LoRA (sft and dpo share this rule)."""
-    return cfg.activation_checkpointing if cfg.activation_checkpointing is not None else bool(cfg.lora_r)
-
-
 def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
     """Greedy, order-keeping packing: indices of consecutive examples that fit together in ``seq_len`` tokens."""
     rows: list[list[int]] = []
@@ -145,26 +127,6 @@ def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
         rows[-1].append(i)
         used += n
     return rows
-
-
-def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool,
-            seq_len: int | None = None) -> Batch:
-    """Rows of example indices → padded tensors.  Packed rows get segment ids 1, 2, ... and 0 for padding."""
-    seqs = [[t for i in row for t in examples[i].input_ids] for row in rows]
-    T = seq_len or max(len(s) for s in seqs)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    segs = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for k, i in enumerate(row, 1):
-            ex = examples[i]
-            n = len(ex.input_ids)
-            ids[r, at:at + n] = torch.tensor(ex.input_ids)
-            labels[r, at:at + n] = torch.tensor(ex.labels)
-            segs[r, at:at + n] = k
-            at += n
-    return Batch(ids, labels, segs if packed else None)
 
 
 class BatchPlan:
@@ -224,20 +186,6 @@ def token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     return ce * (batch.labels != IGNORE)
 
 
-def logit_softcap(model: nn.Module) -> float | None:
-    """Gemma-style final logit soft-capping of a ``Llama`` (or a DDP / peft wrapper around one), else None: the
-    chunked head skips it, so such models take the full-logits path."""
-    m = getattr(model, "module", model)
-    m = m.get_base_model() if hasattr(m, "get_base_model") else m
-    return getattr(getattr(m, "config", None), "final_logit_softcapping", None)
-
-
-def head_weight(model: nn.Module) -> torch.Tensor:
-    """The output head's weight of a ``Llama`` or of a peft model around one."""
-    llama = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return llama.lm_head.weight
-
-
 def target_loss_sum(forward: nn.Module, head: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy of the target tokens, through the chunked fused head + loss (``linear_cross_entropy``):
     only target tokens meet the head and no [B, T, vocab] logits exist.  ``forward`` is the model (or its DDP
@@ -268,69 +216,6 @@ def assistant_loss(model: nn.Module, examples: list[Example], pad_id: int, batch
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# checkpoints of the trainable tensors
-
-
-def save_trainable_checkpoint(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, keep: int,
-                              world: World = World()) -> None:
-    """Write the trainable tensors, unsharded, and the optimizer state by parameter name (every rank calls it: under
-    FSDP gathering is a collective; rank 0 writes)."""
-    sd, optim_sd = distributed.full_state_dicts(model, opt, trainable_only=True)
-    if not world.is_main:
-        return
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    sd = {n: t for n, t in sd.items() if n in trainable}  # no buffers (an int8 base's weights)
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: t.contiguous() for n, t in sd.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optim_sd, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "rng_torch": torch.get_rng_state().tolist()}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
-
-
-def load_trainable_checkpoint(root: Path, model: nn.Module, opt: torch.optim.Optimizer, verbose: bool = True) -> int:
-    found = checkpoints(root)
-    if not found:
-        return 0
-    sd = load_file(str(found[-1] / "trainable.safetensors"))
-    optim_sd = torch.load(found[-1] / "optimizer.pt", weights_only=True)
-    if any(isinstance(k, int) for k in optim_sd["state"]):  # written by ``opt.state_dict()`` (before FSDP)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, t in sd.items():
-                params[name].copy_(t)
-        opt.load_state_dict(optim_sd)
-    else:
-        distributed.load_full_state_dicts(model, opt, sd, optim_sd, strict=False)
-    state = json.loads((found[-1] / "state.json").read_text())
-    torch.set_rng_state(torch.tensor(state["rng_torch"], dtype=torch.uint8))
-    if verbose:
-        console.print(f"  resumed from {found[-1]} (step {state['step']})")
-    return int(state["step"])
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     if fraction <= 0 or len(examples) < 2:
         return examples, []
@@ -338,17 +223,6 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
     n_val = max(1, int(round(len(examples) * fraction)))
     val = set(order[:n_val].tolist())
     return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
-
-
-def pad_id_of(model_dir: Path, tok: ChatTokenizer) -> int:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    for key in ("pad_token_id", "eos_token_id"):
-        v = cfg.get(key)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,39 +239,21 @@ def check_world(config: Config, world: World) -> None:
 
 
 def _plan(config: Config, out: Path, force: bool):
-    """Rank 0 decides: ``("skip", None)`` or ``("train", StageRun)`` (stale files of a fresh run removed)."""
+    """Rank 0 decides: the ``StageRun`` to train in (stale files of a fresh run removed), or None to skip."""
     inputs = {"model": config.model, "data": config.data}
     if config.val_data:
         inputs["val_data"] = config.val_data
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
-    if run_ is None:
-        return "skip", None
-    if not run_.resumable():
-        for stale in ("checkpoints", "metrics.jsonl"):
-            p = out / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    return "train", run_
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
+    if run_ is not None and run_.resumes is None:
+        core.clear_stale(out, ("checkpoints", "metrics.jsonl"))
+    return run_
 
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     """Train (or resume, or skip when up to date) into ``out_dir``; under torchrun every rank calls this."""
     out = Path(out_dir)
-    world = distributed.setup("cpu")
-    try:
-        check_world(config, world)  # every rank raises the same error, before any file is touched
-        action, run_ = _plan(config, out, force) if world.is_main else ("", None)
-        action = distributed.broadcast(action, world)
-        if action == "skip":
-            return finished(out)
-        if world.is_main:
-            with run_:
-                run_.metrics.update(train(config, out, world))
-        else:
-            train(config, out, world)
-        distributed.barrier(world)  # rank 0 has written the manifest
-        return finished(out)
-    finally:
-        distributed.teardown(world)
+    return core.run_stage(out, "cpu", lambda: _plan(config, out, force), lambda world: train(config, out, world),
+                          check=lambda world: check_world(config, world))
 
 
 def load_examples(cfg: Config, tok: ChatTokenizer,
@@ -440,19 +296,6 @@ def answer_samples(model: nn.Module, tok: ChatTokenizer, prompts: list[str], max
     return answers
 
 
-class _NoBar(contextlib.nullcontext):
-    """Stands in for the progress bar on ranks other than 0."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
-
-    def update(self, *args, **kwargs) -> None:
-        pass
-
-
 def train(cfg: Config, out: Path, world: World = World()) -> dict:
     if cfg.quantize_base != "none" and not cfg.lora_r:
         raise ValueError("quantize_base needs LoRA (--lora-r R): a quantised base cannot be fully fine-tuned")
@@ -492,20 +335,16 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     plan = BatchPlan(train_ex, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
 
-    metrics_path = out / "metrics.jsonl"
-    fresh = not checkpoints(out / "checkpoints")
-    val_before = assistant_loss(model, val_ex, pad_id) if main and val_ex and fresh else float("nan")
+    ckpts = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints, world)
+    val_before = assistant_loss(model, val_ex, pad_id) if main and val_ex and not ckpts.exists() else float("nan")
     # FSDP shards the model in place, before the optimizer exists; DDP wraps it; a single process keeps it as it is
     sharded = cfg.parallel == "fsdp" and world.distributed
     if cfg.parallel == "fsdp" and main and not world.distributed:
         console.print("  parallel=fsdp in a single process: training unsharded")
     ddp = distributed.parallelize(model, world, cfg.parallel, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = core.make_optimizer(model, cfg.lr, cfg.weight_decay)
     head = None if sharded else head_weight(model)  # under FSDP the head is a shard: the loss uses full logits
-    step = load_trainable_checkpoint(out / "checkpoints", model, opt, verbose=main)
-    if main and step and metrics_path.exists():
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    step, _ = ckpts.load(model, opt)
     if main:
         console.print(f"  {len(train_ex)} train / {len(val_ex)} held-out conversations; "
                       f"{share['trainable_params'] / 1e6:.3f}M of {share['total_params'] / 1e6:.2f}M parameters trained "
@@ -515,37 +354,28 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
 
     val_loss, last_loss, tokens_seen, targets_seen = val_before, float("nan"), 0, 0
     t_start = time.time()
-    with (open(metrics_path, "a") if main else contextlib.nullcontext()) as mf, \
-            (progress() if main else _NoBar()) as bar:
+    with core.MetricsLog(out, world, resume_step=step) as log, core.bar_for(world) as bar:
         task = bar.add_task("sft", total=cfg.max_steps, completed=step, rate="")
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = core.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
             batches = [plan.batch(step * cfg.grad_accum + m, pad_id) for m in range(cfg.grad_accum)]
             # every rank holds the whole global batch, so this is the global count of target tokens of the step
             n_targets = max(1, sum(b.n_targets for b in batches))
-            loss_sum = 0.0
-            for m, batch in enumerate(batches):  # mean over every target token of the step, wherever they fall
+            for batch in batches:
                 tokens_seen += int((batch.input_ids != pad_id).sum()) if batch.segment_ids is None \
                     else int((batch.segment_ids > 0).sum())
+
+            def micro_loss(batch: Batch) -> torch.Tensor:  # mean over every target token of the step
                 mine = shard_batch(batch, world)
-                last_micro = m == len(batches) - 1
-                with distributed.no_grad_sync(ddp, skip=not last_micro):
-                    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                        # x world size: DDP and FSDP average the ranks' gradients, the sum is wanted
-                        summed = token_losses(ddp, mine).sum() if sharded else target_loss_sum(ddp, head, mine)
-                        loss = summed / n_targets * world.world_size
-                    loss.backward()
-                loss_sum += float(loss.detach())
-            loss_sum = distributed.mean_over_ranks(loss_sum, world)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    # x world size: DDP and FSDP average the ranks' gradients, the sum is wanted
+                    summed = token_losses(ddp, mine).sum() if sharded else target_loss_sum(ddp, head, mine)
+                    return summed / n_targets * world.world_size
+
+            result = core.step(opt, model.parameters(), batches, micro_loss, grad_clip=cfg.grad_clip, at_step=step,
+                               world=world, ddp=ddp, hint=f"lower the learning rate (lr={cfg.lr})")
+            loss_sum, grad_norm = result.loss, result.grad_norm
             targets_seen += n_targets
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate (lr={cfg.lr})")
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             last_loss = loss_sum
             elapsed = time.time() - t_start
@@ -555,11 +385,9 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             if (main or sharded) and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = assistant_loss(model, val_ex, pad_id, fused=not sharded)
                 rec["val_loss"] = round(val_loss, 5)
-            if main:
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
+            log.log(rec)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_trainable_checkpoint(out / "checkpoints", step, model, opt, cfg.keep_checkpoints, world)
+                ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
     seconds = time.time() - t_start
 
@@ -582,7 +410,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     for name in TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, out / name)
-    plot_loss(metrics_path, out / "loss.png", title="SFT" + (f" (LoRA r={cfg.lora_r})" if cfg.lora_r else ""))
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title="SFT" + (f" (LoRA r={cfg.lora_r})" if cfg.lora_r else ""))
     return {
         "mode": "lora" if cfg.lora_r else "full",
         "activation_checkpointing": checkpointing_on(cfg),

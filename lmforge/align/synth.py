@@ -443,10 +443,10 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     out = Path(out_dir)
     inputs = {k: v for k, v in (("seeds", config.seeds), ("data", config.data), ("tools", config.tools))
               if v is not None}
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
     if run_ is None:
         return finished(out)
-    resume = run_.resumable()
+    resume = run_.resumes is not None
     with run_:
         if not resume:
             for stale in ("synth.jsonl", "rejected.jsonl", "stats.json"):

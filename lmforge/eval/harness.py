@@ -207,12 +207,22 @@ def _mc(lm: LM, task: Task) -> tuple[list[dict], dict[str, Any]]:
 
 def _gen(lm: LM, task: Task) -> tuple[list[dict], dict[str, Any]]:
     spec = task.spec
-    records, per_item = [], {m: [] for m in M.GENERATION_METRICS}
+    records, per_item = [], {m: [] for m in M.GENERATION_METRICS} if not spec.reward else {}
+    reward = None
     for i, item in enumerate(task.items):
         ctx = _context(lm, task, i)
         if not spec.chat:
             ctx += spec.target_delimiter.rstrip(" ")  # "Answer:" + " " would leave a dangling space token
         pred = lm.generate(ctx, spec.max_new_tokens, spec.stop).strip()
+        if spec.reward:  # a verifiable task: the reward over the item's fields is the score
+            if reward is None:
+                from lmforge.rl.rewards import Reward
+
+                reward = Reward.from_spec(spec.reward)
+            scored = reward.score(task.render(item), pred, item)
+            records.append({"prediction": pred, "reward": scored.total, "parts": scored.parts})
+            per_item.setdefault("reward", []).append(scored.total)
+            continue
         refs = task.answers(item)
         rec: dict[str, Any] = {"prediction": pred, "references": refs}
         for m, fn in M.GENERATION_METRICS.items():

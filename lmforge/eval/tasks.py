@@ -7,7 +7,8 @@ data: cloze_henry_v.jsonl      # relative to this YAML file
 prompt: "{{context}}"          # Jinja2 over the item's fields (the same syntax lm-evaluation-harness uses)
 choices_field: choices         # multiple_choice: a list of strings
 answer_field: answer           # multiple_choice: index of the right choice; generation: a string or list of strings
-metric: acc                    # acc | acc_norm | exact_match | f1 | contains | bpb
+metric: acc                    # acc | acc_norm | exact_match | f1 | contains | reward | bpb
+reward: numeric_match          # generation with metric reward: a reward spec (lmforge.rl.rewards) over the item's fields
 num_fewshot: 0
 fewshot_seed: 1234
 fewshot_sampler: per_item      # per_item | lm_eval | first_n (see Task.fewshot)
@@ -35,7 +36,7 @@ from lmforge.config import ConfigError, StageConfig, read_yaml, validate
 TaskType = Literal["multiple_choice", "generation", "perplexity"]
 METRICS_BY_TYPE = {
     "multiple_choice": ("acc", "acc_norm"),
-    "generation": ("exact_match", "f1", "contains"),
+    "generation": ("exact_match", "f1", "contains", "reward"),
     "perplexity": ("bpb",),
 }
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -67,6 +68,8 @@ class TaskSpec(StageConfig):
     max_new_tokens: int = Field(32, ge=1)
     chat: bool = Field(False, description="Render prompts (and few-shot turns) through the model's chat template.")
     limit: int | None = Field(None, ge=1, description="Score only the first N items.")
+    reward: str = Field("", description="generation, metric reward: the reward spec scoring each answer against the "
+                                        "item's fields (lmforge.rl.rewards: the same verifiers GRPO trains on).")
 
     @model_validator(mode="after")
     def _check_metric(self) -> "TaskSpec":
@@ -75,6 +78,11 @@ class TaskSpec(StageConfig):
             self.metric = allowed[0]
         if self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} is not one of {list(allowed)} for type {self.type}")
+        if (self.metric == "reward") != bool(self.reward):
+            raise ValueError("metric reward needs a reward spec (reward: NAME), and a reward spec needs metric reward")
+        if self.reward and self.num_fewshot:
+            raise ValueError("metric reward scores verifiable answers: num_fewshot must be 0 (items have no answer "
+                             "text to show)")
         return self
 
 
@@ -155,6 +163,12 @@ def _check_item(spec: TaskSpec, item: Any, where: str) -> None:
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise ConfigError(f"{where}: field {spec.answer_field!r}: expected an index into {spec.choices_field} "
                               f"(0..{len(choices) - 1}), got {answer!r}")
+    elif spec.reward:
+        from lmforge.rl.rewards import parse_spec, required_fields
+
+        for name, who in required_fields(parse_spec(spec.reward)).items():
+            if name not in item:
+                raise ConfigError(f"{where}: field {name!r}: missing (the reward {who} reads it)")
     elif not (isinstance(answer, str) or (isinstance(answer, list) and answer and
                                           all(isinstance(a, str) for a in answer))):
         raise ConfigError(f"{where}: field {spec.answer_field!r}: expected a string or a list of strings")

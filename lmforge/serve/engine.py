@@ -336,6 +336,74 @@ class Engine:
         return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
                                 lps if params is not None and params.logprobs is not None else None)
 
+    def generate_batch(self, prompts: list[str | list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
+        """All ``prompts`` at once (continuous batching, shared prefixes cached), driven on the calling thread until
+        every one has finished; results in prompt order.  For offline callers (best-of-n sampling, RL rollouts)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        q: queue.Queue[GenerationOutput] = queue.Queue()
+        first: dict[tuple, int] = {}  # one request per distinct prompt goes first; its copies join once it is cached
+        for i, p in enumerate(prompts):
+            first.setdefault(tuple(self.encode(p) if isinstance(p, str) else p), i)
+        ids: list[str | None] = [None] * len(prompts)
+        for i in first.values():
+            ids[i] = self.add_request(prompts[i], plist[i], q.put, start_worker=False)
+        if len(first) < len(prompts) and self.enable_prefix_caching:
+            with self._lock:
+                mine = self._claim()
+            if mine:
+                try:
+                    while self.num_waiting:  # prefill the distinct prompts: their copies then reuse the cache
+                        self._step_or_fail()
+                finally:
+                    with self._lock:
+                        self._release(hand_off=False)
+        for i, p in enumerate(prompts):
+            if ids[i] is None:
+                ids[i] = self.add_request(p, plist[i], q.put, start_worker=False)
+        parts: dict[str, list[GenerationOutput]] = {rid: [] for rid in ids}
+        left = len(ids)
+        try:
+            while left:
+                out = self._next_output(q)
+                parts[out.request_id].append(out)
+                if out.finished:
+                    left -= 1
+                    if out.error is not None:
+                        raise EngineError(out.error)
+        finally:
+            if left:
+                for rid in ids:
+                    self.abort(rid)
+        results = []
+        for rid, sp in zip(ids, plist):
+            outs = parts[rid]
+            results.append(GenerationResult(
+                "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs[-1].finish_reason,
+                outs[-1].prompt_tokens, outs[-1].completion_tokens,
+                [lp for o in outs for lp in (o.logprobs or [])] if sp is not None and sp.logprobs is not None else None))
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (call it after the weights change: cached keys/values are stale) and return the
+        free slots to their initial order, so the next batch runs as on a fresh engine."""
+        with self._lock:
+            if self._running or self._waiting:
+                raise RuntimeError("reset_prefix_cache() needs an idle engine")
+            self._slot_tokens = [[] for _ in range(self.max_num_seqs)]
+            self._free_slots = list(range(self.max_num_seqs))
+
+    def load_weights(self, model: Llama) -> None:
+        """Copy ``model``'s weights into the serving weights in place (no reload from disk, same dtype /
+        quantisation), then reset the prefix cache.  ``model`` must have this engine's architecture."""
+        fresh = ModelRunner(model, self.runner.dtype, self.runner.quantize)
+        with torch.no_grad():
+            for dst, src in zip(self.runner.tensors(), fresh.tensors(), strict=True):
+                dst.copy_(src)
+        self.reset_prefix_cache()
+
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running)

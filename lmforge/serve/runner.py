@@ -131,6 +131,17 @@ class ModelRunner:
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
             self.rope[kind] = cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor of the prepared model, in a fixed order (``Engine.load_weights`` copies them in place)."""
+        def lin(m: _Linear) -> list[torch.Tensor]:
+            return [t for t in (m.weight, getattr(m, "q", None), getattr(m, "scale", None), m.bias) if t is not None]
+
+        out = [self.embed]
+        for L in self.layers:
+            out += [L.ln1, L.ln2, *lin(L.qkv), *lin(L.o), *lin(L.gate_up), *lin(L.down)]
+            out += [t for t in (L.q_norm, L.k_norm, L.post_ffn, L.pre_ffn) if t is not None]
+        return out + [self.norm, *lin(self.lm_head)]
+
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len, dtype=self.dtype, device=self.device)
 

@@ -125,3 +125,17 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         else:
             parts.append(_chunk_log_probs(hidden[rows], weight, targets[rows]))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    """Gemma-style final logit soft-capping of a ``Llama`` (or a DDP / peft wrapper around one), else None: the
+    chunked head skips it, so such models take the full-logits path."""
+    m = getattr(model, "module", model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    return getattr(getattr(m, "config", None), "final_logit_softcapping", None)
+
+
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output head's weight of a ``Llama`` or of a peft model around one."""
+    llama = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return llama.lm_head.weight

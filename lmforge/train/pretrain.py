@@ -21,8 +21,6 @@ recomputes each decoder layer in the backward pass (applied from outside the mod
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import shutil
@@ -37,10 +35,10 @@ from lmforge.artifacts import Manifest
 from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import save_model
 from lmforge.model.llama import Llama, LlamaConfig
-from lmforge.progress import console, progress, rate_text
-from lmforge.stages import begin, finished, overwrite_is_allowed
+from lmforge.progress import console, rate_text
+from lmforge.stages import begin, overwrite_is_allowed
 from lmforge.tokenizer.shards import eval_windows, load_sources, load_split, read_index
-from lmforge.train import distributed
+from lmforge.train import core, distributed
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.batches import mixture_weights_at, sample_batch, sample_mixture_batch
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -120,13 +118,8 @@ def model_config(cfg: Config, vocab_size: int, eos_id: int) -> LlamaConfig:
 
 
 def make_optimizer(model: Llama, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (2-D weights) and none on norms and biases."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel (CPU and CUDA) updates each tensor in one pass instead of a dozen elementwise kernels; it is
-    # deterministic, so bit-exact resume holds (tested)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+    """AdamW with weight decay on matrices (2-D weights) and none on norms and biases (``core.make_optimizer``)."""
+    return core.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
 
 
 @torch.no_grad()
@@ -180,92 +173,23 @@ def _plan(config: Config, out: Path, force: bool) -> tuple[str, Any]:
             resume = True
     run_.resumes = prev.run_id if resume and prev is not None and prev.status != "done" else None
     if not resume:  # a fresh run starts from an empty folder
-        for stale in ("checkpoints", "metrics.jsonl", "tensorboard"):
-            p = out / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        core.clear_stale(out)
     return "train", (run_, resume)
+
+
+def _plan_or_skip(config: Config, out: Path, force: bool):
+    """``_plan`` for ``core.run_stage``: the ``StageRun`` to record, None to skip; a refusal raises ``ConfigError``."""
+    action, detail = _plan(config, out, force)
+    if action == "error":
+        raise ConfigError(detail)
+    return detail[0] if action == "train" else None
 
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     """Train (or resume, or skip when up to date) into ``out_dir``; under torchrun every rank calls this."""
     out = Path(out_dir)
-    world = distributed.setup(config.device)
-    try:
-        action, detail = _plan(config, out, force) if world.is_main else ("", None)
-        action, message = distributed.broadcast((action, detail if action == "error" else None), world)
-        if action == "skip":
-            return finished(out)
-        if action == "error":
-            raise ConfigError(message)
-        if world.is_main:
-            run_, _ = detail
-            with run_:
-                run_.metrics.update(train(config, out, world))
-        else:
-            train(config, out, world)
-        distributed.barrier(world)  # rank 0 has written the manifest
-        return finished(out)
-    finally:
-        distributed.teardown(world)
-
-
-class _NoBar(contextlib.nullcontext):
-    """Stands in for the progress bar on ranks other than 0."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def _step_of(line: str) -> float:
-    """The step of a ``metrics.jsonl`` line; a line cut short by a kill counts as after any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-class _Logger:
-    """``metrics.jsonl`` + TensorBoard on rank 0; nothing on other ranks."""
-
-    def __init__(self, out: Path, world: World, tensorboard: bool, resume_step: int) -> None:
-        self.path = out / "metrics.jsonl"
-        self.file = None
-        self.tb = None
-        if not world.is_main:
-            return
-        if resume_step and self.path.exists():  # drop records logged after the checkpoint: they are logged again
-            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        self.file = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                console.print("[yellow]  tensorboard is not installed: no event files[/]")
-            else:
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-
-    def log(self, rec: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, rec["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+    return core.run_stage(out, config.device, lambda: _plan_or_skip(config, out, force),
+                          lambda world: train(config, out, world))
 
 
 def train(cfg: Config, out: Path, world: World = World()) -> dict:
@@ -360,34 +284,28 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     val_loss = float("nan")
     t_start = time.time()
     tokens_seen = 0
-    logger = _Logger(out, world, cfg.tensorboard and world.is_main, step)
+    logger = core.MetricsLog(out, world, cfg.tensorboard and world.is_main, step)
+
+    def micro_step_loss(micro: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # W processes train on the rows that one process with grad_accum=W puts in each micro-batch, so the two are
+        # bit-identical for power-of-two W (the 1/W and 1/A scalings are exact)
+        m, xs, ys = micro
+        x, y = (distributed.micro_rows(t, world, m, cfg.grad_accum).to(device) for t in (xs, ys))
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            loss = micro_loss(x, y)
+        return loss / cfg.grad_accum
+
     try:
-        with (progress() if world.is_main else _NoBar()) as bar:
+        with core.bar_for(world) as bar:
             task = bar.add_task("pretraining", total=cfg.max_steps, completed=step, rate="")
             while step < cfg.max_steps:
-                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
-                           cfg.decay_fraction)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss_sum = 0.0
+                lr = core.set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
+                                            cfg.schedule, cfg.decay_fraction))
                 xs, ys = step_batch(step)
-                for micro in range(cfg.grad_accum):
-                    # W processes train on the rows that one process with grad_accum=W puts in each micro-batch, so
-                    # the two are bit-identical for power-of-two W (the 1/W and 1/A scalings are exact)
-                    x, y = (distributed.micro_rows(t, world, micro, cfg.grad_accum).to(device) for t in (xs, ys))
-                    last_micro = micro == cfg.grad_accum - 1
-                    with distributed.no_grad_sync(ddp, skip=not last_micro):
-                        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                            loss = micro_loss(x, y)
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach().item() / cfg.grad_accum
-                loss_sum = distributed.mean_over_ranks(loss_sum, world)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the learning rate "
-                                             f"(lr={cfg.lr}) or check the data")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                result = core.step(opt, model.parameters(), [(m, xs, ys) for m in range(cfg.grad_accum)],
+                                   micro_step_loss, grad_clip=cfg.grad_clip, at_step=step, world=world, ddp=ddp,
+                                   hint=f"lower the learning rate (lr={cfg.lr}) or check the data")
+                loss_sum, grad_norm = result.loss, result.grad_norm
                 step += 1
                 tokens_seen += tokens_per_step
                 last_loss = loss_sum

@@ -1,0 +1,40 @@
+"""Engine.generate_batch (offline batches with shared prompts) and Engine.load_weights (in-place weight updates)."""
+
+import pytest
+import torch
+
+from lmforge.model.hf import load_model
+from lmforge.serve.engine import Engine, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_generate_batch_matches_one_by_one_and_shares_prompts(tiny_model_dir):
+    eng = Engine.from_folder(tiny_model_dir, max_num_seqs=8, max_model_len=128)
+    p1 = eng.encode_chat([{"role": "user", "content": "What is a list in Python?"}])
+    p2 = eng.encode_chat([{"role": "user", "content": "How are you today?"}])
+    prompts = [p1] * 4 + [p2] * 4
+    params = [SamplingParams(max_tokens=6, seed=i) for i in range(8)]
+    batch = eng.generate_batch(prompts, params)
+    assert eng.prefix_cache_hits >= 3 * (len(p1) - 1) + 3 * (len(p2) - 1)  # copies reuse the first's cache
+    for p, sp, got in zip(prompts, params, batch):
+        one = Engine.from_folder(tiny_model_dir, max_num_seqs=1, max_model_len=128).generate_text(p, sp)
+        assert got.token_ids == one.token_ids and got.text == one.text
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+        eng.generate_batch([p1, p2], [params[0]])
+
+
+def test_load_weights_updates_serving_weights_in_place(tiny_model_dir):
+    eng = Engine.from_folder(tiny_model_dir, max_num_seqs=2, max_model_len=64)
+    before = [t.data_ptr() for t in eng.runner.tensors()]
+    other = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    want = other(ids)[0, -1]
+    eng.load_weights(other)
+    assert [t.data_ptr() for t in eng.runner.tensors()] == before  # the same tensors, new values
+    got = eng.runner.forward(ids, torch.arange(5)[None], eng.cache, torch.tensor([0]))[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert eng._slot_tokens == [[], []]  # stale cached prefixes are forgotten
