@@ -106,7 +106,8 @@ class ChatServing:
                     reason = "tool_calls"
             choices.append(ChatCompletionChoice(index=i, message=message, finish_reason=reason,
                                                 logprobs=ctx.chat_logprobs(lps[i] if req.logprobs else None)))
-        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
+                          speculative=fan.speculative_usage())
         return ChatCompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
 
     async def _events(self, req: ChatCompletionRequest, fan, rid: str, created: int, n_prompt: int,
@@ -142,7 +143,7 @@ class ChatServing:
                                                         logprobs=logprobs)])
         if req.include_usage:
             yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
-                                      total_tokens=n_prompt + completion))
+                                      total_tokens=n_prompt + completion, speculative=fan.speculative_usage()))
 
 
 def _delta(ev: ParseEvent) -> DeltaMessage:

@@ -61,7 +61,8 @@ class CompletionServing:
                                                       logprobs=lp)])
                 if req.include_usage:
                     yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
-                                              total_tokens=n_prompt + completion))
+                                              total_tokens=n_prompt + completion,
+                                              speculative=fan.speculative_usage()))
 
             return streaming(events(), fan)
 
@@ -72,7 +73,8 @@ class CompletionServing:
                                         lps[i] if req.logprobs is not None else None,
                                         len(prompt_texts[i // req.n]) if req.echo else 0))
                    for i in range(total)]
-        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
+                          speculative=fan.speculative_usage())
         return CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
 
 
