@@ -301,3 +301,42 @@ def test_usage_extras_and_metrics_through_the_openai_client(models):
     assert _metric(text, "vllm:spec_decode_num_draft_tokens_total") == eng.spec_draft_tokens > 0
     assert _metric(text, "vllm:spec_decode_num_accepted_tokens_total") == eng.spec_accepted_tokens > 0
     assert _metric(text, "lmforge:spec_decode_request_acceptance_rate_count") == 4
+
+
+# -- lmforge serve flags ----------------------------------------------------------------------------------------------
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "lmforge.cli", *args]
+
+
+def test_serve_cli_speculative_flags(models, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    target, draft = models
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    bad = subprocess.run(_cli("serve", str(target), "--speculative", "draft"), capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "needs a draft model" in bad.stderr and "Traceback" not in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(_cli("serve", str(target), "--port", str(port), "--speculative", "draft", "--draft-model",
+                                 str(draft), "--num-draft-tokens", "3", "--prefill-chunk-size", "32"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        banner = proc.stdout.readline()
+        assert "speculative draft" in banner and "3 drafts" in banner, banner
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        from tokenizers import Tokenizer
+
+        eos = Tokenizer.from_file(str(target / "tokenizer.json")).token_to_id("<|endoftext|>")
+        resp = client.completions.create(model="target", prompt=PROMPTS[0], max_tokens=20, temperature=0.0,
+                                         logit_bias={str(eos): -100})
+        spec = resp.usage.model_extra["speculative"]
+        assert spec["method"] == "draft" and spec["draft_tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(60)
