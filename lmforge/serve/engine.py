@@ -320,7 +320,8 @@ class Engine:
             stops=StopStringMatcher(params.stop), arrival=time.perf_counter())
         if self.proposer is not None:
             note = speculation_blocker(params)
-            seq.spec = SpecStats(self.proposer.method, enabled=note is None, note=note)
+            seq.spec = SpecStats(self.proposer.method, enabled=note is None, note=note,
+                                 k=self.speculative.num_draft_tokens)
         with self._lock:
             if rid in self._by_id:
                 raise ValueError(f"request id {rid!r} is already in use")
@@ -575,6 +576,7 @@ class Engine:
             s.num_cached += 1 + accepted  # the last token and the accepted drafts; the rest is overwritten later
             s.spec.draft_tokens += len(d)
             s.spec.accepted_tokens += accepted
+            s.spec.adapt(len(d), accepted, self.speculative.num_draft_tokens)
             self.spec_draft_tokens += len(d)
             self.spec_accepted_tokens += accepted
             self.metrics.on_speculation(len(d), accepted, len(outs[i]))
@@ -590,13 +592,12 @@ class Engine:
         none: tuple[list[list[int]], list] = [[] for _ in seqs], [None] * len(seqs)
         if self.proposer is None:
             return none
-        k = self.speculative.num_draft_tokens
         pick = [i for i, s in enumerate(seqs) if s.spec is not None and s.spec.enabled
                 and s.max_tokens - len(s.output_ids) > 1]
         if not pick:
             return none
         # at most the tokens the request may still produce, less the one the target adds
-        ks = [min(k, seqs[i].max_tokens - len(seqs[i].output_ids) - 1) for i in pick]
+        ks = [min(seqs[i].spec.k, seqs[i].max_tokens - len(seqs[i].output_ids) - 1) for i in pick]
         got, qs = self.proposer.propose([seqs[i].prompt_ids + seqs[i].output_ids for i in pick], ks,
                                         [seqs[i].sampler for i in pick], [seqs[i].spec for i in pick],
                                         [seqs[i].slot for i in pick])

@@ -86,6 +86,13 @@ class SpecStats:
     decode_tokens: int = 0  # tokens those passes produced
     decode_seconds: float = 0.0  # wall time of the steps this request took part in
     draft_cached: int = 0  # draft-model mode: tokens whose keys/values are in the draft cache
+    k: int = 0  # drafts to ask for next step (adapted to how many were accepted)
+
+    def adapt(self, drafted: int, accepted: int, k_max: int) -> None:
+        """Hugging Face's heuristic schedule: two more drafts after a step that kept all, one fewer after one that
+        did not (at least one), so requests whose drafts keep failing spend little compute verifying them."""
+        if drafted:
+            self.k = min(k_max, self.k + 2) if accepted == drafted else max(1, self.k - 1)
 
     def as_dict(self, plain_step_s: float | None = None) -> dict:
         out: dict = {"method": self.method, "enabled": self.enabled}
