@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--ttft-tokens", type=int, default=1000)
     ap.add_argument("--skip-rag", action="store_true")
+    ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--index", default="/tmp/lmforge-kb-index")
     ap.add_argument("--gguf-work", default="/tmp/gguf-bench")
     args = ap.parse_args()
@@ -174,6 +175,9 @@ def main() -> None:
         plain.shutdown()
         spec.shutdown()
 
+    if args.skip_ttft:
+        print(f"\nload after: {load()}")
+        return
     text = "\n\n".join(c.text for c in kb.chunks[:60])  # the knowledge base's own text
     ids = probe.encode(text, add_special_tokens=False)[:args.ttft_tokens]
     print(f"\n## TTFT of a {len(ids)}-token prompt (best of {args.repeat}, prefix caching off, {args.threads} "

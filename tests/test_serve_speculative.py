@@ -78,7 +78,7 @@ def _spec(request: list, key: str):
 def test_propose_ngram_takes_the_latest_longest_match():
     assert propose_ngram([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # bigram [1, 2]: its latest earlier occurrence
     assert propose_ngram([5, 6, 7, 8, 9, 6, 7], 3) == [8, 9, 6]
-    assert propose_ngram([7, 1, 9, 2, 1], 2, ngram_max=1) == [9, 2]
+    assert propose_ngram([7, 1, 9, 2, 1], 2, ngram_max=1) == [9, 2]  # unigrams only when asked
     assert propose_ngram([1, 2, 1, 2], 4) == [1, 2, 1, 2]  # a repeating stretch goes on repeating
     assert propose_ngram([1, 2, 3], 2) == [] and propose_ngram([4], 3) == []
 

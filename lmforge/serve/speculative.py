@@ -58,7 +58,7 @@ class SpeculativeConfig:
     num_draft_tokens: int = 4
     draft_model: str | None = None
     ngram_max: int = 3
-    ngram_min: int = 1
+    ngram_min: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
