@@ -577,11 +577,28 @@ def serve_cmd(
                                                            "repeatable."),
     persona_state: Optional[Path] = typer.Option(None, help="Folder for the personas' memory and tool data "
                                                             "\\[default: $LMFORGE_HOME/personas]."),
+    prefill_chunk_size: int = typer.Option(512, help="Prompt tokens per engine step: long prompts are prefilled in "
+                                                     "chunks, so running streams wait at most one chunk."),
+    speculative: Optional[str] = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) | draft "
+                                                         "(--draft-model)."),
+    draft_model: Optional[Path] = typer.Option(None, help="Draft model folder (same tokenizer, smaller)."),
+    num_draft_tokens: int = typer.Option(4, help="Draft tokens per step with --speculative."),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (chat, completions, embeddings, models, /metrics)."""
     from lmforge.serve.api import ServeStartError, serve
+    from lmforge.serve.speculative import SpeculativeConfig
     from lmforge.serve.vllm_backend import VLLMNotInstalledError
 
+    spec = None
+    try:
+        if speculative is not None or draft_model is not None:
+            spec = SpeculativeConfig(speculative or "draft", num_draft_tokens=num_draft_tokens,
+                                     draft_model=str(draft_model) if draft_model else None)
+        if prefill_chunk_size < 1:
+            raise ValueError(f"--prefill-chunk-size must be >= 1, got {prefill_chunk_size}")
+    except ValueError as err:
+        console.print(f"[red]error: {err}[/]", highlight=False)
+        raise typer.Exit(2) from None
     try:
         serve(str(model), host=host, port=port, model_name=model_name, max_num_seqs=max_num_seqs,
               max_model_len=max_model_len, dtype=dtype, quantize=quantize, api_key=api_key,
@@ -591,7 +608,8 @@ def serve_cmd(
               enable_prefix_caching=not no_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
               record=record,
               personas=[str(p) for p in persona or []] or None,
-              persona_state=str(persona_state) if persona_state else None)
+              persona_state=str(persona_state) if persona_state else None,
+              prefill_chunk_size=prefill_chunk_size, speculative=spec)
     except VLLMNotInstalledError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

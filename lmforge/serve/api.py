@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from lmforge.serve.engine import Engine
 from lmforge.serve.openai import APIError, add_chat_hook, create_app, error_response
+from lmforge.serve.speculative import SpeculativeConfig
 
 __all__ = ["APIError", "ServeStartError", "add_chat_hook", "create_app", "error_response", "serve"]
 
@@ -70,6 +71,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           max_body_bytes: int = 1 << 20, engine_kind: str = "lmforge", rag_index: str | None = None,
           rag_system_prompt: str | None = None, rag_rerank: bool = False, enable_prefix_caching: bool = True,
           max_num_batched_tokens: int | None = None, record: bool = False,
+          prefill_chunk_size: int | None = 512, speculative: "SpeculativeConfig | None" = None,
           announce: Callable[..., None] = print,
           personas: list[str] | None = None, persona_state: str | None = None) -> None:
     """Load ``model_dir`` (a model folder, or a Llama ``.gguf`` file, converted once into ``$LMFORGE_HOME/models``)
@@ -77,8 +79,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     ``engine_kind="vllm"`` hands the folder to vLLM's own OpenAI server instead (GPU machines with vLLM installed).
 
     Raises ``ServeStartError`` when the server cannot start (port in use, bad host, model folder missing or
-    unreadable, HTTP server failing to start).  On SIGTERM or Ctrl-C, requests still generating end with
-    ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function returns normally.
+    unreadable, HTTP server failing to start; a draft model that cannot be used).  ``speculative``: speculative
+    decoding for every request that can take it (``lmforge.serve.speculative``).  On SIGTERM or Ctrl-C, requests
+    still generating end with ``finish_reason="abort"`` (streams get that last chunk and ``[DONE]``) and the function
+    returns normally.
 
     ``record``: a recorded ``serve`` run (registry + ``$LMFORGE_HOME/serve/NAME-RUNID/``, its input the model, so
     lineage runs from an answer back to the model's data) that stores every answer in ``$LMFORGE_HOME/feedback.sqlite``
@@ -115,7 +119,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
                 raise ServeStartError(str(err)) from None
         engine = load_engine(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype,
                               quantize=quantize, enable_prefix_caching=enable_prefix_caching,
-                              max_num_batched_tokens=max_num_batched_tokens)
+                              max_num_batched_tokens=max_num_batched_tokens,
+                              prefill_chunk_size=prefill_chunk_size, speculative=speculative)
         run_, recorder = (_recording(model_dir, name, dict(dtype=dtype, quantize=quantize, max_model_len=max_model_len,
                                                            max_num_seqs=max_num_seqs))
                           if record else (None, None))
@@ -164,6 +169,14 @@ def _recording(model_dir: str | os.PathLike, name: str, options: dict):
     return run_, recorder
 
 
+def _spec_line(engine: Engine) -> str:
+    spec = engine.speculative
+    if spec is None:
+        return ""
+    draft = f" ({spec.draft_model})" if spec.draft_model else ""
+    return f" · speculative {spec.method}{draft}, {spec.num_draft_tokens} drafts"
+
+
 def _run(app: FastAPI, engine: Engine, sock, host: str, port: int, name: str, log_level: str,
          announce: Callable[..., None]) -> None:
     import uvicorn
@@ -193,6 +206,7 @@ def _run(app: FastAPI, engine: Engine, sock, host: str, port: int, name: str, lo
     exact = engine.dtype == "float32"
     announce(f"lmforge serve: {name} on http://{host}:{port}/v1 · dtype {engine.dtype}"
              f"{' · ' + engine.quantize + ' weights' if engine.quantize else ''} · prefix caching {prefix}"
+             f"{_spec_line(engine)}"
              f"{'' if exact else ' · seeded outputs may vary with batching and prefix caching (docs/serving.md)'}",
              flush=True)
     try:

@@ -56,6 +56,8 @@ from lmforge.model.llama import KVCache, Llama
 from lmforge.serve.detokenize import IncrementalDetokenizer, StopStringMatcher
 from lmforge.serve.runner import ModelRunner
 from lmforge.serve.sampling import LogitsProcessor, Sampled, SamplerState, SamplingParams, sample
+from lmforge.serve.speculative import (DraftModelProposer, NgramProposer, SpecStats, SpeculativeConfig,
+                                       load_draft_model, speculation_blocker, verify)
 from lmforge.tokenizer.bpe import CHAT_TEMPLATE, load_tokenizer
 
 __all__ = ["Engine", "SamplingParams", "LogitsProcessor", "GenerationOutput", "GenerationResult",
@@ -92,6 +94,7 @@ class GenerationOutput:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[Sampled] | None = None  # one per token of ``token_ids`` when the request asked for logprobs
+    speculative: dict | None = None  # on the last output, with speculation configured: SpecStats.as_dict()
 
 
 @dataclass
@@ -102,6 +105,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[Sampled] | None = None
+    speculative: dict | None = None
 
 
 class EngineMetrics:
@@ -116,6 +120,10 @@ class EngineMetrics:
     def on_finish(self, seq_prompt_tokens: int, completion_tokens: int, reason: str, e2e_seconds: float) -> None: ...
 
     def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+
+    def on_speculation(self, draft_tokens: int, accepted_tokens: int, emitted_tokens: int) -> None: ...
+
+    def on_speculative_request(self, stats: dict) -> None: ...
 
 
 Sink = Callable[[GenerationOutput], None]
@@ -141,6 +149,11 @@ class _Sequence:
     num_cached: int = 0  # tokens whose keys/values are in the cache
     aborted: bool = False
     finished: bool = False
+    spec: SpecStats | None = None  # with speculation configured; spec.enabled false: this request runs without
+
+    @property
+    def prefilled(self) -> bool:
+        return bool(self.output_ids)
 
 
 class Engine:
@@ -150,7 +163,8 @@ class Engine:
                  max_num_seqs: int = 4, max_model_len: int | None = None,
                  generation_config: dict | None = None, dtype: str = "float32", quantize: str | None = None,
                  max_prefill_tokens: int = 4096, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, metrics: EngineMetrics | None = None) -> None:
+                 enable_prefix_caching: bool = True, metrics: EngineMetrics | None = None,
+                 prefill_chunk_size: int | None = 512, speculative: SpeculativeConfig | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer_config = tokenizer_config or {}
@@ -163,11 +177,25 @@ class Engine:
         # tokens per step (decode + prompt); a prompt longer than it still runs once the batch has drained
         self.max_num_batched_tokens = max_num_batched_tokens or self.max_prefill_tokens + max_num_seqs
         self.enable_prefix_caching = enable_prefix_caching
+        if prefill_chunk_size is not None and prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        # prompt tokens per step: a long prompt is prefilled over several steps, so running streams wait at most one
+        # chunk between tokens (None: a whole prompt in one step)
+        self.prefill_chunk_size = prefill_chunk_size or self.max_prefill_tokens
         self.runner = ModelRunner(model, dtype, quantize)
         self.device = self.runner.device
         self.cache: KVCache = self.runner.allocate_cache(max_num_seqs, self.max_model_len)
         self.vocab_size = cfg.vocab_size
         self.metrics = metrics or EngineMetrics()
+        self.speculative = speculative
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        if speculative is not None and speculative.method == "draft":
+            self.proposer = load_draft_model(speculative.draft_model, tokenizer, cfg, max_num_seqs, self.max_model_len,
+                                             dtype, quantize)
+        elif speculative is not None:
+            self.proposer = NgramProposer(speculative)
+        self.plain_step_s: float | None = None  # recent wall time of a one-token decode step (speed-up estimates)
+        self.spec_draft_tokens = self.spec_accepted_tokens = 0
 
         self.eos_token_ids = self._eos_ids(generation_config or {})
         eot = {i for t in END_OF_TURN_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
@@ -195,13 +223,17 @@ class Engine:
     def from_folder(cls, path: str | os.PathLike, *, max_num_seqs: int = 4, max_model_len: int | None = 2048,
                     dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
                     max_prefill_tokens: int = 4096, max_num_batched_tokens: int | None = None,
-                    enable_prefix_caching: bool = True) -> "Engine":
+                    enable_prefix_caching: bool = True, prefill_chunk_size: int | None = 512,
+                    speculative: SpeculativeConfig | None = None) -> "Engine":
         """Load an HF-layout model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
         ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
         ``None`` uses the model's full ``max_position_embeddings``.  ``dtype`` ("float32", "bfloat16") is what the
         serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 (bf16 activations), ``"int4"``
-        as 4-bit groups of 32 (CPU; about twice the single-stream decode speed of int8, larger perplexity change)."""
+        as 4-bit groups of 32 (CPU; about twice the single-stream decode speed of int8, larger perplexity change).
+        ``prefill_chunk_size``: prompt tokens computed per step (long prompts are prefilled in chunks).
+        ``speculative``: speculative decoding (``lmforge.serve.speculative``), e.g.
+        ``SpeculativeConfig("ngram", num_draft_tokens=4)`` or ``SpeculativeConfig("draft", draft_model=folder)``."""
         path = Path(path)
         model = load_model(path, dtype=torch.float32, device=device)
         tokenizer, tok_cfg = load_tokenizer(path)
@@ -209,7 +241,8 @@ class Engine:
         gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         return cls(model, tokenizer, tok_cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    generation_config=gen_cfg, dtype=dtype, quantize=quantize, max_prefill_tokens=max_prefill_tokens,
-                   max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
+                   max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                   prefill_chunk_size=prefill_chunk_size, speculative=speculative)
 
     def _eos_ids(self, generation_config: dict) -> set[int]:
         ids: set[int] = set()
@@ -285,6 +318,10 @@ class Engine:
             stop_token_ids=frozenset(self.eos_token_ids | set(params.stop_token_ids)),
             sampler=SamplerState(params, prompt_ids), detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStringMatcher(params.stop), arrival=time.perf_counter())
+        if self.proposer is not None:
+            note = speculation_blocker(params)
+            seq.spec = SpecStats(self.proposer.method, enabled=note is None, note=note,
+                                 k=self.speculative.num_draft_tokens)
         with self._lock:
             if rid in self._by_id:
                 raise ValueError(f"request id {rid!r} is already in use")
@@ -334,7 +371,8 @@ class Engine:
             ids.extend(last.token_ids)
             lps.extend(last.logprobs or [])
         return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                                lps if params is not None and params.logprobs is not None else None)
+                                lps if params is not None and params.logprobs is not None else None,
+                                last.speculative)
 
     def generate_batch(self, prompts: list[str | list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
@@ -476,29 +514,40 @@ class Engine:
                 self._finish(seq, "abort", "")
             for seq in [s for s in self._running if s.aborted]:
                 self._finish(seq, "abort", "")
-            admitted: list[tuple[_Sequence, int, int]] = []  # (sequence, source slot, tokens reused)
-            decoding = list(self._running)
+            decoding = [s for s in self._running if s.prefilled]
             budget = self.max_num_batched_tokens - len(decoding)
+            chunk_left = self.prefill_chunk_size  # prompt tokens this step (one chunk, over all prompts)
             prefill_budget = self.max_prefill_tokens
-            while self._waiting and self._free_slots:
+            chunks: list[tuple[_Sequence, int, int, int]] = []  # (sequence, source slot, tokens reused, tokens now)
+            for seq in [s for s in self._running if not s.prefilled]:  # prompts admitted in earlier steps go on
+                n = min(len(seq.prompt_ids) - seq.num_cached, chunk_left)
+                if n <= 0 or (n > budget and (chunks or decoding)):
+                    break
+                chunks.append((seq, seq.slot, seq.num_cached, n))
+                budget, chunk_left, prefill_budget = budget - n, chunk_left - n, prefill_budget - n
+            while self._waiting and self._free_slots and chunk_left > 0:
                 seq = self._waiting[0]
                 slot, src, reused = self._place(seq.prompt_ids)
                 cost = len(seq.prompt_ids) - reused
-                if (cost > budget or cost > prefill_budget) and (admitted or decoding):
-                    break  # waits for a later step (a lone request always runs, however long its prompt)
+                n = min(cost, chunk_left)
+                if (n > budget or n > prefill_budget) and (chunks or decoding):
+                    break  # waits for a later step (a lone request always runs, a chunk at a time)
                 self._waiting.popleft()
                 self._free_slots.remove(slot)
                 seq.slot = slot
                 self._slot_tokens[slot] = seq.prompt_ids[:reused]
-                budget -= cost
-                prefill_budget -= cost
-                admitted.append((seq, src, reused))
+                budget, chunk_left, prefill_budget = budget - n, chunk_left - n, prefill_budget - n
+                chunks.append((seq, src, reused, n))
+                self._running.append(seq)
+                self.prefix_cache_queries += len(seq.prompt_ids)
+                self.prefix_cache_hits += reused
+                self.metrics.on_prompt(len(seq.prompt_ids))
+                self.metrics.on_prefix_cache(len(seq.prompt_ids), reused)
         if decoding:
             self._decode(decoding)
-        if admitted:
-            self._running.extend(s for s, _, _ in admitted)
-            self._prefill(admitted)
-        return len(decoding) + len(admitted)
+        if chunks:
+            self._prefill(chunks)
+        return len(decoding) + len(chunks)
 
     def _place(self, prompt: list[int]) -> tuple[int, int, int]:
         """(free slot to use, slot to copy the cached prefix from, prefix length) for a prompt; called with the lock.
@@ -518,54 +567,138 @@ class Engine:
                 src, src_len = slot, n
         return dst, src, src_len
 
-    def _prefill(self, admitted: list[tuple[_Sequence, int, int]]) -> None:
-        """The uncached rest of every admitted prompt in one forward pass, right-padded to the longest.  A pad token's
-        key lands at a position past its row's prompt, which no real query attends to and the next decode step
-        overwrites."""
-        for seq, src, reused in admitted:  # in admission order: a source admitted earlier already holds its prefix
-            if src != seq.slot and reused:
-                for ck, cv in zip(self.cache.k, self.cache.v):
-                    ck[seq.slot, :, :reused] = ck[src, :, :reused]
-                    cv[seq.slot, :, :reused] = cv[src, :, :reused]
-            seq.num_cached = reused
-        seqs = [s for s, _, _ in admitted]
-        starts = [r for _, _, r in admitted]
-        lens = [len(s.prompt_ids) - r for s, r in zip(seqs, starts)]
+    def _prefill(self, chunks: list[tuple[_Sequence, int, int, int]]) -> None:
+        """The next ``n`` uncached prompt tokens of every sequence in ``chunks`` in one forward pass, right-padded
+        to the longest; a sequence whose prompt is then complete samples its first token.  A pad token's key lands
+        at a position past its row's prompt, which no real query attends to and a later step overwrites.
+
+        A newly admitted sequence first gets its reused prefix copied from the source slot."""
+        for seq, src, reused, _ in chunks:  # in admission order: a source admitted earlier already holds its prefix
+            if seq.num_cached == 0 and reused:
+                if src != seq.slot:
+                    for ck, cv in zip(self.cache.k, self.cache.v):
+                        ck[seq.slot, :, :reused] = ck[src, :, :reused]
+                        cv[seq.slot, :, :reused] = cv[src, :, :reused]
+                seq.num_cached = reused
+        seqs = [c[0] for c in chunks]
+        starts = [s.num_cached for s in seqs]
+        lens = [c[3] for c in chunks]
         T = max(lens)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :lens[i]] = torch.tensor(s.prompt_ids[starts[i]:])
+            ids[i, :lens[i]] = torch.tensor(s.prompt_ids[starts[i]:starts[i] + lens[i]])
         positions = (torch.tensor(starts)[:, None] + torch.arange(T)).clamp_(max=self.max_model_len - 1)
         rows = torch.tensor([s.slot for s in seqs])
         last = torch.tensor([n - 1 for n in lens])
         logits = self.runner.forward(ids.to(self.device), positions.to(self.device), self.cache,
                                      rows.to(self.device), last.to(self.device))
-        for s, n, r in zip(seqs, lens, starts):
-            s.num_cached = len(s.prompt_ids)
-            self._slot_tokens[s.slot] = s.prompt_ids
-            self.prefix_cache_queries += len(s.prompt_ids)
-            self.prefix_cache_hits += r
+        done = []
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            s.num_cached += n
+            self._slot_tokens[s.slot] = s.prompt_ids[:s.num_cached]
             self.prefill_tokens_computed += n
-            self.metrics.on_prompt(len(s.prompt_ids))
-            self.metrics.on_prefix_cache(len(s.prompt_ids), r)
-        for s, res in zip(seqs, sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])):
-            self._append(s, res)
+            if s.num_cached == len(s.prompt_ids):
+                done.append(i)
+        if not done:
+            return
+        results = sample(logits[done], [seqs[i].sampler for i in done], [seqs[i].output_ids for i in done])
+        for i, res in zip(done, results):
+            self._append(seqs[i], res)
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.runner.forward(ids, positions, self.cache, rows)
+        t0 = time.perf_counter()
+        drafts, qs = self._propose(seqs)
+        if not any(drafts):
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
+            rows = torch.tensor([s.slot for s in seqs], device=self.device)
+            logits = self.runner.forward(ids, positions, self.cache, rows)
+            for s in seqs:
+                s.num_cached += 1
+            results = sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])
+            self._account(seqs, time.perf_counter() - t0, plain=True)
+            for s, res in zip(seqs, results):
+                self._append(s, res)
+            return
+        # one forward over each row's last token and its drafts (rows without drafts are padded)
+        T = 1 + max(len(d) for d in drafts)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            ids[i, :1 + len(d)] = torch.tensor([s.output_ids[-1], *d])
+        starts = torch.tensor([s.num_cached for s in seqs])
+        positions = (starts[:, None] + torch.arange(T)).clamp_(max=self.max_model_len - 1)
+        rows = torch.tensor([s.slot for s in seqs])
+        logits = self._all_logits(ids, positions, rows)  # [B, T, vocab]
+        outs: list[list[Sampled]] = [[] for _ in seqs]
+        plain = [i for i, d in enumerate(drafts) if not d]  # the plain sampler, as in a step without drafts
+        if plain:
+            for i, res in zip(plain, sample(logits[plain, 0], [seqs[i].sampler for i in plain],
+                                            [seqs[i].output_ids for i in plain])):
+                outs[i] = [res]
+                seqs[i].num_cached += 1
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            if not d:
+                continue
+            outs[i], accepted = verify(logits[i, :1 + len(d)], d, qs[i], s.sampler, s.output_ids)
+            self.proposer.rollback(s.spec, len(s.prompt_ids) + len(s.output_ids), len(d), accepted)
+            s.num_cached += 1 + accepted  # the last token and the accepted drafts; the rest is overwritten later
+            s.spec.draft_tokens += len(d)
+            s.spec.accepted_tokens += accepted
+            s.spec.adapt(len(d), accepted, self.speculative.num_draft_tokens)
+            self.spec_draft_tokens += len(d)
+            self.spec_accepted_tokens += accepted
+            self.metrics.on_speculation(len(d), accepted, len(outs[i]))
+        self._account(seqs, time.perf_counter() - t0, plain=False)
+        for s, out in zip(seqs, outs):
+            for res in out:
+                self._append(s, res)
+                if s.finished:  # a stop token, stop string or max_tokens among the accepted drafts
+                    break
+
+    def _propose(self, seqs: list[_Sequence]) -> tuple[list[list[int]], list]:
+        """Draft tokens for each sequence ([] where it does not speculate)."""
+        none: tuple[list[list[int]], list] = [[] for _ in seqs], [None] * len(seqs)
+        if self.proposer is None:
+            return none
+        pick = [i for i, s in enumerate(seqs) if s.spec is not None and s.spec.enabled
+                and s.max_tokens - len(s.output_ids) > 1]
+        if not pick:
+            return none
+        # at most the tokens the request may still produce, less the one the target adds
+        ks = [min(seqs[i].spec.k, seqs[i].max_tokens - len(seqs[i].output_ids) - 1) for i in pick]
+        got, qs = self.proposer.propose([seqs[i].prompt_ids + seqs[i].output_ids for i in pick], ks,
+                                        [seqs[i].sampler for i in pick], [seqs[i].spec for i in pick],
+                                        [seqs[i].slot for i in pick])
+        drafts, q_out = none
+        for i, d, q in zip(pick, got, qs):
+            drafts[i], q_out[i] = d, q
+        return drafts, q_out
+
+    def _all_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, CPU) at every position [B, T, vocab] (the runner's final hidden states through its head)."""
+        h = self.runner.forward(ids.to(self.device), positions.to(self.device), self.cache, rows.to(self.device),
+                                hidden=True)
+        logits = self.runner.lm_head(h).float()
+        cap = self.model.config.final_logit_softcapping
+        return (torch.tanh(logits / cap) * cap if cap else logits).cpu()
+
+    def _account(self, seqs: list[_Sequence], seconds: float, plain: bool) -> None:
+        """Per-request speculation figures, and the recent plain step time they are compared with."""
+        if self.proposer is None:
+            return
+        if plain:
+            self.plain_step_s = seconds if self.plain_step_s is None else 0.9 * self.plain_step_s + 0.1 * seconds
         for s in seqs:
-            s.num_cached += 1
-        results = sample(logits, [s.sampler for s in seqs], [s.output_ids for s in seqs])
-        for s, res in zip(seqs, results):
-            self._append(s, res)
+            if s.spec is not None and s.spec.enabled:
+                s.spec.decode_steps += 1
+                s.spec.decode_seconds += seconds
 
     def _append(self, seq: _Sequence, res: Sampled) -> None:
         """Take one sampled token: detokenize, check stop conditions, emit."""
         token = res.token
         now = time.perf_counter()
+        if seq.spec is not None and seq.output_ids:
+            seq.spec.decode_tokens += 1
         if not seq.output_ids:
             self.metrics.on_first_token(now - seq.arrival)
         else:
@@ -607,14 +740,17 @@ class Engine:
             self._by_id.pop(seq.request_id, None)
             ids, seq.unsent_ids = seq.unsent_ids, []
             lps, seq.unsent_logprobs = seq.unsent_logprobs, []
+        spec = None if seq.spec is None else seq.spec.as_dict(self.plain_step_s)
         try:
             self.metrics.on_finish(len(seq.prompt_ids), len(seq.output_ids), reason,
                                    time.perf_counter() - seq.arrival)
+            if spec is not None and seq.spec.enabled and seq.spec.decode_steps:
+                self.metrics.on_speculative_request(spec)
         except Exception:
             log.debug("metrics hook failed", exc_info=True)
         self._emit(seq, GenerationOutput(seq.request_id, text, ids, True, reason, len(seq.prompt_ids),
                                          len(seq.output_ids), error,
-                                         lps if seq.params.logprobs is not None else None))
+                                         lps if seq.params.logprobs is not None else None, spec))
 
     @staticmethod
     def _emit(seq: _Sequence, out: GenerationOutput) -> None:

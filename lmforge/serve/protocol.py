@@ -41,6 +41,8 @@ class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # lmforge extension, with speculative decoding configured: drafts, acceptance rate, tokens per step, speed-up
+    speculative: dict[str, Any] | None = None
 
 
 class StreamOptions(OpenAIBaseModel):

@@ -174,19 +174,49 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState], histories: Sequ
     out = []
     for row, state, hist in zip(logits, states, histories):
         p = state.params
-        for mask in state.masks:
-            row = mask(hist, row)
-        raw = row
-        for proc in state.processors:
-            row = proc(hist, row)
+        raw, row = process_logits(row, state, hist)
         tok = sample_token(row, p.temperature, p.top_p, state.generator, p.top_k, p.min_p)
-        if p.logprobs is None:
-            out.append(Sampled(tok))
-            continue
-        lp = torch.log_softmax(raw, dim=-1)
-        top = []
-        if p.logprobs > 0:
-            vals, ids = lp.topk(p.logprobs)
-            top = [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]  # masked: not shown
-        out.append(Sampled(tok, float(lp[tok]), top))
+        out.append(with_logprobs(tok, raw, p))
     return out
+
+
+def process_logits(row: torch.Tensor, state: SamplerState, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(raw, processed)`` logits of one row: ``raw`` after the grammar mask (what logprobs are taken from),
+    ``processed`` after penalties, bias and the caller's processors too (what the sampler draws from)."""
+    for mask in state.masks:
+        row = mask(history, row)
+    raw = row
+    for proc in state.processors:
+        row = proc(history, row)
+    return raw, row
+
+
+def with_logprobs(token: int, raw: torch.Tensor, params: SamplingParams) -> Sampled:
+    """``token`` as a ``Sampled``, with its logprob and the top alternatives of ``raw`` when the request asks."""
+    if params.logprobs is None:
+        return Sampled(token)
+    lp = torch.log_softmax(raw, dim=-1)
+    top = []
+    if params.logprobs > 0:
+        vals, ids = lp.topk(params.logprobs)
+        top = [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]  # masked: not shown
+    return Sampled(token, float(lp[token]), top)
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                min_p: float = 0.0) -> torch.Tensor:
+    """The distribution ``sample_token`` draws from at ``temperature > 0`` (temperature, then top-k, min-p and
+    top-p truncation), as a probability vector over the vocabulary (float32)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k > 0 or top_p < 1.0 or min_p > 0.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+        if top_k > 0:
+            drop[top_k:] = True
+        if min_p > 0.0:
+            drop |= sorted_probs < min_p * sorted_probs[0]
+        if top_p < 1.0:
+            drop |= sorted_probs.cumsum(0) - sorted_probs > top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs / probs.sum()
+    return probs

@@ -109,7 +109,8 @@ class ChatServing:
                     reason = "tool_calls"
             choices.append(ChatCompletionChoice(index=i, message=message, finish_reason=reason,
                                                 logprobs=ctx.chat_logprobs(lps[i] if req.logprobs else None)))
-        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
+                          speculative=fan.speculative_usage())
         await ctx.record(rid, "chat", _recorded_request(req), req,
                          [_recorded_choice(c.message.content, c.finish_reason, c.message.tool_calls) for c in choices],
                          n_prompt, completion, started)
@@ -165,7 +166,7 @@ class ChatServing:
             await ctx.record(rid, "chat", _recorded_request(req), req, recorded, n_prompt, completion, started)
         if req.include_usage:
             yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
-                                      total_tokens=n_prompt + completion))
+                                      total_tokens=n_prompt + completion, speculative=fan.speculative_usage()))
 
 
 def _recorded_request(req: ChatCompletionRequest) -> dict:

@@ -247,6 +247,7 @@ class Fanout:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, GenerationOutput]] = asyncio.Queue()
         self.live: dict[str, int] = {}
+        self.speculative: list[dict] = []  # the finished choices' speculation figures
         limiter.acquire()
         self._limiter: Limiter | None = limiter
 
@@ -262,10 +263,17 @@ class Fanout:
             index, out = await self.queue.get()
             if out.finished:
                 self.live.pop(out.request_id, None)
+                if out.speculative is not None:
+                    self.speculative.append(out.speculative)
             if out.error is not None:
                 self.abort()
                 raise APIError(500, f"generation failed: {out.error}", type="server_error")
             yield index, out
+
+    def speculative_usage(self) -> dict | None:
+        """The usage extras ``speculative`` object: one choice's figures, or for several their sums (and the rates
+        of the sums); None without speculation."""
+        return merge_speculative(self.speculative)
 
     def abort(self) -> None:
         """Abort what is still running and give the request's concurrency slot back (idempotent)."""
@@ -275,6 +283,28 @@ class Fanout:
         if self._limiter is not None:
             self._limiter.release()
             self._limiter = None
+
+
+def merge_speculative(items: list[dict]) -> dict | None:
+    if not items:
+        return None
+    if len(items) == 1:
+        return items[0]
+    on = [s for s in items if s.get("enabled")]
+    out = {"method": items[0].get("method"), "enabled": bool(on)}
+    notes = sorted({s["note"] for s in items if s.get("note")})
+    if notes:
+        out["note"] = "; ".join(notes)
+    if on:
+        drafted, accepted = sum(s["draft_tokens"] for s in on), sum(s["accepted_tokens"] for s in on)
+        steps = sum(s["decode_steps"] for s in on)
+        tokens = sum(s["decode_steps"] * (s["tokens_per_step"] or 0) for s in on)
+        speedups = [s["speedup"] for s in on if s.get("speedup") is not None]
+        out.update(draft_tokens=drafted, accepted_tokens=accepted,
+                   acceptance_rate=round(accepted / drafted, 4) if drafted else None, decode_steps=steps,
+                   tokens_per_step=round(tokens / steps, 4) if steps else None,
+                   speedup=round(sum(speedups) / len(speedups), 3) if speedups else None)
+    return out
 
 
 def finish_reason(out: GenerationOutput) -> str | None:

@@ -68,7 +68,8 @@ class CompletionServing:
                                  completion, started)
                 if req.include_usage:
                     yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
-                                              total_tokens=n_prompt + completion))
+                                              total_tokens=n_prompt + completion,
+                                              speculative=fan.speculative_usage()))
 
             return streaming(events(), fan)
 
@@ -79,7 +80,8 @@ class CompletionServing:
                                         lps[i] if req.logprobs is not None else None,
                                         len(prompt_texts[i // req.n]) if req.echo else 0))
                    for i in range(total)]
-        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
+        usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
+                          speculative=fan.speculative_usage())
         await ctx.record(rid, "completion", {"prompt": prompt_texts}, req,
                          [{"text": texts[i], "finish_reason": reasons[i]} for i in range(total)], n_prompt, completion,
                          started)
