@@ -357,6 +357,7 @@ def train(cfg: Config, out: Path) -> dict:
                 ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {loss_value:.3f} reward_margin {st['reward_margin']:.3f}")
     seconds = time.time() - t0
+    opt.state.clear()  # AdamW state (2 x the trainable weights) is not needed to save the model: free it first
 
     model.eval()
     if cfg.lora_r:
