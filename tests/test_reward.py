@@ -149,3 +149,27 @@ def test_lora_reward_model_merges_into_an_hf_folder(tiny_model_dir, tmp_path):
     with torch.no_grad():
         theirs = float(hf(input_ids=torch.tensor([ids])).logits[0, 0])
     assert theirs == pytest.approx(rm.score_ids([ids])[0], abs=1e-4)
+
+
+def test_reward_training_resumes_exactly_after_a_crash(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lmforge.align import reward
+    from lmforge.artifacts import write_json
+
+    cfg = reward.Config(model=str(tiny_model_dir), data=str(PREFS), full=True, seq_len=256, batch_size=4, max_steps=4,
+                        checkpoint_every=2, keep_checkpoints=3, lr=1e-3, warmup_steps=1, threads=1, seed=0)
+    out = tmp_path / "rm"
+    reward.run(cfg, out)
+    reference = load_file(str(out / "model.safetensors"))
+    # a crash after the step-2 checkpoint: the later checkpoint and the model gone, the manifest says failed
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "model.safetensors").unlink()
+    write_json(out / "manifest.json", {**read_manifest(out).model_dump(), "status": "failed"})
+    resumed = reward.run(cfg, out)
+    assert resumed.status == "done" and resumed.resumes is not None
+    after = load_file(str(out / "model.safetensors"))
+    assert reference.keys() == after.keys() and all(torch.equal(reference[k], after[k]) for k in reference)
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

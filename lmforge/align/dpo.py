@@ -10,8 +10,9 @@ Losses (``loss``):
 * ``ipo`` (Azar et al. 2023): ``(h - 1/(2β))²`` with ``h`` the same difference on per-token mean log-probs;
 * ``simpo`` (Meng et al. 2024): ``-log σ(β (π̄_c - π̄_r) - γ)`` on per-token means, reference-free.
 
-The reference model's log-probs are computed once, before training, and cached in ``reference_logps.json``; the
-reference model is then dropped, so only the policy is in memory while training (and a resumed run reuses the cache).
+The reference model's log-probs are computed once, before training, under no_grad, by the policy itself before its
+first step (it holds the reference's weights), and cached in ``reference_logps.json``: no second model is ever loaded
+(a resumed run reuses the cache; only a resume whose cache is gone loads a temporary reference).
 Works with LoRA (``lora_r: R``, ``--lora-r R``; ``full: true`` or no rank = full fine-tuning): the adapter folder is
 the output, as for SFT.
 
@@ -253,15 +254,24 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     return finished(out)
 
 
-def _cached_reference(path: Path, model_dir: Path, pairs, pad_id: int) -> list[tuple[float, float]]:
-    """Reference log-probs of the training pairs: read from ``path`` or computed with a temporary reference model."""
+def _cached_reference(path: Path, model_dir: Path, pairs, pad_id: int,
+                      initial: nn.Module | None = None) -> list[tuple[float, float]]:
+    """Reference log-probs of the pairs: read from ``path``, else computed (under no_grad) with ``initial`` -- the
+    policy before its first step, which holds the reference's weights (LoRA adapters start at zero), so no second model
+    is loaded -- or, when the policy has trained already (a resume without the cache), with a temporary copy of the
+    reference."""
     if path.exists():
         cached = json.loads(path.read_text())
         if len(cached["logps"]) == len(pairs):
             return [tuple(x) for x in cached["logps"]]
-    ref_model = load_model(model_dir)
-    logps = reference_logps(ref_model, pairs, pad_id)
-    del ref_model  # the reference is not held during training
+    if initial is not None:
+        was = initial.training
+        logps = reference_logps(initial, pairs, pad_id)
+        initial.train(was)
+    else:
+        ref_model = load_model(model_dir)
+        logps = reference_logps(ref_model, pairs, pad_id)
+        del ref_model  # the reference is not held during training
     write_json(path, {"model": str(model_dir.resolve()), "logps": logps})
     return logps
 
@@ -290,9 +300,6 @@ def train(cfg: Config, out: Path) -> dict:
         why = stats["data"].summary("preference pairs", cfg.data) or f"{stats['data'].lines} records"
         raise ValueError(f"{cfg.data}: no usable preference pair ({why})")
 
-    # reference log-probs of train + held-out pairs, computed once (SimPO is reference-free: held-out only)
-    ref_all = _cached_reference(out / REF_CACHE, model_dir, train_pairs + val_pairs, pad_id)
-    ref, val_ref = ref_all[:len(train_pairs)], ref_all[len(train_pairs):]
     torch.manual_seed(cfg.seed)
     base = load_model(model_dir)
     model: nn.Module = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
@@ -301,10 +308,14 @@ def train(cfg: Config, out: Path) -> dict:
         from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(base)
+    ckpts = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
+    # reference log-probs of train + held-out pairs, computed once (SimPO is reference-free: held-out only)
+    ref_all = _cached_reference(out / REF_CACHE, model_dir, train_pairs + val_pairs, pad_id,
+                                initial=None if ckpts.exists() else model)
+    ref, val_ref = ref_all[:len(train_pairs)], ref_all[len(train_pairs):]
     model.train()
     share = trainable_share(model)
     opt = core.make_optimizer(model, cfg.lr, 0.0)
-    ckpts = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
     step, _ = ckpts.load(model, opt)
     before = preference_metrics(model, val_pairs, pad_id, val_ref, cfg.loss, cfg.beta, cfg.simpo_gamma)
     console.print(f"  {len(train_pairs)} train / {len(val_pairs)} held-out pairs, loss {cfg.loss}, beta {cfg.beta}; "
@@ -346,6 +357,7 @@ def train(cfg: Config, out: Path) -> dict:
                 ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {loss_value:.3f} reward_margin {st['reward_margin']:.3f}")
     seconds = time.time() - t0
+    opt.state.clear()  # AdamW state (2 x the trainable weights) is not needed to save the model: free it first
 
     model.eval()
     if cfg.lora_r:

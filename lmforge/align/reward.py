@@ -350,6 +350,7 @@ def train(cfg: Config, out: Path) -> dict[str, Any]:
                 ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {result.loss:.3f} accuracy {last['accuracy']:.2f}")
     seconds = time.time() - t0
+    opt.state.clear()  # AdamW state (2 x the trainable weights) is not needed to save the model: free it first
 
     model.eval()
     save_reward_model(model, out, model_dir)

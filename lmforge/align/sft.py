@@ -390,6 +390,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                 ckpts.save(step, model, opt)
             bar.update(task, completed=step, rate=f"loss {loss_sum:.3f} " + rate_text(tokens_seen, elapsed, "tok"))
     seconds = time.time() - t_start
+    opt.state.clear()  # AdamW state (2 x the trainable weights) is not needed to save the model: free it first
 
     model.eval()
     if sharded:  # gather the shards (every rank) into an unsharded copy on rank 0
