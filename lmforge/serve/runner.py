@@ -4,9 +4,11 @@
 
 * q/k/v projections fused into one matmul, gate/up into one (fewer, larger matmuls per layer);
 * weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster), int8 weight-only
-  (``lmforge.model.quant``, per output channel, bf16 activations) or int4 weight-only (CPU; groups of 32 inputs with
-  a scale and zero each, with an int8 output head; fewer bytes than int8, and a single-stream decode step is bound by
-  the bytes of weights it reads, so it is faster than int8 at no measurable perplexity change on SmolLM2-135M);
+  (``lmforge.model.quant``, per output channel) or int4 weight-only (CPU; groups of 32 inputs with a scale and zero
+  each, with an int8 output head; fewer bytes than int8 at no measurable perplexity change on SmolLM2-135M).  The
+  int8/int4 kernels take bf16 inputs (their float32 paths are 10-30x slower); everything between the matmuls (norms,
+  RoPE, attention, the KV cache) runs in bf16 only where the CPU computes bf16 natively (AVX-512-BF16 / AMX), else in
+  float32: on an AVX2 CPU a bf16 attention over 256 cached positions takes ~20x longer than a float32 one;
 * RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
@@ -31,12 +33,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INT4_GROUP = 32  # inputs per int4 scale/zero
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512-BF16 or AMX), so bf16 elementwise ops and attention are
+    not slower than float32 ones."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class _Linear:
     """A weight prepared for inference: a plain matrix in ``dtype``, int8 + per-channel scale, or packed int4 +
     per-group scale/zero."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  quantize: str | None) -> None:
+        """``dtype``: what the weights (and a quantised kernel's inputs) are stored in; the output has the input's."""
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self.quantize, self.weight = quantize, None
         if quantize == "int8":
@@ -50,9 +59,10 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
+        xq = x.to(self.scale.dtype)
         if self.quantize == "int4":
-            return int4_linear(x, self.q, self.scale, INT4_GROUP, self.bias)
-        return int8_linear(x, self.q, self.scale, self.bias)
+            return int4_linear(xq, self.q, self.scale, INT4_GROUP, self.bias).to(x.dtype)
+        return int8_linear(xq, self.q, self.scale, self.bias).to(x.dtype)
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -88,22 +98,25 @@ class ModelRunner:
         if quantize == "int4" and model.model.embed_tokens.weight.device.type != "cpu":
             raise ValueError("quantize='int4' uses PyTorch's CPU int4 kernel; serve on CPU or use 'int8'")
         if quantize is not None and dtype == torch.float32:
-            dtype = torch.bfloat16  # the int8/int4 kernels are fast with bf16 activations, slow with float32
+            dtype = torch.bfloat16  # the int8/int4 kernels are fast with bf16 inputs, slow with float32
         cfg = model.config
         self.config, self.dtype, self.quantize = cfg, dtype, quantize
+        # what norms, RoPE, attention and the KV cache compute in (the module docstring says why)
+        act = dtype if quantize is None or native_bf16() else torch.float32
+        self.act_dtype = act
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         m = model.model
         self.device = m.embed_tokens.weight.device
-        self.embed = m.embed_tokens.weight.detach().to(dtype)
+        self.embed = m.embed_tokens.weight.detach().to(act)
         if cfg.gemma_norms:  # embeddings scaled by sqrt(hidden) once here; norms weights stored as w - 1
-            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype)
+            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=act)
 
         def norm(mod) -> torch.Tensor:
             w = mod.weight.detach().float()
-            return (1.0 + w if cfg.gemma_norms else w).to(dtype)
+            return (1.0 + w if cfg.gemma_norms else w).to(act)
 
         self.layers: list[_Layer] = []
         for layer, kind in zip(m.layers, cfg.layer_types):
@@ -129,10 +142,10 @@ class ModelRunner:
         for kind in set(cfg.layer_types):
             local = kind == "sliding_attention" and cfg.rope_local_theta is not None
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
-            self.rope[kind] = cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype)
+            self.rope[kind] = cos.to(act), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(act)
 
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config, slots, max_len, dtype=self.dtype, device=self.device)
+        return KVCache.allocate(self.config, slots, max_len, dtype=self.act_dtype, device=self.device)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
@@ -154,7 +167,8 @@ class ModelRunner:
                 for kind, (cos, sin) in self.rope.items()}
         r0 = int(rows[0])
         contiguous = bool(torch.equal(rows, torch.arange(r0, r0 + B, device=rows.device)))
-        if B == 1 and T == 1:
+        single = B == 1 and T == 1  # one stream's decode step: plain slice writes and reads of its cache slot
+        if single:
             mask = None  # the only query is at the last position: it sees every key in [0, S)
         elif B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
             mask = "causal"
@@ -175,8 +189,12 @@ class ModelRunner:
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
             q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
             ck, cv = cache.k[i], cache.v[i]
-            ck[rows[:, None], :, positions] = k
-            cv[rows[:, None], :, positions] = v
+            if single:
+                ck[r0, :, S - 1] = k[0, 0]
+                cv[r0, :, S - 1] = v[0, 0]
+            else:
+                ck[rows[:, None], :, positions] = k
+                cv[rows[:, None], :, positions] = v
             if contiguous:
                 keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
             else:
