@@ -95,3 +95,36 @@ def test_quantised_activations_follow_the_cpu(model, reference, monkeypatch, nat
     assert logits[-1].dtype == torch.float32
     p, q = torch.log_softmax(ref[-2], -1), torch.log_softmax(logits[-1], -1)
     assert float((p.exp() * (p - q)).sum()) < 0.02
+
+
+@pytest.mark.slow  # minutes of inductor C++ compilation on a 2-core CPU, even for this model
+def test_compiled_decode_equals_eager(model, reference, tmp_path, monkeypatch):
+    """``compile=True``: the single-stream step as one torch.compile graph (dynamic in the cache length) gives the
+    eager step's logits and the reference's greedy tokens."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    ids, ref = reference
+    runner = ModelRunner(model, "float32", compile=True)
+    logits, fed = _decode(runner, ids, free_running=True)
+    assert runner._compiled is not None  # it did not fall back
+    assert fed == ids[:PROMPT + STEPS - 1].tolist()
+    for i, lg in enumerate(logits):
+        torch.testing.assert_close(lg, ref[PROMPT - 1 + i], rtol=1e-4, atol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_log_line(model, reference, tmp_path, monkeypatch, caplog):
+    """No C++ compiler (what inductor needs on CPU): one warning, then every step eagerly, with the same results."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing cached: it must compile
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    torch._dynamo.reset()  # no graph of an earlier test reused
+    ids, ref = reference
+    runner = ModelRunner(model, "float32", compile=True)
+    with caplog.at_level("WARNING", logger="lmforge.serve"):
+        logits, fed = _decode(runner, ids, free_running=True)
+    warnings = [r for r in caplog.records if "torch.compile of the decode step failed" in r.getMessage()]
+    assert len(warnings) == 1 and runner._compiled is None
+    assert fed == ids[:PROMPT + STEPS - 1].tolist()
+    torch.testing.assert_close(logits[-1], ref[-2], rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ path, this is the hot path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ from lmforge.model.quant import int4_linear, int8_linear, quantize_weight_int4, 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUP = 32  # inputs per int4 scale/zero
+
+log = logging.getLogger("lmforge.serve")
 
 
 def native_bf16() -> bool:
@@ -88,7 +91,11 @@ class _Layer:
 class ModelRunner:
     """Inference weights + ``forward(ids, positions, cache, rows, last)`` returning next-token logits [B, vocab]."""
 
-    def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None) -> None:
+    def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None,
+                 compile: bool = False) -> None:
+        """``compile``: run single-stream decode steps through ``torch.compile`` (one graph per cache-slot class, built
+        on first use, minutes on a small CPU; inductor keeps it in its on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``),
+        falling back to eager with one log line if it cannot be built."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -143,6 +150,7 @@ class ModelRunner:
             local = kind == "sliding_attention" and cfg.rope_local_theta is not None
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
             self.rope[kind] = cos.to(act), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(act)
+        self._compiled = torch.compile(self._decode_one, dynamic=True) if compile else None
 
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len, dtype=self.act_dtype, device=self.device)
@@ -159,18 +167,25 @@ class ModelRunner:
         position p sees its row's keys at positions <= p.  With ``hidden``, return the final hidden states [B, T, h]
         (after the last norm) instead of logits."""
         B, T = ids.shape
-        nh, nkv, hd = self.n_head, self.n_kv, self.hd
         S = int(positions.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        if B == 1 and T == 1 and not hidden:  # one stream's decode step: the compiled graph where there is one
+            slot = int(rows[0])
+            if self._compiled is not None:
+                try:
+                    return self._compiled(ids, positions, slot, S, cache.k, cache.v)
+                except Exception as err:  # no compiler, an unsupported CPU...: the same step, eagerly, from now on
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
+                                type(err).__name__, first[:200])
+                    self._compiled = None
+            return self._decode_one(ids, positions, slot, S, cache.k, cache.v)
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))  # [B, T, 1, hd]
                 for kind, (cos, sin) in self.rope.items()}
         r0 = int(rows[0])
         contiguous = bool(torch.equal(rows, torch.arange(r0, r0 + B, device=rows.device)))
-        single = B == 1 and T == 1  # one stream's decode step: plain slice writes and reads of its cache slot
-        if single:
-            mask = None  # the only query is at the last position: it sees every key in [0, S)
-        elif B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
+        if B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
             mask = "causal"
         else:
             mask = window_mask(positions, torch.arange(S, device=ids.device)[None], None)  # [B,1,T,S]
@@ -179,7 +194,58 @@ class ModelRunner:
         if "sliding_attention" in self.rope:  # once a query is a window or more past key 0 it needs a band mask
             masks["sliding_attention"] = (window_mask(positions, torch.arange(S, device=ids.device)[None], window)
                                           if S > window else mask)
-        x = self.embed[ids]
+
+        def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ck, cv = cache.k[i], cache.v[i]
+            ck[rows[:, None], :, positions] = k
+            cv[rows[:, None], :, positions] = v
+            if contiguous:
+                keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
+            else:
+                keys, values = ck[rows, :, :S], cv[rows, :, :S]
+            m = masks[kind]
+            if isinstance(m, str):  # "causal"
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
+                                                      enable_gqa=self.n_kv != self.n_head)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
+                                                  enable_gqa=self.n_kv != self.n_head)
+
+        x = self._layers(self.embed[ids], rope, attend)
+        if hidden:
+            return self._rms(x, self.norm)
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(B, device=x.device), last]
+        return self._logits(x)
+
+    def _decode_one(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, S: int,
+                    ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """One stream's decode step, logits [1, vocab]: token ``ids`` [1, 1] at ``positions`` [1, 1] = S - 1, keys and
+        values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions (views, no gather, no
+        mask: the only query is the last position).  It reads no tensor value on the Python side, so ``torch.compile``
+        traces it into one graph, dynamic in S."""
+        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)) for kind, (cos, sin) in self.rope.items()}
+        band = None
+        if "sliding_attention" in self.rope:  # keys less than a window back
+            band = (torch.arange(S, device=ids.device) > S - 1 - self.config.sliding_window)[None, None, None]
+
+        def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ck, cv = ks[i], vs[i]
+            ck[slot, :, S - 1] = k[0, 0]
+            cv[slot, :, S - 1] = v[0, 0]
+            return F.scaled_dot_product_attention(q, ck[slot:slot + 1, :, :S], cv[slot:slot + 1, :, :S],
+                                                  attn_mask=band if kind == "sliding_attention" else None,
+                                                  scale=self.scale, enable_gqa=self.n_kv != self.n_head)
+
+        x = self._layers(self.embed[ids], rope, attend)
+        return self._logits(x[:, -1])
+
+    def _layers(self, x: torch.Tensor, rope: dict, attend) -> torch.Tensor:
+        """The decoder layers on hidden states ``x`` [B, T, h]; ``attend(i, kind, q, k, v)`` stores layer i's keys and
+        values [B, T, n_kv, hd] in the cache and returns the attention output [B, n_head, T, hd] for ``q``."""
+        B, T = x.shape[:2]
+        nh, nkv, hd = self.n_head, self.n_kv, self.hd
         for i, L in enumerate(self.layers):
             qkv = L.qkv(self._rms(x, L.ln1)).view(B, T, nh + 2 * nkv, hd)
             qk = qkv[:, :, : nh + nkv]
@@ -187,26 +253,7 @@ class ModelRunner:
                 qk = torch.cat([self._rms(qk[:, :, :nh], L.q_norm), self._rms(qk[:, :, nh:], L.k_norm)], dim=2)
             cos, sin = rope[L.kind]
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
-            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
-            ck, cv = cache.k[i], cache.v[i]
-            if single:
-                ck[r0, :, S - 1] = k[0, 0]
-                cv[r0, :, S - 1] = v[0, 0]
-            else:
-                ck[rows[:, None], :, positions] = k
-                cv[rows[:, None], :, positions] = v
-            if contiguous:
-                keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
-            else:
-                keys, values = ck[rows, :, :S], cv[rows, :, :S]
-            q = q.transpose(1, 2)
-            m = masks[L.kind]
-            if isinstance(m, str):  # "causal"
-                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
-                                                   enable_gqa=nkv != nh)
-            else:
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
-                                                   enable_gqa=nkv != nh)
+            y = attend(i, L.kind, qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:], qkv[:, :, nh + nkv:])
             y = L.o(y.transpose(1, 2).reshape(B, T, nh * hd))
             if L.post_ffn is not None:  # Gemma: norm the attention output, then norm before and after the MLP
                 x = x + self._rms(y, L.ln2)
@@ -214,15 +261,11 @@ class ModelRunner:
                 x = x + self._rms(L.down(self.act(g) * u), L.post_ffn)
                 continue
             x = x + y
-            gu = L.gate_up(self._rms(x, L.ln2))
-            g, u = gu.chunk(2, dim=-1)
+            g, u = L.gate_up(self._rms(x, L.ln2)).chunk(2, dim=-1)
             x = x + L.down(self.act(g) * u)
-        if hidden:
-            return self._rms(x, self.norm)
-        if last is None:
-            x = x[:, -1]
-        else:
-            x = x[torch.arange(B, device=x.device), last]
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self._rms(x, self.norm)).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
