@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/gguf-bench")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when the output goes to a file
     folder = materialize_smollm2()
     threads = torch.get_num_threads()
     print(f"model: {folder}  threads: {threads}  tokens: {args.tokens}  load: {load()}")
