@@ -225,7 +225,8 @@ class ModelRunner:
         values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions (views, no gather, no
         mask: the only query is the last position).  It reads no tensor value on the Python side, so ``torch.compile``
         traces it into one graph, dynamic in S."""
-        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)) for kind, (cos, sin) in self.rope.items()}
+        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
+                for kind, (cos, sin) in self.rope.items()}
         band = None
         if "sliding_attention" in self.rope:  # keys less than a window back
             band = (torch.arange(S, device=ids.device) > S - 1 - self.config.sliding_window)[None, None, None]
