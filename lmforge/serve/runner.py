@@ -4,9 +4,11 @@
 
 * q/k/v projections fused into one matmul, gate/up into one (fewer, larger matmuls per layer);
 * weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster), int8 weight-only
-  (``lmforge.model.quant``, per output channel, bf16 activations) or int4 weight-only (CPU; groups of 32 inputs with
-  a scale and zero each, with an int8 output head; fewer bytes than int8, and a single-stream decode step is bound by
-  the bytes of weights it reads, so it is faster than int8 at no measurable perplexity change on SmolLM2-135M);
+  (``lmforge.model.quant``, per output channel) or int4 weight-only (CPU; groups of 32 inputs with a scale and zero
+  each, with an int8 output head; fewer bytes than int8 at no measurable perplexity change on SmolLM2-135M).  The
+  int8/int4 kernels take bf16 inputs (their float32 paths are 10-30x slower); everything between the matmuls (norms,
+  RoPE, attention, the KV cache) runs in bf16 only where the CPU computes bf16 natively (AVX-512-BF16 / AMX), else in
+  float32: on an AVX2 CPU a bf16 attention over 256 cached positions takes ~20x longer than a float32 one;
 * RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
@@ -19,6 +21,7 @@ path, this is the hot path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,14 @@ from lmforge.model.quant import int4_linear, int8_linear, quantize_weight_int4, 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUP = 32  # inputs per int4 scale/zero
 
+log = logging.getLogger("lmforge.serve")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512-BF16 or AMX), so bf16 elementwise ops and attention are
+    not slower than float32 ones."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
 
 class _Linear:
     """A weight prepared for inference: a plain matrix in ``dtype``, int8 + per-channel scale, or packed int4 +
@@ -37,6 +48,7 @@ class _Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  quantize: str | None) -> None:
+        """``dtype``: what the weights (and a quantised kernel's inputs) are stored in; the output has the input's."""
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self.quantize, self.weight = quantize, None
         if quantize == "int8":
@@ -50,9 +62,10 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
+        xq = x.to(self.scale.dtype)
         if self.quantize == "int4":
-            return int4_linear(x, self.q, self.scale, INT4_GROUP, self.bias)
-        return int8_linear(x, self.q, self.scale, self.bias)
+            return int4_linear(xq, self.q, self.scale, INT4_GROUP, self.bias).to(x.dtype)
+        return int8_linear(xq, self.q, self.scale, self.bias).to(x.dtype)
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -78,7 +91,11 @@ class _Layer:
 class ModelRunner:
     """Inference weights + ``forward(ids, positions, cache, rows, last)`` returning next-token logits [B, vocab]."""
 
-    def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None) -> None:
+    def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None,
+                 compile: bool = False) -> None:
+        """``compile``: run single-stream decode steps through ``torch.compile`` (one graph per cache-slot class, built
+        on first use, minutes on a small CPU; inductor keeps it in its on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``),
+        falling back to eager with one log line if it cannot be built."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -88,22 +105,25 @@ class ModelRunner:
         if quantize == "int4" and model.model.embed_tokens.weight.device.type != "cpu":
             raise ValueError("quantize='int4' uses PyTorch's CPU int4 kernel; serve on CPU or use 'int8'")
         if quantize is not None and dtype == torch.float32:
-            dtype = torch.bfloat16  # the int8/int4 kernels are fast with bf16 activations, slow with float32
+            dtype = torch.bfloat16  # the int8/int4 kernels are fast with bf16 inputs, slow with float32
         cfg = model.config
         self.config, self.dtype, self.quantize = cfg, dtype, quantize
+        # what norms, RoPE, attention and the KV cache compute in (the module docstring says why)
+        act = dtype if quantize is None or native_bf16() else torch.float32
+        self.act_dtype = act
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         m = model.model
         self.device = m.embed_tokens.weight.device
-        self.embed = m.embed_tokens.weight.detach().to(dtype)
+        self.embed = m.embed_tokens.weight.detach().to(act)
         if cfg.gemma_norms:  # embeddings scaled by sqrt(hidden) once here; norms weights stored as w - 1
-            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype)
+            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=act)
 
         def norm(mod) -> torch.Tensor:
             w = mod.weight.detach().float()
-            return (1.0 + w if cfg.gemma_norms else w).to(dtype)
+            return (1.0 + w if cfg.gemma_norms else w).to(act)
 
         self.layers: list[_Layer] = []
         for layer, kind in zip(m.layers, cfg.layer_types):
@@ -129,7 +149,8 @@ class ModelRunner:
         for kind in set(cfg.layer_types):
             local = kind == "sliding_attention" and cfg.rope_local_theta is not None
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
-            self.rope[kind] = cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype)
+            self.rope[kind] = cos.to(act), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(act)
+        self._compiled = torch.compile(self._decode_one, dynamic=True) if compile else None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every weight tensor of the prepared model, in a fixed order (``Engine.load_weights`` copies them in place)."""
@@ -143,7 +164,7 @@ class ModelRunner:
         return out + [self.norm, *lin(self.lm_head)]
 
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config, slots, max_len, dtype=self.dtype, device=self.device)
+        return KVCache.allocate(self.config, slots, max_len, dtype=self.act_dtype, device=self.device)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
@@ -157,17 +178,25 @@ class ModelRunner:
         position p sees its row's keys at positions <= p.  With ``hidden``, return the final hidden states [B, T, h]
         (after the last norm) instead of logits."""
         B, T = ids.shape
-        nh, nkv, hd = self.n_head, self.n_kv, self.hd
         S = int(positions.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        if B == 1 and T == 1 and not hidden:  # one stream's decode step: the compiled graph where there is one
+            slot = int(rows[0])
+            if self._compiled is not None:
+                try:
+                    return self._compiled(ids, positions, slot, S, cache.k, cache.v)
+                except Exception as err:  # no compiler, an unsupported CPU...: the same step, eagerly, from now on
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
+                                type(err).__name__, first[:200])
+                    self._compiled = None
+            return self._decode_one(ids, positions, slot, S, cache.k, cache.v)
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))  # [B, T, 1, hd]
                 for kind, (cos, sin) in self.rope.items()}
         r0 = int(rows[0])
         contiguous = bool(torch.equal(rows, torch.arange(r0, r0 + B, device=rows.device)))
-        if B == 1 and T == 1:
-            mask = None  # the only query is at the last position: it sees every key in [0, S)
-        elif B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
+        if B == 1 and int(positions[0, 0]) == 0 and torch.equal(positions[0], torch.arange(T, device=ids.device)):
             mask = "causal"
         else:
             mask = window_mask(positions, torch.arange(S, device=ids.device)[None], None)  # [B,1,T,S]
@@ -176,15 +205,8 @@ class ModelRunner:
         if "sliding_attention" in self.rope:  # once a query is a window or more past key 0 it needs a band mask
             masks["sliding_attention"] = (window_mask(positions, torch.arange(S, device=ids.device)[None], window)
                                           if S > window else mask)
-        x = self.embed[ids]
-        for i, L in enumerate(self.layers):
-            qkv = L.qkv(self._rms(x, L.ln1)).view(B, T, nh + 2 * nkv, hd)
-            qk = qkv[:, :, : nh + nkv]
-            if L.q_norm is not None:
-                qk = torch.cat([self._rms(qk[:, :, :nh], L.q_norm), self._rms(qk[:, :, nh:], L.k_norm)], dim=2)
-            cos, sin = rope[L.kind]
-            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
-            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
+
+        def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ck, cv = cache.k[i], cache.v[i]
             ck[rows[:, None], :, positions] = k
             cv[rows[:, None], :, positions] = v
@@ -192,14 +214,58 @@ class ModelRunner:
                 keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
             else:
                 keys, values = ck[rows, :, :S], cv[rows, :, :S]
-            q = q.transpose(1, 2)
-            m = masks[L.kind]
+            m = masks[kind]
             if isinstance(m, str):  # "causal"
-                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
-                                                   enable_gqa=nkv != nh)
-            else:
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
-                                                   enable_gqa=nkv != nh)
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
+                                                      enable_gqa=self.n_kv != self.n_head)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
+                                                  enable_gqa=self.n_kv != self.n_head)
+
+        x = self._layers(self.embed[ids], rope, attend)
+        if hidden:
+            return self._rms(x, self.norm)
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(B, device=x.device), last]
+        return self._logits(x)
+
+    def _decode_one(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, S: int,
+                    ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """One stream's decode step, logits [1, vocab]: token ``ids`` [1, 1] at ``positions`` [1, 1] = S - 1, keys and
+        values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions (views, no gather, no
+        mask: the only query is the last position).  It reads no tensor value on the Python side, so ``torch.compile``
+        traces it into one graph, dynamic in S."""
+        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
+                for kind, (cos, sin) in self.rope.items()}
+        band = None
+        if "sliding_attention" in self.rope:  # keys less than a window back
+            band = (torch.arange(S, device=ids.device) > S - 1 - self.config.sliding_window)[None, None, None]
+
+        def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ck, cv = ks[i], vs[i]
+            ck[slot, :, S - 1] = k[0, 0]
+            cv[slot, :, S - 1] = v[0, 0]
+            return F.scaled_dot_product_attention(q, ck[slot:slot + 1, :, :S], cv[slot:slot + 1, :, :S],
+                                                  attn_mask=band if kind == "sliding_attention" else None,
+                                                  scale=self.scale, enable_gqa=self.n_kv != self.n_head)
+
+        x = self._layers(self.embed[ids], rope, attend)
+        return self._logits(x[:, -1])
+
+    def _layers(self, x: torch.Tensor, rope: dict, attend) -> torch.Tensor:
+        """The decoder layers on hidden states ``x`` [B, T, h]; ``attend(i, kind, q, k, v)`` stores layer i's keys and
+        values [B, T, n_kv, hd] in the cache and returns the attention output [B, n_head, T, hd] for ``q``."""
+        B, T = x.shape[:2]
+        nh, nkv, hd = self.n_head, self.n_kv, self.hd
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(self._rms(x, L.ln1)).view(B, T, nh + 2 * nkv, hd)
+            qk = qkv[:, :, : nh + nkv]
+            if L.q_norm is not None:
+                qk = torch.cat([self._rms(qk[:, :, :nh], L.q_norm), self._rms(qk[:, :, nh:], L.k_norm)], dim=2)
+            cos, sin = rope[L.kind]
+            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+            y = attend(i, L.kind, qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:], qkv[:, :, nh + nkv:])
             y = L.o(y.transpose(1, 2).reshape(B, T, nh * hd))
             if L.post_ffn is not None:  # Gemma: norm the attention output, then norm before and after the MLP
                 x = x + self._rms(y, L.ln2)
@@ -207,15 +273,11 @@ class ModelRunner:
                 x = x + self._rms(L.down(self.act(g) * u), L.post_ffn)
                 continue
             x = x + y
-            gu = L.gate_up(self._rms(x, L.ln2))
-            g, u = gu.chunk(2, dim=-1)
+            g, u = L.gate_up(self._rms(x, L.ln2)).chunk(2, dim=-1)
             x = x + L.down(self.act(g) * u)
-        if hidden:
-            return self._rms(x, self.norm)
-        if last is None:
-            x = x[:, -1]
-        else:
-            x = x[torch.arange(B, device=x.device), last]
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self._rms(x, self.norm)).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
