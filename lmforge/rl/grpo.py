@@ -59,7 +59,7 @@ from torch import nn
 
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora, check_lora_rank,
                                 mode_line, save_adapter, trainable_share)
-from lmforge.artifacts import Manifest, atomic_path, write_json
+from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
 from lmforge.progress import console, progress
@@ -259,32 +259,10 @@ def check_same_tokenizer(policy_dir: Path, ref_dir: Path) -> None:
 
 
 def plot_reward(metrics_path: Path, out_png: Path, title: str) -> None:
-    import matplotlib
+    from lmforge.train.plots import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if "reward" in rec:
-            train.append((rec["step"], rec["reward"]))
-        if "val_reward" in rec:
-            val.append((rec["step"], rec["val_reward"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train (sampled)", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="held-out (greedy)", linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    plot_curves(metrics_path, out_png, title, ("reward", "train (sampled)"), ("val_reward", "held-out (greedy)"),
+                "reward")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
