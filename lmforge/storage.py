@@ -34,10 +34,18 @@ class StorageError(ValueError):
     """A remote location that does not exist, denies access or has no file system installed (names the URL)."""  # local copy → the URL it came from
 
 
+# web addresses are endpoints (synth's base_url) or crawl seeds, not storage; file:// and plain paths are local
+NOT_STORAGE = {"http", "https", "file", "local", "ws", "wss", "ftp"}
+
+
 def is_url(value: Any) -> bool:
-    """A remote location fsspec can open (``file://`` and plain paths are local)."""
-    return isinstance(value, str) and "://" in value and not value.startswith("file://") and \
-        value.split("://", 1)[0].replace("+", "").isalnum()
+    """An object-storage location fsspec knows (s3://, gs://, hf://, az://, ...); not a web address, not a path."""
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    from fsspec.registry import known_implementations
+
+    scheme = value.split("://", 1)[0].lower()
+    return scheme not in NOT_STORAGE and scheme in known_implementations
 
 
 def redact(url: str) -> str:
