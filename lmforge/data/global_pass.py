@@ -83,22 +83,9 @@ class GlobalPlan:
 
 def frequent_bucket(table_files: list[str], max_docs: int, bucket: int, buckets: int) -> np.ndarray:
     """The hashes of one of ``buckets`` slices of the 64-bit space whose summed document count is above ``max_docs``."""
-    lo, hi = bucket * 2**64 // buckets, (bucket + 1) * 2**64 // buckets
-    parts_h, parts_c = [], []
-    for f in table_files:
-        t = np.load(f, mmap_mode="r")
-        if not len(t):
-            continue
-        col = t[:, 0]
-        a = int(np.searchsorted(col, np.uint64(lo), side="left"))
-        b = len(col) if hi >= 2**64 else int(np.searchsorted(col, np.uint64(hi), side="left"))
-        parts_h.append(np.asarray(t[a:b, 0]))
-        parts_c.append(np.asarray(t[a:b, 1]))
-    if not parts_h:
-        return np.zeros(0, dtype=np.uint64)
-    keys, inverse = np.unique(np.concatenate(parts_h), return_inverse=True)
-    totals = np.bincount(inverse, weights=np.concatenate(parts_c), minlength=len(keys))
-    return keys[totals > max_docs]
+    from lmforge.data.linededup import frequent_in_bucket
+
+    return frequent_in_bucket([Path(f) for f in table_files], max_docs, bucket, buckets)
 
 
 # 2. ids and exact-dedup keys

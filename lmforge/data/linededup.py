@@ -103,25 +103,29 @@ class HashCounter:
 
 def frequent_hashes(table_files: list[Path], max_docs: int, buckets: int = 16) -> np.ndarray:
     """The sorted hashes whose document count, summed over the shards' tables, is above ``max_docs``."""
-    tables = [np.load(f, mmap_mode="r") for f in table_files]
-    edges = [k * 2**64 // buckets for k in range(buckets + 1)]
-    found: list[np.ndarray] = []
-    for lo, hi in zip(edges, edges[1:]):
-        parts_h, parts_c = [], []
-        for t in tables:
-            if not len(t):
-                continue
-            col = t[:, 0]
-            a = int(np.searchsorted(col, np.uint64(lo), side="left"))
-            b = len(col) if hi >= 2**64 else int(np.searchsorted(col, np.uint64(hi), side="left"))
-            parts_h.append(np.asarray(t[a:b, 0]))
-            parts_c.append(np.asarray(t[a:b, 1]))
-        if not parts_h:
-            continue
-        keys, inverse = np.unique(np.concatenate(parts_h), return_inverse=True)
-        totals = np.bincount(inverse, weights=np.concatenate(parts_c), minlength=len(keys))
-        found.append(keys[totals > max_docs])
+    found = [frequent_in_bucket(table_files, max_docs, b, buckets) for b in range(buckets)]
     return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+
+
+def frequent_in_bucket(table_files: list[Path], max_docs: int, bucket: int, buckets: int) -> np.ndarray:
+    """:func:`frequent_hashes` for one of ``buckets`` slices of the 64-bit hash space (memory: about that share of the
+    tables, read with mmap); the slices are independent tasks for a distributed executor."""
+    lo, hi = bucket * 2**64 // buckets, (bucket + 1) * 2**64 // buckets
+    parts_h, parts_c = [], []
+    for f in table_files:
+        t = np.load(f, mmap_mode="r")
+        if not len(t):
+            continue
+        col = t[:, 0]
+        a = int(np.searchsorted(col, np.uint64(lo), side="left"))
+        b = len(col) if hi >= 2**64 else int(np.searchsorted(col, np.uint64(hi), side="left"))
+        parts_h.append(np.asarray(t[a:b, 0]))
+        parts_c.append(np.asarray(t[a:b, 1]))
+    if not parts_h:
+        return np.zeros(0, dtype=np.uint64)
+    keys, inverse = np.unique(np.concatenate(parts_h), return_inverse=True)
+    totals = np.bincount(inverse, weights=np.concatenate(parts_c), minlength=len(keys))
+    return keys[totals > max_docs]
 
 
 class RepeatedLineRemoval(Step):
