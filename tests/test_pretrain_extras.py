@@ -131,3 +131,17 @@ def test_compile_without_a_cpp_compiler_trains_eagerly(tokenized, tmp_path, monk
     m = pretrain.run(tiny(tokenized, compile=True, max_steps=2), tmp_path / "run")
     assert "no C++ compiler" in capsys.readouterr().err
     assert m.status == "done" and np.isfinite(losses(tmp_path / "run")).all()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_follows_the_cpu(tokenized, tmp_path, monkeypatch, capsys, native):
+    """dtype auto trains in bfloat16 only where the CPU computes it natively (AVX-512-BF16/AMX); elsewhere bf16 is
+    emulated and slower, so auto means float32 — said at start and recorded in the run's metrics."""
+    import lmforge.hardware as hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: native)
+    m = pretrain.run(tiny(tokenized, dtype="auto", max_steps=1, eval_every=1, checkpoint_every=1), tmp_path / "r")
+    want = "bfloat16" if native else "float32"
+    assert m.metrics["dtype"] == want
+    assert f"dtype {want} (auto:" in capsys.readouterr().err
+    assert hardware.resolve_dtype("bfloat16", torch.device("cpu")) == ("bfloat16", "")  # explicit choices stay

@@ -32,6 +32,7 @@ import torch
 from pydantic import Field
 
 from lmforge.artifacts import Manifest
+from lmforge.hardware import resolve_dtype
 from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import save_model
 from lmforge.model.llama import Llama, LlamaConfig
@@ -82,7 +83,9 @@ class Config(StageConfig):
     eval_windows: int = Field(16, ge=1, description="Validation windows per measurement.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype for the forward pass.")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Autocast dtype for the forward pass; auto: bfloat16 where the GPU or CPU computes it "
+                               "natively (AVX-512-BF16/AMX), else float32 (emulated bf16 is slower).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device (auto: CUDA when present).")
     compile: bool = Field(False, description="torch.compile the model (in a single process: model + loss as one "
@@ -220,7 +223,10 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     model.to(device).train()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype_name, why = resolve_dtype(cfg.dtype, device)
+    if why and world.is_main:
+        console.print(f"  dtype {dtype_name} ({why})")
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     # FSDP shards the model in place and before the optimizer exists (its parameters become DTensor shards)
     sharded = cfg.parallel == "fsdp" and world.distributed
     if cfg.parallel == "fsdp" and world.is_main and not world.distributed:
@@ -263,7 +269,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global, over all ranks
     flops_token = flops_per_token(mcfg, cfg.seq_len)
-    peak, device_name = peak_flops(device, cfg.dtype)
+    peak, device_name = peak_flops(device, dtype_name)
     peak *= world.world_size
     if world.is_main:
         console.print(f"  model: {n_params / 1e6:.2f}M parameters, {mcfg.num_hidden_layers} layers x "
@@ -352,4 +358,5 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         "mfu": round(mfu(tps, flops_token, peak), 5),
         "world_size": world.world_size,
         "device": device_name,
+        "dtype": dtype_name,
     }
