@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -167,3 +169,73 @@ def test_per_shard_steps_after_the_dedup_steps_run_on_the_deduplicated_corpus(tm
     kept = {d["id"]: d for d in iter_documents(tmp_path / "after")}
     assert kept and all("lang" in d["meta"] for d in kept.values())
     assert set(kept) <= {d["id"] for d in iter_documents(tmp_path / "first")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# select / mix: quantiles over all shards from small per-shard summaries
+
+
+def _ranked_on_one_machine(recs: list[dict], top_fraction: float, targets: dict[str, float], max_repeat: float):
+    """The reference: every document's score, u and group in one array, ranked with one sort."""
+    from lmforge.data.mixing import plan_copies, uniform
+
+    scores = np.array([r["meta"]["s"] for r in recs])
+    us = np.array([uniform(r["id"]) for r in recs])
+    groups = np.array([r["meta"]["lang"] for r in recs])
+    k = int(np.ceil(top_fraction * len(recs)))
+    keep = np.zeros(len(recs), bool)
+    keep[np.lexsort((us, -scores))[:k]] = True
+    copies = keep.astype(int)
+    sizes = {g: int((keep & (groups == g)).sum()) for g in dict.fromkeys(groups[keep])}
+    plan = plan_copies(sizes, targets, max_repeat)
+    for g, size in sizes.items():
+        idx = np.flatnonzero(keep & (groups == g))
+        extra = plan[g] % size
+        cut = -1.0 if extra == 0 else float(np.partition(us[idx], extra)[extra])
+        copies[idx] = plan[g] // size + (us[idx] < cut)
+    return {r["id"]: int(c) for r, c in zip(recs, copies)}
+
+
+@pytest.mark.parametrize("fetch", [3, 100_000])  # 3: several radix rounds before the few left are fetched
+def test_select_and_mix_rank_across_shards_like_one_sort(tmp_path, monkeypatch, fetch):
+    from lmforge.data import mixing
+    from lmforge.data.executor import local_map
+    from lmforge.data.io import ShardWriter
+    from lmforge.data.documents import Document
+
+    rng = np.random.default_rng(0)
+    recs = [{"id": f"d{j}", "text": f"doc {j}", "meta": {"s": float(rng.integers(0, 6)) / 5,  # many tied scores
+                                                         "lang": str(rng.choice(["en", "zh", "fr"]))}}
+            for j in range(300)]
+    recs[7]["meta"]["s"] = -0.0  # -0.0 ties with 0.0
+    names = [f"part-{i:05d}" for i in range(3)]
+    for i, name in enumerate(names):
+        with ShardWriter(tmp_path / "docs" / f"{name}.jsonl.zst") as w:
+            for r in recs[i * 100: (i + 1) * 100]:
+                w.write(Document.from_dict(r))
+    expected = _ranked_on_one_machine(recs, 0.37, {"en": 0.5, "*": 0.5}, 2.0)
+    calls: list[tuple[str, Any]] = []
+
+    def mapper(fn, args):
+        out = local_map(fn, args)
+        calls.extend((fn.__name__, o) for o in out)
+        return out
+
+    monkeypatch.setattr(mixing, "RANK_FETCH", fetch)
+    spec = mixing.MixSpec(top_fraction=0.37, score_key="s", by="lang", targets={"en": 0.5, "*": 0.5}, max_repeat=2)
+    res = mixing.select_pass(tmp_path, names, spec, mapper)
+    got: dict[str, int] = {}
+    for d in iter_documents(tmp_path / "docs"):
+        base = d["id"].split("#rep")[0]
+        got[base] = got.get(base, 0) + 1
+    assert {i: c for i, c in expected.items() if c} == got
+    rounds = [o for name, o in calls if name == "rank_counts"]
+    if fetch == 3:
+        assert rounds and all(o.shape == (256,) for o in rounds)  # the driver sums 256 counters per shard
+    else:
+        assert not rounds
+        assert all(len(o[0]) <= fetch for n, o in calls if n == "rank_members")  # only the few left are fetched
+    sel, mix = res["steps"]
+    assert sel["kept"] == 111 and sel["dropped"] == {"select_low": 189}
+    assert mix["in"] == 111 and res["written"] == sum(expected.values())
+    assert not list((tmp_path / "work").glob("*.select.npz"))
