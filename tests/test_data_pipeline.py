@@ -239,3 +239,17 @@ def test_select_and_mix_rank_across_shards_like_one_sort(tmp_path, monkeypatch, 
     assert sel["kept"] == 111 and sel["dropped"] == {"select_low": 189}
     assert mix["in"] == 111 and res["written"] == sum(expected.values())
     assert not list((tmp_path / "work").glob("*.select.npz"))
+
+
+def test_docs_table_lists_every_step_with_its_version_and_settings():
+    import re
+
+    rows = {m[0]: (int(m[1]), m[2]) for m in
+            re.findall(r"^\| `(\w+)` \| (\d+) \| [\w-]+ \| (.*) \|$", (ROOT / "docs" / "data_pipeline.md").read_text(),
+                       re.M)}
+    assert set(rows) == set(STEPS)
+    for name, d in STEPS.items():
+        version, settings = rows[name]
+        assert version == d.version, name
+        for key in d.settings:
+            assert key in settings, (name, key)
