@@ -186,22 +186,6 @@ def plan_copies(sizes: dict[str, int], targets: dict[str, float], max_repeat: fl
     return {g: int(round(shares.get(g, 0.0) * n_out)) for g in sizes}
 
 
-def _copies(u: float, n: int, target: int, cut: float) -> int:
-    """Copies of a document with uniform ``u`` in a group of ``n`` that should give ``target`` documents; ``cut`` is
-    the u-threshold of the ``target mod n`` documents that get one more copy."""
-    base = target // n
-    return base + (1 if u < cut else 0)
-
-
-def _cut(us: np.ndarray, k: int) -> float:
-    """The threshold below which exactly ``k`` of ``us`` lie (ties are measure-zero for 64-bit hashes)."""
-    if k <= 0:
-        return -1.0
-    if k >= len(us):
-        return 2.0
-    return float(np.partition(us, k)[k])
-
-
 # The pass runs as tasks any executor maps (in this process, or as Ray tasks), the driver merging small summaries:
 #   1. scan_shard(i): read docs/<shard>; write each document's score, u and group to work/<shard>.select.npz; return
 #      its count, groups and lowest score;
