@@ -91,6 +91,12 @@ def _tokenizer_eval() -> Callable[..., Any]:
     return command_from_config(evaluate.Config, evaluate.run, evaluate.Config.__doc__)
 
 
+def _data_pipeline() -> Callable[..., Any]:
+    from lmforge.data import pipeline, stage
+
+    return command_from_config(stage.Config, pipeline.show, pipeline.show.__doc__)
+
+
 def _scaling_sweep() -> Callable[..., Any]:
     from lmforge.train import scaling
 
@@ -153,7 +159,9 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "team": ("Run a role-playing team (roles, SOPs, structured messages on a shared log, stop condition) on a task.",
                  _from_agent_cli("team_cmd")),
     },
-    "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data"))},
+    "data": {"run": ("Run the data pipeline on raw inputs.", _stage("lmforge.data.stage", "data")),
+             "pipeline": ("Print the pipeline list (YAML) that a config or `data run` flags mean, to start a "
+                          "composed pipeline from.", _data_pipeline)},
     "tokenizer": {
         "train": ("Train a BPE tokenizer on a data artifact and pack token shards.",
                   _stage("lmforge.tokenizer.stage", "tokenizer")),

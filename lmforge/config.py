@@ -39,7 +39,8 @@ def format_validation_error(err: ValidationError, where: str, prefix: str = "") 
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{where}: {key}: {msg}")
+        sep = "" if msg.startswith("[") else ": "  # a message about a list entry continues the key: pipeline[3].x
+        lines.append(f"{where}: {key}{sep}{msg}")
     return "\n".join(lines)
 
 
@@ -87,7 +88,8 @@ def _cli_type(annotation: Any) -> Any:
     if origin is Literal:  # typer offers the values as choices (shown in --help, checked when parsed)
         return annotation if all(isinstance(a, str) for a in args) else type(args[0])
     if origin in (list, tuple):
-        return list[_cli_type(args[0]) if args else str]
+        inner = _cli_type(args[0]) if args else str
+        return None if inner is None else list[inner]  # a list of mappings: YAML only
     if origin is dict or annotation is Any:
         return None  # only settable from YAML
     if isinstance(annotation, type) and issubclass(annotation, Path):

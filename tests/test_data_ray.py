@@ -1,5 +1,5 @@
 """The data stage on a real Ray cluster (a head and a second node process on loopback, started and stopped here):
-the same output as the local executor with every switch on, a killed worker retried without loss or duplication,
+the same output as the local executor with every switch on (Ray running the pipeline list the switches expand to), a killed worker retried without loss or duplication,
 a shard whose worker keeps dying reported while the others finish (and resumed by a re-run), and an unreachable
 address refused in seconds."""
 
@@ -111,21 +111,33 @@ def _counts(out: Path) -> dict:
 
 
 def test_ray_executor_output_equals_local_with_every_switch_on(cluster, tmp_path):
-    args = ["data", "run", "--inputs", *INPUTS, *SWITCHES]
+    """Local with the flat switches (selection and mixing too), Ray with the pipeline list they expand to."""
+    import yaml
+
+    flat = {"inputs": INPUTS, "top_fraction": 0.8, "select_score": "lang_score", "mix_by": "lang",
+            "mix_targets": {"en": 0.7, "*": 0.3}}
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(flat))
+    args = ["data", "run", "-c", str(tmp_path / "flat.yaml"), *SWITCHES]
+    shown = _lmforge("data", "pipeline", "-c", str(tmp_path / "flat.yaml"), *SWITCHES)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    listed = {"inputs": INPUTS, "shards": 3, **yaml.safe_load(shown.stdout)}
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump(listed))
     local = _lmforge(*args, "--out", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
-    dist = _lmforge(*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", cluster)
+    dist = _lmforge("data", "run", "-c", str(tmp_path / "list.yaml"), "--out", str(tmp_path / "ray"),
+                    "--executor", "ray", "--ray-address", cluster)
     assert dist.returncode == 0, dist.stderr[-3000:]
     names = [s["name"] for s in check_conservation(tmp_path / "ray")["steps"]]
     for step in ("line_junk_v1", "c4_quality_v2", "fineweb_quality_v2", "toxicity_v1", "pii_redact_v1",
-                 "domain_tag_v1", "line_dedup_v1", "exact_dedup_v1", "minhash_dedup_v1"):
+                 "domain_tag_v1", "line_dedup_v1", "exact_dedup_v1", "minhash_dedup_v1", "select_v1", "mix_v1"):
         assert step in names
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")  # byte-identical shards, kept and dropped
     assert _counts(tmp_path / "ray") == _counts(tmp_path / "local")
     ray_stats = json.loads((tmp_path / "ray" / "stats.json").read_text())
     assert ray_stats["totals"]["docs_kept"] > 0 and ray_stats["dropped_by_reason"].get("exact_duplicate", 0) > 0
+    assert ray_stats["dropped_by_reason"].get("select_low", 0) > 0
     # the executor is how, not what: switching it does not make the run stale
-    again = _lmforge(*args, "--out", str(tmp_path / "ray"))
+    again = _lmforge("data", "run", "-c", str(tmp_path / "list.yaml"), "--out", str(tmp_path / "ray"))
     assert again.returncode == 0 and "up to date" in (again.stdout + again.stderr).lower(), again.stdout + again.stderr
 
 

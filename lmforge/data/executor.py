@@ -486,7 +486,7 @@ def execute(
         from lmforge.data.mixing import select_pass
 
         t_sel = time.time()
-        sel = select_pass(out_dir, [part(i) for i in range(len(plan))], select)
+        sel = select_pass(out_dir, [part(i) for i in range(len(plan))], select, mapper)
         for st in sel["steps"]:
             st["seconds"] = round((time.time() - t_sel) / len(sel["steps"]), 4)
         final["steps"] += sel["steps"]

@@ -290,6 +290,8 @@ def merge_shard_results(results: list[dict[str, Any]]) -> dict[str, Any]:
             s = steps[k]
             s["in"] += st["in"]
             s["kept"] += st["kept"]
+            if st.get("added"):  # a per-shard step after the dedup steps may split documents
+                s["added"] = s.get("added", 0) + st["added"]
             s["dropped"].update(st["dropped"])
             s["seconds"] += st["seconds"]
             for table, counts in st["tallies"].items():

@@ -4,7 +4,10 @@ Pipeline (per shard): read (WARC / HTML / JSONL / text) → ``html_extract_v1`` 
 [``line_junk_v1``] → ``langid_v1`` → ``cjk_normalize_v1`` → ``gopher_repetition_v2`` → ``gopher_quality_v2`` → [``c4_quality_v2``] →
 [``fineweb_quality_v2``] → [``toxicity_v1``] → [``quality_v1``] → [``pii_redact_v1``]; then over all shards:
 [``line_dedup_v1``] → ``exact_dedup_v1`` →
-[``minhash_dedup_v1``].  Bracketed steps are off by default.
+[``minhash_dedup_v1``] → [``select_v1``] → [``mix_v1``].  Bracketed steps are off by default.
+
+That fixed order is the preset of the flat switches below; a ``pipeline`` list composes the steps freely, each with
+its own settings (:mod:`lmforge.data.pipeline`; ``lmforge data pipeline [flags]`` prints the list a preset means).
 
     from lmforge.data.stage import Config, run
     manifest = run(Config(inputs=["data/demo"]), "runs/data")
@@ -21,7 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from lmforge.artifacts import Manifest, expand_paths, write_bytes
 from lmforge.config import StageConfig
@@ -180,110 +184,66 @@ class Config(StageConfig):
     minhash_threshold: float = Field(0.7, ge=0, le=1, description="MinHash: link two bucket mates only if their "
                                                                   "signatures estimate a Jaccard similarity of at "
                                                                   "least this (0 = link every bucket mate).")
+    # the composable form (declared last: its check sees every field above)
+    pipeline: Optional[list[Any]] = Field(
+        None, description="The steps as a list (YAML only), each {step: NAME, [version: N], its settings...}, e.g. "
+                          "[{step: html_extract}, {step: gopher_quality, min_words: 30}, {step: exact_dedup}]; "
+                          "replaces the switches and step settings above (see `lmforge data pipeline`).")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _check_pipeline(cls, items: Optional[list[Any]], info: Any) -> Optional[list[dict[str, Any]]]:
+        """Every entry validated and completed (version, defaults), so the manifest and fingerprint say exactly what
+        runs; a flat step setting changed beside a list is an error (it would be silently ignored)."""
+        if items is None:
+            return None
+        from lmforge.data.pipeline import PipelineError, owner_of, parse_pipeline, step_fields
+
+        try:
+            specs = parse_pipeline(items)
+        except PipelineError as err:
+            raise PydanticCustomError("pipeline", str(err)) from None
+        for name in sorted(step_fields()):
+            if name in info.data and info.data[name] != cls.model_fields[name].get_default(call_default_factory=True):
+                owner = owner_of(name)
+                where = f"a {owner} setting: give it in that step's entry" if owner else \
+                    "a switch of the flat preset: add or leave out the step instead"
+                raise PydanticCustomError("pipeline", f"{name} is set too, beside the list ({where}; `lmforge data "
+                                                      f"pipeline` shows a config as a list)")
+        return [s.to_dict() for s in specs]
+
+
+RUN_FIELDS = {"inputs", "output_format", "shards", "workers", "executor", "ray_address", "txt_chunk_chars", "pipeline"}
+"""The fields that are about the run (what to read, where and how to write), not about a step."""
 
 
 def build_steps(config: dict[str, Any]) -> list:
-    """The per-shard steps for a config (a plain dict, so worker processes can rebuild them)."""
-    from lmforge.data.filters import GopherQuality, GopherRepetition
-    from lmforge.data.steps import HtmlExtract, UnicodeNormalize
+    """The per-shard steps that run on every shard (before the corpus-wide steps) for a config (a plain dict, so
+    worker processes can rebuild them)."""
+    from lmforge.data.pipeline import build_shard_steps, phases, resolve
 
-    c = Config.model_validate(config)
-    profiles = None
-    if c.lang_profiles and c.langid:
-        from lmforge.data.langprofiles import LangProfiles
-
-        profiles = LangProfiles.load(c.lang_profiles_file)
-    steps: list = [HtmlExtract(c.extractor, c.main_content, c.extract_timeout), UnicodeNormalize()]
-    if c.line_junk:
-        from lmforge.data.filters import LineJunk
-
-        steps.append(LineJunk(require_terminal_punct=c.line_junk_require_punct))
-    if c.langid:
-        from lmforge.data.langid import LanguageId
-
-        steps.append(LanguageId(c.langs, c.lang_min_score, c.lang_thresholds, mixed=c.mixed_langs,
-                                mixed_min_share=c.mixed_min_share))
-    if c.width_normalize or c.zh_convert != "none":
-        if c.zh_convert != "none" and not c.langid:
-            raise ValueError("zh_convert needs language ID (langid: true) to find the Chinese documents")
-        from lmforge.data.cjk import CjkNormalize
-
-        steps.append(CjkNormalize(c.width_normalize, c.zh_convert))
-    if c.gopher_repetition:
-        steps.append(GopherRepetition(
-            max_dup_line_frac=c.max_dup_line_frac, max_dup_para_frac=c.max_dup_para_frac,
-            max_dup_line_char_frac=c.max_dup_line_char_frac, max_dup_para_char_frac=c.max_dup_para_char_frac,
-            top_ngram_fracs=tuple(c.top_ngram_fracs), dup_ngram_fracs=tuple(c.dup_ngram_fracs),
-            word_split=c.word_split, profiles=profiles,
-        ))
-    if c.gopher_quality:
-        steps.append(GopherQuality(
-            min_words=c.min_words, max_words=c.max_words, min_mean_word_length=c.min_mean_word_length,
-            max_mean_word_length=c.max_mean_word_length, max_symbol_word_ratio=c.max_symbol_word_ratio,
-            max_bullet_lines_frac=c.max_bullet_lines_frac, max_ellipsis_lines_frac=c.max_ellipsis_lines_frac,
-            min_alpha_words_frac=c.min_alpha_words_frac, min_stop_words=c.min_stop_words, word_split=c.word_split,
-            profiles=profiles,
-        ))
-    if c.c4_quality:
-        from lmforge.data.filters import C4Quality
-
-        steps.append(C4Quality(min_sentences=c.c4_min_sentences, filter_curly_bracket=c.c4_curly_bracket,
-                               word_split=c.word_split, profiles=profiles))
-    if c.fineweb_quality:
-        from lmforge.data.filters import FineWebQuality
-
-        steps.append(FineWebQuality(word_split=c.word_split, profiles=profiles))
-    if c.toxicity:
-        from lmforge.data.toxicity import Toxicity
-
-        steps.append(Toxicity(c.max_badword_ratio, c.max_toxicity, c.toxicity_classifier))
-    if c.quality_model:
-        from lmforge.data.quality import QualityScore
-
-        steps.append(QualityScore(c.quality_model, c.quality_threshold))
-    if c.pii:
-        from lmforge.data.pii import PiiRedact
-
-        steps.append(PiiRedact(c.pii_kinds or None))
-    if c.domains or (c.mix_by == "domain" and c.mix_targets):
-        from lmforge.data.mixing import DEFAULT_HOST_RULES, DomainTag
-
-        hosts = dict(c.domain_hosts)  # the config's rules are tried first
-        for suffix, domain in DEFAULT_HOST_RULES.items():
-            hosts.setdefault(suffix, domain)
-        steps.append(DomainTag(hosts))
-    return steps
-
-
-def select_spec(config: Config):
-    """The corpus-level selection / mixing pass of a config (inactive when neither is asked for)."""
-    from lmforge.data.mixing import MixSpec
-
-    return MixSpec(top_fraction=config.top_fraction, score_key=config.select_score, by=config.mix_by,
-                   targets=dict(config.mix_targets), max_repeat=config.mix_max_repeat)
-
-
-def minhash_params(config: Config):
-    from lmforge.data.minhash import MinHashParams
-
-    if not config.minhash:
-        return None
-    return MinHashParams(config.minhash_ngram, config.minhash_bands, config.minhash_rows,
-                         threshold=config.minhash_threshold)
-
-
-def line_dedup_params(config: Config):
-    from lmforge.data.linededup import LineDedupParams
-
-    if not config.line_dedup:
-        return None
-    return LineDedupParams(config.line_dedup_unit, config.line_dedup_max_docs, config.line_dedup_min_words)
+    return build_shard_steps([s.to_dict() for s in phases(resolve(Config.model_validate(config))).shard])
 
 
 def step_names(config: Config) -> list[str]:
-    names = [s.name for s in build_steps(config.model_dump())] + (["line_dedup_v1"] if config.line_dedup else [])
-    return (names + (["exact_dedup_v1"] if config.dedup else []) + (["minhash_dedup_v1"] if config.minhash else [])
-            + (["select_v1"] if config.top_fraction is not None else []) + (["mix_v1"] if config.mix_targets else []))
+    """The versioned names of a config's steps, in order (``gopher_quality_v2``)."""
+    from lmforge.data.pipeline import resolve
+
+    return [s.full_name for s in resolve(config)]
+
+
+def minhash_params(config: Config):
+    """The config's MinHash settings (None when its pipeline has no minhash_dedup step)."""
+    from lmforge.data.pipeline import phases, resolve
+
+    return phases(resolve(config)).minhash
+
+
+def line_dedup_params(config: Config):
+    """The config's line dedup settings (None when its pipeline has no line_dedup step)."""
+    from lmforge.data.pipeline import phases, resolve
+
+    return phases(resolve(config)).line_dedup
 
 
 def collect_inputs(specs: list[str]) -> tuple[list[Path], dict[str, list[str]]]:
@@ -337,6 +297,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     from lmforge.data.executor import clean, execute
     from lmforge.data.readers import read_file
     from lmforge.data.report import render
+    from lmforge.data.pipeline import build_shard_steps, phases, resolve
     from lmforge.data.steps import ExactDedup, HtmlExtract
     from lmforge.progress import console
     from lmforge.storage import local_copy, is_url, origins_of
@@ -346,12 +307,16 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     out = Path(out_dir)
     if not config.inputs:
         raise ValueError("data: no inputs given")
+    specs = resolve(config)  # the pipeline list (the flat switches' preset when none is given)
+    plan = phases(specs)
     inputs = {f"raw{i}": spec for i, spec in enumerate(config.inputs)}
-    if config.quality_model:
-        inputs["quality_model"] = config.quality_model
-    if config.extractor == "trafilatura":
+    models = [s.settings.model for s in specs if s.name == "quality"]
+    for k, model in enumerate(models):
+        inputs["quality_model" if k == 0 else f"quality_model{k}"] = model
+    if any(s.name == "html_extract" and s.settings.extractor == "trafilatura" for s in specs):
         HtmlExtract("trafilatura")  # fail now, with the install hint, before the run starts or a worker imports it
-    cfg = config.model_dump()
+    # without a list the config is what it always was (same fingerprint as runs made before lists existed)
+    cfg = config.model_dump(exclude={"pipeline"} if config.pipeline is None else None)
     files, skipped = collect_inputs(config.inputs)  # before the run starts: nothing to read is an error now
     stage_run = begin(STAGE, VERSION, out, cfg, inputs=inputs, force=force,
                       execution_fields={"workers", "executor", "ray_address"})
@@ -367,17 +332,19 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             clean(out)
         stats = execute(
             files, out,
-            make_steps=functools.partial(build_steps, cfg),
+            make_steps=functools.partial(build_shard_steps, [s.to_dict() for s in plan.shard]),
+            final_steps=(functools.partial(build_shard_steps, [s.to_dict() for s in plan.after_dedup])
+                         if plan.after_dedup else None),
             reader=functools.partial(read_file, chunk_chars=config.txt_chunk_chars,
                                      origins=origins_of(config.inputs)),
-            dedup=ExactDedup() if config.dedup else None,
+            dedup=ExactDedup() if plan.exact_dedup else None,
             shards=config.shards,
             workers=config.workers,
             fingerprint=stage_run.fingerprint,
             skipped_files=skipped,
-            minhash=minhash_params(config),
-            line_dedup=line_dedup_params(config),
-            select=select_spec(config),
+            minhash=plan.minhash,
+            line_dedup=plan.line_dedup,
+            select=plan.select,
             output_format=config.output_format,
             executor=config.executor,
             ray_address=config.ray_address,
@@ -405,7 +372,7 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
             seconds=stats["timing"]["seconds"],
             docs_per_s=stats["timing"]["docs_per_s"],
             input_mb_per_s=stats["timing"]["input_mb_per_s"],
-            steps=step_names(config),
+            steps=[s.full_name for s in specs],
             dropped_by_reason=stats["dropped_by_reason"],
             read_errors_by_reason=stats["read"]["errors"],
         )
