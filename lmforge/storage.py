@@ -146,15 +146,25 @@ def to_origins(value: Any) -> Any:
     return value
 
 
+def _localized(value: Any) -> Any:
+    if is_url(value):
+        return str(local_copy(value))
+    if isinstance(value, list):
+        return [_localized(v) for v in value]
+    if isinstance(value, dict):  # e.g. a data pipeline entry {step: quality, model: s3://...}
+        return {k: _localized(v) for k, v in value.items()}
+    return value
+
+
 def localize(config: Any) -> Any:
-    """A copy of a stage config whose URL-valued fields (strings, lists of strings) point at local copies."""
+    """A copy of a stage config whose URL-valued fields (strings, and strings inside lists and mappings, such as a
+    data pipeline's entries) point at local copies."""
     update: dict[str, Any] = {}
     for name in type(config).model_fields:
         value = getattr(config, name)
-        if is_url(value):
-            update[name] = str(local_copy(value))
-        elif isinstance(value, list) and any(is_url(v) for v in value):
-            update[name] = [str(local_copy(v)) if is_url(v) else v for v in value]
+        local = _localized(value)
+        if local != value:
+            update[name] = local
     return config.model_copy(update=update) if update else config
 
 

@@ -23,3 +23,17 @@ def test_localize_leaves_an_endpoint_alone():
 def test_redact_drops_credentials():
     assert redact("s3://key:secret@bucket/x") == "s3://bucket/x"
     assert redact("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_localize_reaches_urls_inside_a_data_pipeline_list(monkeypatch):
+    """A quality model given as a bucket URL inside a pipeline entry is copied in like the flat quality_model."""
+    import lmforge.storage as storage
+    from lmforge.data.stage import Config as DataConfig
+
+    monkeypatch.setattr(storage, "local_copy", lambda url: f"/cache/{url.split('://')[1]}")
+    cfg = DataConfig(inputs=["s3://b/raw/"], pipeline=[{"step": "html_extract"},
+                                                      {"step": "quality", "model": "s3://b/models/q", "threshold": 0.5}])
+    local = localize(cfg)
+    assert local.inputs == ["/cache/b/raw/"]
+    assert local.pipeline[1]["model"] == "/cache/b/models/q" and local.pipeline[1]["threshold"] == 0.5
+    assert cfg.pipeline[1]["model"] == "s3://b/models/q"  # the original config is untouched
