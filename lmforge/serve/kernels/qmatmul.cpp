@@ -1,0 +1,200 @@
+// Block-quantised matmuls for single-stream CPU decoding, in llama.cpp's manner (q8_0 x q8_0, q4_1 x q8_1).
+//
+// Weights come in blocks of 32 inputs per output row:
+//   q8: int8 q [N, K] and one float16 scale d [N, K/32]:           w = d * q            (q in -127..127)
+//   q4: uint8 nibbles [N, K/2] (byte j of a block holds elements j and j+16, low / high nibble), float16 scale d and
+//       minimum m [N, K/32]:                                         w = d * q + m        (q in 0..15)
+// The activation rows x [M, K] (float32) are quantised at the start of the call, per block of 32:
+//   xd = max|x| / 127, xq = round(x / xd) in -127..127 (round half to even, x * (1 / xd) as llama.cpp does),
+//   xs = xd * sum(xq) (what the q4 minimum multiplies).
+// Each output is a float sum over blocks of (integer dot product of the block) * (weight scale * activation scale):
+//   q8: y[m, n] = sum_b wd[n, b] * xd[m, b] * <wq[n, b], xq[m, b]>
+//   q4: y[m, n] = sum_b wd[n, b] * xd[m, b] * <q[n, b], xq[m, b]> + wm[n, b] * xs[m, b]
+// The integer dot products are exact (AVX2 maddubs/madd; |partial sums| < 2^15 per pair), so the only difference to
+// the pure-PyTorch reference (lmforge.serve.kernels.reference) is the order of float additions.  Every output row is
+// computed the same way whatever M is (batch-invariant).  Threads: at::parallel_for over output rows.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// one activation row: K floats -> K int8, K/32 scales and scaled sums
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float dm = _mm_cvtss_f32(m4) / 127.0f;
+    const float id = dm != 0.0f ? 1.0f / dm : 0.0f;
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    // int32 -> int16 -> int8 packs work per 128-bit lane; the permute puts the 32 values back in order
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), _mm256_permutevar8x32_epi32(p, perm));
+    d[b] = dm;
+    s[b] = dm * static_cast<float>(_mm_cvtsi128_si32(t));
+  }
+}
+
+// 8 int32 partial sums of <w, x> for 32 signed int8 weights and 32 int8 activations (sign trick: |x| * (w * sign x))
+inline __m256i dot_s8(__m256i w, __m256i x) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+// the same for 32 unsigned 4-bit weights (0..15 as bytes): maddubs takes them as its unsigned operand directly
+inline __m256i dot_u4(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i hi = _mm_srli_epi16(lo, 4);
+  return _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0f));
+}
+
+inline void half_to_float(const at::Half* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = _cvtsh_ss(h[i].x);
+}
+
+struct Acts {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+Acts quantize_acts(const float* x, int64_t M, int64_t K) {
+  const int64_t B = K / QK;
+  Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * B)};
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * K, K, a.q.data() + m * K, a.d.data() + m * B, a.s.data() + m * B);
+  });
+  return a;
+}
+
+void check_inputs(const torch::Tensor& x, int64_t K, const torch::Tensor& d, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 CPU matrix [M, K]");
+  TORCH_CHECK(x.size(1) == K && K % QK == 0, "x has ", x.size(1), " columns, the weights ", K, " (a multiple of 32)");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && d.is_contiguous() && d.size(0) == N && d.size(1) == K / QK,
+              "scales must be contiguous float16 [N, K/32]");
+}
+
+// rows per parallel task: a few hundred KB of weights each, so small matrices do not pay for waking threads
+constexpr int64_t GRAIN = 64;
+
+}  // namespace
+
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % QK == 0,
+              "x must be a contiguous float32 matrix [M, K] with K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), B = K / QK;
+  auto q = torch::empty({M, K}, torch::kInt8);
+  auto d = torch::empty({M, B}, torch::kFloat32), s = torch::empty({M, B}, torch::kFloat32);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * B,
+                 s.data_ptr<float>() + m * B);
+  return {q, d, s};
+}
+
+torch::Tensor q8_matmul(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wd) {
+  TORCH_CHECK(wq.scalar_type() == torch::kInt8 && wq.dim() == 2 && wq.is_contiguous(), "q8 weights: int8 [N, K]");
+  const int64_t N = wq.size(0), K = wq.size(1), B = K / QK, M = x.size(0);
+  check_inputs(x, K, wd, N);
+  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const int8_t* W = wq.data_ptr<int8_t>();
+  const at::Half* D = wd.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wdf(B), sc(B);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* w = W + n * K;
+      half_to_float(D + n * B, B, wdf.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xq = a.q.data() + m * K;
+        const float* xd = a.d.data() + m * B;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; ++b) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(wdf[b] * xd[b]), _mm256_cvtepi32_ps(dot_s8(wv, xv)), acc);
+        }
+        Y[m * N + n] = hsum(acc);
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wd,
+                        const torch::Tensor& wm) {
+  TORCH_CHECK(wq.scalar_type() == torch::kUInt8 && wq.dim() == 2 && wq.is_contiguous(), "q4 weights: uint8 [N, K/2]");
+  const int64_t N = wq.size(0), K = 2 * wq.size(1), B = K / QK, M = x.size(0);
+  check_inputs(x, K, wd, N);
+  check_inputs(x, K, wm, N);
+  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const uint8_t* W = wq.data_ptr<uint8_t>();
+  const at::Half* D = wd.data_ptr<at::Half>();
+  const at::Half* Mn = wm.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wdf(B), wmf(B);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = W + n * (K / 2);
+      half_to_float(D + n * B, B, wdf.data());
+      half_to_float(Mn + n * B, B, wmf.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xq = a.q.data() + m * K;
+        const float* xd = a.d.data() + m * B;
+        const float* xs = a.s.data() + m * B;
+        __m256 acc = _mm256_setzero_ps();
+        float mins = 0.0f;
+        for (int64_t b = 0; b < B; ++b) {
+          const __m256i wv = unpack_nibbles(w + b * (QK / 2));
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(wdf[b] * xd[b]), _mm256_cvtepi32_ps(dot_u4(wv, xv)), acc);
+          mins += wmf[b] * xs[b];
+        }
+        Y[m * N + n] = hsum(acc) + mins;
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_activations", &quantize_activations, "x [M, K] float32 -> (int8 [M, K], scales, scaled sums [M, K/32])");
+  m.def("q8_matmul", &q8_matmul, "x [M, K] float32 @ q8 weights [N, K] -> [M, N] float32");
+  m.def("q4_matmul", &q4_matmul, "x [M, K] float32 @ q4 weights [N, K/2] -> [M, N] float32");
+}
