@@ -139,3 +139,17 @@ def test_no_compiler_falls_back_with_one_log_line(model, no_kernel, tmp_path, mo
         ref = model(torch.arange(3, 19)[None])[0, 11:16]
     p, q = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
     assert float((p.exp() * (p - q)).sum(-1).max()) < 0.01
+
+
+def test_int4_prefill_rows_take_the_dense_path(ext, model, monkeypatch):
+    """From ``INT4_DENSE_ROWS`` rows an int4 matmul dequantises (C++) and runs a dense float32 matmul: the same values
+    as the kernel row by row."""
+    from lmforge.serve import runner as runner_mod
+
+    lin = ModelRunner(model, "float32", "int4").layers[0].gate_up
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(runner_mod, "INT4_DENSE_ROWS", 4)
+    dense = lin(x)
+    monkeypatch.setattr(runner_mod, "INT4_DENSE_ROWS", 1000)
+    torch.testing.assert_close(dense, lin(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ext.dequantize(lin.q, lin.d, lin.m), kernels.dequantize_q4(lin.q, lin.d, lin.m))

@@ -35,6 +35,9 @@ from lmforge.serve import kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger("lmforge.serve")
+# rows from which an int4 matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
+# (faster from about 64 rows on an AVX2 CPU; the int8 kernel stays faster up to 128 rows and more: docs/benchmarks.md)
+INT4_DENSE_ROWS = 64
 
 
 def native_bf16() -> bool:
@@ -81,6 +84,8 @@ class _Linear:
             y = kernels.q8_matmul_reference(x2, self.q, self.d, self.weight)
         elif self.m is None:
             y = self.kernel.q8_matmul(x2, self.q, self.d)
+        elif x2.shape[0] >= INT4_DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
+            y = kernels.q4_matmul_reference(x2, self.q, self.d, self.m, self.kernel.dequantize(self.q, self.d, self.m))
         else:
             y = self.kernel.q4_matmul(x2, self.q, self.d, self.m)
         if self.bias is not None:

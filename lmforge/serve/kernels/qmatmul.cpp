@@ -18,7 +18,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,13 +67,9 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
   }
 }
 
-// 8 int32 partial sums of <w, x> for 32 signed int8 weights and 32 int8 activations (sign trick: |x| * (w * sign x))
-inline __m256i dot_s8(__m256i w, __m256i x) {
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-
-// the same for 32 unsigned 4-bit weights (0..15 as bytes): maddubs takes them as its unsigned operand directly
+// 8 int32 partial sums of <w, x> for 32 unsigned 4-bit weights (0..15 as bytes) and 32 int8 activations: maddubs
+// takes the weights as its unsigned operand directly.  (Signed int8 weights use the sign trick in q8_rows:
+// |x| * (w * sign x).)
 inline __m256i dot_u4(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
@@ -80,10 +78,6 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i hi = _mm_srli_epi16(lo, 4);
   return _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0f));
-}
-
-inline void half_to_float(const at::Half* h, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = _cvtsh_ss(h[i].x);
 }
 
 struct Acts {
@@ -112,6 +106,68 @@ void check_inputs(const torch::Tensor& x, int64_t K, const torch::Tensor& d, int
 // rows per parallel task: a few hundred KB of weights each, so small matrices do not pay for waking threads
 constexpr int64_t GRAIN = 64;
 
+template <int R>
+inline void q8_rows(const int8_t* W, const at::Half* D, int64_t n, int64_t K, const Acts& a, int64_t M, int64_t N,
+                    float* Y) {
+  const int64_t B = K / QK;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.q.data() + m * K;
+    const float* xd = a.d.data() + m * B;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+      const __m256i ax = _mm256_sign_epi8(xv, xv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (n + r) * K + b * QK));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), _mm256_set1_epi16(1));
+        const float d = _cvtsh_ss(D[(n + r) * B + b].x) * xd[b];
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) Y[m * N + n + r] = hsum(acc[r]);
+  }
+}
+
+template <int R>
+inline void q4_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, int64_t n, int64_t K, const Acts& a,
+                    int64_t M, int64_t N, float* Y) {
+  const int64_t B = K / QK;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.q.data() + m * K;
+    const float* xd = a.d.data() + m * B;
+    const float* xs = a.s.data() + m * B;
+    __m256 acc[R];
+    float mins[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+    for (int64_t b = 0; b < B; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = unpack_nibbles(W + (n + r) * (K / 2) + b * (QK / 2));
+        const float d = _cvtsh_ss(D[(n + r) * B + b].x) * xd[b];
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot_u4(wv, xv)), acc[r]);
+        mins[r] += _cvtsh_ss(Mn[(n + r) * B + b].x) * xs[b];
+      }
+    }
+    for (int r = 0; r < R; ++r) Y[m * N + n + r] = hsum(acc[r]) + mins[r];
+  }
+}
+
+template <typename Rows>
+torch::Tensor run_rows(const torch::Tensor& x, int64_t N, int64_t K, Rows rows) {
+  const int64_t M = x.size(0);
+  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, GRAIN / 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t n = 4 * t0; n < std::min(N, 4 * t1); n += 4) {
+      if (n + 4 <= N) rows(std::integral_constant<int, 4>{}, n, a, M, Y);
+      else for (int64_t r = n; r < N; ++r) rows(std::integral_constant<int, 1>{}, r, a, M, Y);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
@@ -128,73 +184,64 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
 
 torch::Tensor q8_matmul(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wd) {
   TORCH_CHECK(wq.scalar_type() == torch::kInt8 && wq.dim() == 2 && wq.is_contiguous(), "q8 weights: int8 [N, K]");
-  const int64_t N = wq.size(0), K = wq.size(1), B = K / QK, M = x.size(0);
+  const int64_t N = wq.size(0), K = wq.size(1);
   check_inputs(x, K, wd, N);
-  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
-  auto y = torch::empty({M, N}, torch::kFloat32);
   const int8_t* W = wq.data_ptr<int8_t>();
   const at::Half* D = wd.data_ptr<at::Half>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-    std::vector<float> wdf(B), sc(B);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* w = W + n * K;
-      half_to_float(D + n * B, B, wdf.data());
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xq = a.q.data() + m * K;
-        const float* xd = a.d.data() + m * B;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < B; ++b) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(wdf[b] * xd[b]), _mm256_cvtepi32_ps(dot_s8(wv, xv)), acc);
-        }
-        Y[m * N + n] = hsum(acc);
-      }
-    }
+  return run_rows(x, N, K, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
+    q8_rows<decltype(R)::value>(W, D, n, K, a, M, N, Y);
   });
-  return y;
 }
 
 torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wd,
                         const torch::Tensor& wm) {
   TORCH_CHECK(wq.scalar_type() == torch::kUInt8 && wq.dim() == 2 && wq.is_contiguous(), "q4 weights: uint8 [N, K/2]");
-  const int64_t N = wq.size(0), K = 2 * wq.size(1), B = K / QK, M = x.size(0);
+  const int64_t N = wq.size(0), K = 2 * wq.size(1);
   check_inputs(x, K, wd, N);
   check_inputs(x, K, wm, N);
-  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
-  auto y = torch::empty({M, N}, torch::kFloat32);
   const uint8_t* W = wq.data_ptr<uint8_t>();
   const at::Half* D = wd.data_ptr<at::Half>();
   const at::Half* Mn = wm.data_ptr<at::Half>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-    std::vector<float> wdf(B), wmf(B);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* w = W + n * (K / 2);
-      half_to_float(D + n * B, B, wdf.data());
-      half_to_float(Mn + n * B, B, wmf.data());
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xq = a.q.data() + m * K;
-        const float* xd = a.d.data() + m * B;
-        const float* xs = a.s.data() + m * B;
-        __m256 acc = _mm256_setzero_ps();
-        float mins = 0.0f;
-        for (int64_t b = 0; b < B; ++b) {
-          const __m256i wv = unpack_nibbles(w + b * (QK / 2));
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(wdf[b] * xd[b]), _mm256_cvtepi32_ps(dot_u4(wv, xv)), acc);
-          mins += wmf[b] * xs[b];
-        }
-        Y[m * N + n] = hsum(acc) + mins;
+  return run_rows(x, N, K, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
+    q4_rows<decltype(R)::value>(W, D, Mn, n, K, a, M, N, Y);
+  });
+}
+
+// float32 weights [N, K] (what a matmul of many rows, a prefill, multiplies by with a dense float32 kernel instead)
+torch::Tensor dequantize(const torch::Tensor& wq, const torch::Tensor& wd, const c10::optional<torch::Tensor>& wm) {
+  const bool q4 = wm.has_value();
+  const int64_t N = wq.size(0), K = q4 ? 2 * wq.size(1) : wq.size(1), B = K / QK;
+  TORCH_CHECK(wq.is_contiguous() && wq.scalar_type() == (q4 ? torch::kUInt8 : torch::kInt8), "bad weights");
+  check_inputs(torch::empty({0, K}, torch::kFloat32), K, wd, N);
+  if (q4) check_inputs(torch::empty({0, K}, torch::kFloat32), K, *wm, N);
+  auto w = torch::empty({N, K}, torch::kFloat32);
+  float* out = w.data_ptr<float>();
+  const at::Half* D = wd.data_ptr<at::Half>();
+  const at::Half* Mn = q4 ? wm->data_ptr<at::Half>() : nullptr;
+  at::parallel_for(0, N * B, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // block i = row i / B, block i % B
+      const __m256 d = _mm256_set1_ps(_cvtsh_ss(D[i].x));
+      const __m256 mn = _mm256_set1_ps(q4 ? _cvtsh_ss(Mn[i].x) : 0.0f);
+      alignas(32) int8_t q[QK];
+      if (q4) {
+        const __m256i v = unpack_nibbles(wq.data_ptr<uint8_t>() + i * (QK / 2));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+      } else {
+        std::copy(wq.data_ptr<int8_t>() + i * QK, wq.data_ptr<int8_t>() + (i + 1) * QK, q);
+      }
+      for (int j = 0; j < QK; j += 8) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j))));
+        _mm256_storeu_ps(out + i * QK + j, _mm256_fmadd_ps(f, d, mn));
       }
     }
   });
-  return y;
+  return w;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x [M, K] float32 -> (int8 [M, K], scales, scaled sums [M, K/32])");
   m.def("q8_matmul", &q8_matmul, "x [M, K] float32 @ q8 weights [N, K] -> [M, N] float32");
   m.def("q4_matmul", &q4_matmul, "x [M, K] float32 @ q4 weights [N, K/2] -> [M, N] float32");
+  m.def("dequantize", &dequantize, "q8 (q, d, None) or q4 (packed, d, m) weights -> float32 [N, K]",
+        py::arg("q"), py::arg("d"), py::arg("m") = py::none());
 }
