@@ -141,6 +141,8 @@ def load(verbose: bool = False) -> ModuleType | None:
 
                 path = build_dir()
                 path.mkdir(parents=True, exist_ok=True)
+                log.info("loading the int8/int4 matmul kernel from %s (compiled there on first use: a minute or more)",
+                         path)
                 module = cpp_extension.load("lmforge_qmatmul", [str(SOURCE)], extra_cflags=FLAGS,
                                             extra_ldflags=["-fopenmp"], build_directory=str(path), verbose=verbose)
             except Exception as err:  # no compiler, no ninja, a build error: the reference path, never a crash
