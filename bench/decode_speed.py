@@ -3,7 +3,7 @@
 In one run, same prompt, 128 greedy tokens (end-of-turn tokens banned so every engine makes all of them), the
 process's main thread, best of ``--repeat``:
 
-* lmforge's engine at float32, int8 and int4 (int8 head) and llama.cpp (``llama-cpp-python``, where installed) on the
+* lmforge's engine at float32, int8 (q8_0 blocks) and int4 (q4_1 blocks, int8 head) and llama.cpp (``llama-cpp-python``, where installed) on the
   f32 / q8_0 / q4_0 GGUFs that ``lmforge export gguf`` writes, side by side;
 * a STREAM-style memory bandwidth of this machine, measured here with numpy copies and triads of 256 MB arrays;
 * per engine, the bytes one decode step reads (weights, plus the KV cache up to the average position) and the
@@ -80,8 +80,8 @@ def runner_weight_bytes(runner: ModelRunner) -> int:
 
 
 def _linear_bytes(lin) -> int:
-    ts = [lin.weight] if lin.weight is not None else [lin.q, lin.scale]
-    return sum(t.numel() * t.element_size() for t in ts + ([lin.bias] if lin.bias is not None else []))
+    ts = [lin.weight] if lin.quantize is None or lin.kernel is None else [lin.q, lin.d, lin.m]
+    return sum(t.numel() * t.element_size() for t in ts + [lin.bias] if t is not None)
 
 
 def kv_bytes(cfg, positions: float, element_size: int) -> float:

@@ -564,9 +564,9 @@ def serve_cmd(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 serving weights and KV cache (float32: the same "
                                               "numbers as eval and transformers, seeded outputs reproducible under "
                                               "batching; bfloat16: faster with many streams, not reproducible)."),
-    quantize: Optional[str] = typer.Option(None, help="int8: int8 weight-only linears (bf16 activations); int4: 4-bit "
-                                                      "groups of 32 with an int8 output head (CPU; fastest single "
-                                                      "stream)."),
+    quantize: Optional[str] = typer.Option(None, help="int8: int8 weights, a scale per 32 inputs (q8_0); int4: "
+                                                      "4-bit, scale + minimum per 32 inputs (q4_1), int8 output head; "
+                                                      "both with a C++/AVX2 kernel (docs/benchmarks.md)."),
     api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY", help="Require Authorization: Bearer KEY."),
     max_tokens_limit: Optional[int] = typer.Option(None, help="Reject requests asking for more tokens."),
     max_concurrent_requests: int = typer.Option(256, help="In-flight HTTP requests before 429."),

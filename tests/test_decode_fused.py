@@ -84,11 +84,13 @@ def test_low_precision_decode_tracks_reference(model, reference, dtype, quantize
 
 @pytest.mark.parametrize("native", [False, True])
 def test_quantised_activations_follow_the_cpu(model, reference, monkeypatch, native):
-    """int8/int4 kernels take bf16 inputs; norms, attention and the cache run in bf16 only on CPUs with native bf16."""
+    """int8/int4 matmuls quantise float32 inputs themselves; around them a bf16 request computes in bf16 only on CPUs
+    with native bf16 (norms, attention and the cache), and a float32 one in float32 everywhere."""
     monkeypatch.setattr(runner_mod, "native_bf16", lambda: native)
-    runner = ModelRunner(model, "float32", "int8")
+    assert ModelRunner(model, "float32", "int8").act_dtype == torch.float32
+    runner = ModelRunner(model, "bfloat16", "int8")
     want = torch.bfloat16 if native else torch.float32
-    assert runner.dtype == torch.bfloat16 and runner.act_dtype == want
+    assert runner.act_dtype == want
     assert runner.allocate_cache(1, 8).k[0].dtype == want
     ids, ref = reference
     logits, _ = _decode(runner, ids)

@@ -84,7 +84,7 @@ def test_low_precision_runner_is_close(model, model_dir, dtype, quantize, tol):
     ids = torch.tensor([_prompt(model_dir)])
     ref = torch.log_softmax(model(ids)[0, -1], -1)
     runner = ModelRunner(model, dtype, quantize)
-    assert runner.dtype == torch.bfloat16  # int8 / int4 run with bf16 activations
+    assert runner.act_dtype == (torch.float32 if quantize else torch.bfloat16)  # int8 / int4: float32 around them
     out = torch.log_softmax(runner.forward(ids, torch.arange(ids.shape[1])[None], runner.allocate_cache(1, CTX),
                                            torch.tensor([0])), -1)[0]
     p = ref.exp()

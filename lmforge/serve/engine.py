@@ -229,8 +229,10 @@ class Engine:
 
         ``max_model_len`` caps the context (and so the KV-cache size: slots x layers x kv-heads x len x head_dim);
         ``None`` uses the model's full ``max_position_embeddings``.  ``dtype`` ("float32", "bfloat16") is what the
-        serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 (bf16 activations), ``"int4"``
-        as 4-bit groups of 32 (CPU; about twice the single-stream decode speed of int8, larger perplexity change).
+        serving weights and cache use; ``quantize="int8"`` stores linear weights as int8 with a scale per 32 inputs
+        (llama.cpp's q8_0), ``"int4"`` as 4-bit with a scale and minimum per 32 inputs (q4_1; int8 output head), both
+        multiplied by int8-quantised activations in a C++/AVX2 kernel, or by a pure-PyTorch reference where that
+        cannot be built (``lmforge.serve.kernels``; ``docs/benchmarks.md`` has their speed and perplexity).
         ``prefill_chunk_size``: prompt tokens computed per step (long prompts are prefilled in chunks).
         ``speculative``: speculative decoding (``lmforge.serve.speculative``), e.g.
         ``SpeculativeConfig("ngram", num_draft_tokens=4)`` or ``SpeculativeConfig("draft", draft_model=folder)``."""
@@ -448,8 +450,10 @@ class Engine:
 
     @property
     def dtype(self) -> str:
-        """What the forward pass computes in ("float32", "bfloat16", ...; int8/int4 weights run bf16 activations)."""
-        return str(self.runner.dtype).removeprefix("torch.")
+        """What the forward pass computes in between the matmuls ("float32", "bfloat16", ...): ``dtype``, except that
+        with int8/int4 weights a bf16 request computes in float32 on CPUs without native bf16 (``runner.native_bf16``).
+        The int8/int4 matmuls themselves quantise their float32 inputs to int8 per block of 32."""
+        return str(self.runner.act_dtype).removeprefix("torch.")
 
     @property
     def quantize(self) -> str | None:

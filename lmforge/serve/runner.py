@@ -3,12 +3,14 @@
 ``ModelRunner`` takes a trained ``Llama`` and prepares its weights for inference once:
 
 * q/k/v projections fused into one matmul, gate/up into one (fewer, larger matmuls per layer);
-* weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster), int8 weight-only
-  (``lmforge.model.quant``, per output channel) or int4 weight-only (CPU; groups of 32 inputs with a scale and zero
-  each, with an int8 output head; fewer bytes than int8 at no measurable perplexity change on SmolLM2-135M).  The
-  int8/int4 kernels take bf16 inputs (their float32 paths are 10-30x slower); everything between the matmuls (norms,
-  RoPE, attention, the KV cache) runs in bf16 only where the CPU computes bf16 natively (AVX-512-BF16 / AMX), else in
-  float32: on an AVX2 CPU a bf16 attention over 256 cached positions takes ~20x longer than a float32 one;
+* weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster), or block-quantised
+  (``lmforge.serve.kernels``, llama.cpp's layouts): ``int8`` = int8 with one float16 scale per 32 inputs (q8_0),
+  ``int4`` = 4-bit with a scale and minimum per 32 inputs (q4_1) and an int8 output head.  Their matmul quantises the
+  activation row to int8 per block of 32 and takes int8 x int8 dot products in a C++/AVX2 extension built on first
+  use; where it cannot be built, a pure-PyTorch reference with the same numerics runs on dequantised float32 weights
+  (float32 speed and memory, one log line).  Everything between the matmuls (norms, RoPE, attention, the KV cache)
+  runs in ``dtype``, except that a quantised model asked for bf16 computes it in float32 on CPUs without native bf16
+  (AVX-512-BF16 / AMX): on an AVX2 CPU a bf16 attention over 256 cached positions takes ~20x longer than a float32 one;
 * RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
@@ -28,12 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model.llama import ACTIVATIONS, KVCache, Llama, window_mask
-from lmforge.model.quant import int4_linear, int8_linear, quantize_weight_int4, quantize_weight_int8
+from lmforge.serve import kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INT4_GROUP = 32  # inputs per int4 scale/zero
 
 log = logging.getLogger("lmforge.serve")
+# rows from which an int4 matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
+# (faster from about 64 rows on an AVX2 CPU; the int8 kernel stays faster up to 128 rows and more: docs/benchmarks.md)
+INT4_DENSE_ROWS = 64
 
 
 def native_bf16() -> bool:
@@ -43,29 +47,50 @@ def native_bf16() -> bool:
 
 
 class _Linear:
-    """A weight prepared for inference: a plain matrix in ``dtype``, int8 + per-channel scale, or packed int4 +
-    per-group scale/zero."""
+    """A weight prepared for inference: a plain matrix in ``dtype``, or block-quantised (``lmforge.serve.kernels``:
+    ``q`` with scales ``d`` and, for int4, minima ``m``) run by the C++ kernel or, without it, by the reference on
+    the dequantised float32 ``weight``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  quantize: str | None) -> None:
-        """``dtype``: what the weights (and a quantised kernel's inputs) are stored in; the output has the input's."""
-        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
-        self.quantize, self.weight = quantize, None
-        if quantize == "int8":
-            self.q, scale = quantize_weight_int8(weight)
-            self.scale = scale.to(dtype)
-        elif quantize == "int4":
-            self.q, self.scale = quantize_weight_int4(weight, INT4_GROUP, dtype)
-        else:
+        """``dtype``: what plain weights and the bias are stored in; the output has the input's dtype."""
+        if quantize is not None and weight.shape[1] % kernels.QK:
+            log.warning("a %d x %d linear stays unquantised: its input size is not a multiple of %d",
+                        *weight.shape, kernels.QK)
+            quantize = None
+        self.quantize, self.weight, self.q, self.d, self.m, self.kernel = quantize, None, None, None, None, None
+        self.bias = None if bias is None else bias.detach().to(torch.float32 if quantize else dtype).contiguous()
+        if quantize is None:
             self.weight = weight.detach().to(dtype).contiguous()
+            return
+        if quantize == "int8":
+            self.q, self.d = kernels.quantize_q8(weight)
+        else:
+            self.q, self.d, self.m = kernels.quantize_q4(weight)
+        self.kernel = kernels.load() if self.q.is_cpu else None
+        if self.kernel is None:
+            self.weight = (kernels.dequantize_q8(self.q, self.d) if self.m is None
+                           else kernels.dequantize_q4(self.q, self.d, self.m))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.q, self.d, self.m, self.bias) if t is not None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.quantize is None:
             return F.linear(x, self.weight, self.bias)
-        xq = x.to(self.scale.dtype)
-        if self.quantize == "int4":
-            return int4_linear(xq, self.q, self.scale, INT4_GROUP, self.bias).to(x.dtype)
-        return int8_linear(xq, self.q, self.scale, self.bias).to(x.dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        if self.kernel is None:  # the reference on the dequantised weight (int8 or int4: the same computation)
+            y = kernels.q8_matmul_reference(x2, self.q, self.d, self.weight)
+        elif self.m is None:
+            y = self.kernel.q8_matmul(x2, self.q, self.d)
+        elif x2.shape[0] >= INT4_DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
+            y = kernels.q4_matmul_reference(x2, self.q, self.d, self.m, self.kernel.dequantize(self.q, self.d, self.m))
+        else:
+            y = self.kernel.q4_matmul(x2, self.q, self.d, self.m)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -102,10 +127,6 @@ class ModelRunner:
             dtype = DTYPES[dtype]
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
-        if quantize == "int4" and model.model.embed_tokens.weight.device.type != "cpu":
-            raise ValueError("quantize='int4' uses PyTorch's CPU int4 kernel; serve on CPU or use 'int8'")
-        if quantize is not None and dtype == torch.float32:
-            dtype = torch.bfloat16  # the int8/int4 kernels are fast with bf16 inputs, slow with float32
         cfg = model.config
         self.config, self.dtype, self.quantize = cfg, dtype, quantize
         # what norms, RoPE, attention and the KV cache compute in (the module docstring says why)
@@ -155,7 +176,7 @@ class ModelRunner:
     def tensors(self) -> list[torch.Tensor]:
         """Every weight tensor of the prepared model, in a fixed order (``Engine.load_weights`` copies them in place)."""
         def lin(m: _Linear) -> list[torch.Tensor]:
-            return [t for t in (m.weight, getattr(m, "q", None), getattr(m, "scale", None), m.bias) if t is not None]
+            return m.tensors()
 
         out = [self.embed]
         for L in self.layers:
