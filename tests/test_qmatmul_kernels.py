@@ -5,6 +5,7 @@ when the extension cannot be built (one log line, never a crash)."""
 
 from __future__ import annotations
 
+import os
 import logging
 
 import pytest
@@ -155,3 +156,17 @@ def test_int4_prefill_rows_take_the_dense_path(ext, model, monkeypatch):
     monkeypatch.setattr(runner_mod, "INT4_DENSE_ROWS", 1000)
     torch.testing.assert_close(dense, lin(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(ext.dequantize(lin.q, lin.d, lin.m), kernels.dequantize_q4(lin.q, lin.d, lin.m))
+
+
+def test_the_ninja_wheel_is_found_when_ninja_is_not_on_path(monkeypatch):
+    """`.venv/bin/lmforge` runs without the venv on PATH: the build still finds the ninja wheel's binary."""
+    import shutil
+
+    import ninja
+
+    from lmforge.serve import kernels
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kernels._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

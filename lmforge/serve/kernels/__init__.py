@@ -130,6 +130,20 @@ def _why_not() -> str | None:
     return None
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it next to the
+    venv's python, which is not on PATH when lmforge is run as ``.venv/bin/lmforge``."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled extension (built on first call, then loaded from the on-disk cache), or None after one log line
     saying why the pure-PyTorch reference runs instead."""
@@ -141,6 +155,7 @@ def load(verbose: bool = False) -> ModuleType | None:
             try:
                 from torch.utils import cpp_extension
 
+                _ninja_on_path()
                 path = build_dir()
                 path.mkdir(parents=True, exist_ok=True)
                 log.info("loading the int8/int4 matmul kernel from %s (compiled there on first use: a minute or more)",
