@@ -24,7 +24,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,34 +48,44 @@ class Result:
     ttft: float
     e2e: float
     tokens: int
+    chunks: list[float] = field(default_factory=list)  # arrival times (s after the request) of content chunks
+    index: int = 0  # which question
+    text: str = ""
 
 
-async def one_request(client: AsyncOpenAI, i: int, max_tokens: int) -> Result:
-    messages = [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"What is {TOPICS[i % len(TOPICS)]} in Python? (question {i})"}]
+def messages_for(i: int) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"What is {TOPICS[i % len(TOPICS)]} in Python? (question {i})"}]
+
+
+async def one_request(client: AsyncOpenAI, i: int, max_tokens: int, **extra) -> Result:
+    """One streaming chat request (``extra``: sampling fields, default temperature 0.7 seeded by ``i``)."""
     t0 = time.perf_counter()
-    first = None
+    chunks: list[float] = []
+    text = []
     tokens = 0
+    extra = {"temperature": 0.7, "seed": i, **extra}
     stream = await client.chat.completions.create(
-        model=NAME, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=i, stream=True,
-        stream_options={"include_usage": True})
+        model=NAME, messages=messages_for(i), max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True}, **extra)
     async for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks.append(time.perf_counter() - t0)
+            text.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    end = time.perf_counter()
-    return Result((first or end) - t0, end - t0, tokens)
+    end = time.perf_counter() - t0
+    return Result(chunks[0] if chunks else end, end, tokens, chunks, i, "".join(text))
 
 
-async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, list[Result]]:
+async def level(url: str, concurrency: int, requests: int, max_tokens: int, **extra) -> tuple[float, list[Result]]:
     client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     todo = iter(range(requests))
     results: list[Result] = []
 
     async def worker() -> None:
         for i in todo:
-            results.append(await one_request(client, i, max_tokens))
+            results.append(await one_request(client, i, max_tokens, **extra))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -90,6 +103,39 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+@contextmanager
+def lmforge_server(folder: Path, dtype: str, quantize: str | None = None, max_num_seqs: int = 64,
+                   prefix_caching: bool = True, max_model_len: int = 512, threads: int | None = None) -> Iterator[str]:
+    """``lmforge serve`` of ``folder`` in its own process on a free loopback port (``threads``: its
+    ``OMP_NUM_THREADS``, default PyTorch's); yields its /v1 URL once healthy."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port), "--model-name", NAME,
+           "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len), "--dtype", dtype,
+           "--max-concurrent-requests", "1024"]
+    cmd += ["--quantize", quantize] if quantize else []
+    cmd += [] if prefix_caching else ["--no-prefix-caching"]
+    print(f"model: {folder}  weights: {dtype}{' + ' + quantize if quantize else ''}  "
+          f"max_num_seqs: {max_num_seqs}  threads: {threads or 'default'}  load: {load()}\n$ {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", default="1,4,16,64")
@@ -102,29 +148,9 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c]
     folder = materialize_smollm2()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port), "--model-name", NAME,
-           "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "512", "--dtype", args.dtype,
-           "--max-concurrent-requests", "1024"]
-    cmd += ["--quantize", args.quantize] if args.quantize else []
-    cmd += ["--no-prefix-caching"] if args.no_prefix_caching else []
-    print(f"model: {folder}  weights: {args.dtype}{' + ' + args.quantize if args.quantize else ''}  "
-          f"max_num_seqs: {args.max_num_seqs}  load: {load()}\n$ {' '.join(cmd)}")
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
     rows = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
-                time.sleep(0.5)
+    with lmforge_server(folder, args.dtype, args.quantize, args.max_num_seqs, not args.no_prefix_caching) as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
         asyncio.run(level(url, 1, 1, 4))  # warm-up
         for c in levels:
             n = args.requests_per_level or max(c, 4)
@@ -135,9 +161,6 @@ def main() -> None:
             rows.append((c, n, toks / wall, n / wall, pct(ttft, .5), pct(ttft, .95), pct(e2e, .5), pct(e2e, .95), tpot))
             print(f"concurrency {c}: {n} requests, {toks} tokens in {wall:.1f} s  (load {load()})", flush=True)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
     def counter(name: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M))

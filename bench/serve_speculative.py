@@ -4,12 +4,17 @@
    into the RAG chat prompt lmforge's answerer sends (persona, instructions, the top-3 hybrid-retrieved sources from
    data/kb/docs, the question); each is answered greedily, one stream at a time, by our engine without and with
    prompt-lookup speculation (``--k`` drafts per step).  Printed: decode tokens/s of each, the speed-up, acceptance
-   rate, tokens per target forward pass, and whether every answer is token-for-token identical.
+   rate, tokens per target forward pass, and whether every answer is token-for-token identical.  Then what a pass
+   costs: thread CPU ms of a decode pass over T = 1..9 positions (T=1 the plain single-stream step, T>1 the verify
+   pass), and other draft policies (n-gram lengths, k, adaptive or fixed) replayed exactly on the same greedy answers,
+   with the speed-up that cost curve predicts for each.
 2. **TTFT of a 1,000-token prompt** (knowledge-base chunks, tokenised and cut at 1,000 tokens), prefix caching off,
-   best of ``--repeat``: one-pass prefill and chunked (``--chunk``); with llama-cpp-python installed, llama.cpp's
-   TTFT on the f32 / q8_0 / q4_0 GGUF of the same model beside ours at float32 / int8 / int4 (the same threads).
+   best of ``--repeat``: one-pass prefill and chunked (``--chunks``); with llama-cpp-python installed, llama.cpp's
+   TTFT on the f32 / q8_0 / q4_0 GGUF of the same model right after ours at float32 / int8 / int4 (the same threads),
+   with the load average on every row.
 
-    .venv/bin/python bench/serve_speculative.py [--k 4] [--max-tokens 128] [--quantize int4] [--threads 1]
+    .venv/bin/python bench/serve_speculative.py [--k 4] [--ngram-min 2] [--ngram-max 3] [--max-tokens 128]
+        [--quantize int4] [--threads 1] [--precisions float32,int8,int4] [--chunks none,512]
         [--index /tmp/kb-index]   # reuse a built knowledge base (it is built there on the first run)
 
 Both engines run on the main thread of this process, one after the other; the load average is printed before and
@@ -90,40 +95,111 @@ def ttft(engine: Engine, ids: list[int], repeat: int) -> float:
     return min(times)
 
 
-def llama_cpp_ttft(folder: Path, ids: list[int], work: Path, threads: int, repeat: int) -> dict[str, float]:
+POLICIES = [(2, 3, 4, True), (1, 3, 4, True), (3, 3, 4, True), (2, 5, 4, True), (3, 8, 4, True), (4, 8, 4, True),
+            (2, 3, 2, True), (2, 3, 8, True), (3, 8, 8, True), (2, 3, 1, False), (3, 8, 2, False), (4, 8, 4, False)]
+
+
+def replay(prompts: list[list[int]], answers: list[list[int]], max_tokens: int, k_max: int, ngram_min: int,
+           ngram_max: int, adaptive: bool) -> dict:
+    """What prompt lookup with this policy does on these greedy answers, step by step as the engine does it (the
+    first token comes from the prefill; a draft is kept while it equals the answer): decode passes, tokens, drafts,
+    accepted drafts, and how many passes had T positions ({T: count})."""
+    from lmforge.serve.speculative import SpecStats, propose_ngram
+
+    out = {"passes": 0, "tokens": 0, "drafted": 0, "accepted": 0, "T": {}}
+    for prompt, ans in zip(prompts, answers):
+        stats, i = SpecStats(k=k_max), 1
+        while i < len(ans):
+            left = max_tokens - i
+            k = min(stats.k if adaptive else k_max, left - 1)
+            d = propose_ngram(prompt + ans[:i], k, ngram_max, ngram_min) if k > 0 else []
+            acc = 0
+            while acc < len(d) and i + acc < len(ans) and d[acc] == ans[i + acc]:
+                acc += 1
+            step = min(acc + 1, len(ans) - i)
+            out["passes"] += 1
+            out["tokens"] += step
+            out["drafted"] += len(d)
+            out["accepted"] += acc
+            out["T"][1 + len(d)] = out["T"].get(1 + len(d), 0) + 1
+            stats.adapt(len(d), acc, k_max)
+            i += step
+    return out
+
+
+def pass_costs(engine: Engine, ids: list[int], t_max: int, rounds: int) -> dict[int, float]:
+    """Thread CPU ms of one decode pass over T = 1..t_max positions after ``ids``, best of ``rounds`` interleaved
+    rounds: {"verify": T=1 the plain step (``runner.forward`` of one token, the single-stream path), T>1 the
+    engine's verify pass (``_all_logits``); "batched": the same T positions through the batched ``forward`` (index
+    writes, gathered keys, a [B, 1, T, S] mask) and the head, how verify passes ran before their single-stream path}."""
+    runner = engine.runner
+    cache = runner.allocate_cache(1, len(ids) + t_max + 1)
+    row = torch.tensor([0])
+    runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, row)
+    pos = len(ids)
+    engine_cache, engine.cache = engine.cache, cache
+
+    def one(T: int, path: str) -> None:
+        tok = torch.tensor([ids[-T:]])
+        positions = (pos + torch.arange(T))[None]
+        if T == 1:
+            runner.forward(tok, positions, cache, row)
+        elif path == "verify":
+            engine._all_logits(tok, positions, row)
+        else:
+            runner.lm_head(runner.forward(tok, positions, cache, row, hidden=True)).float()
+
+    best = {path: {T: float("inf") for T in range(1, t_max + 1)} for path in ("verify", "batched")}
+    try:
+        for _ in range(rounds):
+            for T in range(1, t_max + 1):
+                for path in best:
+                    one(T, path)
+                    t0 = time.thread_time()
+                    for _ in range(3):
+                        one(T, path)
+                    best[path][T] = min(best[path][T], (time.thread_time() - t0) / 3 * 1000)
+    finally:
+        engine.cache = engine_cache
+    best["batched"][1] = best["verify"][1] = min(best["batched"][1], best["verify"][1])  # the same plain step
+    return best
+
+
+def llama_cpp_ttft(folder: Path, d: str, ids: list[int], work: Path, threads: int, repeat: int) -> float:
+    """Best-of-``repeat`` TTFT of llama.cpp on the ``d`` GGUF (f32 / q8_0 / q4_0) that ``lmforge export gguf`` writes."""
     import llama_cpp
 
     from lmforge.export import export_gguf
 
     work.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for d in ("f32", "q8_0", "q4_0"):
-        path = work / f"smollm2-{d}.gguf"
-        if not path.exists():
-            export_gguf(folder, path, d)
-        cache = dict(type_k=0, type_v=0) if d == "f32" else {}  # f32 KV cache for the f32 reference
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False,
-                              **cache)
-        times = []
-        for _ in range(repeat + 1):  # the first run warms up
-            llm.reset()
-            t0 = time.perf_counter()
-            next(iter(llm.generate(ids, temp=0.0, top_k=1, reset=True)))
-            times.append(time.perf_counter() - t0)
-        out[d] = min(times[1:])
-        del llm
-    return out
+    path = work / f"smollm2-{d}.gguf"
+    if not path.exists():
+        export_gguf(folder, path, d)
+    cache = dict(type_k=0, type_v=0) if d == "f32" else {}  # f32 KV cache for the f32 reference
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, **cache)
+    times = []
+    for _ in range(repeat + 1):  # the first run warms up
+        llm.reset()
+        t0 = time.perf_counter()
+        next(iter(llm.generate(ids, temp=0.0, top_k=1, reset=True)))
+        times.append(time.perf_counter() - t0)
+    del llm
+    return min(times[1:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--ngram-min", type=int, default=SpeculativeConfig.ngram_min)
+    ap.add_argument("--ngram-max", type=int, default=SpeculativeConfig.ngram_max)
+    ap.add_argument("--cost-rounds", type=int, default=6, help="rounds of the verify-pass cost curve (0: skip)")
+    ap.add_argument("--precisions", default="float32,int8,int4", help="TTFT: which of float32, int8, int4")
+    ap.add_argument("--chunks", default="none,512", help="TTFT: prefill chunk sizes to time (none: one pass)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--questions", type=int, default=0, help="first N QA items (0: all)")
     ap.add_argument("--quantize", default=None, help="int8 | int4 (default: float32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--ttft-tokens", type=int, default=1000)
     ap.add_argument("--skip-rag", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
@@ -147,7 +223,9 @@ def main() -> None:
         prompts = rag_prompts(probe, kb, ROOT / "data/kb/qa.jsonl")
         if args.questions:
             prompts = prompts[:args.questions]
-        plain, spec = engine(), engine(speculative=SpeculativeConfig("ngram", num_draft_tokens=args.k))
+        spec_cfg = SpeculativeConfig("ngram", num_draft_tokens=args.k, ngram_max=args.ngram_max,
+                                     ngram_min=args.ngram_min)
+        plain, spec = engine(), engine(speculative=spec_cfg)
         answer(plain, prompts[0], 8)
         answer(spec, prompts[0], 8)  # warm-up
         rows = {"plain": [], "spec": []}
@@ -164,7 +242,8 @@ def main() -> None:
                  if a[1] and b[1]]
         mean_prompt = statistics.mean(map(len, prompts))
         print(f"\n## prompt lookup on {len(prompts)} RAG prompts (mean {mean_prompt:.0f} tokens), greedy, "
-              f"≤{args.max_tokens} tokens, {dtype}{' ' + args.quantize if args.quantize else ''}, k={args.k}")
+              f"≤{args.max_tokens} tokens, {dtype}{' ' + args.quantize if args.quantize else ''}, k={args.k}, "
+              f"n-grams {args.ngram_min}-{args.ngram_max}")
         print("| engine | decode tok/s | tokens | acceptance | tokens / forward | identical answers |")
         print("|---|---|---|---|---|---|")
         print(f"| lmforge | {tok['plain'] / sec['plain']:.1f} | {tok['plain']} | – | 1 | – |")
@@ -172,6 +251,29 @@ def main() -> None:
               f"{accepted / max(drafted, 1):.2f} | {tok['spec'] / max(steps, 1):.2f} | {same}/{len(prompts)} |")
         print(f"speed-up (decode tok/s): {sec['plain'] / sec['spec'] * tok['spec'] / tok['plain']:.2f}x overall; "
               f"per answer median {statistics.median(per_q):.2f}x, min {min(per_q):.2f}x, max {max(per_q):.2f}x")
+        answers = [r[0] for r in rows["plain"]]
+        mean_k = sum(r[2]["draft_tokens"] for r in rows["spec"]) / max(steps, 1)
+        print(f"verify passes: {drafted} drafts over {steps} decode steps ({mean_k:.2f} drafts per step)")
+        costs = pass_costs(plain, prompts[0], max(9, args.k + 1), args.cost_rounds) if args.cost_rounds else None
+        cost = costs["verify"] if costs else None
+        if costs:
+            print(f"\n## CPU ms of one decode pass over T positions (one thread, best of {args.cost_rounds} interleaved "
+                  f"rounds, {len(prompts[0])} cached tokens; T=1 plain: the single-stream step)")
+            print("| T | " + " | ".join(map(str, cost)) + " |\n|---|" + "---|" * len(cost))
+            for path, c in costs.items():
+                print(f"| {path} CPU ms | " + " | ".join(f"{x:.1f}" for x in c.values()) + " |")
+                print(f"| {path} × plain | " + " | ".join(f"{x / c[1]:.2f}" for x in c.values()) + " |")
+        print("\n## draft policies replayed on the greedy answers above (exact: acceptance depends only on them)")
+        print("| n-grams | k | adaptive | tokens / pass | acceptance | drafts / pass | predicted speed-up "
+              "(verify / batched costs) |")
+        print("|---|---|---|---|---|---|---|")
+        for lo, hi, k, adaptive in POLICIES + [(args.ngram_min, args.ngram_max, args.k, True)]:
+            r = replay(prompts, answers, args.max_tokens, k, lo, hi, adaptive)
+            pred = " / ".join(f"{r['tokens'] * c[1] / sum(c[t] * n for t, n in r['T'].items()):.2f}x"
+                              for c in costs.values()) if costs and max(r["T"]) <= max(cost) else "–"
+            print(f"| {lo}-{hi} | {k} | {'yes' if adaptive else 'no'} | {r['tokens'] / r['passes']:.2f} | "
+                  f"{r['accepted'] / max(r['drafted'], 1):.2f} | {r['drafted'] / r['passes']:.2f} | {pred} |")
+        print("(the last row: the policy measured above)")
         plain.shutdown()
         spec.shutdown()
 
@@ -182,25 +284,29 @@ def main() -> None:
     ids = probe.encode(text, add_special_tokens=False)[:args.ttft_tokens]
     print(f"\n## TTFT of a {len(ids)}-token prompt (best of {args.repeat}, prefix caching off, {args.threads} "
           f"thread(s))")
-    print("| engine | TTFT ms |\n|---|---|")
-    ours = {}
-    for name, dt, q in (("float32", "float32", None), ("int8", "bfloat16", "int8"), ("int4", "bfloat16", "int4")):
-        for chunk in (None, args.chunk):
+    print("| engine | TTFT ms | load |\n|---|---|---|")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        llama_cpp = None
+        print("(llama-cpp-python is not installed: no llama.cpp rows)")
+    configs = {"float32": ("float32", None, "f32"), "int8": ("bfloat16", "int8", "q8_0"),
+               "int4": ("bfloat16", "int4", "q4_0")}
+    chunks = [None if c == "none" else int(c) for c in args.chunks.split(",") if c]
+    for name in [p for p in args.precisions.split(",") if p]:  # ours, then llama.cpp at the same precision
+        dt, q, gguf = configs[name]
+        for chunk in chunks:
             e = Engine(base, probe.tokenizer, probe.tokenizer_config, max_num_seqs=1, max_model_len=2048,
                        generation_config={}, dtype=dt, quantize=q, enable_prefix_caching=False,
                        prefill_chunk_size=chunk)
             ttft(e, ids[:64], 1)  # warm-up
-            ours[(name, chunk)] = ttft(e, ids, args.repeat)
+            secs = ttft(e, ids, args.repeat)
             e.shutdown()
-            print(f"| lmforge {name}, {'one pass' if chunk is None else f'chunks of {chunk}'} | "
-                  f"{ours[(name, chunk)] * 1000:.0f} |")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("(llama-cpp-python is not installed: no llama.cpp column)")
-    else:
-        for d, s in llama_cpp_ttft(folder, ids, Path(args.gguf_work), args.threads, args.repeat).items():
-            print(f"| llama.cpp {d} (n_batch 512) | {s * 1000:.0f} |")
+            print(f"| lmforge {name}{' (int8 head)' if q == 'int4' else ''}, "
+                  f"{'one pass' if chunk is None else f'chunks of {chunk}'} | {secs * 1000:.0f} | {load()} |", flush=True)
+        if llama_cpp is not None:
+            secs = llama_cpp_ttft(folder, gguf, ids, Path(args.gguf_work), args.threads, args.repeat)
+            print(f"| llama.cpp {gguf} (n_batch 512) | {secs * 1000:.0f} | {load()} |", flush=True)
     print(f"\nload after: {load()}")
 
 

@@ -679,7 +679,11 @@ class Engine:
         return drafts, q_out
 
     def _all_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, CPU) at every position [B, T, vocab] (the runner's final hidden states through its head)."""
+        """Logits (float32, CPU) at every position [B, T, vocab] (the runner's final hidden states through its head;
+        one stream: its single-stream verify pass)."""
+        if ids.shape[0] == 1:
+            return self.runner.verify_logits(ids.to(self.device), int(positions[0, 0]), self.cache,
+                                             int(rows[0]))[None].cpu()
         h = self.runner.forward(ids.to(self.device), positions.to(self.device), self.cache, rows.to(self.device),
                                 hidden=True)
         logits = self.runner.lm_head(h).float()

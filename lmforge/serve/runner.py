@@ -257,22 +257,49 @@ class ModelRunner:
         values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions (views, no gather, no
         mask: the only query is the last position).  It reads no tensor value on the Python side, so ``torch.compile``
         traces it into one graph, dynamic in S."""
+        return self._logits(self._one_stream(ids, positions, slot, S, ks, vs)[:, -1])
+
+    @torch.inference_mode()
+    def verify_logits(self, ids: torch.Tensor, start: int, cache: KVCache, slot: int) -> torch.Tensor:
+        """Logits (float32) [T, vocab] at every position of one stream's tokens ``ids`` [1, T], placed at positions
+        ``start .. start + T - 1`` of cache slot ``slot`` (a speculative verify pass: the last token and its drafts).
+        The single-stream path of ``_decode_one`` with T queries: cache writes and reads by slicing, a [T, S] causal
+        mask instead of ``forward``'s batched gather and index writes."""
+        T = ids.shape[1]
+        S = start + T
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        positions = torch.arange(start, S, device=ids.device)[None]
+        return self._logits(self._one_stream(ids, positions, slot, S, cache.k, cache.v)[0])
+
+    def _one_stream(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, S: int,
+                    ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states [1, T, h] of one stream's last T tokens ``ids`` [1, T] at positions S - T .. S - 1 (the
+        decode step's body; T > 1: a verify pass)."""
+        T = ids.shape[1]
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
                 for kind, (cos, sin) in self.rope.items()}
+        keys = torch.arange(S, device=ids.device)
+        causal = None if T == 1 else keys[None] <= (S - T + torch.arange(T, device=ids.device))[:, None]  # [T, S]
         band = None
         if "sliding_attention" in self.rope:  # keys less than a window back
-            band = (torch.arange(S, device=ids.device) > S - 1 - self.config.sliding_window)[None, None, None]
+            band = keys[None] > (S - T + torch.arange(T, device=ids.device))[:, None] - self.config.sliding_window
+            band = band if causal is None else band & causal
+        masks = {"full_attention": causal, "sliding_attention": band}
 
         def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ck, cv = ks[i], vs[i]
-            ck[slot, :, S - 1] = k[0, 0]
-            cv[slot, :, S - 1] = v[0, 0]
+            if T == 1:
+                ck[slot, :, S - 1] = k[0, 0]
+                cv[slot, :, S - 1] = v[0, 0]
+            else:
+                ck[slot, :, S - T:S] = k[0].transpose(0, 1)
+                cv[slot, :, S - T:S] = v[0].transpose(0, 1)
             return F.scaled_dot_product_attention(q, ck[slot:slot + 1, :, :S], cv[slot:slot + 1, :, :S],
-                                                  attn_mask=band if kind == "sliding_attention" else None,
-                                                  scale=self.scale, enable_gqa=self.n_kv != self.n_head)
+                                                  attn_mask=masks[kind], scale=self.scale,
+                                                  enable_gqa=self.n_kv != self.n_head)
 
-        x = self._layers(self.embed[ids], rope, attend)
-        return self._logits(x[:, -1])
+        return self._layers(self.embed[ids], rope, attend)
 
     def _layers(self, x: torch.Tensor, rope: dict, attend) -> torch.Tensor:
         """The decoder layers on hidden states ``x`` [B, T, h]; ``attend(i, kind, q, k, v)`` stores layer i's keys and
