@@ -112,6 +112,8 @@ class Config(StageConfig):
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description="LoRA target layers.")
     rollout_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Serving weights for rollouts.")
+    rollout_quantize: Literal["none", "int8", "int4"] = Field("none", description="Rollout engine's linear weights "
+                                                              "quantised (bf16 activations); the loss stays float32.")
     max_model_len: int = Field(512, ge=16, description="Context of the rollout engine (prompt + completion).")
     eval_every: int = Field(10, ge=1, description="Steps between held-out reward measurements.")
     checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints.")
@@ -160,33 +162,61 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: bool) ->
 
 @dataclass
 class RolloutBatch:
-    input_ids: torch.Tensor  # [N, T] prompt + completion, right-padded
-    targets: torch.Tensor  # [N, T] the next token where it is a completion token, else -1
-    n_tokens: torch.Tensor  # [N] completion tokens per row
+    """A step's rollouts packed one group per row: the prompt once, then its completions one after the other, each
+    completion attending to the prompt and to itself only (``mask``) at the positions it had when sampled.  The prompt
+    is computed once per group instead of G times (the log-probs are the same up to float rounding)."""
+
+    input_ids: torch.Tensor  # [groups, T], right-padded
+    positions: torch.Tensor  # [groups, T]
+    mask: torch.Tensor  # [groups, 1, T, T], True = may attend
+    src: torch.Tensor  # [M] flat index into [groups * T] of the hidden state that predicts each completion token
+    tgt: torch.Tensor  # [M] the completion tokens, completion by completion (row-major over the completions)
+    n_tokens: torch.Tensor  # [N] completion tokens per completion
 
 
-def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> RolloutBatch:
-    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(prompts), T), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        if c:
-            tgt[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
-    return RolloutBatch(ids, tgt, torch.tensor([len(c) for c in completions]))
+def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, group_size: int) -> RolloutBatch:
+    """Pack ``prompts`` (one per completion, the same for each run of ``group_size``) and their ``completions``."""
+    groups = []
+    for g in range(0, len(prompts), group_size):
+        p = prompts[g]
+        ids, pos, seg, src = list(p), list(range(len(p))), [0] * len(p), []
+        for i, c in enumerate(completions[g:g + group_size]):
+            start = len(ids)
+            # the first token is predicted by the prompt's last one, each next one by the token before it
+            src += [len(p) - 1] + list(range(start, start + len(c) - 1)) if c else []
+            ids += c
+            pos += range(len(p), len(p) + len(c))
+            seg += [i + 1] * len(c)
+        groups.append((ids, pos, seg, src))
+    T = max(len(ids) for ids, *_ in groups)
+    B = len(groups)
+    ids_t = torch.full((B, T), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((B, T), dtype=torch.long)
+    seg_t = torch.full((B, T), -1, dtype=torch.long)  # padding: its own segment, never read
+    src_all = []
+    for b, (ids, pos, seg, src) in enumerate(groups):
+        ids_t[b, :len(ids)] = torch.tensor(ids)
+        pos_t[b, :len(pos)] = torch.tensor(pos)
+        seg_t[b, :len(seg)] = torch.tensor(seg)
+        src_all += [b * T + j for j in src]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])) & causal)[:, None]
+    tgt = [t for c in completions for t in c]
+    return RolloutBatch(ids_t, pos_t, mask, torch.tensor(src_all, dtype=torch.long),
+                        torch.tensor(tgt, dtype=torch.long), torch.tensor([len(c) for c in completions]))
 
 
 def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = False, head: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [M] of the completion tokens (in row-major order) and, optionally, the policy's entropy there [M].
+    """Log-probs [M] of the completion tokens (completion by completion) and, optionally, the policy's entropy there.
 
-    Only the completion positions go through the output head (``head``: the model's own by default; pass it when
-    ``model`` is a DDP wrapper)."""
-    mask = batch.targets >= 0
-    hidden = model(batch.input_ids, return_hidden=True)[mask]
+    Only the hidden states that predict a completion token go through the output head (``head``: the model's own by
+    default; pass it when ``model`` is a DDP wrapper)."""
+    hidden = model(batch.input_ids, positions=batch.positions, attention_mask=batch.mask, return_hidden=True)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch.src]
     logits = (hidden @ (head if head is not None else head_weight(model)).t()).float()
     logp_all = logits.log_softmax(-1)
-    lp = logp_all.gather(1, batch.targets[mask][:, None]).squeeze(1)
+    lp = logp_all.gather(1, batch.tgt[:, None]).squeeze(1)
     ent = None
     if with_entropy:
         with torch.no_grad():
@@ -349,7 +379,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
 
     # the rollout engine holds its own copy of the weights, synced from the policy before every rollout
     engine = Engine.from_folder(model_dir, max_num_seqs=P_mine * G, max_model_len=cfg.max_model_len,
-                                dtype=cfg.rollout_dtype)
+                                dtype=cfg.rollout_dtype,
+                                quantize=None if cfg.rollout_quantize == "none" else cfg.rollout_quantize)
     room = engine.max_model_len - cfg.max_tokens
     train_prompts = [engine.encode_chat(it.messages()) for it in task.train]
     test_prompts = [engine.encode_chat(it.messages()) for it in test_items]
@@ -421,7 +452,7 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             failed = torch.tensor([s.failed for s in scored]).view(P_mine, G)
             valid = ~failed.all(dim=1)
             adv = group_advantages(rew, valid, cfg.scale_rewards).view(-1)
-            batch = build_batch(prompts, completions, pad_id)
+            batch = build_batch(prompts, completions, pad_id, G)
             row_of = torch.repeat_interleave(torch.arange(len(prompts)), batch.n_tokens)
             adv_tok = adv[row_of]
             # the whole step's figures (every rank's rows, in global row order): loss normaliser and metrics
