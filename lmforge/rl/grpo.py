@@ -31,6 +31,10 @@ Loss normalisation (``loss_type``):
 The optimiser, schedule, backward / finite-loss check / clipping step, ``metrics.jsonl`` + TensorBoard and the
 checkpoints are the shared training core's (``lmforge.train.core``); this module keeps rollouts, rewards and the loss.
 
+Under torchrun (DDP) each process rolls out a contiguous share of the step's groups on its own engine; the loss is
+normalised by the whole step's tokens (or completions) and DDP sums the gradients, so N processes make the one-process
+update (``train``'s docstring; ``tests/test_rl_grpo_ddp.py``).
+
 Resume: a checkpoint holds the trainable tensors, the optimiser state and torch's RNG; the prompts of a step and the
 sampling seeds are pure functions of (seed, step), and the engine is re-synced from the restored policy, so a run
 killed with SIGKILL and resumed produces the same weights as one that was never interrupted (a test checks it).
@@ -168,7 +172,7 @@ class RolloutBatch:
 
     input_ids: torch.Tensor  # [groups, T], right-padded
     positions: torch.Tensor  # [groups, T]
-    mask: torch.Tensor  # [groups, 1, T, T], True = may attend
+    mask: torch.Tensor | None  # [groups, 1, T, T], True = may attend (None: plain causal, one completion per row)
     src: torch.Tensor  # [M] flat index into [groups * T] of the hidden state that predicts each completion token
     tgt: torch.Tensor  # [M] the completion tokens, completion by completion (row-major over the completions)
     n_tokens: torch.Tensor  # [N] completion tokens per completion
