@@ -39,7 +39,8 @@ def run_lmforge(args, work: Path) -> dict:
     cfg = grpo.Config(model=args.model, task=str(task), reward="token_fraction", group_size=args.group_size,
                       prompts_per_step=args.prompts_per_step, max_steps=args.steps, max_tokens=args.max_tokens,
                       lr=args.lr, beta=0.0, test_size=0, eval_every=10**6, checkpoint_every=10**6, samples=0,
-                      tensorboard=False, threads=args.threads, **mode)
+                      tensorboard=False, threads=args.threads, rollout_dtype=args.rollout_dtype,
+                      rollout_quantize=args.rollout_quantize, **mode)
     t0 = time.time()
     grpo.run(cfg, work / "lmforge", force=True)
     total = time.time() - t0
@@ -51,7 +52,8 @@ def run_lmforge(args, work: Path) -> dict:
     from lmforge.serve.sampling import SamplingParams
 
     n = args.group_size * args.prompts_per_step
-    eng = Engine.from_folder(args.model, max_num_seqs=n, max_model_len=512)
+    eng = Engine.from_folder(args.model, max_num_seqs=n, max_model_len=512, dtype=args.rollout_dtype,
+                             quantize=None if args.rollout_quantize == "none" else args.rollout_quantize)
     stop = list(eng.chat_stop_token_ids)
     toks, secs = 0, 0.0
     for s in range(args.steps):
@@ -148,18 +150,32 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rollout-dtype", default="float32",
+                    help="lmforge's rollout engine weights, float32 or bfloat16; a comma list runs lmforge once per "
+                         "entry (each against the same TRL run; TRL's generate stays float32)")
+    ap.add_argument("--rollout-quantize", choices=["none", "int8", "int4"], default="none")
     ap.add_argument("--only", choices=["lmforge", "trl"])
     args = ap.parse_args()
     if args.only is None:  # each framework in its own process: no shared thread pools or caches
+        print(f"uptime before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+        runs = [("lmforge", d) for d in args.rollout_dtype.split(",")] + [("trl", "float32")]
         results = []
-        for fw in ("lmforge", "trl"):
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--only", fw]
+        for fw, dtype in runs:
+            argv = [a for a in sys.argv[1:]]
+            if "--rollout-dtype" in argv:
+                i = argv.index("--rollout-dtype")
+                del argv[i:i + 2]
+            cmd = [sys.executable, __file__, *argv, "--rollout-dtype", dtype, "--only", fw]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode != 0:
                 print(f"{fw} failed:\n{out.stderr[-3000:]}")
                 continue
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            if fw == "lmforge":
+                res["framework"] = f"lmforge ({dtype} rollouts" + \
+                    (f", {args.rollout_quantize})" if args.rollout_quantize != "none" else ")")
+            results.append(res)
+        print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         for r in results:
             parts = ", ".join(f"{k.split('/')[-1]} {v:.3f}s" for k, v in r["parts_s_per_step"].items())
             print(f"{r['framework']:8s} {r['s_per_step']:.3f} s/step ({r['steps_per_s']:.3f} steps/s), completion "
@@ -167,10 +183,12 @@ def main() -> None:
         for r in results:
             if "engine_tokens_per_s_standalone" in r:
                 a, b = r["rollout_tokens_per_s_in_grpo"], r["engine_tokens_per_s_standalone"]
-                print(f"lmforge rollout tokens/s inside GRPO {a:.1f} vs the standalone engine at the same concurrency "
-                      f"{b:.1f}: {100 * a / b:.0f}%")
-        if len(results) == 2:
-            print(f"lmforge / trl steps/s: {results[0]['steps_per_s'] / results[1]['steps_per_s']:.2f}x")
+                print(f"{r['framework']} rollout tokens/s inside GRPO {a:.1f} vs the standalone engine at the same "
+                      f"concurrency {b:.1f}: {100 * a / b:.0f}%")
+        trl = [r for r in results if r["framework"] == "trl"]
+        for r in results:
+            if trl and r is not trl[0]:
+                print(f"{r['framework']} / trl steps/s: {r['steps_per_s'] / trl[0]['steps_per_s']:.2f}x")
         return
     with tempfile.TemporaryDirectory() as tmp:
         res = (run_lmforge if args.only == "lmforge" else run_trl)(args, Path(tmp))

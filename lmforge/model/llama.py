@@ -351,7 +351,7 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
                 last_only: bool = False, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
 
         ``return_hidden``: return the final-norm hidden states [B, T, hidden] instead, without the head (for a loss that
@@ -363,6 +363,10 @@ class Llama(nn.Module):
         ``segment_ids`` [B, T] (training path only, no cache): several documents packed into one row; a token attends
         only to earlier tokens with the same id, and positions restart at 0 at each new segment (unless given).
         Without ``segment_ids`` or a cache, the rows are taken to start at position 0 (the causal mask is by column).
+
+        ``attention_mask`` [B, 1, T, T] (training path only, True = may attend): a layout that ``segment_ids`` cannot
+        express, e.g. GRPO's packed groups (a prompt and its completions in one row, each completion seeing the prompt
+        and itself); give the ``positions`` with it.
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -380,7 +384,11 @@ class Llama(nn.Module):
                              f"{cfg.max_position_embeddings}")
         if cache is not None and rows is None:
             rows = torch.arange(B, device=input_ids.device)
+        if attention_mask is not None and (cache is not None or segment_ids is not None):
+            raise ValueError("attention_mask is for the training path, without a KV cache or segment_ids")
         masks = self._masks(positions, cache, segment_ids)
+        if attention_mask is not None:
+            masks = {kind: attention_mask if m is None else m & attention_mask for kind, m in masks.items()}
         x = self.model.embed_tokens(input_ids)
         if cfg.gemma_norms:  # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as HF does
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)

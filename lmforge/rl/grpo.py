@@ -31,6 +31,10 @@ Loss normalisation (``loss_type``):
 The optimiser, schedule, backward / finite-loss check / clipping step, ``metrics.jsonl`` + TensorBoard and the
 checkpoints are the shared training core's (``lmforge.train.core``); this module keeps rollouts, rewards and the loss.
 
+Under torchrun (DDP) each process rolls out a contiguous share of the step's groups on its own engine; the loss is
+normalised by the whole step's tokens (or completions) and DDP sums the gradients, so N processes make the one-process
+update (``train``'s docstring; ``tests/test_rl_grpo_ddp.py``).
+
 Resume: a checkpoint holds the trainable tensors, the optimiser state and torch's RNG; the prompts of a step and the
 sampling seeds are pure functions of (seed, step), and the engine is re-synced from the restored policy, so a run
 killed with SIGKILL and resumed produces the same weights as one that was never interrupted (a test checks it).
@@ -60,13 +64,14 @@ from torch import nn
 from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZER_FILES, add_lora, check_lora_rank,
                                 mode_line, save_adapter, trainable_share)
 from lmforge.artifacts import Manifest, write_json
-from lmforge.config import StageConfig
+from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import load_model, save_model
-from lmforge.progress import console, progress
+from lmforge.progress import console
 from lmforge.rl import tasks as T
 from lmforge.rl.rewards import Reward
 from lmforge.stages import begin, finished
-from lmforge.train import core
+from lmforge.train import core, distributed
+from lmforge.train.distributed import World
 from lmforge.train.loss import head_weight
 
 STAGE = "grpo"
@@ -111,6 +116,8 @@ class Config(StageConfig):
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description="LoRA target layers.")
     rollout_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Serving weights for rollouts.")
+    rollout_quantize: Literal["none", "int8", "int4"] = Field("none", description="Rollout engine's linear weights "
+                                                              "quantised (bf16 activations); the loss stays float32.")
     max_model_len: int = Field(512, ge=16, description="Context of the rollout engine (prompt + completion).")
     eval_every: int = Field(10, ge=1, description="Steps between held-out reward measurements.")
     checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints.")
@@ -159,32 +166,61 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: bool) ->
 
 @dataclass
 class RolloutBatch:
-    input_ids: torch.Tensor  # [N, T] prompt + completion, right-padded
-    targets: torch.Tensor  # [N, T] the next token where it is a completion token, else -1
-    n_tokens: torch.Tensor  # [N] completion tokens per row
+    """A step's rollouts packed one group per row: the prompt once, then its completions one after the other, each
+    completion attending to the prompt and to itself only (``mask``) at the positions it had when sampled.  The prompt
+    is computed once per group instead of G times (the log-probs are the same up to float rounding)."""
+
+    input_ids: torch.Tensor  # [groups, T], right-padded
+    positions: torch.Tensor  # [groups, T]
+    mask: torch.Tensor | None  # [groups, 1, T, T], True = may attend (None: plain causal, one completion per row)
+    src: torch.Tensor  # [M] flat index into [groups * T] of the hidden state that predicts each completion token
+    tgt: torch.Tensor  # [M] the completion tokens, completion by completion (row-major over the completions)
+    n_tokens: torch.Tensor  # [N] completion tokens per completion
 
 
-def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> RolloutBatch:
-    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(prompts), T), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        if c:
-            tgt[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
-    return RolloutBatch(ids, tgt, torch.tensor([len(c) for c in completions]))
+def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, group_size: int) -> RolloutBatch:
+    """Pack ``prompts`` (one per completion, the same for each run of ``group_size``) and their ``completions``."""
+    groups = []
+    for g in range(0, len(prompts), group_size):
+        p = prompts[g]
+        ids, pos, seg, src = list(p), list(range(len(p))), [0] * len(p), []
+        for i, c in enumerate(completions[g:g + group_size]):
+            start = len(ids)
+            # the first token is predicted by the prompt's last one, each next one by the token before it
+            src += [len(p) - 1] + list(range(start, start + len(c) - 1)) if c else []
+            ids += c
+            pos += range(len(p), len(p) + len(c))
+            seg += [i + 1] * len(c)
+        groups.append((ids, pos, seg, src))
+    T = max(len(ids) for ids, *_ in groups)
+    B = len(groups)
+    ids_t = torch.full((B, T), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((B, T), dtype=torch.long)
+    seg_t = torch.full((B, T), -1, dtype=torch.long)  # padding: its own segment, never read
+    src_all = []
+    for b, (ids, pos, seg, src) in enumerate(groups):
+        ids_t[b, :len(ids)] = torch.tensor(ids)
+        pos_t[b, :len(pos)] = torch.tensor(pos)
+        seg_t[b, :len(seg)] = torch.tensor(seg)
+        src_all += [b * T + j for j in src]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])) & causal)[:, None]
+    tgt = [t for c in completions for t in c]
+    return RolloutBatch(ids_t, pos_t, mask, torch.tensor(src_all, dtype=torch.long),
+                        torch.tensor(tgt, dtype=torch.long), torch.tensor([len(c) for c in completions]))
 
 
-def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = False
+def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = False, head: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [M] of the completion tokens (in row-major order) and, optionally, the policy's entropy there [M].
+    """Log-probs [M] of the completion tokens (completion by completion) and, optionally, the policy's entropy there.
 
-    Only the completion positions go through the output head."""
-    mask = batch.targets >= 0
-    hidden = model(batch.input_ids, return_hidden=True)[mask]
-    logits = (hidden @ head_weight(model).t()).float()
+    Only the hidden states that predict a completion token go through the output head (``head``: the model's own by
+    default; pass it when ``model`` is a DDP wrapper)."""
+    hidden = model(batch.input_ids, positions=batch.positions, attention_mask=batch.mask, return_hidden=True)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch.src]
+    logits = (hidden @ (head if head is not None else head_weight(model)).t()).float()
     logp_all = logits.log_softmax(-1)
-    lp = logp_all.gather(1, batch.targets[mask][:, None]).squeeze(1)
+    lp = logp_all.gather(1, batch.tgt[:, None]).squeeze(1)
     ent = None
     if with_entropy:
         with torch.no_grad():
@@ -193,8 +229,15 @@ def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = Fals
 
 
 def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, adv_tok: torch.Tensor,
-              row_of: torch.Tensor, n_rows: int, n_tokens: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate + β·k3 per token, normalised by ``cfg.loss_type``; with its statistics."""
+              row_of: torch.Tensor, n_rows: int, n_tokens: torch.Tensor, cfg: Config,
+              total_rows: int | None = None, total_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate + β·k3 per token, normalised by ``cfg.loss_type``; with its statistics.
+
+    ``total_rows`` / ``total_tokens``: the completions and completion tokens of the whole step, over all data-parallel
+    ranks (default: this batch's), so that each rank's loss is its share of the one-process loss.  The statistics
+    are sums (``clipped``, ``kl_sum``, over ``tokens``), to be added up over ranks."""
+    total_rows = n_rows if total_rows is None else total_rows
+    total_tokens = int(n_tokens.sum()) if total_tokens is None else total_tokens
     ratio = torch.exp(logp - old)
     hi = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     clipped = ratio.clamp(1 - cfg.epsilon, 1 + hi)
@@ -205,16 +248,16 @@ def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, a
         kl = torch.exp(d) - d - 1
         per_tok = per_tok + cfg.beta * kl
     if cfg.loss_type == "dapo":
-        loss = per_tok.sum() / max(int(n_tokens.sum()), 1)
+        loss = per_tok.sum() / max(total_tokens, 1)
     elif cfg.loss_type == "grpo":
         per_row = torch.zeros(n_rows, dtype=per_tok.dtype).index_add(0, row_of, per_tok)
-        loss = (per_row / n_tokens.clamp(min=1)).mean()
+        loss = (per_row / n_tokens.clamp(min=1)).sum() / total_rows
     else:  # dr_grpo
-        loss = per_tok.sum() / (n_rows * cfg.max_tokens)
+        loss = per_tok.sum() / (total_rows * cfg.max_tokens)
     with torch.no_grad():
         was_clipped = ((ratio < 1 - cfg.epsilon) & (adv_tok < 0)) | ((ratio > 1 + hi) & (adv_tok > 0))
-        stats = {"clip_fraction": float(was_clipped.float().mean()) if len(ratio) else 0.0,
-                 "kl": float(kl.mean()) if kl is not None and len(kl) else 0.0}
+        stats = {"clipped": float(was_clipped.sum()), "kl_sum": float(kl.sum()) if kl is not None else 0.0,
+                 "tokens": float(len(ratio))}
     return loss, stats
 
 
@@ -269,20 +312,30 @@ def plot_reward(metrics_path: Path, out_png: Path, title: str) -> None:
 # the stage
 
 
-def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
-    out = Path(out_dir)
+def check_world(config: Config, world: World) -> None:
+    """Under torchrun each process rolls out whole groups: the step's prompts must split evenly over the processes."""
+    if world.distributed and config.prompts_per_step % world.world_size:
+        raise ConfigError(f"prompts_per_step: {config.prompts_per_step} is not a multiple of the {world.world_size} "
+                          f"processes (each process rolls out whole groups of group_size completions); pick a "
+                          f"prompts_per_step divisible by --nproc-per-node")
+
+
+def _plan(config: Config, out: Path, force: bool):
+    """Rank 0 decides: the ``StageRun`` to train in (a fresh run's stale files removed), or None to skip."""
     inputs = {"model": config.model}
     if Path(config.task).exists():
         inputs["task"] = config.task
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force)
-    if run_ is None:
-        return finished(out)
-    resume = run_.resumable()
-    with run_:
-        if not resume:
-            core.clear_stale(out, ("checkpoints", "metrics.jsonl", "tensorboard", "val_before.json"))
-        run_.metrics.update(train(config, out))
-    return finished(out)
+    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
+    if run_ is not None and run_.resumes is None:
+        core.clear_stale(out, ("checkpoints", "metrics.jsonl", "tensorboard", "val_before.json"))
+    return run_
+
+
+def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
+    """Train (or resume, or skip when up to date) into ``out_dir``; under torchrun every rank calls this."""
+    out = Path(out_dir)
+    return core.run_stage(out, "cpu", lambda: _plan(config, out, force), lambda world: train(config, out, world),
+                          check=lambda world: check_world(config, world))
 
 
 def evaluate(engine, reward: Reward, items: list[T.Item], prompts: list[list[int]], max_tokens: int
@@ -304,11 +357,18 @@ def _prompt_text(item: T.Item) -> str:
     return item.prompt if isinstance(item.prompt, str) else item.messages()[-1]["content"]
 
 
-def train(cfg: Config, out: Path) -> dict:
+def train(cfg: Config, out: Path, world: World = World()) -> dict:
+    """The GRPO loop.  Under torchrun (DDP) each rank has its own engine and rolls out its contiguous share of the
+    step's prompts (whole groups: advantages never need another rank's rewards); the loss is normalised by the whole
+    step's completion tokens (or rows), so N processes compute the one-process update; DDP all-reduces gradients,
+    every rank syncs the new weights into its engine; rank 0 evaluates, logs and writes."""
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
-    console.print(f"  {mode_line(cfg.full, cfg.lora_r)}")
+    check_world(cfg, world)
+    main = world.is_main
+    if main:
+        console.print(f"  {mode_line(cfg.full, cfg.lora_r)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(cfg.model)
@@ -317,10 +377,14 @@ def train(cfg: Config, out: Path) -> dict:
     test_items = task.test[:cfg.test_size]
     if cfg.ref_model:
         check_same_tokenizer(model_dir, Path(cfg.ref_model))
+    G, P = cfg.group_size, cfg.prompts_per_step
+    P_mine = P // world.world_size  # this rank's prompts of a step: [first, first + P_mine) of the step's P
+    first = world.rank * P_mine
 
     # the rollout engine holds its own copy of the weights, synced from the policy before every rollout
-    engine = Engine.from_folder(model_dir, max_num_seqs=cfg.prompts_per_step * cfg.group_size,
-                                max_model_len=cfg.max_model_len, dtype=cfg.rollout_dtype)
+    engine = Engine.from_folder(model_dir, max_num_seqs=P_mine * G, max_model_len=cfg.max_model_len,
+                                dtype=cfg.rollout_dtype,
+                                quantize=None if cfg.rollout_quantize == "none" else cfg.rollout_quantize)
     room = engine.max_model_len - cfg.max_tokens
     train_prompts = [engine.encode_chat(it.messages()) for it in task.train]
     test_prompts = [engine.encode_chat(it.messages()) for it in test_items]
@@ -343,61 +407,72 @@ def train(cfg: Config, out: Path) -> dict:
             p.requires_grad_(False)
     policy.train()
     share = trainable_share(policy)
+    ddp = distributed.parallelize(policy, world, "ddp")  # the policy itself in a single process
+    head = head_weight(policy)
     opt = core.make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    ckpt = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
+    ckpt = core.TrainableCheckpoints(out / "checkpoints", cfg.keep_checkpoints, world)
     step, _ = ckpt.load(policy, opt)
-    log = core.MetricsLog(out, tensorboard=cfg.tensorboard, resume_step=step)
+    log = core.MetricsLog(out, world, tensorboard=cfg.tensorboard, resume_step=step)
 
     sync_engine(engine, policy)
     before_path = out / "val_before.json"
-    if before_path.exists():
+    before: dict = {"val_reward": float("nan"), "parts": {}, "samples": []}
+    if main and before_path.exists():
         before = json.loads(before_path.read_text())
-    else:
+    elif main:
         val, texts, parts = evaluate(engine, reward, test_items, test_prompts, cfg.max_tokens)
         before = {"val_reward": val, "parts": parts, "samples": texts[:cfg.samples]}
         write_json(before_path, before)
         log.log({"step": 0, "val_reward": round(val, 5), **{f"val_reward_{k}": round(v, 5) for k, v in parts.items()}})
-    console.print(f"  task {task.name}: {len(task.train)} train / {len(test_items)} held-out prompts, reward "
-                  f"{task.reward}; G={cfg.group_size} x {cfg.prompts_per_step} prompts, loss {cfg.loss_type}; "
-                  f"held-out reward before {before['val_reward']:.3f}")
+    if main:
+        console.print(f"  task {task.name}: {len(task.train)} train / {len(test_items)} held-out prompts, reward "
+                      f"{task.reward}; G={G} x {P} prompts, loss {cfg.loss_type}; held-out reward before "
+                      f"{before['val_reward']:.3f}" + (f"; DDP over {world.world_size} processes, "
+                                                       f"{P_mine} prompts each" if world.distributed else ""))
 
-    G, P = cfg.group_size, cfg.prompts_per_step
     stop = list(engine.chat_stop_token_ids)
     skipped_groups = 0
-    after = before["val_reward"]
     last: dict = {}
     t_start = time.time()
-    with progress() as bar:
+    with core.bar_for(world) as bar:
         task_bar = bar.add_task("grpo", total=cfg.max_steps, completed=step, rate="")
         while step < cfg.max_steps:
             lr = core.set_lr(opt, core.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-            idx = prompt_indices(len(task.train), P, cfg.seed, step)
-            # 1. rollouts
+            idx = prompt_indices(len(task.train), P, cfg.seed, step)[first:first + P_mine]
+            # 1. rollouts: seeds are functions of (seed, step, global row), whichever rank samples the row
             t0 = time.time()
             engine.reset_prefix_cache()
             prompts = [train_prompts[i] for i in idx for _ in range(G)]
             params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                     stop_token_ids=stop, seed=_seed_of(cfg.seed, step, r))
+                                     stop_token_ids=stop, seed=_seed_of(cfg.seed, step, first * G + r))
                       for r in range(len(prompts))]
             results = engine.generate_batch(prompts, params)
             rollout_s = time.time() - t0
             completions = [r.token_ids for r in results]
-            n_gen = sum(len(c) for c in completions)
-            # 2. rewards
+            # 2. rewards, and advantages within this rank's groups
             scored = [reward.score(_prompt_text(task.train[idx[r // G]]), res.text, task.train[idx[r // G]].fields)
                       for r, res in enumerate(results)]
-            rew = torch.tensor([s.total for s in scored], dtype=torch.float32).view(P, G)
-            failed = torch.tensor([s.failed for s in scored]).view(P, G)
+            rew = torch.tensor([s.total for s in scored], dtype=torch.float32).view(P_mine, G)
+            failed = torch.tensor([s.failed for s in scored]).view(P_mine, G)
             valid = ~failed.all(dim=1)
-            if not bool(valid.all()):
-                n_bad = int((~valid).sum())
-                skipped_groups += n_bad
-                console.print(f"[yellow]  step {step + 1}: {n_bad} group(s) skipped: every reward of the group "
-                              f"failed[/]")
             adv = group_advantages(rew, valid, cfg.scale_rewards).view(-1)
-            batch = build_batch(prompts, completions, pad_id)
+            batch = build_batch(prompts, completions, pad_id, G)
             row_of = torch.repeat_interleave(torch.arange(len(prompts)), batch.n_tokens)
             adv_tok = adv[row_of]
+            # the whole step's figures (every rank's rows, in global row order): loss normaliser and metrics
+            ranks = distributed.gather({"total": [s.total for s in scored], "failed": [s.failed for s in scored],
+                                        "parts": {n: [s.parts[n] for s in scored] for n in reward.names},
+                                        "n_gen": int(batch.n_tokens.sum()), "rollout_s": rollout_s}, world)
+            all_rew = torch.tensor([x for r in ranks for x in r["total"]], dtype=torch.float32)
+            all_failed = torch.tensor([x for r in ranks for x in r["failed"]]).view(P, G)
+            all_parts = {n: [x for r in ranks for x in r["parts"][n]] for n in reward.names}
+            n_gen = sum(r["n_gen"] for r in ranks)
+            n_skipped = int(all_failed.all(dim=1).sum())
+            if n_skipped:
+                skipped_groups += n_skipped
+                if main:
+                    console.print(f"[yellow]  step {step + 1}: {n_skipped} group(s) skipped: every reward of the "
+                                  f"group failed[/]")
             # 3. reference (and old-policy) log-probs, once per batch
             t0 = time.time()
             ref_lp = None
@@ -415,35 +490,42 @@ def train(cfg: Config, out: Path) -> dict:
             iter_stats = []
 
             def loss_of(it: int) -> tuple[torch.Tensor, dict]:
-                logp, ent = token_logps(policy, batch, with_entropy=it == 0)
+                logp, ent = token_logps(ddp, batch, with_entropy=it == 0, head=head)
                 old = old_lp if old_lp is not None else logp.detach()
-                loss, st = grpo_loss(logp, old, ref_lp, adv_tok, row_of, len(prompts), batch.n_tokens, cfg)
+                loss, st = grpo_loss(logp, old, ref_lp, adv_tok, row_of, len(prompts), batch.n_tokens, cfg,
+                                     total_rows=P * G, total_tokens=n_gen)
                 if ent is not None:
-                    st["entropy"] = float(ent.mean()) if len(ent) else 0.0
-                return loss, st
+                    st["entropy_sum"] = float(ent.sum())
+                # x world size: DDP averages the ranks' gradients, their sum is the one-process gradient
+                return loss * world.world_size, st
 
             for it in range(cfg.iterations):  # one optimiser step per iteration over the same rollouts
-                res = core.step(opt, policy.parameters(), [it], loss_of, grad_clip=cfg.grad_clip, at_step=step + 1)
+                res = core.step(opt, policy.parameters(), [it], loss_of, grad_clip=cfg.grad_clip, at_step=step + 1,
+                                world=world, ddp=ddp)
                 iter_stats += res.stats
-            loss_value, grad_norm, entropy = res.loss, res.grad_norm, iter_stats[0]["entropy"]
+            loss_value, grad_norm = res.loss, res.grad_norm
+            sums = distributed.sum_over_ranks([iter_stats[0]["entropy_sum"], iter_stats[0]["kl_sum"]]
+                                              + [x["clipped"] for x in iter_stats], world)
+            n_tok = max(n_gen, 1)
             train_s = time.time() - t0
             step += 1
             t0 = time.time()
             sync_engine(engine, policy)
             sync_s = time.time() - t0
+            rollout_max = max(r["rollout_s"] for r in ranks)  # the step waits for the slowest rank's rollouts
             rec = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "reward": round(float(rew.mean()), 5), "reward_std": round(float(rew.std()), 5),
-                   **{f"reward_{n}": round(float(np.mean([s.parts[n] for s in scored])), 5) for n in reward.names},
-                   **{f"reward_{n}_std": round(float(np.std([s.parts[n] for s in scored])), 5) for n in reward.names},
-                   "kl": round(iter_stats[0]["kl"], 6),  # of the policy that sampled the batch
-                   "clip_fraction": round(float(np.mean([x["clip_fraction"] for x in iter_stats])), 5),
-                   "completion_len": round(n_gen / len(prompts), 2), "entropy": round(entropy, 4),
-                   "skipped_groups": int((~valid).sum()), "reward_failures": int(failed.sum()),
-                   "rollout_s": round(rollout_s, 3), "ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
-                   "sync_s": round(sync_s, 3), "rollout_tokens_per_s": round(n_gen / max(rollout_s, 1e-9), 1)}
-            if test_items and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                after, _, parts = evaluate(engine, reward, test_items, test_prompts, cfg.max_tokens)
-                rec["val_reward"] = round(after, 5)
+                   "reward": round(float(all_rew.mean()), 5), "reward_std": round(float(all_rew.std()), 5),
+                   **{f"reward_{n}": round(float(np.mean(all_parts[n])), 5) for n in reward.names},
+                   **{f"reward_{n}_std": round(float(np.std(all_parts[n])), 5) for n in reward.names},
+                   "kl": round(sums[1] / n_tok, 6),  # of the policy that sampled the batch
+                   "clip_fraction": round(float(np.mean(sums[2:])) / n_tok, 5),
+                   "completion_len": round(n_gen / (P * G), 2), "entropy": round(sums[0] / n_tok, 4),
+                   "skipped_groups": n_skipped, "reward_failures": int(all_failed.sum()),
+                   "rollout_s": round(rollout_max, 3), "ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
+                   "sync_s": round(sync_s, 3), "rollout_tokens_per_s": round(n_gen / max(rollout_max, 1e-9), 1)}
+            if main and test_items and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val, _, parts = evaluate(engine, reward, test_items, test_prompts, cfg.max_tokens)
+                rec["val_reward"] = round(val, 5)
                 rec.update({f"val_reward_{k}": round(v, 5) for k, v in parts.items()})
             log.log(rec)
             last = rec
@@ -452,6 +534,12 @@ def train(cfg: Config, out: Path) -> dict:
             bar.update(task_bar, completed=step, rate=f"reward {rec['reward']:.3f} kl {rec['kl']:.4f}")
     seconds = time.time() - t_start
     log.close()
+    failures: dict[str, int] = {}
+    for counts in distributed.gather(dict(reward.failures), world):
+        for k, v in counts.items():
+            failures[k] = failures.get(k, 0) + v
+    if not main:  # other ranks only roll out and train
+        return {"steps": step, "world_size": world.world_size}
 
     final_val, texts, final_parts = evaluate(engine, reward, test_items, test_prompts, cfg.max_tokens)
     samples = [{"prompt": _prompt_text(it), "before": b, "after": a}
@@ -472,6 +560,7 @@ def train(cfg: Config, out: Path) -> dict:
         "val_reward_before": round(before["val_reward"], 4), "val_reward_after": round(final_val, 4),
         "val_reward_parts_before": before["parts"], "val_reward_parts_after": final_parts,
         "final": {k: v for k, v in last.items() if k != "step"},
-        "skipped_groups": skipped_groups, "reward_failures": dict(reward.failures),
+        "skipped_groups": skipped_groups, "reward_failures": failures,
         "train_seconds": round(seconds, 2), "peak_rss_mb": round(core.peak_rss_mb(), 1),
+        "world_size": world.world_size,
     }

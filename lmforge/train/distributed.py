@@ -190,6 +190,24 @@ def mean_over_ranks(value: float, world: World) -> float:
     return float(t.item()) / world.world_size
 
 
+def sum_over_ranks(values: list[float], world: World) -> list[float]:
+    """Element-wise sums of Python floats over all ranks (the values themselves in a single process)."""
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather(obj: Any, world: World) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast(obj: Any, world: World) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not world.distributed:
