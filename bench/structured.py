@@ -11,8 +11,9 @@ Sections (all by default, or pick with ``--sections``):
   "length").
 * ``overhead``: SmolLM2-135M-Instruct int4 through the Engine, decode-step time with every row constrained vs none,
   at 1 and 16 concurrent streams (only steps whose batch has exactly that many rows count); target <= 10 %.
-* ``model``: SmolLM2-135M-Instruct int4 at temperature 1 on ``--model-schemas`` BFCL schemas (16 streams), each
-  output checked with json.loads + jsonschema.
+* ``model``: SmolLM2-135M-Instruct int4 at temperature 1 on ``--model-schemas`` BFCL schemas (0: all of them;
+  ``--model-streams`` in flight), each output checked with json.loads + jsonschema; ``--model-out FILE`` appends
+  every verdict to FILE and resumes from it.
 
     .venv/bin/python bench/structured.py [--sections grammar,overhead,model] [--limit N] [--walk-steps 256]
 
@@ -297,34 +298,75 @@ def section_overhead(schemas: list[dict], tokens: int, rounds: int, backend: str
         so.shutdown()
 
 
-def section_model(schemas: list[dict], n: int, tokens: int, backend: str) -> None:
+def section_model(schemas: list[dict], n: int, tokens: int, backend: str, streams: int = 16,
+                  out: str | None = None) -> None:
+    """SmolLM2 int4 at temperature 1 on ``n`` sampled schemas (0: every schema, in order), ``streams`` requests in
+    flight; with ``out`` every verdict is appended to that JSON-lines file as it comes and schemas already in it are
+    skipped, so a long run can be stopped and resumed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from lmforge.model.pretrained import materialize_smollm2
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
-    engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=16, max_model_len=1024, quantize="int4")
+    engine = Engine.from_folder(materialize_smollm2(), max_num_seqs=streams, max_model_len=1024, quantize="int4")
     so = StructuredOutputs.for_engine(engine, backend=backend)
-    picked = random.Random(2).sample(schemas, min(n, len(schemas)))
-    jobs = [(chat_prompt(engine, s), SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, logits_processors=[
-        so.processor(GrammarSpec.json_schema(s))])) for i, s in enumerate(picked)]
-    t0 = time.perf_counter()
-    results = run_batch(engine, jobs)
-    wall = time.perf_counter() - t0
-    ok = invalid = length = 0
-    for schema, res in zip(picked, results):
-        if res.finish_reason == "length":
-            length += 1
-            continue
+    picked = list(enumerate(schemas)) if n == 0 else random.Random(2).sample(list(enumerate(schemas)),
+                                                                              min(n, len(schemas)))
+    counts = {"valid": 0, "invalid": 0, "length": 0, "refused": 0}
+    if out and Path(out).exists():
+        for line in open(out):
+            rec = json.loads(line)
+            counts[rec["verdict"]] += 1
+        done = {json.loads(line)["schema"] for line in open(out)}
+        picked = [(i, s) for i, s in picked if i not in done]
+        print(f"[model] resuming: {sum(counts.values())} schemas already in {out}")
+    lock, toks, first = threading.Lock(), [0], []
+    sink = open(out, "a") if out else None
+
+    def one(job: tuple[int, dict]) -> None:
+        i, schema = job
+        text, finish = "", None
         try:
-            jsonschema.validate(json.loads(res.text), schema, format_checker=jsonschema.FormatChecker())
-            ok += 1
-        except (ValueError, jsonschema.ValidationError) as err:
-            invalid += 1
-            print(f"    INVALID ({res.finish_reason}): {res.text[:120]!r}: {str(err)[:100]}")
-    toks = sum(r.completion_tokens for r in results)
-    print(f"[model] SmolLM2-135M int4, {backend}, temperature 1, {len(picked)} BFCL schemas, 16 streams: {ok} valid, "
-          f"{invalid} invalid, {length} cut at max_tokens={tokens}; {toks / wall:.1f} tok/s aggregate (load {load()})")
-    print(f"    e.g. {results[0].text[:200]!r}")
+            proc = so.processor(GrammarSpec.json_schema(schema))
+        except StructuredOutputError as err:
+            verdict, text = "refused", str(err)[:200]
+        else:
+            res = engine.generate_text(chat_prompt(engine, schema), SamplingParams(
+                temperature=1.0, max_tokens=tokens, seed=i, logits_processors=[proc]))
+            text, finish = res.text, res.finish_reason
+            with lock:
+                toks[0] += res.completion_tokens
+            if finish == "length":
+                verdict = "length"
+            else:
+                try:
+                    jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
+                    verdict = "valid"
+                except (ValueError, jsonschema.ValidationError) as err:
+                    verdict = "invalid"
+                    print(f"    INVALID schema {i} ({finish}): {text[:120]!r}: {str(err)[:100]}")
+        with lock:
+            counts[verdict] += 1
+            first.append(text)
+            if sink:
+                sink.write(json.dumps({"schema": i, "verdict": verdict, "finish": finish, "text": text}) + "\n")
+                sink.flush()
+            if sum(counts.values()) % 100 == 0:
+                print(f"    {sum(counts.values())} schemas: {counts} (load {load()})", flush=True)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2 * streams) as pool:  # twice the batch: the next grammars compile while rows decode
+        list(pool.map(one, picked))
+    wall = time.perf_counter() - t0
+    print(f"[model] SmolLM2-135M int4, {backend}, temperature 1, {sum(counts.values())} BFCL schemas, {streams} "
+          f"streams: {counts['valid']} valid, {counts['invalid']} invalid, {counts['length']} cut at "
+          f"max_tokens={tokens}, {counts['refused']} refused (unsatisfiable); {toks[0] / wall:.1f} tok/s aggregate "
+          f"this run (load {load()})")
+    if first:
+        print(f"    e.g. {first[0][:200]!r}")
+    if sink:
+        sink.close()
     engine.shutdown()
     so.shutdown()
 
@@ -343,6 +385,8 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=3, help="requests per slot at 16 streams (keeps the batch full)")
     ap.add_argument("--model-schemas", type=int, default=64)
     ap.add_argument("--model-tokens", type=int, default=256)
+    ap.add_argument("--model-streams", type=int, default=16)
+    ap.add_argument("--model-out", default=None, help="model section: append verdicts here; resume from it")
     args = ap.parse_args()
     schemas = bfcl_schemas()
     if args.limit:
@@ -354,7 +398,8 @@ def main() -> None:
     if "overhead" in sections:
         section_overhead(schemas, args.tokens, args.rounds, args.backend, args.waves)
     if "model" in sections:
-        section_model(schemas, args.model_schemas, args.model_tokens, args.backend)
+        section_model(schemas, args.model_schemas, args.model_tokens, args.backend, args.model_streams,
+                      args.model_out)
 
 
 if __name__ == "__main__":

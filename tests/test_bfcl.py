@@ -264,3 +264,19 @@ def test_through_server(tiny_model, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "srv" / "items.jsonl").read_text().splitlines()]
     # parallel_tool_calls per category: exactly one call outside the parallel categories
     assert all(len(r["calls"]) == 1 for r in records if "parallel" not in r["category"])
+
+
+def test_concurrent_questions_keep_their_order(tiny_model, tmp_path):
+    """--concurrency 3: questions answered side by side (one engine batch), items.jsonl still in question order, every
+    call valid and every verdict the scorer's."""
+    from lmforge.cli import app
+
+    out = tmp_path / "c"
+    res = CliRunner().invoke(app, ["eval-bfcl", "--model", str(tiny_model), "--categories", *bfcl.CATEGORIES[:2],
+                                   "--limit", "2", "--max-tokens", "160", "--tool-choice", "required",
+                                   "--temperature", "1", "--max-model-len", "2048", "--concurrency", "3",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [it["id"] for c in bfcl.CATEGORIES[:2] for it in bfcl.load_category(c, 2)]
+    _check_run(out, 2, 2)

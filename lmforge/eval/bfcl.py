@@ -34,6 +34,7 @@ import os
 import re
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -82,6 +83,8 @@ class Config(StageConfig):
     seed: int = Field(0, description="Sampling seed (sent to the endpoint as `seed`).")
     max_model_len: int = Field(4096, ge=256, description="In-process: context length of the engine.")
     quantize: str | None = Field(None, description="In-process: weight quantization (int8, int4).")
+    concurrency: int = Field(1, ge=1, description="Questions in flight at once (in-process: the engine batches "
+                                                  "them; greedy answers can then differ in the last float bits).")
     underscore_dots: bool = Field(False, description="Send function names with '.' replaced by '_' (OpenAI's name "
                                                      "rule); renames are undone before scoring.")
 
@@ -251,7 +254,7 @@ def engine_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[],
     from lmforge.serve.tools import parse_tool_calls, parse_tool_choice, parse_tools, render_messages, \
         tool_call_grammar
 
-    engine = Engine.from_folder(config.model, max_num_seqs=1, max_model_len=config.max_model_len,
+    engine = Engine.from_folder(config.model, max_num_seqs=config.concurrency, max_model_len=config.max_model_len,
                                 quantize=config.quantize)
     structured = StructuredOutputs.for_engine(engine) if config.constrained else None
 
@@ -361,11 +364,17 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     with run_:
         answer, close = engine_answerer(config) if config.model else endpoint_answerer(config)
         records = []
+
+        def one(item: dict) -> dict:
+            parallel = config.parallel_tool_calls == "always" or "parallel" in item["category"]
+            return evaluate_item(item, answer, config.underscore_dots, parallel)
+
         try:
-            with open(out / "items.jsonl", "w", encoding="utf-8") as f:  # written as it goes: follow a long run
-                for i, item in enumerate(items, 1):
-                    parallel = config.parallel_tool_calls == "always" or "parallel" in item["category"]
-                    records.append(evaluate_item(item, answer, config.underscore_dots, parallel))
+            with open(out / "items.jsonl", "w", encoding="utf-8") as f, \
+                    ThreadPoolExecutor(config.concurrency, thread_name_prefix="bfcl") as pool:
+                # written in question order as it goes: follow a long run
+                for i, record in enumerate(pool.map(one, items), 1):
+                    records.append(record)
                     f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
                     f.flush()
                     if i % 10 == 0 or i == len(items):
