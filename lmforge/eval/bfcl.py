@@ -13,6 +13,10 @@ live_irrelevance, live_relevance) from the question and answer files that ship i
 - the calls are decoded as BFCL decodes an OpenAI function-calling model (``[{name: json.loads(arguments)}]``) and
   scored with bfcl-eval's own AST checker; (ir)relevance items score whether any call was made, as BFCL does.
 
+The multi-turn categories (``multi_turn_base``, ``multi_turn_long_context``, ``multi_turn_miss_param``,
+``multi_turn_miss_func``) run in the same stage: lmforge's agent loop on bfcl-eval's live API simulators, scored by its
+multi-turn checker (``lmforge/eval/bfcl_multi.py``; ``max_steps`` model calls per user turn).
+
 Output: ``results.json`` (accuracy per category with a 95% Wilson CI, and the item-weighted overall),
 ``items.jsonl`` (one record per question: output, decoded calls, verdict and the checker's error) and ``results.md``.
 
