@@ -122,9 +122,10 @@ def check(probe: Probe, seen: dict, rules: dict[str, list[re.Pattern]]) -> dict[
     return out
 
 
-def run_suite(suite_path: str | os.PathLike, backend_for: Any, state_dir: str | os.PathLike) -> list[dict]:
-    """Send every probe to its persona (``backend_for(persona)`` gives the model backend) and score it.  Persona
-    state (orders, memory) lives in ``state_dir``."""
+def run_suite(suite_path: str | os.PathLike, backend_for: Any, state_dir: str | os.PathLike,
+              on_record: Any = None) -> list[dict]:
+    """Send every probe to its persona (``backend_for(persona)`` gives the model backend) and score it; each record
+    also goes to ``on_record`` as it is made.  Persona state (orders, memory) lives in ``state_dir``."""
     from lmforge.agent.persona import load_persona
 
     suite, rules = load_suite(suite_path)
@@ -143,6 +144,8 @@ def run_suite(suite_path: str | os.PathLike, backend_for: Any, state_dir: str | 
         records.append({"id": probe.id, "persona": probe.persona, "message": probe.message,
                         "expect": probe.expect.model_dump(exclude_none=True), **seen, "checks": verdicts,
                         "passed": all(verdicts.values())})
+        if on_record is not None:
+            on_record(records[-1])
         console.print(f"  {i}/{len(suite.probes)} {probe.id}: {'pass' if records[-1]['passed'] else 'FAIL'} "
                       f"({seen['answered_by']}{', tools ' + ','.join(seen['tools']) if seen['tools'] else ''})")
     return records
@@ -212,12 +215,12 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
                                  temperature=c.temperature, max_tokens=tokens)
 
         try:
-            records = run_suite(config.suite, backend_for, out / "state")
+            with open(out / "items.jsonl", "w", encoding="utf-8") as f:  # written as it goes: follow a long run
+                records = run_suite(config.suite, backend_for, out / "state",
+                                    lambda r: (f.write(json.dumps(r, ensure_ascii=False) + "\n"), f.flush()))
         finally:
             if engine is not None:
                 engine.shutdown()
-        with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         summary = summarize(records, seed=config.seed)
         write_json(out / "results.json", {"model": config.model or config.base_url, "suite": config.suite,
                                           "rates": summary})
