@@ -179,6 +179,8 @@ STAGE_COMMANDS: dict[str, dict[str, tuple[str, Callable[[], Callable[..., Any]]]
         "trace": ("Print an agent, persona or team run's trace (model calls, tool calls, results) as a tree.",
                   _agent_trace),
     },
+    "persona": {"eval": ("Score persona cards on a probe suite (right tool, hand-over when ungrounded, declines, in "
+                         "character) with bootstrap CIs.", _stage("lmforge.agent.persona_eval", "persona-eval"))},
     "mcp": {
         "serve": ("Serve lmforge's tools (knowledge-base search and answers, generation, calculator, read_file) over "
                   "MCP (stdio or streamable HTTP).", _from_agent_cli("mcp_serve_cmd")),
@@ -218,6 +220,7 @@ app.add_typer(_group("feedback", "Feedback from production: export what `lmforge
 app.add_typer(typer.Typer(help="Tool-using agents: `lmforge agent QUESTION` (= `agent run`), `agent trace RUN`.",
                           no_args_is_help=True, cls=type("AgentGroup", (DefaultCommandGroup,),
                                                          {"lazy": STAGE_COMMANDS["agent"]})), name="agent")
+app.add_typer(_group("persona", "Personas: evaluate cards on a probe suite."), name="persona")
 app.add_typer(_group("mcp", "Model Context Protocol: serve lmforge's tools, list any server's tools."), name="mcp")
 app.add_typer(_group("reward", "Reward models: train on preference pairs, score answers."), name="reward")
 
@@ -228,6 +231,7 @@ HEADLINE = {
     "pretrain": ["params", "steps", "final_train_loss", "final_val_loss", "tokens_per_s", "mfu"],
     "eval": ["val_loss", "val_ppl", "val_bpb", "aggregate_centered"],
     "eval_bfcl": ["overall.accuracy", "unparsed_answers"],
+    "persona_eval": ["probe.rate", "tool.rate", "handoff.rate", "in_character.rate"],
     "serve_smoke": ["latency_s", "tokens_per_s"],
     "sft": ["mode", "trainable_share", "val_loss_before", "final_val_loss", "tokens_per_s", "peak_rss_mb",
             "model_state_mb"],

@@ -13,6 +13,10 @@ live_irrelevance, live_relevance) from the question and answer files that ship i
 - the calls are decoded as BFCL decodes an OpenAI function-calling model (``[{name: json.loads(arguments)}]``) and
   scored with bfcl-eval's own AST checker; (ir)relevance items score whether any call was made, as BFCL does.
 
+The multi-turn categories (``multi_turn_base``, ``multi_turn_long_context``, ``multi_turn_miss_param``,
+``multi_turn_miss_func``) run in the same stage: lmforge's agent loop on bfcl-eval's live API simulators, scored by its
+multi-turn checker (``lmforge/eval/bfcl_multi.py``; ``max_steps`` model calls per user turn).
+
 Output: ``results.json`` (accuracy per category with a 95% Wilson CI, and the item-weighted overall),
 ``items.jsonl`` (one record per question: output, decoded calls, verdict and the checker's error) and ``results.md``.
 
@@ -51,6 +55,7 @@ VERSION = "1"
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance", "live_simple",
               "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance")
 DATA_PREFIX = "BFCL_v4_"
+MULTI_TURN = ("multi_turn_base", "multi_turn_long_context", "multi_turn_miss_param", "multi_turn_miss_func")
 CHECKER_NAME = "lmforge"  # the model name the checker is given (only used to look up underscore_to_dot)
 
 # BFCL's Gorilla types -> JSON Schema types (the same mapping as bfcl_eval.constants.type_mappings.GORILLA_TO_OPENAPI
@@ -69,7 +74,7 @@ class Config(StageConfig):
     model_name: str | None = Field(None, description="Model name sent to the endpoint (default: its first model).")
     api_key: str = Field("EMPTY", description="API key for the endpoint.")
     categories: list[str] = Field(default_factory=lambda: list(CATEGORIES),
-                                  description="BFCL categories: " + ", ".join(CATEGORIES) + ".")
+                                  description="BFCL categories: " + ", ".join(CATEGORIES + MULTI_TURN) + ".")
     limit: int | None = Field(None, ge=1, description="Score at most this many questions per category (the first).")
     tool_choice: Literal["auto", "required"] = Field("auto", description="OpenAI tool_choice: auto (the model may "
                                                      "answer in text; BFCL's setting) or required (calls only).")
@@ -84,7 +89,10 @@ class Config(StageConfig):
     max_model_len: int = Field(4096, ge=256, description="In-process: context length of the engine.")
     quantize: str | None = Field(None, description="In-process: weight quantization (int8, int4).")
     concurrency: int = Field(1, ge=1, description="Questions in flight at once (in-process: the engine batches "
-                                                  "them; greedy answers can then differ in the last float bits).")
+                                                  "them; greedy answers can then differ in the last float bits; "
+                                                  "multi-turn entries run one at a time).")
+    max_steps: int = Field(8, ge=1, description="Multi-turn categories: model calls per user turn; a turn that "
+                                                "reaches it ends the entry (BFCL's force quit).")
     underscore_dots: bool = Field(False, description="Send function names with '.' replaced by '_' (OpenAI's name "
                                                      "rule); renames are undone before scoring.")
 
@@ -111,7 +119,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 def load_category(category: str, limit: int | None = None) -> list[dict]:
     """A category's questions, each with its ``ground_truth`` (none for (ir)relevance) and ``category``."""
     if category not in CATEGORIES:
-        raise ConfigError(f"categories: unknown BFCL category {category!r} (known: {', '.join(CATEGORIES)})")
+        raise ConfigError(f"categories: unknown BFCL category {category!r} "
+                          f"(known: {', '.join(CATEGORIES + MULTI_TURN)})")
     root = data_dir() / "data"
     items = _read_jsonl(root / f"{DATA_PREFIX}{category}.json")[:limit]
     answers_path = root / "possible_answer" / f"{DATA_PREFIX}{category}.json"
@@ -246,16 +255,20 @@ class ItemError(ValueError):
     run goes on.  Anything else (the endpoint is down) ends the run."""
 
 
-def engine_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[], None]]:
-    """Answer in-process with an lmforge Engine, as ``lmforge serve`` answers ``tools`` with ``tool_choice``."""
+def load_engine(config: Config) -> Any:
     from lmforge.serve.engine import Engine
+
+    return Engine.from_folder(config.model, max_num_seqs=config.concurrency, max_model_len=config.max_model_len,
+                              quantize=config.quantize)
+
+
+def engine_answerer(config: Config, engine: Any) -> tuple[Callable[..., Answer], Callable[[], None]]:
+    """Answer in-process with an lmforge Engine, as ``lmforge serve`` answers ``tools`` with ``tool_choice``."""
     from lmforge.serve.sampling import SamplingParams
     from lmforge.serve.structured import StructuredOutputs
     from lmforge.serve.tools import parse_tool_calls, parse_tool_choice, parse_tools, render_messages, \
         tool_call_grammar
 
-    engine = Engine.from_folder(config.model, max_num_seqs=config.concurrency, max_model_len=config.max_model_len,
-                                quantize=config.quantize)
     structured = StructuredOutputs.for_engine(engine) if config.constrained else None
 
     def answer(messages: list[dict], tools: list[dict], parallel: bool) -> Answer:
@@ -282,10 +295,7 @@ def endpoint_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[
     from openai import APIConnectionError, BadRequestError, OpenAI
 
     client = OpenAI(base_url=config.base_url, api_key=config.api_key, max_retries=0)
-    try:
-        name = config.model_name or client.models.list().data[0].id
-    except APIConnectionError as err:
-        raise ConfigError(f"base_url: cannot reach {config.base_url}: {err}") from None
+    name = endpoint_model(config, client)
 
     def answer(messages: list[dict], tools: list[dict], parallel: bool) -> Answer:
         try:
@@ -302,6 +312,29 @@ def endpoint_answerer(config: Config) -> tuple[Callable[..., Answer], Callable[[
         return {"content": choice.message.content, "calls": calls, "finish_reason": choice.finish_reason}
 
     return answer, client.close
+
+
+def endpoint_model(config: Config, client: Any) -> str:
+    """The model name to send: ``model_name`` or the endpoint's first model."""
+    from openai import APIConnectionError
+
+    try:
+        return config.model_name or client.models.list().data[0].id
+    except APIConnectionError as err:
+        raise ConfigError(f"base_url: cannot reach {config.base_url}: {err}") from None
+
+
+def multi_turn_backend(config: Config, engine: Any) -> Any:
+    """The agent backend the multi-turn categories run on (in-process: tool calls always grammar-constrained)."""
+    from lmforge.agent.backends import EngineBackend, OpenAIBackend
+
+    if engine is not None:
+        return EngineBackend(engine, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed,
+                             parallel_tool_calls=False)
+    backend = OpenAIBackend("", base_url=config.base_url, api_key=config.api_key, temperature=config.temperature,
+                            max_tokens=config.max_tokens)
+    backend.model = backend.name = endpoint_model(config, backend.client)
+    return backend
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
@@ -352,7 +385,12 @@ def summarize(records: list[dict]) -> dict:
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     if (config.model is None) == (config.base_url is None):
         raise ConfigError("eval-bfcl: give exactly one of `model` (a model folder) or `base_url` (an endpoint)")
-    items = [it for c in config.categories for it in load_category(c, config.limit)]  # validates categories first
+    multi = [c for c in config.categories if c in MULTI_TURN]
+    items = [it for c in config.categories if c not in multi for it in load_category(c, config.limit)]  # validates
+    if multi:
+        from lmforge.eval import bfcl_multi
+
+        items += [e for c in multi for e in bfcl_multi.load_entries(c, config.limit)]
     out = Path(out_dir)
     inputs = {"bfcl_data": str(data_dir() / "data")}
     if config.model:
@@ -362,27 +400,33 @@ def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Mani
     if run_ is None:
         return finished(out)
     with run_:
-        answer, close = engine_answerer(config) if config.model else endpoint_answerer(config)
+        engine = load_engine(config) if config.model else None
+        answer, close = engine_answerer(config, engine) if engine else endpoint_answerer(config)
+        backend = multi_turn_backend(config, engine) if multi else None
         records = []
 
         def one(item: dict) -> dict:
+            if "ground_truth" in item and "initial_config" in item:  # a multi-turn entry
+                return bfcl_multi.evaluate_entry(item, backend, config.max_steps)
             parallel = config.parallel_tool_calls == "always" or "parallel" in item["category"]
             return evaluate_item(item, answer, config.underscore_dots, parallel)
 
         try:
+            # the simulators of multi-turn entries keep state: those run one at a time
+            workers = 1 if multi else config.concurrency
             with open(out / "items.jsonl", "w", encoding="utf-8") as f, \
-                    ThreadPoolExecutor(config.concurrency, thread_name_prefix="bfcl") as pool:
+                    ThreadPoolExecutor(workers, thread_name_prefix="bfcl") as pool:
                 # written in question order as it goes: follow a long run
                 for i, record in enumerate(pool.map(one, items), 1):
                     records.append(record)
                     f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
                     f.flush()
-                    if i % 10 == 0 or i == len(items):
+                    if i % 10 == 0 or i == len(items) or multi:
                         console.print(f"  {i}/{len(items)} questions, {sum(r['valid'] for r in records)} correct")
         finally:
             close()
         summary = summarize(records)
-        unparsed = sum(1 for r in records if r["calls"] and r["decoded"] is None)
+        unparsed = sum(1 for r in records if r.get("calls") and r["decoded"] is None)
         write_json(out / "results.json", {"model": config.model or config.base_url, "constrained": config.constrained
                                           if config.model else None, "categories": summary,
                                           "unparsed_answers": unparsed})

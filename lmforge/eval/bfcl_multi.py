@@ -5,31 +5,44 @@ Per entry: the involved classes' functions become agent tools (BFCL's docs → J
 user turn runs the agent (calls one after another, in order: the simulators keep state) and every tool call is
 executed on the live simulator with bfcl-eval's ``execute_multi_turn_func_call``, its result going back to the model;
 the trajectory (turns → model steps → call strings such as ``cd(folder='document')``) is what BFCL's handlers decode
-and what its checker replays against the ground truth (state and results after every turn).  Categories:
-``multi_turn_base`` and ``multi_turn_long_context`` (the ``miss_func`` / ``miss_param`` ones withhold functions and
-are not run).
+and what its checker replays against the ground truth (state and results after every turn).
 
-    PYTHONPATH=. python -m lmforge.eval.bfcl_multi --model DIR --limit 5
+Categories: ``multi_turn_base``, ``multi_turn_long_context``, ``multi_turn_miss_param`` (a request lacks a parameter;
+the user gives it in a later turn, and the turn without it has an empty ground truth) and ``multi_turn_miss_func``
+(functions are withheld and added at a later turn).  The tool set is bfcl-eval's own
+(``populate_test_cases_with_predefined_functions``: every function of the involved classes, the ``missed_function``
+ones held out); at a turn listed in ``missed_function`` the held-out functions join the tools and the (empty) user
+turn becomes BFCL's ``DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC``, as bfcl-eval's base handler does.  A turn that
+reaches ``max_steps`` model calls ends the entry (BFCL's force quit after ``MAXIMUM_STEP_LIMIT`` steps); the runner
+then scores it ``multi_turn:force_terminated``, as bfcl-eval's eval runner does (a model error:
+``multi_turn:inference_error``).
+
+``lmforge eval-bfcl --categories multi_turn_base ...`` runs these in the eval-bfcl stage (manifest, results.json,
+items.jsonl with each trajectory).
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
+import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from lmforge.agent.backends import ModelBackend
 from lmforge.agent.loop import Agent
 from lmforge.agent.tools import FunctionTool
-from lmforge.eval.bfcl import _read_jsonl, data_dir, to_openai_tool, wilson_ci
+from lmforge.eval.bfcl import _read_jsonl, data_dir, to_openai_tool
 
-CATEGORIES = ("multi_turn_base", "multi_turn_long_context")
+CATEGORIES = ("multi_turn_base", "multi_turn_long_context", "multi_turn_miss_param", "multi_turn_miss_func")
 
 
 def load_entries(category: str = "multi_turn_base", limit: int | None = None) -> list[dict]:
-    """Entries with their ground truth (``entry["ground_truth"]``: per turn, the call strings)."""
+    """Entries with their ground truth (``entry["ground_truth"]``: per turn, the call strings), their function docs
+    (``entry["function"]``) and, for miss_func, the held-out docs per turn (``entry["missed_function"]``), as
+    bfcl-eval populates them."""
+    from bfcl_eval.utils import populate_test_cases_with_predefined_functions
+
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, got {category!r}")
     root = data_dir() / "data"
@@ -37,19 +50,17 @@ def load_entries(category: str = "multi_turn_base", limit: int | None = None) ->
     truth = {r["id"]: r["ground_truth"] for r in _read_jsonl(root / "possible_answer" / f"BFCL_v4_{category}.json")}
     for e in entries:
         e["ground_truth"] = truth[e["id"]]
-    return entries
+    return populate_test_cases_with_predefined_functions(entries)
 
 
 def function_docs(entry: dict) -> list[dict]:
-    """The BFCL function docs of the entry's classes, less its ``excluded_function``."""
-    from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
+    """The BFCL function docs offered at the first turn (the ``missed_function`` ones held out)."""
+    return list(entry["function"])
 
-    excluded = set(entry.get("excluded_function") or [])
-    docs = []
-    for cls in entry["involved_classes"]:
-        path = data_dir() / "data" / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILE_MAPPING[cls]
-        docs += [d for d in _read_jsonl(path) if d["name"] not in excluded]
-    return docs
+
+def turn_docs(entry: dict, turn: int, docs: list[dict]) -> list[dict]:
+    """The docs offered at ``turn`` given those of the turn before: the held-out ones join at their turn."""
+    return docs + list((entry.get("missed_function") or {}).get(str(turn), []))
 
 
 def call_string(name: str, arguments: dict) -> str:
@@ -59,7 +70,10 @@ def call_string(name: str, arguments: dict) -> str:
 
 def run_entry(entry: dict, backend: ModelBackend, max_steps: int = 8, run_id: str | None = None) -> dict:
     """Run the agent through every user turn of ``entry`` on live simulators.  Returns ``{"id", "decoded": turns →
-    steps → call strings, "trace": per turn the agent trace, "run_id"}``."""
+    steps → call strings, "trace": per turn the agent trace, "run_id", "stop": None | "force_terminated" |
+    "inference_error", "error", "prompt_tokens", "completion_tokens", "seconds"}``; after a stop the remaining turns
+    are not run (``decoded`` is shorter than the ground truth, as in bfcl-eval's result file)."""
+    from bfcl_eval.constants.default_prompts import DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC
     from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils import execute_multi_turn_func_call
 
     run_id = run_id or f"lmforge_{uuid.uuid4().hex[:12]}"  # names the simulator instances of this run
@@ -76,15 +90,23 @@ def run_entry(entry: dict, backend: ModelBackend, max_steps: int = 8, run_id: st
         spec = to_openai_tool(doc)["function"]
         return FunctionTool.from_schema(name, spec.get("description", ""), spec["parameters"], call)
 
-    tools = [make_tool(d) for d in function_docs(entry)]
+    docs = function_docs(entry)
     messages: list[dict] = []
     decoded: list[list[list[str]]] = []
     traces: list[list[dict]] = []
-    for turn in entry["question"]:
+    out: dict[str, Any] = {"id": entry["id"], "run_id": run_id, "stop": None, "error": None, "prompt_tokens": 0,
+                           "completion_tokens": 0}
+    start = time.perf_counter()
+    for i, turn in enumerate(entry["question"]):
+        if str(i) in (entry.get("missed_function") or {}):  # bfcl-eval's base handler: add the held-out functions
+            docs = turn_docs(entry, i, docs)
+            turn = [{"role": "user", "content": DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC}]
         messages += turn
-        agent = Agent(backend, tools=tools, max_steps=max_steps, parallel_tools=False)
+        agent = Agent(backend, tools=[make_tool(d) for d in docs], max_steps=max_steps, parallel_tools=False)
         result = agent.run(messages)
         messages = result.messages
+        out["prompt_tokens"] += result.prompt_tokens
+        out["completion_tokens"] += result.completion_tokens
         steps = []
         for rec in result.trace:
             if rec["type"] == "model" and rec.get("tool_calls"):
@@ -93,57 +115,41 @@ def run_entry(entry: dict, backend: ModelBackend, max_steps: int = 8, run_id: st
                 steps[-1].append(call_string(rec["name"], json.loads(rec["arguments"] or "{}")))
         decoded.append([s for s in steps if s])
         traces.append(result.trace)
-    return {"id": entry["id"], "decoded": decoded, "trace": traces, "run_id": run_id}
+        if result.stop_reason != "answer":  # BFCL's force quit (step limit); a model error ends it too
+            out["stop"] = "force_terminated" if result.stop_reason == "max_steps" else "inference_error"
+            out["error"] = result.error or result.answer
+            break
+    out.update(decoded=decoded, trace=traces, seconds=round(time.perf_counter() - start, 3))
+    return out
 
 
-def score(entry: dict, decoded: list[list[list[str]]], run_id: str | None = None) -> dict:
-    """bfcl-eval's multi-turn checker on a trajectory (``{"valid": bool, ...}``)."""
+def score(entry: dict, decoded: list[list[list[str]]], run_id: str | None = None, stop: str | None = None) -> dict:
+    """The verdict of bfcl-eval's eval runner on a trajectory (``{"valid": bool, ...}``): a run stopped early is
+    ``force_terminated`` (or ``inference_error``) as the runner says when the turns do not add up, otherwise
+    bfcl-eval's ``multi_turn_checker`` decides."""
     from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
 
+    if stop == "inference_error":
+        return {"valid": False, "error_type": "multi_turn:inference_error",
+                "error_message": "the model failed during inference"}
+    if len(decoded) != len(entry["ground_truth"]):
+        return {"valid": False, "error_type": "multi_turn:force_terminated",
+                "error_message": f"the model ran {len(decoded)} of {len(entry['ground_truth'])} turns"}
     name = f"{run_id or 'lmforge'}_{uuid.uuid4().hex[:8]}"  # fresh simulator instances for the replay
-    turns = list(decoded) + [[] for _ in range(len(entry["ground_truth"]) - len(decoded))]
     try:
-        return multi_turn_checker(turns, entry["ground_truth"], entry, entry["id"].rsplit("_", 1)[0], name)
+        return multi_turn_checker(list(decoded), entry["ground_truth"], copy.deepcopy(entry),
+                                  entry["id"].rsplit("_", 1)[0], name)
     except Exception as err:  # noqa: BLE001 - a checker crash on an odd trajectory scores as invalid, with the reason
         return {"valid": False, "error_type": "multi_turn:checker_error",
                 "error_message": f"{type(err).__name__}: {err}"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="Model folder (in-process engine, grammar-constrained calls).")
-    ap.add_argument("--base-url", help="OpenAI-compatible endpoint instead of --model.")
-    ap.add_argument("--model-name", default="default")
-    ap.add_argument("--category", default="multi_turn_base", choices=CATEGORIES)
-    ap.add_argument("--limit", type=int, default=5)
-    ap.add_argument("--max-steps", type=int, default=8, help="Model calls per user turn.")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--out", type=Path, help="JSONL of trajectories and scores.")
-    args = ap.parse_args()
-    if args.base_url:
-        from lmforge.agent.backends import OpenAIBackend
-
-        backend: ModelBackend = OpenAIBackend(args.model_name, base_url=args.base_url, max_tokens=args.max_tokens)
-    else:
-        from lmforge.agent.backends import EngineBackend
-        from lmforge.serve.engine import Engine
-
-        backend = EngineBackend(Engine.from_folder(args.model, max_num_seqs=1, max_model_len=8192),
-                                max_tokens=args.max_tokens, parallel_tool_calls=False)
-    rows = []
-    for entry in load_entries(args.category, args.limit):
-        run = run_entry(entry, backend, args.max_steps)
-        res = score(entry, run["decoded"], run["run_id"])
-        rows.append({"id": entry["id"], "valid": bool(res["valid"]), "error_type": res.get("error_type"),
-                     "decoded": run["decoded"]})
-        print(f"{entry['id']}: {'valid' if res['valid'] else res.get('error_type')}", flush=True)
-    correct = sum(r["valid"] for r in rows)
-    lo, hi = wilson_ci(correct, len(rows))
-    print(f"{args.category}: {correct}/{len(rows)} valid, accuracy {correct / max(1, len(rows)):.3f} "
-          f"[{lo:.2f}, {hi:.2f}] (95 % Wilson)")
-    if args.out:
-        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-if __name__ == "__main__":
-    main()
+def evaluate_entry(entry: dict, backend: ModelBackend, max_steps: int = 8) -> dict:
+    """Run and score one entry: the record ``eval-bfcl`` writes to ``items.jsonl``."""
+    run = run_entry(entry, backend, max_steps)
+    res = score(entry, run["decoded"], run["run_id"], run["stop"])
+    return {"id": entry["id"], "category": entry["id"].rsplit("_", 1)[0], "valid": bool(res["valid"]),
+            "error_type": res.get("error_type"), "error": res.get("error_message"), "stop": run["stop"],
+            "stop_error": run["error"], "decoded": run["decoded"], "turns": len(run["decoded"]),
+            "prompt_tokens": run["prompt_tokens"], "completion_tokens": run["completion_tokens"],
+            "seconds": run["seconds"]}
