@@ -284,12 +284,13 @@ def load_examples(cfg: Config, tok: ChatTokenizer,
 def answer_samples(model: nn.Module, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers of ``model`` (a ``Llama``, or a peft model around one) to each user prompt, via the chat template."""
     from lmforge.model.generate import generate
+    from lmforge.serve.engine import END_OF_TURN_TOKENS
 
     llama = model.get_base_model() if hasattr(model, "get_base_model") else model
     was = llama.training
     llama.eval()
     stop = tok.tokenizer.token_to_id(tok.special.get("eos_token") or "") if tok.special.get("eos_token") else None
-    end_turn = tok.tokenizer.token_to_id("<|im_end|>")
+    end_turn = next((i for t in END_OF_TURN_TOKENS if (i := tok.tokenizer.token_to_id(t)) is not None), None)
     answers = []
     for prompt in prompts:
         ids = tok.encode(tok.render([{"role": "user", "content": prompt}], add_generation_prompt=True))

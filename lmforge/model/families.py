@@ -39,6 +39,49 @@ _DEFAULTS = {
                     "hidden_act": "gelu_pytorch_tanh"},
     "phi3": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5},
 }
+# A family's own chat template, for files that carry none (a base model's GGUF): Gemma 3's is the one every
+# google/gemma-3-* tokenizer_config.json ships, the base models' included (text parts only here).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+CHAT_TEMPLATES = {"gemma3_text": GEMMA3_CHAT_TEMPLATE}
 # our fields that are not transformers fields of that name (written by hand in config_to_hf)
 _OURS_ONLY = ("model_type", "qkv_bias", "qk_norm", "rope_local_theta", "gemma_norms")
 
@@ -128,7 +171,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     if mt == "gemma3_text":
         d["hidden_activation"] = d.pop("hidden_act")
         d["rope_local_base_freq"] = cfg.rope_local_theta
-        d["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim  # transformers 5 insists on an int where it is one
+        d["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
         d["attn_logit_softcapping"] = None
     elif mt in ("qwen2", "qwen3"):
         sliding = "sliding_attention" in cfg.layer_types

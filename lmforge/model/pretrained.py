@@ -108,10 +108,12 @@ def convert_gguf_to_folder(gguf_file: Path, folder: Path) -> None:
     ``gguf`` package dequantises, K-quants included) saved as our HF-layout float32 folder.
 
     Weights and config: our own reader (``lmforge.model.gguf_import``).  Tokenizer: ``transformers``' GGUF tokenizer
-    conversion; the chat template is the file's own (``tokenizer.chat_template``) when it has one."""
+    conversion; the chat template is the file's own (``tokenizer.chat_template``) when it has one, else its
+    family's own where lmforge knows it (Gemma 3: ``families.GEMMA3_CHAT_TEMPLATE``), else none (lmforge's default)."""
     from transformers import AutoTokenizer
 
     from lmforge.artifacts import write_json, write_text
+    from lmforge.model.families import CHAT_TEMPLATES
     from lmforge.model.gguf_import import GGUFError, load_gguf_model
     from lmforge.model.hf import save_model
 
@@ -132,7 +134,10 @@ def convert_gguf_to_folder(gguf_file: Path, folder: Path) -> None:
     save_model(model, folder)
 
     write_text(folder / "tokenizer.json", hf_tok.backend_tokenizer.to_str(pretty=False))
-    write_json(folder / "tokenizer_config.json", tokenizer_config_from_hf(hf_tok, cfg.max_position_embeddings))
+    tok_cfg = tokenizer_config_from_hf(hf_tok, cfg.max_position_embeddings)
+    if "chat_template" not in tok_cfg and cfg.model_type in CHAT_TEMPLATES:  # a base model's file: its family's own
+        tok_cfg["chat_template"] = CHAT_TEMPLATES[cfg.model_type]
+    write_json(folder / "tokenizer_config.json", tok_cfg)
     special = {k: getattr(hf_tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                if getattr(hf_tok, k) is not None}
     write_json(folder / "special_tokens_map.json", special)

@@ -66,7 +66,7 @@ __all__ = ["Engine", "SamplingParams", "LogitsProcessor", "GenerationOutput", "G
 log = logging.getLogger("lmforge.serve")
 
 # end-of-turn tokens of common chat formats (ChatML, Llama 3, Phi-3); chat requests stop at whichever the vocab has
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi-3, Gemma
 
 
 class PromptTooLongError(ValueError):

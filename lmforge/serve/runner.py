@@ -139,8 +139,9 @@ class ModelRunner:
         m = model.model
         self.device = m.embed_tokens.weight.device
         self.embed = m.embed_tokens.weight.detach().to(act)
-        if cfg.gemma_norms:  # embeddings scaled by sqrt(hidden) once here; norms weights stored as w - 1
-            self.embed = self.embed * torch.tensor(cfg.hidden_size ** 0.5, dtype=act)
+        # Gemma scales the embeddings by sqrt(hidden): the rows a step looks up, not a scaled copy of the whole table
+        # (262k x 640 floats for Gemma 3, 671 MB); norm weights are stored as w - 1
+        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=act) if cfg.gemma_norms else None
 
         def norm(mod) -> torch.Tensor:
             w = mod.weight.detach().float()
@@ -187,6 +188,10 @@ class ModelRunner:
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len, dtype=self.act_dtype, device=self.device)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed[ids]
+        return x if self.embed_scale is None else x * self.embed_scale
+
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
@@ -221,20 +226,23 @@ class ModelRunner:
             mask = "causal"
         else:
             mask = window_mask(positions, torch.arange(S, device=ids.device)[None], None)  # [B,1,T,S]
-        masks = {"full_attention": mask}
+        masks, start = {"full_attention": mask}, {"full_attention": 0}
         window = self.config.sliding_window
         if "sliding_attention" in self.rope:  # once a query is a window or more past key 0 it needs a band mask
-            masks["sliding_attention"] = (window_mask(positions, torch.arange(S, device=ids.device)[None], window)
+            # keys a window or more behind every query of the batch are read by none: start the view after them
+            lo = start["sliding_attention"] = max(int(positions.min()) - window + 1, 0)
+            masks["sliding_attention"] = (window_mask(positions, torch.arange(lo, S, device=ids.device)[None], window)
                                           if S > window else mask)
 
         def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ck, cv = cache.k[i], cache.v[i]
             ck[rows[:, None], :, positions] = k
             cv[rows[:, None], :, positions] = v
+            lo = start[kind]
             if contiguous:
-                keys, values = ck[r0:r0 + B, :, :S], cv[r0:r0 + B, :, :S]
+                keys, values = ck[r0:r0 + B, :, lo:S], cv[r0:r0 + B, :, lo:S]
             else:
-                keys, values = ck[rows, :, :S], cv[rows, :, :S]
+                keys, values = ck[rows, :, lo:S], cv[rows, :, lo:S]
             m = masks[kind]
             if isinstance(m, str):  # "causal"
                 return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale,
@@ -242,7 +250,7 @@ class ModelRunner:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=self.scale,
                                                   enable_gqa=self.n_kv != self.n_head)
 
-        x = self._layers(self.embed[ids], rope, attend)
+        x = self._layers(self._embed(ids), rope, attend)
         if hidden:
             return self._rms(x, self.norm)
         if last is None:
@@ -254,9 +262,9 @@ class ModelRunner:
     def _decode_one(self, ids: torch.Tensor, positions: torch.Tensor, slot: int, S: int,
                     ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
         """One stream's decode step, logits [1, vocab]: token ``ids`` [1, 1] at ``positions`` [1, 1] = S - 1, keys and
-        values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions (views, no gather, no
-        mask: the only query is the last position).  It reads no tensor value on the Python side, so ``torch.compile``
-        traces it into one graph, dynamic in S."""
+        values into cache slot ``slot`` of ``ks``/``vs``, attending to its S cached positions, or to the last
+        ``sliding_window`` of them in a sliding layer (views, no gather, no mask: the only query is the last position).
+        It reads no tensor value on the Python side, so ``torch.compile`` traces it into one graph, dynamic in S."""
         return self._logits(self._one_stream(ids, positions, slot, S, ks, vs)[:, -1])
 
     @torch.inference_mode()
@@ -279,13 +287,16 @@ class ModelRunner:
         T = ids.shape[1]
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
                 for kind, (cos, sin) in self.rope.items()}
-        keys = torch.arange(S, device=ids.device)
-        causal = None if T == 1 else keys[None] <= (S - T + torch.arange(T, device=ids.device))[:, None]  # [T, S]
-        band = None
-        if "sliding_attention" in self.rope:  # keys less than a window back
-            band = keys[None] > (S - T + torch.arange(T, device=ids.device))[:, None] - self.config.sliding_window
-            band = band if causal is None else band & causal
-        masks = {"full_attention": causal, "sliding_attention": band}
+        # a sliding layer reads only the cached positions some query can still see: a narrower view, O(window) per
+        # step, and no mask at all for one query (T == 1)
+        window = self.config.sliding_window or S
+        start = {"full_attention": 0, "sliding_attention": max(S - T - window + 1, 0)}
+        masks: dict[str, torch.Tensor | None] = {"full_attention": None, "sliding_attention": None}
+        if T > 1:
+            qpos = (S - T + torch.arange(T, device=ids.device))[:, None]
+            for kind, lo in start.items():
+                keys = torch.arange(lo, S, device=ids.device)[None]
+                masks[kind] = (keys <= qpos) & (keys > qpos - window) if kind == "sliding_attention" else keys <= qpos
 
         def attend(i: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ck, cv = ks[i], vs[i]
@@ -295,11 +306,12 @@ class ModelRunner:
             else:
                 ck[slot, :, S - T:S] = k[0].transpose(0, 1)
                 cv[slot, :, S - T:S] = v[0].transpose(0, 1)
-            return F.scaled_dot_product_attention(q, ck[slot:slot + 1, :, :S], cv[slot:slot + 1, :, :S],
+            lo = start[kind]
+            return F.scaled_dot_product_attention(q, ck[slot:slot + 1, :, lo:S], cv[slot:slot + 1, :, lo:S],
                                                   attn_mask=masks[kind], scale=self.scale,
                                                   enable_gqa=self.n_kv != self.n_head)
 
-        return self._layers(self.embed[ids], rope, attend)
+        return self._layers(self._embed(ids), rope, attend)
 
     def _layers(self, x: torch.Tensor, rope: dict, attend) -> torch.Tensor:
         """The decoder layers on hidden states ``x`` [B, T, h]; ``attend(i, kind, q, k, v)`` stores layer i's keys and
