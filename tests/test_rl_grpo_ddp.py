@@ -123,3 +123,35 @@ def test_prompts_that_do_not_split_over_the_processes_are_refused(tiny_model_dir
     assert proc.returncode != 0
     assert "prompts_per_step: 3 is not a multiple of the 2 processes" in proc.stdout + proc.stderr
     assert not (folder / "odd").exists()  # refused before any file was written
+
+
+
+def test_two_processes_equal_one_process_with_lora(tiny_model_dir, ddp_run, monkeypatch):
+    """The same with LoRA adapters (the reference is the policy with its adapters off): the adapters after 2
+    processes equal the adapters after one; a learning rate high enough that the clipped ratio and the KL are live."""
+    folder, task, _ = ddp_run
+    monkeypatch.setenv("LMFORGE_HOME", str(folder / "home"))
+    monkeypatch.syspath_prepend(str(folder))
+    lora = {"lora_r": 4, "lora_alpha": 8.0, "lr": 3e-2}
+    ddp = folder / "ddp_lora"
+    proc = _torchrun(tiny_model_dir, task, ddp, folder, lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = folder / "single_lora"
+    one = grpo.run(grpo.Config(model=str(tiny_model_dir), task=str(task), **{**RUN, **lora}), single)
+    two = read_manifest(ddp)
+    assert one.metrics["mode"] == two.metrics["mode"] == "lora" and two.metrics["world_size"] == 2
+
+    a, b = _records(single), _records(ddp)
+    for key in ("reward", "reward_std", "completion_len", "val_reward"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    assert_curves_match([r for r in a if "loss" in r], [r for r in b if "loss" in r])
+    for key in ("kl", "entropy", "clip_fraction"):
+        assert [r[key] for r in a if key in r] == pytest.approx([r[key] for r in b if key in r], rel=1e-3, abs=1e-5)
+    assert any(r["kl"] > 0 for r in b if "kl" in r) and any(r["clip_fraction"] > 0 for r in b if "kl" in r)
+    assert not (ddp / "model.safetensors").exists()
+    wa, wb = (load_file(str(d / "adapter_model.safetensors")) for d in (single, ddp))
+    # B starts at zero and A at random: compare each kind on its own, or A's initial norm would hide B's updates
+    for kind in ("lora_A", "lora_B"):
+        keys = [k for k in wa if kind in k]
+        assert keys and all(float(wa[k].abs().max()) > 0 for k in keys)
+        assert_weights_match({k: wa[k] for k in keys}, {k: wb[k] for k in keys})
