@@ -16,7 +16,8 @@ One step:
    "old" policy's).  Per token: ``-min(ρ A, clip(ρ, 1-ε, 1+ε_high) A) + β k3``, with ``ρ = π/π_old`` and the k3 KL
    estimator ``k3 = exp(ref - logπ) - (ref - logπ) - 1`` (Schulman; always >= 0, unbiased for KL(π||ref)).
 6. **Weight sync**: the policy's current weights (LoRA merged in) are copied into the engine's serving tensors in
-   place (``Engine.load_weights``; no disk) before the next rollout, and the engine's prefix cache is reset.
+   place (``Engine.update_weights``; no disk; with LoRA only the adapted layers) before the next rollout, and the
+   engine's prefix cache is reset.
 
 Loss normalisation (``loss_type``):
 
@@ -261,32 +262,29 @@ def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, a
     return loss, stats
 
 
-def merged_state(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights with LoRA folded in, under the plain ``Llama``'s parameter names."""
+def trained_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training can have changed, under the plain ``Llama``'s parameter names: with LoRA each adapted
+    layer's weight with its adapter folded in (``W + scale * B A``, what ``merge_and_unload`` computes) and any other
+    trainable tensor; in full fine-tuning every parameter (tied ones once)."""
     if not hasattr(policy, "get_base_model"):
-        return {k: v.detach() for k, v in policy.state_dict().items()}
+        return {k: v.detach() for k, v in policy.named_parameters()}
     out: dict[str, torch.Tensor] = {}
-    deltas = {}
-    for name, mod in policy.named_modules():
-        if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and mod.active_adapters:
-            key = name.removeprefix("base_model.model.") + ".weight"
-            deltas[key] = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
-    for name, t in policy.state_dict().items():
-        if "lora_" in name:
-            continue
-        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        out[key] = t.detach() + deltas[key] if key in deltas else t.detach()
+    with torch.no_grad():
+        for name, mod in policy.named_modules():
+            if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and mod.active_adapters:
+                key = name.removeprefix("base_model.model.") + ".weight"
+                delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
+                out[key] = mod.base_layer.weight.detach() + delta
+        for name, p in policy.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p.detach()
     return out
 
 
 def sync_engine(engine, policy: nn.Module) -> None:
-    """Copy the policy's current weights into the engine's serving weights (in place, no disk)."""
-    with torch.no_grad():
-        state = merged_state(policy)
-        params = dict(engine.model.named_parameters())
-        for name, p in params.items():
-            p.copy_(state[name])
-        engine.load_weights(engine.model)
+    """Copy the policy's current weights into the engine's serving weights (in place, no disk): only those training
+    changes (with LoRA: the adapted layers, merged; the engine was loaded from the same base weights)."""
+    engine.update_weights(trained_weights(policy))
 
 
 def check_same_tokenizer(policy_dir: Path, ref_dir: Path) -> None:

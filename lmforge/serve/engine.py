@@ -444,6 +444,22 @@ class Engine:
                 dst.copy_(src)
         self.reset_prefix_cache()
 
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy some of the model's weights (``Llama`` parameter name → tensor; e.g. only those a LoRA step changed)
+        into the serving weights in place, as ``load_weights`` would prepare them, and into ``model``; then reset the
+        prefix cache.  Costs a copy of what changed, where ``load_weights`` prepares every weight anew."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise KeyError(f"not parameters of this engine's model: {', '.join(unknown[:5])}")
+        with torch.no_grad():
+            self.runner.update(weights)
+            served = {t.data_ptr() for t in self.runner.tensors()}  # float32 weights the runner shares with model
+            for name, w in weights.items():
+                if params[name].data_ptr() not in served and params[name].data_ptr() != w.data_ptr():
+                    params[name].copy_(w)
+        self.reset_prefix_cache()
+
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running)

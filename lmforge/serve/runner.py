@@ -75,6 +75,26 @@ class _Linear:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.q, self.d, self.m, self.bias) if t is not None]
 
+    def set_rows(self, start: int, weight: torch.Tensor) -> None:
+        """Overwrite output rows ``start .. start + len(weight)`` with ``weight``, prepared as at load (the block
+        quantisation is per row, so the rows come out as a whole-matrix quantisation would give them)."""
+        rows = slice(start, start + weight.shape[0])
+        if self.quantize is None:
+            self.weight[rows].copy_(weight)
+            return
+        if self.quantize == "int8":
+            q, d = kernels.quantize_q8(weight)
+            self.q[rows], self.d[rows] = q, d
+        else:
+            q, d, m = kernels.quantize_q4(weight)
+            self.q[rows], self.d[rows], self.m[rows] = q, d, m
+        if self.weight is not None:  # the reference path's dequantised copy
+            self.weight[rows] = (kernels.dequantize_q8(self.q[rows], self.d[rows]) if self.m is None
+                                 else kernels.dequantize_q4(self.q[rows], self.d[rows], self.m[rows]))
+
+    def set_bias(self, start: int, bias: torch.Tensor) -> None:
+        self.bias[start:start + bias.shape[0]].copy_(bias)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize is None:
             return F.linear(x, self.weight, self.bias)
@@ -173,6 +193,59 @@ class ModelRunner:
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
             self.rope[kind] = cos.to(act), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(act)
         self._compiled = torch.compile(self._decode_one, dynamic=True) if compile else None
+        self._places = self._weight_places(model)
+
+    def _weight_places(self, model: Llama) -> dict[str, tuple]:
+        """Where each ``Llama`` parameter lives here: ``("rows", linear, first row)`` in a (fused) matrix,
+        ``("bias", linear, first row)``, ``("norm", tensor)`` or ``("plain", tensor)`` (the embedding table)."""
+        cfg = self.config
+        places: dict[str, tuple] = {"model.embed_tokens.weight": ("plain", self.embed),
+                                    "model.norm.weight": ("norm", self.norm)}
+        head = [("rows", self.lm_head, 0)]
+        if cfg.tie_word_embeddings:  # one parameter, two prepared copies (or one shared tensor)
+            places["model.embed_tokens.weight"] = ("tied", [("plain", self.embed), *head])
+        places["lm_head.weight"] = places["model.embed_tokens.weight"] if cfg.tie_word_embeddings else head[0]
+        for i, (layer, L) in enumerate(zip(model.model.layers, self.layers)):
+            pre = f"model.layers.{i}."
+            a = layer.self_attn
+            offsets = {"q_proj": 0, "k_proj": a.q_proj.out_features,
+                       "v_proj": a.q_proj.out_features + a.k_proj.out_features}
+            for name, off in offsets.items():
+                places[f"{pre}self_attn.{name}.weight"] = ("rows", L.qkv, off)
+                places[f"{pre}self_attn.{name}.bias"] = ("bias", L.qkv, off)
+            places[f"{pre}self_attn.o_proj.weight"] = ("rows", L.o, 0)
+            places[f"{pre}self_attn.o_proj.bias"] = ("bias", L.o, 0)
+            gate = layer.mlp.gate_proj.out_features
+            for name, lin, off in (("gate_proj", L.gate_up, 0), ("up_proj", L.gate_up, gate), ("down_proj", L.down, 0)):
+                places[f"{pre}mlp.{name}.weight"] = ("rows", lin, off)
+                places[f"{pre}mlp.{name}.bias"] = ("bias", lin, off)
+            for name, t in (("input_layernorm", L.ln1), ("post_attention_layernorm", L.ln2),
+                            ("self_attn.q_norm", L.q_norm), ("self_attn.k_norm", L.k_norm),
+                            ("pre_feedforward_layernorm", L.pre_ffn), ("post_feedforward_layernorm", L.post_ffn)):
+                if t is not None:
+                    places[f"{pre}{name}.weight"] = ("norm", t)
+        return places
+
+    @torch.no_grad()
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write trained ``Llama`` weights (parameter name → tensor, any subset) into the prepared ones in place, as a
+        runner built from the updated model would hold them: a q/k/v or gate/up projection into its rows of the
+        fused matrix, quantised per row where the runner is quantised, norms as at load.  Names it does not know
+        raise ``KeyError``."""
+        for name, w in weights.items():
+            place = self._places.get(name)
+            if place is None:
+                raise KeyError(f"{name}: not a weight of this model's serving runner")
+            for kind, *where in (place[1] if place[0] == "tied" else [place]):
+                if kind == "rows":
+                    where[0].set_rows(where[1], w.detach())
+                elif kind == "bias":
+                    where[0].set_bias(where[1], w.detach())
+                elif kind == "norm":
+                    w32 = w.detach().float()
+                    where[0].copy_(1.0 + w32 if self.config.gemma_norms else w32)
+                elif where[0].data_ptr() != w.data_ptr():
+                    where[0].copy_(w.detach())
 
     def tensors(self) -> list[torch.Tensor]:
         """Every weight tensor of the prepared model, in a fixed order (``Engine.load_weights`` copies them in place)."""

@@ -149,8 +149,22 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
         if top_p < 1.0:
             drop |= sorted_probs.cumsum(0) - sorted_probs > top_p  # the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(order[draw(sorted_probs, generator)])
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index of 1-D ``weights`` (>= 0, not all 0) drawn with probability proportional to its weight, by inverting
+    the cumulative distribution at one uniform number from ``generator``.  The distribution ``torch.multinomial``
+    samples, at a fraction of its cost: its one-sample path draws an exponential number per entry (49k per token for
+    a 49k vocabulary, about 1 ms on one core, a tenth of a 16-stream decode step of SmolLM2-135M).  An entry of weight
+    0 is never drawn (its cumulative sum equals its predecessor's, and the search takes the first entry above u)."""
+    cdf = weights.double().cumsum(0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i >= len(cdf):  # u rounded up to the total: the last entry with weight
+        i = int(torch.nonzero(weights).max())
+    return i
 
 
 @dataclass
