@@ -17,7 +17,8 @@ takes a built-in RL task (its prompts and its reward, the same Python function i
 work: rollouts, one policy forward + backward, an optimiser step.  The same settings go to both: G, prompts per step,
 completion length, LoRA r / alpha / targets (or full fine-tuning), lr, temperature 1, top-p 1, no top-k, float32
 weights, torch threads, and no gradient checkpointing (TRL's GRPOConfig turns it on by default, lmforge has none:
-``--trl-gradient-checkpointing`` keeps TRL's default).  TRL's split is measured by timing its ``_generate`` and
+``--trl-gradient-checkpointing`` keeps TRL's default; ``--trl-micro-batch`` bounds TRL's activation memory instead,
+which long prompts need: 16 rows of 345 + 64 tokens at once took TRL's process past 16 GB and the OOM killer).  TRL's split is measured by timing its ``_generate`` and
 ``_calculate_rewards`` methods; ``train_s`` is the rest of its step.  The first ``--warmup`` steps of each process are
 left out of the averages (one-time costs).  The machine is shared: quote ``uptime`` with the figures.
 """
@@ -129,10 +130,15 @@ def run_trl(args, work: Path) -> dict:
 
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    cfg = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.group_size * args.prompts_per_step,
+    batch = args.group_size * args.prompts_per_step
+    micro = args.trl_micro_batch or batch  # rows per forward + backward; the update is the same (dapo: over the batch)
+    if batch % micro:
+        raise SystemExit(f"--trl-micro-batch {micro} does not divide the {batch} completions of a step")
+    cfg = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro, steps_per_generation=batch // micro,
                      num_generations=args.group_size, max_completion_length=args.max_tokens, learning_rate=args.lr,
                      beta=0.0, max_steps=args.steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-                     save_strategy="no", temperature=1.0, top_p=1.0, top_k=0, gradient_accumulation_steps=1, seed=0,
+                     save_strategy="no", temperature=1.0, top_p=1.0, top_k=0, gradient_accumulation_steps=batch // micro,
+                     seed=0,
                      dataloader_num_workers=0, disable_tqdm=True, loss_type="dapo", num_iterations=1,
                      gradient_checkpointing=args.trl_gradient_checkpointing)
     logs: list[dict] = []
@@ -202,6 +208,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each process left out of the averages")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="keep TRL's default gradient checkpointing (lmforge has none; off by default here)")
+    ap.add_argument("--trl-micro-batch", type=int, default=0,
+                    help="TRL's rows per forward + backward (gradient accumulation over the step's completions, one "
+                         "generation and one optimiser step per step as without it): bounds its activation memory "
+                         "without recomputation; 0 = all of a step's completions at once")
     ap.add_argument("--no-standalone", action="store_true", help="skip the standalone-engine tokens/s measurement")
     ap.add_argument("--only", choices=["lmforge", "trl"])
     args = ap.parse_args()
