@@ -140,6 +140,25 @@ struct Acts {
   }
 };
 
+// 8 float16 scales from p (n < 8: the rest 0) as floats
+inline __m256 load8h(const at::Half* p, int n) {
+  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t t[8] = {0};
+  for (int i = 0; i < n; ++i) t[i] = p[i].x;
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+inline __m256 load8f(const float* p, int n) {
+  if (n == 8) return _mm256_loadu_ps(p);
+  alignas(32) float t[8] = {0};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_load_ps(t);
+}
+
+// The q8 and q4 tiles take blocks 8 at a time: the weight scales of the 8 blocks are converted at once and multiplied
+// by the activation scales in one vector op per (weight row, activation row), so the inner loop does only the integer
+// dot products, one conversion and one FMA per block (each product wd * xd is the same float product as in
+// qmatmul.cpp, so the outputs are bit for bit those of q8_matmul / q4_matmul).
 struct Q8Kernel {
   static constexpr int RM = 2, MTM = 4;
   const int8_t* W;
@@ -153,17 +172,23 @@ struct Q8Kernel {
     __m256 acc[MT][R];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < B; ++b) {
+    alignas(32) float sc[MT][R][8];
+    for (int64_t b0 = 0; b0 < B; b0 += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, B - b0));
       for (int r = 0; r < R; ++r) {
-        const int8_t* w = W + (n + r) * K + b * QK;
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-        const float wd = _cvtsh_ss(D[(n + r) * B + b].x);
-        for (int m = 0; m < MT; ++m) {
-          const int64_t row = m0 + m;
-          const float d = wd * a->d[row * B + b];
-          acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lmq::dot_s16(w0, w1, a->q.data() + row * K + b * QK)),
-                                      acc[m][r]);
+        const __m256 wd = load8h(D + (n + r) * B + b0, nb);
+        for (int m = 0; m < MT; ++m) _mm256_store_ps(sc[m][r], _mm256_mul_ps(wd, load8f(a->d.data() + (m0 + m) * B + b0, nb)));
+      }
+      for (int j = 0; j < nb; ++j) {
+        const int64_t b = b0 + j;
+        for (int r = 0; r < R; ++r) {
+          const int8_t* w = W + (n + r) * K + b * QK;
+          const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+          const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+          for (int m = 0; m < MT; ++m) {
+            const __m256i dot = lmq::dot_s16(w0, w1, a->q.data() + (m0 + m) * K + b * QK);
+            acc[m][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[m][r][j]), _mm256_cvtepi32_ps(dot), acc[m][r]);
+          }
         }
       }
     }
@@ -188,18 +213,26 @@ struct Q4Kernel {
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps(), mins[m][r] = 0.0f;
     const __m128i low4 = _mm_set1_epi8(0x0f);
-    for (int64_t b = 0; b < B; ++b) {
+    alignas(32) float sc[MT][R][8];
+    alignas(32) float wm[R][8];
+    for (int64_t b0 = 0; b0 < B; b0 += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, B - b0));
       for (int r = 0; r < R; ++r) {
-        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n + r) * (K / 2) + b * (QK / 2)));
-        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(p, low4));
-        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p, 4), low4));
-        const float wd = _cvtsh_ss(D[(n + r) * B + b].x), wm = _cvtsh_ss(Mn[(n + r) * B + b].x);
-        for (int m = 0; m < MT; ++m) {
-          const int64_t row = m0 + m;
-          const float d = wd * a->d[row * B + b];
-          acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lmq::dot_s16(w0, w1, a->q.data() + row * K + b * QK)),
-                                      acc[m][r]);
-          mins[m][r] += wm * a->s[row * B + b];
+        const __m256 wd = load8h(D + (n + r) * B + b0, nb);
+        _mm256_store_ps(wm[r], load8h(Mn + (n + r) * B + b0, nb));
+        for (int m = 0; m < MT; ++m) _mm256_store_ps(sc[m][r], _mm256_mul_ps(wd, load8f(a->d.data() + (m0 + m) * B + b0, nb)));
+      }
+      for (int j = 0; j < nb; ++j) {
+        const int64_t b = b0 + j;
+        for (int r = 0; r < R; ++r) {
+          const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n + r) * (K / 2) + b * (QK / 2)));
+          const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(p, low4));
+          const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p, 4), low4));
+          for (int m = 0; m < MT; ++m) {
+            const __m256i dot = lmq::dot_s16(w0, w1, a->q.data() + (m0 + m) * K + b * QK);
+            acc[m][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[m][r][j]), _mm256_cvtepi32_ps(dot), acc[m][r]);
+            mins[m][r] += wm[r][j] * a->s[(m0 + m) * B + b];
+          }
         }
       }
     }
@@ -224,6 +257,39 @@ void linear(const Linear& L, const float* x, int64_t M, float* y, Acts& acts) {
     const float* b = L.bias.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < L.N; ++n) y[m * L.N + n] += b[n];
+  }
+}
+
+// e^x for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5 polynomial, 2^n by exponent bits;
+// within 2 ulp of std::exp, -inf -> 0); the same function for every element, so the result never depends on where an
+// element sits in its row
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                                 _mm256_set1_ps(0.5f)));  // -88.38: n = -127, 2^n -> 0
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// f(8 floats) over p[0..n), the tail through a padded copy
+template <class F>
+inline void map8(float* p, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, f(_mm256_loadu_ps(p + i)));
+  if (i < n) {
+    alignas(32) float t[8] = {0};
+    std::copy(p + i, p + n, t);
+    _mm256_store_ps(t, f(_mm256_load_ps(t)));
+    std::copy(t, t + (n - i), p + i);
   }
 }
 
@@ -340,11 +406,16 @@ class FusedStep {
       for (int64_t t = 0; t < T; ++t) rms_norm(x.data() + t * h, L.ln2.data_ptr<float>(), h, eps, xn.data() + t * h);
       linear(L.gate_up, xn.data(), T, gu.data(), acts);
       const int64_t I = L.down.K;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < I; ++j) {
-          const float g = gu[t * 2 * I + j], u = gu[t * 2 * I + I + j];
-          act[t * I + j] = g / (1.0f + std::exp(-g)) * u;
-        }
+      for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
+        float* g = act.data() + t * I;
+        std::copy_n(gu.data() + t * 2 * I, I, g);
+        map8(g, I, [](__m256 v) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+          return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        });
+        const float* u = gu.data() + t * 2 * I + I;
+        for (int64_t j = 0; j < I; ++j) g[j] *= u[j];
+      }
       linear(L.down, act.data(), T, tmp.data(), acts);
       for (int64_t j = 0; j < T * h; ++j) x[j] += tmp[j];
     }
@@ -382,8 +453,10 @@ class FusedStep {
           p[s] = dot * scale;
           mx = std::max(mx, p[s]);
         }
+        const __m256 vmx = _mm256_set1_ps(mx);
+        map8(p.data() + lo, pos + 1 - lo, [&](__m256 v) { return exp8(_mm256_sub_ps(v, vmx)); });
         float sum = 0.0f;
-        for (int64_t s = lo; s <= pos; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        for (int64_t s = lo; s <= pos; ++s) sum += p[s];
         std::fill(out.begin(), out.end(), 0.0f);
         for (int64_t s = lo; s <= pos; ++s) {
           const float* v = Vh + s * hd;
