@@ -140,25 +140,6 @@ struct Acts {
   }
 };
 
-// 8 float16 scales from p (n < 8: the rest 0) as floats
-inline __m256 load8h(const at::Half* p, int n) {
-  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  alignas(16) uint16_t t[8] = {0};
-  for (int i = 0; i < n; ++i) t[i] = p[i].x;
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
-}
-
-inline __m256 load8f(const float* p, int n) {
-  if (n == 8) return _mm256_loadu_ps(p);
-  alignas(32) float t[8] = {0};
-  for (int i = 0; i < n; ++i) t[i] = p[i];
-  return _mm256_load_ps(t);
-}
-
-// The q8 and q4 tiles take blocks 8 at a time: the weight scales of the 8 blocks are converted at once and multiplied
-// by the activation scales in one vector op per (weight row, activation row), so the inner loop does only the integer
-// dot products, one conversion and one FMA per block (each product wd * xd is the same float product as in
-// qmatmul.cpp, so the outputs are bit for bit those of q8_matmul / q4_matmul).
 struct Q8Kernel {
   static constexpr int RM = 2, MTM = 4;
   const int8_t* W;
@@ -172,23 +153,17 @@ struct Q8Kernel {
     __m256 acc[MT][R];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-    alignas(32) float sc[MT][R][8];
-    for (int64_t b0 = 0; b0 < B; b0 += 8) {
-      const int nb = static_cast<int>(std::min<int64_t>(8, B - b0));
+    for (int64_t b = 0; b < B; ++b) {
       for (int r = 0; r < R; ++r) {
-        const __m256 wd = load8h(D + (n + r) * B + b0, nb);
-        for (int m = 0; m < MT; ++m) _mm256_store_ps(sc[m][r], _mm256_mul_ps(wd, load8f(a->d.data() + (m0 + m) * B + b0, nb)));
-      }
-      for (int j = 0; j < nb; ++j) {
-        const int64_t b = b0 + j;
-        for (int r = 0; r < R; ++r) {
-          const int8_t* w = W + (n + r) * K + b * QK;
-          const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-          const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-          for (int m = 0; m < MT; ++m) {
-            const __m256i dot = lmq::dot_s16(w0, w1, a->q.data() + (m0 + m) * K + b * QK);
-            acc[m][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[m][r][j]), _mm256_cvtepi32_ps(dot), acc[m][r]);
-          }
+        const int8_t* w = W + (n + r) * K + b * QK;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+        const float wd = _cvtsh_ss(D[(n + r) * B + b].x);
+        for (int m = 0; m < MT; ++m) {
+          const int64_t row = m0 + m;
+          const float d = wd * a->d[row * B + b];
+          acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lmq::dot_s16(w0, w1, a->q.data() + row * K + b * QK)),
+                                      acc[m][r]);
         }
       }
     }
@@ -213,26 +188,18 @@ struct Q4Kernel {
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps(), mins[m][r] = 0.0f;
     const __m128i low4 = _mm_set1_epi8(0x0f);
-    alignas(32) float sc[MT][R][8];
-    alignas(32) float wm[R][8];
-    for (int64_t b0 = 0; b0 < B; b0 += 8) {
-      const int nb = static_cast<int>(std::min<int64_t>(8, B - b0));
+    for (int64_t b = 0; b < B; ++b) {
       for (int r = 0; r < R; ++r) {
-        const __m256 wd = load8h(D + (n + r) * B + b0, nb);
-        _mm256_store_ps(wm[r], load8h(Mn + (n + r) * B + b0, nb));
-        for (int m = 0; m < MT; ++m) _mm256_store_ps(sc[m][r], _mm256_mul_ps(wd, load8f(a->d.data() + (m0 + m) * B + b0, nb)));
-      }
-      for (int j = 0; j < nb; ++j) {
-        const int64_t b = b0 + j;
-        for (int r = 0; r < R; ++r) {
-          const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n + r) * (K / 2) + b * (QK / 2)));
-          const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(p, low4));
-          const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p, 4), low4));
-          for (int m = 0; m < MT; ++m) {
-            const __m256i dot = lmq::dot_s16(w0, w1, a->q.data() + (m0 + m) * K + b * QK);
-            acc[m][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[m][r][j]), _mm256_cvtepi32_ps(dot), acc[m][r]);
-            mins[m][r] += wm[r][j] * a->s[(m0 + m) * B + b];
-          }
+        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n + r) * (K / 2) + b * (QK / 2)));
+        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(p, low4));
+        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p, 4), low4));
+        const float wd = _cvtsh_ss(D[(n + r) * B + b].x), wm = _cvtsh_ss(Mn[(n + r) * B + b].x);
+        for (int m = 0; m < MT; ++m) {
+          const int64_t row = m0 + m;
+          const float d = wd * a->d[row * B + b];
+          acc[m][r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lmq::dot_s16(w0, w1, a->q.data() + row * K + b * QK)),
+                                      acc[m][r]);
+          mins[m][r] += wm * a->s[row * B + b];
         }
       }
     }
