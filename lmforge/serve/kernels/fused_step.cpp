@@ -69,7 +69,7 @@ Linear make_linear(const std::vector<c10::optional<torch::Tensor>>& t, const cha
 
 // Runs tile<R, MT>(n, m0) over all N output rows and M activation rows: one row of activations (a decode step) in
 // tiles of R1 weight rows, several rows in tiles of K::RM weight rows x K::MTM activation rows (f32: 4 x 3, q8/q4:
-// 2 x 4, the fastest of 2x4 / 4x2 / 4x3 / 8x1 measured on SmolLM2's shapes at 2-9 rows on an AVX2 CPU).
+// 2 x 4, the fastest of 2x4 / 4x2 / 4x3 / 8x1 measured on SmolLM2's shapes at 2-9 rows with AVX2 code (docs/benchmarks.md).
 template <class K, int R1>
 void drive(const K& k, int64_t N, int64_t M) {
   constexpr int RM = K::RM, MTM = K::MTM;
