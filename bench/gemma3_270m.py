@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -27,7 +28,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--new", type=int, default=24)
     ap.add_argument("--speed-only", action="store_true", help="only the engine's decode speed")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even where it is installed")
     args = ap.parse_args()
+    if args.no_llama_cpp:
+        sys.modules["llama_cpp"] = None  # import llama_cpp then raises ImportError: no llama.cpp column
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
