@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
-MULTILINGUAL_DEBS := man-db manpages-ru manpages-pl debian-faq-ko fortunes-zh fortunes-de fortunes-es fortunes-it \
+MULTILINGUAL_DEBS := man-db manpages-ru manpages-pl debian-faq-ko fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it \
 	fortunes-pl debian-reference-en debian-reference-de debian-reference-es debian-reference-fr debian-reference-it \
 	debian-reference-ja debian-reference-pt debian-reference-zh-cn debian-reference-zh-tw
 

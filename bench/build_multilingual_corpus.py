@@ -1,7 +1,7 @@
 """Build the multilingual check corpus under data/multilingual/ from Debian packages installed on this machine.
 
     apt-get install -y --no-install-recommends debian-reference-{en,de,es,fr,it,ja,pt,zh-cn,zh-tw} debian-faq-ko \
-        manpages-ru manpages-pl fortunes-zh
+        man-db manpages-ru manpages-pl fortunes-{zh,de,ru,pl,es,it}     # the Makefile's MULTILINGUAL_DEBS
     python bench/build_multilingual_corpus.py [--docs 24] [--out data/multilingual]
 
 Every document is real text: consecutive paragraphs of one source, cut into pieces of about ``--bytes`` UTF-8 bytes
@@ -9,6 +9,10 @@ at paragraph boundaries, taken from the middle of the source (past its table of 
 the Debian Reference (one book, translated) are near-parallel.  The gold language is ``meta.gold_lang``.
 ``mixed.jsonl`` joins a piece of the English book with a piece of another language (real text, mixed by us;
 ``meta.gold_shares``).  Sources and licences: data/multilingual/README.md.
+
+Every source file is checked before anything is written (a missing one is named with its Debian package), and the
+corpus is written to a temporary folder that replaces ``--out``'s JSONL files only once all of them are complete: a
+failed build never leaves a partial corpus behind for the tests to run on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import argparse
 import gzip
 import json
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 REF = "/usr/share/debian-reference/debian-reference.{}.txt.gz"
@@ -36,6 +43,28 @@ SOURCES = {  # gold language → (name, licence, reader arguments)
     "pl": ("manpages-pl", "GPL-3+", ("man", "pl")),
     "zh-classical": ("fortunes-zh (tang300)", "GPL-3+", ("fortune", "/usr/share/games/fortunes/tang300.u8")),
 }
+
+# mixed.jsonl: English + quotes from one of these fortune files (other language -> path, licence, Debian package)
+FORTUNES = {
+    "zh": ("/usr/share/games/fortunes/tang300.u8", "GPL-3+", "fortunes-zh"),
+    "de": ("/usr/share/games/fortunes/de/zitate", "GPL-2+", "fortunes-de"),
+    "ru": ("/usr/share/games/fortunes/ru/2001.03", "GPL-2+", "fortunes-ru"),
+    "pl": ("/usr/share/games/fortunes/pl/advocacy", "GPL-2+", "fortunes-pl"),
+    "es": ("/usr/share/games/fortunes/es/ciencia.fortunes", "GPL-2+", "fortunes-es"),
+    "it": ("/usr/share/games/fortunes/it/italia", "public domain (fortunes-it)", "fortunes-it"),
+}
+
+
+def missing_sources() -> list[str]:
+    """``path (Debian package)`` for every source this build reads that is not on this machine."""
+    need: list[tuple[str, str]] = []
+    for name, _licence, (kind, arg) in SOURCES.values():
+        path = {"ref": REF.format(arg), "faq": f"/usr/share/doc/debian/FAQ/debian-faq.{arg}.txt.gz",
+                "man": f"/usr/share/man/{arg}/man1"}.get(kind, arg)
+        need.append((path, name.split(" ")[0]))
+    need += [(path, package) for path, _licence, package in FORTUNES.values()]
+    missing = [f"{path} ({package})" for path, package in need if not Path(path).exists()]
+    return missing + ([] if shutil.which("man") else ["the man command (man-db)"])
 
 
 def paragraphs_ref(code: str) -> list[str]:
@@ -84,8 +113,21 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=1800)
     ap.add_argument("--out", default="data/multilingual")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    missing = missing_sources()
+    if missing:
+        sys.exit("multilingual corpus not built: missing " + ", ".join(missing))
+    final = Path(args.out)
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=".building-", dir=final))
+    try:
+        build(args, out)
+        for f in sorted(out.glob("*.jsonl")):  # all complete: replace the old files
+            f.replace(final / f.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def build(args: argparse.Namespace, out: Path) -> None:
     readers = {"ref": paragraphs_ref, "faq": paragraphs_faq, "man": paragraphs_man, "fortune": paragraphs_fortune}
     by_lang: dict[str, list[str]] = {}
     for key, (name, licence, (kind, arg)) in SOURCES.items():
@@ -99,12 +141,9 @@ def main() -> None:
         print(f"{key}: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes from {name}")
     # mixed: the first half of an English piece + fortune-file quotes in another language (real text both, mixed by
     # us; the translations above are not used here: they hold untranslated English paragraphs themselves)
-    fortunes = {"zh": ("/usr/share/games/fortunes/tang300.u8", "GPL-3+"), "de": ("/usr/share/games/fortunes/de/zitate", "GPL-2+"),
-                "ru": ("/usr/share/games/fortunes/ru/2001.03", "GPL-2+"), "pl": ("/usr/share/games/fortunes/pl/advocacy", "GPL-2+"),
-                "es": ("/usr/share/games/fortunes/es/ciencia.fortunes", "GPL-2+"), "it": ("/usr/share/games/fortunes/it/italia", "public domain (fortunes-it)")}
     with open(out / "mixed.jsonl", "w", encoding="utf-8") as f:
         k = 0
-        for other, (path, licence) in fortunes.items():
+        for other, (path, licence, _package) in FORTUNES.items():
             quotes = [q for q in paragraphs_fortune(path) if 40 <= len(q) <= 600]
             for i in range(4):
                 en = by_lang["en"][-(i + 1)].split("\n\n")

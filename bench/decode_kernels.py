@@ -6,9 +6,14 @@
 * with ``--before path/to/old/runner.py`` (``git archive <commit> lmforge/serve/runner.py | tar -x -C /tmp/old``), the
   whole decode step of that runner and of this one, interleaved in rounds of 8 steps (positions 48 onwards), the
   thread's CPU milliseconds per step (the work done, which a shared machine inflates less than wall time) and wall
-  milliseconds, best and median of ``--rounds``; the max |logit diff| between the two.
+  milliseconds, best and median of ``--rounds``; the max |logit diff| between the two;
+* the fused step's matmuls (``fused_linear``: float32 / q8 / q4, each weight read once for all rows) next to them;
+* with ``--fused T,...``, the fused C++ step against the Python path of the same runner (``fused=False``), one stream:
+  a decode step (T = 1) and verify passes of T positions, interleaved rounds, CPU ms per call and its ratio to one
+  decode step of the same path.
 
     .venv/bin/python bench/decode_kernels.py [--before /tmp/old/lmforge/serve/runner.py] [--threads 1] [--m 1]
+                                             [--fused 1,2,5,9,16]
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ def cpu_us(fn, budget: float = 0.2) -> float:
 def kernel_table(m: int) -> None:
     ext = kernels.load()
     print(f"\nmatmuls, {m} row(s), CPU µs per call, {torch.get_num_threads()} thread(s), load {load()}")
-    print("| matmul (out x in) | float32 | int8 per-channel (bf16 in) | int4 groups (bf16 in) | q8 kernel | q4 kernel |")
-    print("|---|---|---|---|---|---|")
+    print("| matmul (out x in) | float32 | int8 per-channel (bf16 in) | int4 groups (bf16 in) | q8 kernel | q4 kernel "
+          "| fused float32 | fused q8 | fused q4 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) * 0.05
         x = torch.randn(m, k)
@@ -70,6 +76,9 @@ def kernel_table(m: int) -> None:
                cpu_us(lambda: torch._weight_int4pack_mm_for_cpu(xb, p4, 32, sz))]
         if ext is not None:
             row += [cpu_us(lambda: ext.q8_matmul(x, q8, d8)), cpu_us(lambda: ext.q4_matmul(x, q4, d4, m4))]
+            row += [cpu_us(lambda: ext.fused_linear(x, [w, None, None, None, None])),
+                    cpu_us(lambda: ext.fused_linear(x, [None, q8, d8, None, None])),
+                    cpu_us(lambda: ext.fused_linear(x, [None, q4, d4, m4, None]))]
         print(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row) + " |")
 
 
@@ -112,6 +121,40 @@ def steps(before: str, configs: list[str], rounds: int) -> None:
                   f"wall best {cw[0]:.1f} / median {cw[len(cw) // 2]:.1f}")
 
 
+def fused_vs_python(configs: list[str], ts: list[int], rounds: int) -> None:
+    """CPU ms per call of the fused step and the Python path, one stream at position ~100, interleaved rounds."""
+    base = load_model(materialize_smollm2())
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
+    for name in configs:
+        quant = name if name in ("int8", "int4") else None
+        runners = {"fused": ModelRunner(base, "float32", quant), "python": ModelRunner(base, "float32", quant,
+                                                                                          fused=False)}
+        caches = {}
+        for tag, r in runners.items():
+            caches[tag] = r.allocate_cache(1, 512)
+            r.forward(torch.arange(100)[None] + 200, torch.arange(100)[None], caches[tag], torch.tensor([0]))
+        cpu: dict[tuple[str, int], list[float]] = {(tag, t): [] for tag in runners for t in ts}
+        for _ in range(rounds):
+            for t in ts:
+                for tag, r in runners.items():
+                    ids = torch.arange(t)[None] + 300
+                    c0 = clock()
+                    for _ in range(4):
+                        if t == 1:
+                            r.forward(ids, torch.tensor([[100]]), caches[tag], torch.tensor([0]))
+                        else:
+                            r.verify_logits(ids, 100, caches[tag], 0)
+                    cpu[(tag, t)].append((clock() - c0) / 4 * 1000)
+        print(f"\n{name}: CPU ms per call (best of {rounds} rounds of 4), load {load()}")
+        print("| positions T | fused | Python | fused / Python | fused T / fused 1 | Python T / Python 1 |")
+        print("|---|---|---|---|---|---|")
+        best = {k: min(v) for k, v in cpu.items()}
+        for t in ts:
+            f, p = best[("fused", t)], best[("python", t)]
+            f1, p1 = best.get(("fused", 1), float("nan")), best.get(("python", 1), float("nan"))
+            print(f"| {t} | {f:.2f} | {p:.2f} | {f / p:.2f} | {f / f1:.2f} | {p / p1:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", help="an earlier runner.py to compare whole decode steps with")
@@ -119,6 +162,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", default="1", help="rows per matmul, comma-separated (0: skip the kernel table)")
+    ap.add_argument("--fused", default="", help="positions per call to time the fused step against the Python "
+                    "path at, comma-separated (1: a decode step; more: verify passes), e.g. 1,2,5,9,16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}  load {load()}")
@@ -127,6 +172,8 @@ def main() -> None:
             kernel_table(m)
     if args.before:
         steps(args.before, args.configs.split(","), args.rounds)
+    if args.fused:
+        fused_vs_python(args.configs.split(","), [int(v) for v in args.fused.split(",")], args.rounds)
 
 
 if __name__ == "__main__":

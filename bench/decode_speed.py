@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--configs", default="float32,int8,int4")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0",
+                    help="which GGUF types llama.cpp runs (a build that dies on one: leave it out)")
     ap.add_argument("--ppl", action="store_true", help="also measure perplexity of each lmforge config")
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/gguf-bench")
@@ -178,7 +180,7 @@ def main() -> None:
 
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        for d in ("f32", "q8_0", "q4_0"):
+        for d in args.llama_cpp_types.split(","):
             p = work / f"smollm2-{d}.gguf"
             if not p.exists():
                 export_gguf(folder, p, d)

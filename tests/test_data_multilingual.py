@@ -170,3 +170,20 @@ def test_english_rules_on_other_languages_when_profiles_are_off(tmp_path):
     stats = check_conservation(tmp_path / "out")
     gq = next(s for s in stats["steps"] if s["name"] == "gopher_quality_v2")
     assert gq["tallies"]["lang_dropped"]["de"] >= 10 and gq["dropped"]["stop_words"] >= 10  # main's behaviour
+
+
+def test_corpus_build_with_a_missing_source_names_it_and_leaves_the_corpus_as_it_was(tmp_path, monkeypatch):
+    import bench.build_multilingual_corpus as build
+
+    out = tmp_path / "ml"
+    out.mkdir()
+    (out / "zh.jsonl").write_text('{"id": "old"}\n', encoding="utf-8")
+    monkeypatch.setitem(build.FORTUNES, "ru", ("/nonexistent/fortunes/ru/2001.03", "GPL-2+", "fortunes-ru"))
+    monkeypatch.setattr("sys.argv", ["build", "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        build.main()
+    assert "/nonexistent/fortunes/ru/2001.03 (fortunes-ru)" in str(stop.value.code)
+    assert sorted(p.name for p in out.iterdir()) == ["zh.jsonl"] and "old" in (out / "zh.jsonl").read_text()
+    # every mixed document's other language has its package listed for the install
+    makefile = (CORPUS.parent.parent / "Makefile").read_text()
+    assert all(package in makefile for _path, _licence, package in build.FORTUNES.values())

@@ -106,7 +106,7 @@ def test_compiled_decode_equals_eager(model, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     ids, ref = reference
-    runner = ModelRunner(model, "float32", compile=True)
+    runner = ModelRunner(model, "float32", compile=True, fused=False)  # compile: where the fused C++ step is not
     logits, fed = _decode(runner, ids, free_running=True)
     assert runner._compiled is not None  # it did not fall back
     assert fed == ids[:PROMPT + STEPS - 1].tolist()
@@ -123,7 +123,7 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(model, reference,
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
     torch._dynamo.reset()  # no graph of an earlier test reused
     ids, ref = reference
-    runner = ModelRunner(model, "float32", compile=True)
+    runner = ModelRunner(model, "float32", compile=True, fused=False)  # compile: where the fused C++ step is not
     with caplog.at_level("WARNING", logger="lmforge.serve"):
         logits, fed = _decode(runner, ids, free_running=True)
     warnings = [r for r in caplog.records if "torch.compile of the decode step failed" in r.getMessage()]

@@ -66,3 +66,30 @@ def test_llama_cpp_greedy_continuation_equals_our_engine(model_dir, tmp_path, dt
         assert theirs[:len(ours)] == ours  # llama.cpp's raw generator does not stop at eos
     else:  # 8-bit blocks of 32: the first tokens agree, a near-tie later may flip
         assert theirs[:4] == ours[:4]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"])
+def test_every_family_exported_to_gguf_runs_in_llama_cpp(family, tiny_model_dir, tmp_path):
+    """Issue 23: ``export gguf`` of each family (tiny random weights, the shapes of test_model_families_gguf) loads in
+    llama.cpp with our logits (f32, f32 KV cache) and our greedy tokens, past Gemma's and Phi-3's sliding window."""
+    from test_model_families_gguf import _model_folder
+
+    from lmforge.model.generate import generate
+
+    model = _model_folder(family, tiny_model_dir, tmp_path / "model").eval()
+    path = export_gguf(tmp_path / "model", tmp_path / f"{family}-f32.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, type_k=0, type_v=0,
+                          logits_all=True)
+    ids = torch.randint(10, 500, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    rel = np.abs(theirs - ours).max() / np.abs(ours).max()
+    assert rel < 1e-3, (family, rel)
+    greedy = []
+    for tok in llm.generate(ids[:20], temp=0.0, top_k=1, reset=True):
+        greedy.append(tok)
+        if len(greedy) == 12:
+            break
+    assert greedy == generate(model, ids[:20], 12), family

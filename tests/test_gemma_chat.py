@@ -6,6 +6,7 @@ same recipe is in docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -107,6 +108,21 @@ def test_gemma_chat_recipe_runs_sft_merge_serve_and_exports(tiny_gemma, tmp_path
     ours = generate(merged, list(ids), 12)  # no eos: twelve tokens whatever comes
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert ours == theirs[0, len(ids):].tolist()
+
+    # the example's own check: held-out prompts found through the merge → sft manifests, transformers' greedy tokens
+    # equal to ours up to <end_of_turn>, and the same prompts through `lmforge serve` and the openai client
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gemma_chat" / "check.py"), str(ws / "merge"),
+                        "--limit", "6", "--new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "LMFORGE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("gemma_check", ROOT / "examples" / "gemma_chat" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    held_out = check.held_out_conversations(ws / "merge")
+    assert len(held_out) == m["val_conversations"] and held_out[0][-1]["role"] == "user"
+    assert "same tokens for 6/6" in r.stdout, r.stdout[-3000:]
+    assert f"{held_out[0][-1]['content']!r}: transformers ==" in r.stdout, r.stdout[-3000:]
+    assert "SUMMARY served (fp32): " in r.stdout and "6/6 texts equal to lmforge's greedy answers" in r.stdout
 
     engine = Engine.from_folder(ws / "merge", max_num_seqs=1, max_model_len=256)
     try:

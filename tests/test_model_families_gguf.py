@@ -35,7 +35,8 @@ FAMILIES = {
     "gemma3_text": dict(model_type="gemma3_text", qk_norm=True, gemma_norms=True, hidden_act="gelu_pytorch_tanh",
                         num_hidden_layers=6, sliding_window=16, rope_local_theta=10_000.0, rope_theta=1e6,
                         head_dim=256, layer_types=["sliding_attention"] * 5 + ["full_attention"]),
-    "phi3": dict(model_type="phi3", tie_word_embeddings=False, sliding_window=64),
+    # a window as long as the context: llama.cpp ignores Phi-3's window, a shorter one is refused (see the last test)
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False, sliding_window=128),
 }
 
 
@@ -211,3 +212,8 @@ def test_export_refuses_what_llama_cpp_would_compute_differently(tiny_model_dir,
     save_model(Llama(cfg), tmp_path / "m")
     with pytest.raises(ValueError, match="sliding window"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    phi = _model_folder("phi3", tiny_model_dir, tmp_path / "phi").config
+    phi.sliding_window = 64  # shorter than the context (128): llama.cpp would attend past it
+    save_model(Llama(phi), tmp_path / "phi")
+    with pytest.raises(ValueError, match=r"phi3 with a sliding window \(64\) shorter than its context \(128\)"):
+        export_gguf(tmp_path / "phi", tmp_path / "phi.gguf")

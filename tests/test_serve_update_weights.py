@@ -40,9 +40,16 @@ def test_updated_weights_equal_a_fresh_runner(tiny_model_dir, dtype, quantize):
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     before = engine.runner.forward(ids, torch.arange(5)[None], engine.cache, torch.tensor([0]))
     engine.update_weights({n: params[n] for n in names})
-    _assert_same_tensors(engine.runner, ModelRunner(trained, dtype, quantize))
+    fresh = ModelRunner(trained, dtype, quantize)
+    _assert_same_tensors(engine.runner, fresh)
     after = engine.runner.forward(ids, torch.arange(5)[None], engine.cache, torch.tensor([0]))
     assert not torch.equal(before, after)
+    # a single-stream decode step (the fused C++ step where it runs: it reads the same tensors)
+    cache = fresh.allocate_cache(1, 64)
+    fresh.forward(ids, torch.arange(5)[None], cache, torch.tensor([0]))
+    one = torch.tensor([[11]]), torch.tensor([[5]]), torch.tensor([0])
+    torch.testing.assert_close(engine.runner.forward(one[0], one[1], engine.cache, one[2]),
+                               fresh.forward(one[0], one[1], cache, one[2]), atol=1e-5, rtol=1e-5)
     for n, p in engine.model.named_parameters():  # the engine's model follows too
         assert torch.equal(p, dict(trained.named_parameters())[n]), n
     with pytest.raises(KeyError, match="model.layers.9.mlp.up_proj.weight"):

@@ -50,6 +50,10 @@ def gguf_architecture(cfg: LlamaConfig) -> str:
         return "gemma3"
     if mt in ("qwen2", "qwen3") and "sliding_attention" in cfg.layer_types:
         raise ValueError(f"{mt} with sliding-window layers cannot be exported: llama.cpp's {mt} has no window")
+    if mt == "phi3" and "sliding_attention" in cfg.layer_types and cfg.sliding_window < cfg.max_position_embeddings:
+        raise ValueError(f"phi3 with a sliding window ({cfg.sliding_window}) shorter than its context "
+                         f"({cfg.max_position_embeddings}) cannot be exported: llama.cpp disables Phi-3's sliding "
+                         "window and attends to the whole context, so its logits differ past the window")
     if mt in ("qwen2", "qwen3", "phi3"):
         return mt
     raise ValueError(f"model_type {mt!r} has no GGUF export")

@@ -14,6 +14,11 @@
 * RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
+* one stream's decode step and speculative verify pass (up to ``FUSED_MAX_T`` positions) run as one call into a fused
+  C++ step (``kernels/fused_step.cpp``: every layer, the cache writes, attention and the head, each weight read once
+  for all positions) for the Llama-family switches it implements (float32 activations, SiLU, optional q/k bias,
+  q/k norms and sliding windows); Gemma's norms and soft-capping, bf16 activations, or no C++ extension keep the
+  Python path below (decided once at init, one log line; ``fused=False`` forces it);
 
 It computes exactly what ``Llama.forward`` computes (a test checks logits and greedy tokens), for every family switch
 of ``LlamaConfig`` (q/k norms, sliding-window layers with their own RoPE tables, Gemma's norms, embedding scale,
@@ -38,6 +43,8 @@ log = logging.getLogger("lmforge.serve")
 # rows from which an int4 matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
 # (faster from about 64 rows on an AVX2 CPU; the int8 kernel stays faster up to 128 rows and more: docs/benchmarks.md)
 INT4_DENSE_ROWS = 64
+# the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
+FUSED_MAX_T = 16
 
 
 def native_bf16() -> bool:
@@ -137,10 +144,12 @@ class ModelRunner:
     """Inference weights + ``forward(ids, positions, cache, rows, last)`` returning next-token logits [B, vocab]."""
 
     def __init__(self, model: Llama, dtype: str | torch.dtype = "float32", quantize: str | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fused: bool = True) -> None:
         """``compile``: run single-stream decode steps through ``torch.compile`` (one graph per cache-slot class, built
         on first use, minutes on a small CPU; inductor keeps it in its on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``),
-        falling back to eager with one log line if it cannot be built."""
+        falling back to eager with one log line if it cannot be built; only where the fused C++ step does not run.
+        ``fused``: run single-stream decode steps and verify passes through the fused C++ step where it supports the
+        model (the module docstring); False: always the Python path."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -192,7 +201,8 @@ class ModelRunner:
             local = kind == "sliding_attention" and cfg.rope_local_theta is not None
             cos, sin = (model.rope_local_cos, model.rope_local_sin) if local else (model.rope_cos, model.rope_sin)
             self.rope[kind] = cos.to(act), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(act)
-        self._compiled = torch.compile(self._decode_one, dynamic=True) if compile else None
+        self.fused = self._fused_step() if fused else None
+        self._compiled = torch.compile(self._decode_one, dynamic=True) if compile and self.fused is None else None
         self._places = self._weight_places(model)
 
     def _weight_places(self, model: Llama) -> dict[str, tuple]:
@@ -247,6 +257,42 @@ class ModelRunner:
                 elif where[0].data_ptr() != w.data_ptr():
                     where[0].copy_(w.detach())
 
+    def _fused_step(self):
+        """The C++ fused step over this runner's weights (the same tensors, so ``Engine.load_weights`` reaches it), or
+        None after one log line saying why the Python path runs."""
+        cfg = self.config
+        why = None
+        if self.act_dtype != torch.float32:
+            why = f"activations in {self.act_dtype}"
+        elif cfg.gemma_norms or cfg.final_logit_softcapping or cfg.hidden_act != "silu":
+            why = "Gemma norms, soft-capping or a non-SiLU activation"
+        elif self.device.type != "cpu":
+            why = f"device {self.device}"
+        ext = kernels.load() if why is None else None
+        if why is None and ext is None:
+            why = "the C++ extension is unavailable"
+        step = None
+        if why is None:
+            def lin(m: _Linear) -> list[torch.Tensor | None]:
+                return [m.weight if m.q is None else None, m.q, m.d, m.m, m.bias]
+
+            layers = []
+            for L in self.layers:
+                cos, sin = self.rope[L.kind]
+                layers.append([L.ln1, L.ln2, L.q_norm, L.k_norm, cos.contiguous(), sin.contiguous(),
+                               *lin(L.qkv), *lin(L.o), *lin(L.gate_up), *lin(L.down)])
+            try:
+                step = ext.FusedStep(self.embed, layers, [L.kind == "sliding_attention" for L in self.layers],
+                                     self.norm, lin(self.lm_head), self.n_head, self.n_kv, self.hd, self.eps,
+                                     self.scale, cfg.sliding_window or 0)
+            except RuntimeError as err:  # a weight the step cannot take (e.g. an unquantised bf16 linear)
+                why = f"{(str(err).strip().splitlines() or [''])[0][:200]}"
+        if step is None:
+            log.info("single-stream decode: the Python path (%s)", why)
+        else:
+            log.info("single-stream decode: the fused C++ step")
+        return step
+
     def tensors(self) -> list[torch.Tensor]:
         """Every weight tensor of the prepared model, in a fixed order (``Engine.load_weights`` copies them in place)."""
         def lin(m: _Linear) -> list[torch.Tensor]:
@@ -280,8 +326,10 @@ class ModelRunner:
         S = int(positions.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
-        if B == 1 and T == 1 and not hidden:  # one stream's decode step: the compiled graph where there is one
+        if B == 1 and T == 1 and not hidden:  # one stream's decode step: the fused or compiled step where there is one
             slot = int(rows[0])
+            if self.fused is not None:
+                return self.fused.step(ids.reshape(1), S - 1, slot, cache.k, cache.v, False)
             if self._compiled is not None:
                 try:
                     return self._compiled(ids, positions, slot, S, cache.k, cache.v)
@@ -350,6 +398,8 @@ class ModelRunner:
         S = start + T
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        if self.fused is not None and T <= FUSED_MAX_T:
+            return self.fused.step(ids.reshape(T), start, slot, cache.k, cache.v, True)
         positions = torch.arange(start, S, device=ids.device)[None]
         return self._logits(self._one_stream(ids, positions, slot, S, cache.k, cache.v)[0])
 

@@ -111,7 +111,10 @@ def q4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, 
 
 # -- the extension ------------------------------------------------------------------------------------------------------
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+SOURCES = [SOURCE, SOURCE.with_name("fused_step.cpp")]  # one extension: the matmuls and the fused decode step
+# no contraction of a * b + c into one FMA: GCC would contract some tile shapes and not others, and a verify pass
+# must sum every output exactly as a decode step does (kernels use explicit FMA intrinsics where they want one)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 
 def build_dir() -> Path:
@@ -160,7 +163,7 @@ def load(verbose: bool = False) -> ModuleType | None:
                 path.mkdir(parents=True, exist_ok=True)
                 log.info("loading the int8/int4 matmul kernel from %s (compiled there on first use: a minute or more)",
                          path)
-                module = cpp_extension.load("lmforge_qmatmul", [str(SOURCE)], extra_cflags=FLAGS,
+                module = cpp_extension.load("lmforge_qmatmul", [str(s) for s in SOURCES], extra_cflags=FLAGS,
                                             extra_ldflags=["-fopenmp"], build_directory=str(path), verbose=verbose)
             except Exception as err:  # no compiler, no ninja, a build error: the reference path, never a crash
                 lines = str(err).strip().splitlines() or [""]

@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "qkernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -26,56 +28,10 @@
 
 namespace {
 
-constexpr int64_t QK = 32;
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// one activation row: K floats -> K int16, K/32 scales and scaled sums
-void quantize_row(const float* x, int64_t K, int16_t* q, float* d, float* s) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float dm = _mm_cvtss_f32(m4) / 32767.0f;
-    const float id = dm != 0.0f ? 1.0f / dm : 0.0f;
-    const __m256 mul = _mm256_set1_ps(id);
-    __m256i i[4];
-    for (int j = 0; j < 4; ++j)
-      i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-    // int32 -> int16 packs work per 128-bit lane; the permute puts each 16 values back in order
-    for (int j = 0; j < 2; ++j) {
-      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2 * j], i[2 * j + 1]), 0xd8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK + 16 * j), p);
-    }
-    d[b] = dm;
-    s[b] = dm * static_cast<float>(_mm_cvtsi128_si32(t));
-  }
-}
-
-// 8 int32 partial sums of <w, x> for 32 weights widened to int16 (w0: elements 0-15, w1: 16-31) and 32 int16
-// activations at x: two madd_epi16 (|sums| < 2^25: exact, and exact in float32 too)
-inline __m256i dot_s16(__m256i w0, __m256i w1, const int16_t* x) {
-  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
-  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-}
+using lmq::QK;
+using lmq::hsum;
+using lmq::quantize_row;
+using lmq::dot_s16;
 
 inline __m256i unpack_nibbles(const uint8_t* p) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -242,10 +198,13 @@ torch::Tensor dequantize(const torch::Tensor& wq, const torch::Tensor& wd, const
   return w;
 }
 
+void register_fused(pybind11::module& m);  // fused_step.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x [M, K] float32 -> (int16 [M, K], scales, scaled sums [M, K/32])");
   m.def("q8_matmul", &q8_matmul, "x [M, K] float32 @ q8 weights [N, K] -> [M, N] float32");
   m.def("q4_matmul", &q4_matmul, "x [M, K] float32 @ q4 weights [N, K/2] -> [M, N] float32");
   m.def("dequantize", &dequantize, "q8 (q, d, None) or q4 (packed, d, m) weights -> float32 [N, K]",
         py::arg("q"), py::arg("d"), py::arg("m") = py::none());
+  register_fused(m);
 }
