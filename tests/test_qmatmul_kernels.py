@@ -144,18 +144,23 @@ def test_no_compiler_falls_back_with_one_log_line(model, no_kernel, tmp_path, mo
     assert float((p.exp() * (p - q)).sum(-1).max()) < 0.01
 
 
-def test_int4_prefill_rows_take_the_dense_path(ext, model, monkeypatch):
-    """From ``INT4_DENSE_ROWS`` rows an int4 matmul dequantises (C++) and runs a dense float32 matmul: the same values
-    as the kernel row by row."""
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_prefill_rows_take_the_dense_path_and_decode_batches_the_few_row_kernel(ext, model, monkeypatch, fmt):
+    """From ``DENSE_ROWS`` rows a quantised matmul dequantises (C++) and runs a dense float32 matmul: the same values
+    as the kernel row by row.  Below it, a batch of rows runs the fused step's few-row kernel: each row bit for bit
+    what the one-row kernel gives it."""
     from lmforge.serve import runner as runner_mod
 
-    lin = ModelRunner(model, "float32", "int4").layers[0].gate_up
+    lin = ModelRunner(model, "float32", fmt).layers[0].gate_up
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(runner_mod, "INT4_DENSE_ROWS", 4)
+    one_by_one = torch.cat([lin(x[i:i + 1]) for i in range(6)])
+    assert torch.equal(lin(x), one_by_one)
+    monkeypatch.setattr(runner_mod, "DENSE_ROWS", 4)
     dense = lin(x)
-    monkeypatch.setattr(runner_mod, "INT4_DENSE_ROWS", 1000)
-    torch.testing.assert_close(dense, lin(x), rtol=1e-5, atol=1e-5)
-    assert torch.equal(ext.dequantize(lin.q, lin.d, lin.m), kernels.dequantize_q4(lin.q, lin.d, lin.m))
+    torch.testing.assert_close(dense, one_by_one, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dense, one_by_one)  # it did take the other path
+    assert torch.equal(ext.dequantize(lin.q, lin.d, lin.m), kernels.dequantize_q4(lin.q, lin.d, lin.m) if lin.m is not None
+                       else kernels.dequantize_q8(lin.q, lin.d))
 
 
 def test_the_ninja_wheel_is_found_when_ninja_is_not_on_path(monkeypatch):

@@ -40,9 +40,11 @@ from lmforge.serve import kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger("lmforge.serve")
-# rows from which an int4 matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
-# (faster from about 64 rows on an AVX2 CPU; the int8 kernel stays faster up to 128 rows and more: docs/benchmarks.md)
-INT4_DENSE_ROWS = 64
+# rows from which a quantised matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
+# (a prefill; faster from about 64 rows: docs/benchmarks.md).  From 2 rows up to there it runs the fused step's few-row
+# kernel, which reads each weight block once for all rows (1.3-1.6x the one-row kernel's loop at 4-16 rows, the same
+# sums bit for bit)
+DENSE_ROWS = 64
 # the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
 FUSED_MAX_T = 16
 
@@ -107,12 +109,17 @@ class _Linear:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        rows = x2.shape[0]
         if self.kernel is None:  # the reference on the dequantised weight (int8 or int4: the same computation)
             y = kernels.q8_matmul_reference(x2, self.q, self.d, self.weight)
+        elif rows >= DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
+            dense = self.kernel.dequantize(self.q, self.d, self.m)
+            y = (kernels.q8_matmul_reference(x2, self.q, self.d, dense) if self.m is None
+                 else kernels.q4_matmul_reference(x2, self.q, self.d, self.m, dense))
+        elif rows > 1 and hasattr(self.kernel, "fused_linear"):  # a batch of decode rows: weights read once for all
+            y = self.kernel.fused_linear(x2, [None, self.q, self.d, self.m, None])
         elif self.m is None:
             y = self.kernel.q8_matmul(x2, self.q, self.d)
-        elif x2.shape[0] >= INT4_DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
-            y = kernels.q4_matmul_reference(x2, self.q, self.d, self.m, self.kernel.dequantize(self.q, self.d, self.m))
         else:
             y = self.kernel.q4_matmul(x2, self.q, self.d, self.m)
         if self.bias is not None:
