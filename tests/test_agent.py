@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -128,6 +129,9 @@ def test_calculator_is_safe_arithmetic():
     for bad in ("__import__('os').system('true')", "open('x')", "x", "2 ** 99999", "[1, 2]", "1 +"):
         with pytest.raises(ValueError):
             calculator(bad)
+    # the description names what is allowed but holds no sample expression a small model could copy as its argument
+    desc = as_tool(calculator).parameters["properties"]["expression"]["description"]
+    assert "sqrt" in desc and "question" in desc and not re.search(r"\b\d", desc)
 
 
 def test_read_file_only_inside_the_allowed_folder(tmp_path):

@@ -103,6 +103,11 @@ def test_search_knowledge_base_returns_cited_chunks(tmp_path):
     [hit] = json.loads(res.content)
     assert hit["path"] == "returns.md" and hit["heading"].endswith("Returns") and "30 days" in hit["text"]
     assert hit["source"] == 1 and 0 <= hit["start"] < hit["end"]
+    # what the model reads: every parameter described, the query as the question itself (SmolLM2 copied the old
+    # "What to look for." into the query verbatim)
+    props = t.parameters["properties"]
+    assert "question" in props["query"]["description"] and "What to look for" not in props["query"]["description"]
+    assert props["k"]["description"] and "question" in t.description
 
 
 def test_cli_with_an_in_process_model(tiny_model, tmp_path):

@@ -46,11 +46,11 @@ def _eval(node: ast.AST) -> float | int:
 
 
 def calculator(expression: str) -> float | int:
-    """Evaluate an arithmetic expression and return its value.
+    """Compute the value of an arithmetic expression built from the numbers in the question.
 
     Args:
-        expression: Arithmetic such as "(17 + 3) * 2.5 / sqrt(16)": numbers, + - * / // % **, parentheses,
-            pi, e and the functions sqrt abs round min max log log10 exp sin cos tan floor ceil.
+        expression: The arithmetic to compute, written with the question's own numbers and only + - * / // % **,
+            parentheses, pi, e and the functions sqrt abs round min max log log10 exp sin cos tan floor ceil.
     """
     if len(expression) > MAX_LENGTH:
         raise ValueError(f"the expression is longer than {MAX_LENGTH} characters")
@@ -102,11 +102,12 @@ def knowledge_base_tool(index: Any, k: int = 4, timeout: float = 30.0) -> Functi
     default_k = k
 
     def search_knowledge_base(query: str, k: int = default_k) -> list[dict]:
-        """Search the knowledge base and return the most relevant passages with their sources.
+        """Search the knowledge base for passages that answer a question; each passage comes with its source
+        number, file and text.
 
         Args:
-            query: What to look for.
-            k: How many passages to return (1-10).
+            query: The question to answer, in the user's own words.
+            k: Number of passages to return, 1 to 10.
         """
         hits = kb.search(query, k=max(1, min(int(k), 10)))
         return [{"source": i + 1, "path": h.chunk.path, "heading": " > ".join(h.chunk.heading_path),
