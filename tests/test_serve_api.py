@@ -165,14 +165,30 @@ def test_limits(client, server, engine):
         client.completions.create(model=NAME, prompt="x", max_tokens=101)
     r = httpx.post(f"{server}/completions", json={"model": NAME, "prompt": "word " * 5000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    with running_server(engine, NAME, max_concurrent_requests=1) as url:
-        blocker = OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=100, stream=True,
-            logit_bias=_no_eos(engine))
-        next(iter(blocker))  # one request in flight
-        with pytest.raises(openai.RateLimitError):
-            OpenAI(base_url=url, api_key="x", max_retries=0).completions.create(model=NAME, prompt="x", max_tokens=2)
-        blocker.close()
+    # an in-process request whose logits processor makes every engine step take 0.1 s, so the HTTP request below is
+    # still in flight (however fast the machine) when the second one arrives
+    release = threading.Event()
+
+    def step_slowly(output_ids, logits):
+        release.wait(0.1)
+        return logits
+
+    slow = threading.Thread(target=engine.generate_text, args=("slow", SamplingParams(
+        max_tokens=CTX - 10, logits_processors=[step_slowly],
+        logit_bias={i: -100 for i in engine.eos_token_ids})))
+    slow.start()
+    try:
+        with running_server(engine, NAME, max_concurrent_requests=1) as url:
+            blocker = OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=100, stream=True,
+                logit_bias=_no_eos(engine))
+            next(iter(blocker))  # one request in flight
+            with pytest.raises(openai.RateLimitError):
+                OpenAI(base_url=url, api_key="x", max_retries=0).completions.create(model=NAME, prompt="x", max_tokens=2)
+            blocker.close()
+    finally:
+        release.set()
+        slow.join(30)
     _wait_idle(engine)
 
 
