@@ -5,6 +5,7 @@ grow while a tiny `lmforge pretrain` runs."""
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -150,22 +151,27 @@ def test_a_live_curve_grows_while_a_tiny_pretrain_runs(server, page, ws, tmp_pat
              "2", "--eval-every", "20", "--eval-windows", "2", "--checkpoint-every", "100", "--no-tensorboard",
              "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "pretrain", *flags], env=_env(ws["home"]),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        run_id = None
+        # hold the run (SIGSTOP) as soon as its first step is logged, so the page opens on a run still in progress
+        # however fast the machine trains; it goes on (SIGCONT) once the page shows it live, well inside the
+        # heartbeat's grace
         deadline = time.time() + 240
-        while run_id is None:  # the run appears in the registry as soon as it starts
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the pretrain run never showed up as running"
-            running = httpx.get(server + "/api/runs", params={"stage": "pretrain", "status": "running"}).json()
-            run_id = next((r["run_id"] for r in running if r["path"] == str(out.resolve())), None)
-            time.sleep(0.3)
+            assert time.time() < deadline, "the pretrain run logged no step"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGSTOP)  # the run and any process it started
+        running = httpx.get(server + "/api/runs", params={"stage": "pretrain", "status": "running"}).json()
+        run_id = next(r["run_id"] for r in running if r["path"] == str(out.resolve()))  # listed as running
         page.goto(f"{server}/curves?run={run_id}")
         legend = f'#legend li[data-run="{run_id}"]'
         page.wait_for_function(f"window.lmforgeCurves.points('{run_id}') >= 1", timeout=240_000)
         first = page.evaluate(f"window.lmforgeCurves.points('{run_id}')")
         assert first < 50, "the run finished before the page could watch it"
         assert page.inner_text(legend + ' [data-role="live"]') == "● live"
+        os.killpg(proc.pid, signal.SIGCONT)
         page.wait_for_function(f"window.lmforgeCurves.points('{run_id}') > {first}", timeout=240_000)
         assert proc.wait(timeout=600) == 0, proc.stdout.read()
         page.wait_for_function(f"document.querySelector('{legend} [data-role=\"state\"]').textContent == 'done'",
@@ -187,7 +193,8 @@ def test_a_live_curve_grows_while_a_tiny_pretrain_runs(server, page, ws, tmp_pat
         assert page.errors == []
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_launch_a_stage_from_its_form_and_watch_its_log(server, page, ws, tmp_path):
