@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmforge import hardware
 from lmforge.model.llama import Llama, LlamaConfig
-from lmforge.serve import runner as runner_mod
 from lmforge.serve.runner import ModelRunner
 
 PROMPT, STEPS = 8, 24
@@ -86,7 +86,7 @@ def test_low_precision_decode_tracks_reference(model, reference, dtype, quantize
 def test_quantised_activations_follow_the_cpu(model, reference, monkeypatch, native):
     """int8/int4 matmuls quantise float32 inputs themselves; around them a bf16 request computes in bf16 only on CPUs
     with native bf16 (norms, attention and the cache), and a float32 one in float32 everywhere."""
-    monkeypatch.setattr(runner_mod, "native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "native_bf16", lambda: native)
     assert ModelRunner(model, "float32", "int8").act_dtype == torch.float32
     runner = ModelRunner(model, "bfloat16", "int8")
     want = torch.bfloat16 if native else torch.float32

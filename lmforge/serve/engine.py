@@ -467,7 +467,7 @@ class Engine:
     @property
     def dtype(self) -> str:
         """What the forward pass computes in between the matmuls ("float32", "bfloat16", ...): ``dtype``, except that
-        with int8/int4 weights a bf16 request computes in float32 on CPUs without native bf16 (``runner.native_bf16``).
+        with int8/int4 weights a bf16 request computes in float32 on CPUs without native bf16 (``hardware.native_bf16``).
         The int8/int4 matmuls themselves quantise their float32 inputs to int8 per block of 32."""
         return str(self.runner.act_dtype).removeprefix("torch.")
 

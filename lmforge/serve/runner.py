@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge import hardware
 from lmforge.model.llama import ACTIVATIONS, KVCache, Llama, window_mask
 from lmforge.serve import kernels
 
@@ -47,12 +48,6 @@ log = logging.getLogger("lmforge.serve")
 DENSE_ROWS = 64
 # the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
 FUSED_MAX_T = 16
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512-BF16 or AMX), so bf16 elementwise ops and attention are
-    not slower than float32 ones."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class _Linear:
@@ -166,7 +161,7 @@ class ModelRunner:
         cfg = model.config
         self.config, self.dtype, self.quantize = cfg, dtype, quantize
         # what norms, RoPE, attention and the KV cache compute in (the module docstring says why)
-        act = dtype if quantize is None or native_bf16() else torch.float32
+        act = dtype if quantize is None or hardware.native_bf16() else torch.float32
         self.act_dtype = act
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
