@@ -46,7 +46,6 @@ from lmforge.artifacts import Manifest, write_json
 from lmforge.config import StageConfig
 from lmforge.model.hf import load_model, save_model
 from lmforge.progress import console
-from lmforge.stages import begin, finished
 from lmforge.train import core
 from lmforge.train.core import checkpointing_on, lr_at, peak_rss_mb
 from lmforge.train.loss import head_weight, linear_log_probs, logit_softcap
@@ -240,18 +239,8 @@ def preference_metrics(model: nn.Module, pairs: list[tuple[Example, Example]], p
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
-    inputs = {"model": config.model, "data": config.data}
-    if config.val_data:
-        inputs["val_data"] = config.val_data
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
-    if run_ is None:
-        return finished(out)
-    resume = run_.resumes is not None
-    with run_:
-        if not resume:
-            core.clear_stale(out, ("checkpoints", "metrics.jsonl", REF_CACHE))
-        run_.metrics.update(train(config, out))
-    return finished(out)
+    return core.run_local(STAGE, VERSION, out, config, force, ("checkpoints", "metrics.jsonl", REF_CACHE),
+                          lambda: train(config, out))
 
 
 def _cached_reference(path: Path, model_dir: Path, pairs, pad_id: int,

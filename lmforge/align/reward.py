@@ -55,7 +55,6 @@ from lmforge.model.families import weights_from_hf
 from lmforge.model.hf import load_config, load_model, load_state_dict, state_dict_for_save
 from lmforge.model.llama import Llama
 from lmforge.progress import console
-from lmforge.stages import begin, finished
 from lmforge.train import core
 from lmforge.train.core import checkpointing_on, lr_at, peak_rss_mb
 from lmforge.train.plots import plot_loss
@@ -258,17 +257,8 @@ def pair_metrics(model: RewardModel, pairs: Sequence[tuple[Example, Example]], p
 
 def run(config: Config, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     out = Path(out_dir)
-    inputs = {"model": config.model, "data": config.data}
-    if config.val_data:
-        inputs["val_data"] = config.val_data
-    run_ = begin(STAGE, VERSION, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
-    if run_ is None:
-        return finished(out)
-    with run_:
-        if run_.resumes is None:
-            core.clear_stale(out, ("checkpoints", "metrics.jsonl"))
-        run_.metrics.update(train(config, out))
-    return finished(out)
+    return core.run_local(STAGE, VERSION, out, config, force, ("checkpoints", "metrics.jsonl"),
+                          lambda: train(config, out))
 
 
 def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -53,13 +53,13 @@ from torch import nn
 from lmforge.artifacts import Manifest
 from lmforge.config import ConfigError
 from lmforge.progress import console, progress
-from lmforge.stages import finished
+from lmforge.stages import begin, finished
 from lmforge.train import distributed
 from lmforge.train.distributed import World
 from lmforge.train.schedule import lr_at
 
 __all__ = ["make_optimizer", "set_lr", "lr_at", "step", "StepResult", "check_finite", "MetricsLog",
-           "TrainableCheckpoints", "run_stage", "clear_stale", "checkpointing_on", "peak_rss_mb", "NoBar", "bar_for"]
+           "TrainableCheckpoints", "run_stage", "run_local", "clear_stale", "checkpointing_on", "peak_rss_mb", "NoBar", "bar_for"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,6 +284,24 @@ def run_stage(out: Path, device: str, plan: Callable[[], Any], train: Callable[[
         return finished(out)
     finally:
         distributed.teardown(world)
+
+
+def run_local(stage: str, version: str, out: Path, config: Any, force: bool, stale: Iterable[str],
+              train: Callable[[], dict[str, Any]]) -> Manifest:
+    """Run a one-process training stage: skip it when up to date, resume it when its checkpoints allow, else clear
+    the ``stale`` files of an earlier run and train.  Inputs recorded: ``config.model``, ``config.data`` and, when
+    set, ``config.val_data``."""
+    inputs = {"model": config.model, "data": config.data}
+    if config.val_data:
+        inputs["val_data"] = config.val_data
+    run_ = begin(stage, version, out, config.model_dump(), inputs=inputs, force=force, force_resumes=True)
+    if run_ is None:
+        return finished(out)
+    with run_:
+        if run_.resumes is None:
+            clear_stale(out, stale)
+        run_.metrics.update(train())
+    return finished(out)
 
 
 def checkpointing_on(cfg: Any) -> bool:
