@@ -7,7 +7,9 @@
   whole decode step of that runner and of this one, interleaved in rounds of 8 steps (positions 48 onwards), the
   thread's CPU milliseconds per step (the work done, which a shared machine inflates less than wall time) and wall
   milliseconds, best and median of ``--rounds``; the max |logit diff| between the two;
-* the fused step's matmuls (``fused_linear``: float32 / q8 / q4, each weight read once for all rows) next to them;
+* the fused step's matmuls (``fused_linear``: float32 / q8 / q4, each weight read once for all rows) next to them,
+  and the same in the row-interleaved layout the runner stores (``x8``: 8 output rows per pass; q4 with int8
+  activations);
 * with ``--fused T,...``, the fused C++ step against the Python path of the same runner (``fused=False``), one stream:
   a decode step (T = 1) and verify passes of T positions, interleaved rounds, CPU ms per call and its ratio to one
   decode step of the same path.
@@ -61,8 +63,8 @@ def kernel_table(m: int) -> None:
     ext = kernels.load()
     print(f"\nmatmuls, {m} row(s), CPU µs per call, {torch.get_num_threads()} thread(s), load {load()}")
     print("| matmul (out x in) | float32 | int8 per-channel (bf16 in) | int4 groups (bf16 in) | q8 kernel | q4 kernel "
-          "| fused float32 | fused q8 | fused q4 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| fused float32 | fused q8 | fused q4 | x8 q8 | x8 q4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) * 0.05
         x = torch.randn(m, k)
@@ -79,6 +81,9 @@ def kernel_table(m: int) -> None:
             row += [cpu_us(lambda: ext.fused_linear(x, [w, None, None, None, None])),
                     cpu_us(lambda: ext.fused_linear(x, [None, q8, d8, None, None])),
                     cpu_us(lambda: ext.fused_linear(x, [None, q4, d4, m4, None]))]
+            x8, x4 = kernels.pack_x8(q8, d8), kernels.pack_x8(q4, d4, m4)
+            row += [cpu_us(lambda: ext.fused_linear(x, [None, x8[0], x8[1], None, None])),
+                    cpu_us(lambda: ext.fused_linear(x, [None, *x4, None]))]
         print(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row) + " |")
 
 
