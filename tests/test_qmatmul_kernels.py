@@ -146,21 +146,28 @@ def test_no_compiler_falls_back_with_one_log_line(model, no_kernel, tmp_path, mo
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_prefill_rows_take_the_dense_path_and_decode_batches_the_few_row_kernel(ext, model, monkeypatch, fmt):
-    """From ``DENSE_ROWS`` rows a quantised matmul dequantises (C++) and runs a dense float32 matmul: the same values
-    as the kernel row by row.  Below it, a batch of rows runs the fused step's few-row kernel: each row bit for bit
-    what the one-row kernel gives it."""
+def test_prefill_rows_take_the_dense_path_and_decode_batches_the_few_row_kernel(ext, monkeypatch, fmt):
+    """Row-major weights (a row count not a multiple of 8): from ``DENSE_ROWS`` rows a quantised matmul dequantises
+    (C++) and runs a dense float32 matmul, the same values as the kernel row by row; below it a batch of rows runs the
+    fused step's few-row kernel, each row bit for bit what the one-row kernel gives it.  x8 weights run their kernel
+    at any row count: every row bit for bit as computed alone."""
     from lmforge.serve import runner as runner_mod
+    from lmforge.serve.runner import _Linear
 
-    lin = ModelRunner(model, "float32", fmt).layers[0].gate_up
+    w = _weights(36, 64, seed=8)
+    rowmajor, x8 = _Linear(w, None, torch.float32, fmt), _Linear(w[:32], None, torch.float32, fmt)
+    assert not rowmajor.x8 and x8.x8
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
-    one_by_one = torch.cat([lin(x[i:i + 1]) for i in range(6)])
-    assert torch.equal(lin(x), one_by_one)
     monkeypatch.setattr(runner_mod, "DENSE_ROWS", 4)
-    dense = lin(x)
-    torch.testing.assert_close(dense, one_by_one, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(dense, one_by_one)  # it did take the other path
-    q, d, m = lin.rowmajor()
+    for lin in (rowmajor, x8):
+        one_by_one = torch.cat([lin(x[i:i + 1]) for i in range(6)])
+        monkeypatch.setattr(runner_mod, "DENSE_ROWS", 64)
+        assert torch.equal(lin(x), one_by_one)
+        monkeypatch.setattr(runner_mod, "DENSE_ROWS", 4)
+        many = lin(x)
+        torch.testing.assert_close(many, one_by_one, rtol=1e-5, atol=1e-5)
+        assert torch.equal(many, one_by_one) == lin.x8  # only the row-major one took the dense path
+    q, d, m = rowmajor.q, rowmajor.d, rowmajor.m
     assert torch.equal(ext.dequantize(q, d, m), kernels.dequantize_q4(q, d, m) if m is not None
                        else kernels.dequantize_q8(q, d))
 

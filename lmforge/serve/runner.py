@@ -41,10 +41,11 @@ from lmforge.serve import kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger("lmforge.serve")
-# rows from which a quantised matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
-# (a prefill; faster from about 64 rows: docs/benchmarks.md).  From 2 rows up to there it runs the fused step's few-row
-# kernel, which reads each weight block once for all rows (1.3-1.6x the one-row kernel's loop at 4-16 rows, the same
-# sums bit for bit)
+# rows from which a quantised matmul in the row-major layout dequantises its weights and runs one dense float32 matmul
+# instead of the kernel (a prefill; faster from about 64 rows: docs/benchmarks.md).  From 2 rows up to there it runs
+# the fused step's few-row kernel, which reads each weight block once for all rows (1.3-1.6x the one-row kernel's loop
+# at 4-16 rows, the same sums bit for bit).  Weights in the x8 layout always run their kernel: 1.3-1.6x faster than
+# the dense path even at 800 rows on AVX2 (docs/benchmarks.md), and every row the same sums as a decode step
 DENSE_ROWS = 64
 # the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
 FUSED_MAX_T = 16
@@ -133,11 +134,10 @@ class _Linear:
         if self.kernel is None:  # the reference on the dequantised weight
             y = (kernels.q8_matmul_reference(x2, self.q, self.d, self.weight) if self.m is None
                  else kernels.q4_matmul_reference(x2, self.q, self.d, self.m, self.weight))
-        elif rows >= DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
-            q, d, m = self.rowmajor()
-            dense = self.kernel.dequantize(q, d, m)
-            y = (kernels.q8_matmul_reference(x2, q, d, dense) if m is None
-                 else kernels.q4_matmul_reference(x2, q, d, m, dense))
+        elif rows >= DENSE_ROWS and not self.x8:  # a prefill: dequantise once, one dense float32 matmul
+            dense = self.kernel.dequantize(self.q, self.d, self.m)
+            y = (kernels.q8_matmul_reference(x2, self.q, self.d, dense) if self.m is None
+                 else kernels.q4_matmul_reference(x2, self.q, self.d, self.m, dense))
         elif self.x8 or (rows > 1 and hasattr(self.kernel, "fused_linear")):  # weights read once for all rows
             y = self.kernel.fused_linear(x2, [None, self.q, self.d, self.m, None])
         elif self.m is None:
