@@ -7,13 +7,18 @@
   whole decode step of that runner and of this one, interleaved in rounds of 8 steps (positions 48 onwards), the
   thread's CPU milliseconds per step (the work done, which a shared machine inflates less than wall time) and wall
   milliseconds, best and median of ``--rounds``; the max |logit diff| between the two;
-* the fused step's matmuls (``fused_linear``: float32 / q8 / q4, each weight read once for all rows) next to them;
+* the fused step's matmuls (``fused_linear``: float32 / q8 / q4, each weight read once for all rows) next to them,
+  and the same in the row-interleaved layout the runner stores (``x8``: 8 output rows per pass; q4 with int8
+  activations);
+* with ``--profile``, where one fused decode step's milliseconds go: the step (one stream at position 100) against
+  its matmuls run alone over the real weights of every layer in layer order (so they stream from memory as in the
+  step), per kind of matmul, thread CPU ms, best of ``--rounds``;
 * with ``--fused T,...``, the fused C++ step against the Python path of the same runner (``fused=False``), one stream:
   a decode step (T = 1) and verify passes of T positions, interleaved rounds, CPU ms per call and its ratio to one
   decode step of the same path.
 
     .venv/bin/python bench/decode_kernels.py [--before /tmp/old/lmforge/serve/runner.py] [--threads 1] [--m 1]
-                                             [--fused 1,2,5,9,16]
+                                             [--fused 1,2,5,9,16] [--profile]
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ def kernel_table(m: int) -> None:
     ext = kernels.load()
     print(f"\nmatmuls, {m} row(s), CPU µs per call, {torch.get_num_threads()} thread(s), load {load()}")
     print("| matmul (out x in) | float32 | int8 per-channel (bf16 in) | int4 groups (bf16 in) | q8 kernel | q4 kernel "
-          "| fused float32 | fused q8 | fused q4 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| fused float32 | fused q8 | fused q4 | x8 q8 | x8 q4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) * 0.05
         x = torch.randn(m, k)
@@ -79,6 +84,9 @@ def kernel_table(m: int) -> None:
             row += [cpu_us(lambda: ext.fused_linear(x, [w, None, None, None, None])),
                     cpu_us(lambda: ext.fused_linear(x, [None, q8, d8, None, None])),
                     cpu_us(lambda: ext.fused_linear(x, [None, q4, d4, m4, None]))]
+            x8, x4 = kernels.pack_x8(q8, d8), kernels.pack_x8(q4, d4, m4)
+            row += [cpu_us(lambda: ext.fused_linear(x, [None, x8[0], x8[1], None, None])),
+                    cpu_us(lambda: ext.fused_linear(x, [None, *x4, None]))]
         print(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row) + " |")
 
 
@@ -155,6 +163,46 @@ def fused_vs_python(configs: list[str], ts: list[int], rounds: int) -> None:
             print(f"| {t} | {f:.2f} | {p:.2f} | {f / p:.2f} | {f / f1:.2f} | {p / p1:.2f} |")
 
 
+def step_profile(configs: list[str], rounds: int) -> None:
+    """The fused step's thread CPU ms per decode step against its matmuls alone, per matmul kind (all layers)."""
+    base = load_model(materialize_smollm2())
+    ext = kernels.load()
+    print(f"\nfused decode step vs its matmuls alone, thread CPU ms per step, best of {rounds}")
+    print("| weights | step | all matmuls | qkv (all layers) | o | gate+up | down | head | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in configs:
+        quant = name if name in ("int8", "int4") else None
+        r = ModelRunner(base, "float32", quant)
+        cache = r.allocate_cache(1, 512)
+        r.forward(torch.arange(100)[None] + 200, torch.arange(100)[None], cache, torch.tensor([0]))
+
+        def lin(m) -> list:
+            return [m.weight if m.q is None else None, m.q, m.d, m.m, m.bias]
+
+        cfg = r.config
+        xs = {"qkv": cfg.hidden_size, "o": cfg.num_attention_heads * cfg.head_dim, "gate_up": cfg.hidden_size,
+              "down": cfg.intermediate_size}
+        xs = {k: torch.randn(1, v) for k, v in xs.items()}
+        res: dict[str, list[float]] = {k: [] for k in ["step", "all", *xs, "head"]}
+        for _ in range(rounds):
+            c = time.thread_time()
+            for _ in range(4):
+                r.forward(torch.tensor([[300]]), torch.tensor([[100]]), cache, torch.tensor([0]))
+            res["step"].append((time.thread_time() - c) / 4 * 1e3)
+            total = 0.0
+            for k, x in xs.items():
+                c = time.thread_time()
+                for L in r.layers:
+                    ext.fused_linear(x, lin(getattr(L, k)))
+                res[k].append((time.thread_time() - c) * 1e3)
+                total += res[k][-1]
+            c = time.thread_time()
+            ext.fused_linear(xs["qkv"], lin(r.lm_head))
+            res["head"].append((time.thread_time() - c) * 1e3)
+            res["all"].append(total + res["head"][-1])
+        print(f"| {name} | " + " | ".join(f"{min(v):.2f}" for v in res.values()) + f" | {load()} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", help="an earlier runner.py to compare whole decode steps with")
@@ -164,6 +212,7 @@ def main() -> None:
     ap.add_argument("--m", default="1", help="rows per matmul, comma-separated (0: skip the kernel table)")
     ap.add_argument("--fused", default="", help="positions per call to time the fused step against the Python "
                     "path at, comma-separated (1: a decode step; more: verify passes), e.g. 1,2,5,9,16")
+    ap.add_argument("--profile", action="store_true", help="where the fused decode step's time goes (1 thread)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}  load {load()}")
@@ -172,6 +221,8 @@ def main() -> None:
             kernel_table(m)
     if args.before:
         steps(args.before, args.configs.split(","), args.rounds)
+    if args.profile:
+        step_profile(args.configs.split(","), args.rounds)
     if args.fused:
         fused_vs_python(args.configs.split(","), [int(v) for v in args.fused.split(",")], args.rounds)
 

@@ -132,6 +132,26 @@ def test_fused_linear_kernels(ext, fmt, M, N, K):
     assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("M,N,K", [(1, 64, 96), (3, 136, 64), (5, 16, 160), (16, 8, 32)])
+def test_fused_linear_x8_layout(ext, fmt, M, N, K):
+    """The row-interleaved (x8) kernels against the pure-PyTorch reference of the format (int16 activations for q8,
+    int8 for q4; float summation order only), every row as computed alone (batch-invariant)."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w, x = torch.randn(N, K, generator=g) * 0.1, torch.randn(M, K, generator=g)
+    w[0, :32] = 0.0  # an all-zero block
+    if fmt == "q8":
+        q, d = kernels.quantize_q8(w)
+        want, lin = kernels.q8_matmul_reference(x, q, d), [None, *kernels.pack_x8(q, d)[:2], None, None]
+    else:
+        q, d, m = kernels.quantize_q4(w)
+        want, lin = kernels.q4_matmul_reference(x, q, d, m), [None, *kernels.pack_x8(q, d, m), None]
+    got = ext.fused_linear(x, lin)
+    bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+    assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+    assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
+
+
 def test_long_verify_pass_takes_the_python_path(ext, monkeypatch):
     """More than FUSED_MAX_T positions: the Python path (the fused step is never called), same logits."""
     model = _model()

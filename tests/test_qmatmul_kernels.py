@@ -39,13 +39,14 @@ def _weights(n: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
+@pytest.mark.parametrize("act_max", [kernels.ACT_MAX, kernels.ACT_MAX_Q4])
 @pytest.mark.parametrize("M", [1, 3, 40])
-def test_activation_quantisation_is_bit_exact(ext, M):
+def test_activation_quantisation_is_bit_exact(ext, M, act_max):
     x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)) * 4
     x[0, :32] = 0.0
     x[-1, 40] = 1e4  # an outlier
-    got, want = ext.quantize_activations(x), kernels.quantize_activations_reference(x)
-    assert got[0].dtype == torch.int16 and int(got[0].abs().max()) == 32767
+    got, want = ext.quantize_activations(x, act_max), kernels.quantize_activations_reference(x, act_max)
+    assert got[0].dtype == torch.int16 and int(got[0].abs().max()) == act_max
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
@@ -145,22 +146,75 @@ def test_no_compiler_falls_back_with_one_log_line(model, no_kernel, tmp_path, mo
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_prefill_rows_take_the_dense_path_and_decode_batches_the_few_row_kernel(ext, model, monkeypatch, fmt):
-    """From ``DENSE_ROWS`` rows a quantised matmul dequantises (C++) and runs a dense float32 matmul: the same values
-    as the kernel row by row.  Below it, a batch of rows runs the fused step's few-row kernel: each row bit for bit
-    what the one-row kernel gives it."""
+def test_prefill_rows_take_the_dense_path_and_decode_batches_the_few_row_kernel(ext, monkeypatch, fmt):
+    """Row-major weights (a row count not a multiple of 8): from ``DENSE_ROWS`` rows a quantised matmul dequantises
+    (C++) and runs a dense float32 matmul, the same values as the kernel row by row; below it a batch of rows runs the
+    fused step's few-row kernel, each row bit for bit what the one-row kernel gives it.  x8 weights run their kernel
+    at any row count: every row bit for bit as computed alone."""
     from lmforge.serve import runner as runner_mod
+    from lmforge.serve.runner import _Linear
 
-    lin = ModelRunner(model, "float32", fmt).layers[0].gate_up
+    w = _weights(36, 64, seed=8)
+    rowmajor, x8 = _Linear(w, None, torch.float32, fmt), _Linear(w[:32], None, torch.float32, fmt)
+    assert not rowmajor.x8 and x8.x8
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
-    one_by_one = torch.cat([lin(x[i:i + 1]) for i in range(6)])
-    assert torch.equal(lin(x), one_by_one)
     monkeypatch.setattr(runner_mod, "DENSE_ROWS", 4)
-    dense = lin(x)
-    torch.testing.assert_close(dense, one_by_one, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(dense, one_by_one)  # it did take the other path
-    assert torch.equal(ext.dequantize(lin.q, lin.d, lin.m), kernels.dequantize_q4(lin.q, lin.d, lin.m) if lin.m is not None
-                       else kernels.dequantize_q8(lin.q, lin.d))
+    for lin in (rowmajor, x8):
+        one_by_one = torch.cat([lin(x[i:i + 1]) for i in range(6)])
+        monkeypatch.setattr(runner_mod, "DENSE_ROWS", 64)
+        assert torch.equal(lin(x), one_by_one)
+        monkeypatch.setattr(runner_mod, "DENSE_ROWS", 4)
+        many = lin(x)
+        torch.testing.assert_close(many, one_by_one, rtol=1e-5, atol=1e-5)
+        assert torch.equal(many, one_by_one) == lin.x8  # only the row-major one took the dense path
+    q, d, m = rowmajor.q, rowmajor.d, rowmajor.m
+    assert torch.equal(ext.dequantize(q, d, m), kernels.dequantize_q4(q, d, m) if m is not None
+                       else kernels.dequantize_q8(q, d))
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_x8_layout_is_a_permutation_with_one_row_per_lane(fmt):
+    """``pack_x8``: block b of group g holds, in 32-bit lane r of each 256-bit run, row 8g + r's weights (q4: bytes
+    4j..4j+3 of its block in run j; q8: elements 2i, 2i+1 in run i of 16 bytes); ``unpack_x8`` inverts it."""
+    w = _weights(24, 96, seed=3)
+    rowmajor = kernels.quantize_q8(w) + (None,) if fmt == "q8" else kernels.quantize_q4(w)
+    q, d, m = kernels.pack_x8(*rowmajor)
+    assert q.shape == (3, 3, 256 if fmt == "q8" else 128) and d.shape == (3, 3, 8)
+    assert torch.equal(d[1, 2], rowmajor[1][8:16, 2])
+    if fmt == "q4":
+        assert torch.equal(m[2, 0], rowmajor[2][16:24, 0])
+        assert torch.equal(q[1, 2, 32 + 4 * 3:32 + 4 * 4], rowmajor[0][8 + 3, 2 * 16 + 4:2 * 16 + 8])  # run 1, row 3
+    else:
+        assert torch.equal(q[1, 2, 16 * 5 + 2 * 3:16 * 5 + 2 * 4], rowmajor[0][8 + 3, 64 + 10:64 + 12])  # run 5, row 3
+    for a, b in zip(kernels.unpack_x8(q, d, m), rowmajor, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.pack_x8(*(kernels.quantize_q8(w[:20]) + (None,)))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_runner_stores_x8_where_rows_allow_and_updates_rows_in_place(ext, fmt):
+    """Linears with a multiple of 8 rows are stored x8 (the others row-major), and overwriting some rows (weight
+    updates) leaves exactly what a fresh quantisation of the whole matrix gives, in the same tensors."""
+    from lmforge.serve.runner import _Linear
+
+    w = _weights(40, 64, seed=5)
+    lin, odd = _Linear(w, None, torch.float32, fmt), _Linear(w[:36], None, torch.float32, fmt)
+    assert lin.x8 and lin.q.dim() == 3 and not odd.x8 and odd.q.dim() == 2
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    ref = kernels.q8_matmul_reference if fmt == "int8" else kernels.q4_matmul_reference
+    for l in (lin, odd):
+        bound = 1e-5 * (x.abs() @ w[:l.rowmajor()[0].shape[0]].abs().T) + 1e-6
+        assert bool(((l(x) - ref(x, *[t for t in l.rowmajor() if t is not None])).abs() <= bound).all())
+    ptr = lin.q.data_ptr()
+    new = _weights(13, 64, seed=6)
+    lin.set_rows(5, new)  # rows 5..17: three groups of 8, partly
+    w2 = w.clone()
+    w2[5:18] = new
+    fresh = _Linear(w2, None, torch.float32, fmt)
+    assert lin.q.data_ptr() == ptr
+    for a, b in zip(lin.tensors(), fresh.tensors(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_ninja_wheel_is_found_when_ninja_is_not_on_path(monkeypatch):

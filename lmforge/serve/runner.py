@@ -6,8 +6,9 @@
 * weights in float32, bfloat16 (AMX/AVX-512-BF16 CPUs run it several times faster), or block-quantised
   (``lmforge.serve.kernels``, llama.cpp's layouts): ``int8`` = int8 with one float16 scale per 32 inputs (q8_0),
   ``int4`` = 4-bit with a scale and minimum per 32 inputs (q4_1) and an int8 output head.  Their matmul quantises the
-  activation row to int8 per block of 32 and takes int8 x int8 dot products in a C++/AVX2 extension built on first
-  use; where it cannot be built, a pure-PyTorch reference with the same numerics runs on dequantised float32 weights
+  activation row per block of 32 (int16 against int8 weights, int8 against int4 ones) and takes exact integer dot
+  products in a C++/AVX2 extension built on first use (weights with a multiple of 8 rows stored row-interleaved for
+  it, ``kernels.pack_x8``); where it cannot be built, a pure-PyTorch reference with the same numerics runs on dequantised float32 weights
   (float32 speed and memory, one log line).  Everything between the matmuls (norms, RoPE, attention, the KV cache)
   runs in ``dtype``, except that a quantised model asked for bf16 computes it in float32 on CPUs without native bf16
   (AVX-512-BF16 / AMX): on an AVX2 CPU a bf16 attention over 256 cached positions takes ~20x longer than a float32 one;
@@ -41,10 +42,11 @@ from lmforge.serve import kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger("lmforge.serve")
-# rows from which a quantised matmul dequantises its weights and runs one dense float32 matmul instead of the kernel
-# (a prefill; faster from about 64 rows: docs/benchmarks.md).  From 2 rows up to there it runs the fused step's few-row
-# kernel, which reads each weight block once for all rows (1.3-1.6x the one-row kernel's loop at 4-16 rows, the same
-# sums bit for bit)
+# rows from which a quantised matmul in the row-major layout dequantises its weights and runs one dense float32 matmul
+# instead of the kernel (a prefill; faster from about 64 rows: docs/benchmarks.md).  From 2 rows up to there it runs
+# the fused step's few-row kernel, which reads each weight block once for all rows (1.3-1.6x the one-row kernel's loop
+# at 4-16 rows, the same sums bit for bit).  Weights in the x8 layout always run their kernel: 1.3-1.6x faster than
+# the dense path even at 800 rows on AVX2 (docs/benchmarks.md), and every row the same sums as a decode step
 DENSE_ROWS = 64
 # the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
 FUSED_MAX_T = 16
@@ -53,7 +55,8 @@ FUSED_MAX_T = 16
 class _Linear:
     """A weight prepared for inference: a plain matrix in ``dtype``, or block-quantised (``lmforge.serve.kernels``:
     ``q`` with scales ``d`` and, for int4, minima ``m``) run by the C++ kernel or, without it, by the reference on
-    the dequantised float32 ``weight``."""
+    the dequantised float32 ``weight``.  With the kernel and a multiple of 8 rows, ``q``, ``d`` and ``m`` are in the
+    row-interleaved layout (``x8``: ``kernels.pack_x8``), which the fused step's kernels multiply 8 rows at a time."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  quantize: str | None) -> None:
@@ -63,6 +66,7 @@ class _Linear:
                         *weight.shape, kernels.QK)
             quantize = None
         self.quantize, self.weight, self.q, self.d, self.m, self.kernel = quantize, None, None, None, None, None
+        self.x8 = False
         self.bias = None if bias is None else bias.detach().to(torch.float32 if quantize else dtype).contiguous()
         if quantize is None:
             self.weight = weight.detach().to(dtype).contiguous()
@@ -75,6 +79,13 @@ class _Linear:
         if self.kernel is None:
             self.weight = (kernels.dequantize_q8(self.q, self.d) if self.m is None
                            else kernels.dequantize_q4(self.q, self.d, self.m))
+        elif hasattr(self.kernel, "fused_linear") and self.q.shape[0] % 8 == 0:
+            self.q, self.d, self.m = kernels.pack_x8(self.q, self.d, self.m)
+            self.x8 = True
+
+    def rowmajor(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q, d, m)`` in the row-major layout (``kernels.quantize_q8`` / ``quantize_q4``), a copy if stored x8."""
+        return kernels.unpack_x8(self.q, self.d, self.m) if self.x8 else (self.q, self.d, self.m)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.q, self.d, self.m, self.bias) if t is not None]
@@ -86,12 +97,22 @@ class _Linear:
         if self.quantize is None:
             self.weight[rows].copy_(weight)
             return
-        if self.quantize == "int8":
-            q, d = kernels.quantize_q8(weight)
-            self.q[rows], self.d[rows] = q, d
-        else:
-            q, d, m = kernels.quantize_q4(weight)
-            self.q[rows], self.d[rows], self.m[rows] = q, d, m
+        q, d, m = kernels.quantize_q8(weight) + (None,) if self.quantize == "int8" else kernels.quantize_q4(weight)
+        if self.x8:  # unpack the groups of 8 rows concerned, overwrite the rows, pack them again in place
+            groups = slice(rows.start // 8, -(-rows.stop // 8))
+            here = [None if t is None else t[groups] for t in (self.q, self.d, self.m)]
+            rq, rd, rm = kernels.unpack_x8(*here)
+            local = slice(rows.start - 8 * groups.start, rows.stop - 8 * groups.start)
+            rq[local], rd[local] = q, d
+            if rm is not None:
+                rm[local] = m
+            for dst, src in zip(here, kernels.pack_x8(rq, rd, rm)):
+                if dst is not None:
+                    dst.copy_(src)  # views of the stored tensors: in place (the fused step holds them)
+            return
+        self.q[rows], self.d[rows] = q, d
+        if m is not None:
+            self.m[rows] = m
         if self.weight is not None:  # the reference path's dequantised copy
             self.weight[rows] = (kernels.dequantize_q8(self.q[rows], self.d[rows]) if self.m is None
                                  else kernels.dequantize_q4(self.q[rows], self.d[rows], self.m[rows]))
@@ -105,13 +126,14 @@ class _Linear:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         rows = x2.shape[0]
-        if self.kernel is None:  # the reference on the dequantised weight (int8 or int4: the same computation)
-            y = kernels.q8_matmul_reference(x2, self.q, self.d, self.weight)
-        elif rows >= DENSE_ROWS:  # a prefill: dequantise once, one dense float32 matmul (same numerics)
+        if self.kernel is None:  # the reference on the dequantised weight
+            y = (kernels.q8_matmul_reference(x2, self.q, self.d, self.weight) if self.m is None
+                 else kernels.q4_matmul_reference(x2, self.q, self.d, self.m, self.weight))
+        elif rows >= DENSE_ROWS and not self.x8:  # a prefill: dequantise once, one dense float32 matmul
             dense = self.kernel.dequantize(self.q, self.d, self.m)
             y = (kernels.q8_matmul_reference(x2, self.q, self.d, dense) if self.m is None
                  else kernels.q4_matmul_reference(x2, self.q, self.d, self.m, dense))
-        elif rows > 1 and hasattr(self.kernel, "fused_linear"):  # a batch of decode rows: weights read once for all
+        elif self.x8 or (rows > 1 and hasattr(self.kernel, "fused_linear")):  # weights read once for all rows
             y = self.kernel.fused_linear(x2, [None, self.q, self.d, self.m, None])
         elif self.m is None:
             y = self.kernel.q8_matmul(x2, self.q, self.d)

@@ -7,9 +7,15 @@ Two formats, both in blocks of 32 inputs per output row (llama.cpp's q8_0 and q4
 * ``q4``: 4-bit ``q`` packed two per byte [N, K/2] (byte j of a block holds elements j and j + 16), a scale ``d`` and a
   minimum ``m`` [N, K/32]; ``w = d * q + m``, q in 0..15.
 
-A matmul quantises its activation rows to int16 per block of 32 (``xd = max|x| / 32767``; llama.cpp uses int8, which
-gave SmolLM2's int8 weights +0.59 % perplexity instead of +0.20 %), takes exact integer dot products per block and sums them in float32 weighted by the
-two scales (``qmatmul.cpp`` says how).  The extension is
+A matmul quantises its activation rows per block of 32 (``xd = max|x| / A``), to int16 (A = 32767) against q8
+weights and to int8 (A = 127, as llama.cpp) against q4 weights (int8 activations gave SmolLM2's int8 weights +0.59 %
+perplexity instead of +0.20 %, over issue 21's 0.5 %; int4 has a 1 % budget and its int8 x uint8 products are the
+cheap ones on AVX2), takes exact integer dot products per block and sums them in float32 weighted by the two scales
+(``qmatmul.cpp`` says how).
+
+Weights whose row count is a multiple of 8 are stored for the kernels in a row-interleaved layout (``pack_x8``: 8
+output rows per group, one row per 32-bit vector lane; ``fused_step.cpp`` multiplies it 8 rows per pass); the
+row-major layout above stays the definition of the format (``unpack_x8`` gives it back).  The extension is
 built with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached on disk under
 ``$LMFORGE_KERNELS_DIR`` or ``~/.cache/lmforge/kernels``; ``python -m lmforge.serve.kernels build`` does it at install
 time).  Where it cannot be built (no compiler, a CPU without AVX2, not x86, ``LMFORGE_KERNELS=0``) the same
@@ -30,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 QK = 32  # inputs per block
-ACT_MAX = 32767  # activations are quantised to int16 per block: xq in -32767..32767
+ACT_MAX = 32767  # activations against q8 weights are quantised to int16 per block: xq in -32767..32767
+ACT_MAX_Q4 = 127  # ... against q4 weights to int8: xq in -127..127
 log = logging.getLogger("lmforge.serve")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once tried
 
 __all__ = ["QK", "quantize_q8", "quantize_q4", "dequantize_q8", "dequantize_q4", "quantize_activations_reference",
-           "q8_matmul_reference", "q4_matmul_reference", "load", "available", "build_dir"]
+           "q8_matmul_reference", "q4_matmul_reference", "pack_x8", "unpack_x8", "load", "available", "build_dir"]
 
 
 # -- formats ------------------------------------------------------------------------------------------------------------
@@ -81,19 +88,21 @@ def dequantize_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tor
     return (q * d.float()[..., None] + m.float()[..., None]).reshape(n, -1)
 
 
-def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations_reference(x: torch.Tensor, act_max: int = ACT_MAX
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(xq int16 [M, K], xd [M, K/32], xs [M, K/32])``: what the kernel quantises float32 rows ``x`` [M, K] to
-    (``xd = max|x| / 32767``, ``xq = round(x * (1 / xd))``, ``xs = xd * sum(xq)`` per block)."""
+    (``xd = max|x| / act_max``, ``xq = round(x * (1 / xd))``, ``xs = xd * sum(xq)`` per block); ``act_max``:
+    ``ACT_MAX`` (int16, against q8 weights) or ``ACT_MAX_Q4`` (int8, against q4 weights)."""
     M, K = x.shape
     xb = x.float().reshape(M, K // QK, QK)
-    d = xb.abs().amax(-1) / ACT_MAX
+    d = xb.abs().amax(-1) / act_max
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(xb * inv[..., None]).clamp(-ACT_MAX, ACT_MAX)
+    q = torch.round(xb * inv[..., None]).clamp(-act_max, act_max)
     return q.to(torch.int16).reshape(M, K), d, d * q.sum(-1)
 
 
-def _fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
-    q, d, _ = quantize_activations_reference(x)
+def _fake_quant_activations(x: torch.Tensor, act_max: int) -> torch.Tensor:
+    q, d, _ = quantize_activations_reference(x, act_max)
     M, K = x.shape
     return (q.float().reshape(M, K // QK, QK) * d[..., None]).reshape(M, K)
 
@@ -101,12 +110,45 @@ def _fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
 def q8_matmul_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with the kernel's numerics in PyTorch; ``weight``: ``dequantize_q8(q, d)`` if precomputed."""
-    return F.linear(_fake_quant_activations(x), dequantize_q8(q, d) if weight is None else weight)
+    return F.linear(_fake_quant_activations(x, ACT_MAX), dequantize_q8(q, d) if weight is None else weight)
 
 
 def q4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(_fake_quant_activations(x), dequantize_q4(packed, d, m) if weight is None else weight)
+    """The same for q4 weights (int8 activations); ``weight``: ``dequantize_q4(packed, d, m)`` if precomputed."""
+    return F.linear(_fake_quant_activations(x, ACT_MAX_Q4), dequantize_q4(packed, d, m) if weight is None else weight)
+
+
+# -- the row-interleaved layout (x8) ------------------------------------------------------------------------------------
+# Output rows in groups of 8; block b of group g is stored contiguously with one row per 32-bit lane of a 256-bit
+# vector: q4 as 4 runs of 32 bytes (run j: bytes 4j..4j+3 of each of the 8 rows' 16-byte block, row 0 first), q8 as
+# 16 runs of 16 bytes (run i: elements 2i, 2i+1 of each row); the scales (and minima) of the 8 rows as [G, B, 8].
+def pack_x8(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row-major q8 ``(q [N, K], d)`` or q4 ``(packed [N, K/2], d, m)`` -> the x8 layout ``(q [N/8, K/32, 256 or 128],
+    d [N/8, K/32, 8], m)``; N must be a multiple of 8."""
+    n, b = d.shape
+    if n % 8:
+        raise ValueError(f"the x8 layout needs a multiple of 8 rows, got {n}")
+    g = n // 8
+    run = 4 if m is not None else 2  # bytes per row per lane
+    qx = q.reshape(g, 8, b, QK // (2 if m is not None else 1) // run, run).permute(0, 2, 3, 1, 4)
+    def scales(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(g, 8, b).permute(0, 2, 1).contiguous()
+
+    return qx.reshape(g, b, -1).contiguous(), scales(d), None if m is None else scales(m)
+
+
+def unpack_x8(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of ``pack_x8``: the row-major layout."""
+    g, b, nbytes = q.shape
+    run = 4 if m is not None else 2
+    rows = q.reshape(g, b, nbytes // 8 // run, 8, run).permute(0, 3, 1, 2, 4).reshape(8 * g, b * nbytes // 8)
+    def scales(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 1).reshape(8 * g, b).contiguous()
+
+    return rows.contiguous(), scales(d), None if m is None else scales(m)
 
 
 # -- the extension ------------------------------------------------------------------------------------------------------

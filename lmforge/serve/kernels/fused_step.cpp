@@ -8,10 +8,16 @@
 // What it does not implement (Gemma's norms and GELU, embedding scale, logit soft-capping, bf16 activations) stays on
 // the Python path (ModelRunner decides once at init).
 //
-// Matmuls take weights in float32, q8 or q4 (qmatmul.cpp's layouts and numerics) and read each weight row once for
-// all T rows: a tile of R weight rows times MT activation rows keeps R * MT accumulators in registers.  Every output
-// is summed in the same order whatever T and the tiling are (one accumulator per output, blocks in order, then one
-// horizontal sum), so a verify pass gives bit for bit the logits of the decode steps it replaces.
+// Matmuls take weights in float32, q8 or q4 (qmatmul.cpp's formats and numerics: int16 activations against q8, int8
+// against q4) and read each weight row once for all T rows: a tile of R weight rows times MT activation rows keeps
+// R * MT accumulators in registers.  Every output is summed in the same order whatever T and the tiling are (one
+// accumulator per output, blocks in order), so a verify pass gives bit for bit the logits of the decode steps it
+// replaces.
+//
+// q8 and q4 weights come in two layouts: qmatmul.cpp's row-major one, and a row-interleaved one ("x8", what the runner
+// stores when the row count is a multiple of 8; lmforge.serve.kernels.pack_x8 says how) that multiplies 8 output rows
+// per pass with one output per vector lane: no horizontal sums, the 8 rows' scales read as one vector, and the int4
+// products as int8 x uint8 (maddubs) instead of int16 x int16.  The row-major tiles are kept for other row counts.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "qkernels.h"
@@ -31,8 +38,10 @@ using lmq::hsum;
 
 // -- one linear layer ----------------------------------------------------------------------------------------------
 struct Linear {
-  enum Kind { F32, Q8, Q4 } kind = F32;
-  torch::Tensor w, q, d, m, bias;  // w: float32 [N, K]; q8: q int8 [N, K]; q4: q uint8 [N, K/2], m; d float16
+  enum Kind { F32, Q8, Q4, Q8X8, Q4X8 } kind = F32;
+  // w: float32 [N, K]; q8: q int8 [N, K]; q4: q uint8 [N, K/2], m; d float16 [N, K/32];
+  // x8 layouts: q8x8: q int8 [N/8, K/32, 256], q4x8: q uint8 [N/8, K/32, 128], m; d float16 [N/8, K/32, 8]
+  torch::Tensor w, q, d, m, bias;
   int64_t N = 0, K = 0;
 };
 
@@ -43,7 +52,23 @@ Linear make_linear(const std::vector<c10::optional<torch::Tensor>>& t, const cha
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), what, ": float32 contiguous tensors only");
     return x;
   };
-  if (t[1].has_value()) {
+  if (t[1].has_value() && t[1]->dim() == 3) {  // the x8 layouts
+    L.q = *t[1];
+    L.d = *t[2];
+    const bool q4 = t[3].has_value();
+    const int64_t G = L.q.size(0), B = L.q.size(1);
+    TORCH_CHECK(L.q.is_contiguous() && L.q.size(2) == (q4 ? 128 : 256) &&
+                    L.q.scalar_type() == (q4 ? torch::kUInt8 : torch::kInt8),
+                what, ": bad x8 weights");
+    auto scales = [&](const torch::Tensor& x) {
+      TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat16 && x.dim() == 3 && x.size(0) == G &&
+                      x.size(1) == B && x.size(2) == 8,
+                  what, ": bad x8 scales");
+    };
+    scales(L.d);
+    if (q4) L.m = *t[3], scales(L.m);
+    L.kind = q4 ? Linear::Q4X8 : Linear::Q8X8, L.N = 8 * G, L.K = QK * B;
+  } else if (t[1].has_value()) {
     L.q = *t[1];
     L.d = *t[2];
     TORCH_CHECK(L.q.is_contiguous() && L.d.is_contiguous() && L.d.scalar_type() == torch::kFloat16, what, ": bad scales");
@@ -129,14 +154,20 @@ struct F32Kernel {
   }
 };
 
-// the activation rows quantised to int16 per block (lmq::quantize_row)
+// the activation rows quantised per block (lmq::quantize_row) to int16 values in -qmax..qmax, and for qmax 127 also
+// as int8 (q8)
 struct Acts {
   std::vector<int16_t> q;
+  std::vector<int8_t> q8;
   std::vector<float> d, s;
-  void quantize(const float* x, int64_t M, int64_t K) {
+  void quantize(const float* x, int64_t M, int64_t K, float qmax) {
     const int64_t B = K / QK;
+    const bool i8 = qmax <= 127.0f;
     q.resize(M * K), d.resize(M * B), s.resize(M * B);
-    for (int64_t m = 0; m < M; ++m) lmq::quantize_row(x + m * K, K, q.data() + m * K, d.data() + m * B, s.data() + m * B);
+    if (i8) q8.resize(M * K);
+    for (int64_t m = 0; m < M; ++m)
+      lmq::quantize_row(x + m * K, K, q.data() + m * K, d.data() + m * B, s.data() + m * B, qmax,
+                        i8 ? q8.data() + m * K : nullptr);
   }
 };
 
@@ -208,17 +239,139 @@ struct Q4Kernel {
   }
 };
 
+// x8 layouts: output rows in groups of 8, each group's block b stored as one run of bytes in which every 32-bit lane
+// holds one row's weights (lane r: row 8g + r), so an integer dot product against activations broadcast to all lanes
+// leaves row r's partial sum in lane r.  tile<MT>(g, m0): the 8 outputs of group g for activation rows m0 .. m0+MT-1.
+
+// q8x8: block b of group g is 256 int8: 16 runs of 16 bytes, run i = (row 0: elements 2i, 2i+1; row 1: 2i, 2i+1;
+// ... row 7), widened to int16 and multiplied with the pair (x[2i], x[2i+1]) of int16 activations (madd_epi16).
+// Per lane: 32 products of |w| <= 127 and |x| <= 32767, |sum| < 2^28: exact in int32.
+struct Q8X8Kernel {
+  static constexpr int MTM = 4;
+  const int8_t* W;
+  const at::Half* D;
+  const Acts* a;
+  float* Y;
+  int64_t N, K;
+  template <int MT>
+  void tile(int64_t g, int64_t m0) const {
+    const int64_t B = K / QK;
+    const int8_t* Wg = W + g * B * 256;
+    const at::Half* Dg = D + g * B * 8;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; ++b) {
+      __m256i s0[MT], s1[MT];
+      for (int m = 0; m < MT; ++m) s0[m] = _mm256_setzero_si256(), s1[m] = _mm256_setzero_si256();
+      const int8_t* wb = Wg + b * 256;
+      for (int i = 0; i < 16; i += 2) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i + 16)));
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* x = a->q.data() + (m0 + m) * K + b * QK + 2 * i;
+          int32_t x0, x1;
+          std::memcpy(&x0, x, 4), std::memcpy(&x1, x + 2, 4);
+          s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(x0)));
+          s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(w1, _mm256_set1_epi32(x1)));
+        }
+      }
+      const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
+      for (int m = 0; m < MT; ++m) {
+        const __m256 d = _mm256_mul_ps(wd, _mm256_set1_ps(a->d[(m0 + m) * B + b]));
+        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0[m], s1[m])), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(Y + (m0 + m) * N + 8 * g, acc[m]);
+  }
+};
+
+// q4x8: block b of group g is 128 bytes: 4 runs of 32 bytes, run j = (row 0: bytes 4j .. 4j+3 of its row-major block;
+// row 1: ...; row 7), i.e. lane r holds row r's elements 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high nibbles).
+// Products as uint8 weights (0..15) x int8 activations (-127..127) with maddubs_epi16: 8 of them summed in int16 per
+// lane pair (16 products of at most 15 * 127: |sum| <= 30480, no saturation), then madd with ones to int32: exact.
+struct Q4X8Kernel {
+  static constexpr int MTM = 4;
+  const uint8_t* W;
+  const at::Half* D;
+  const at::Half* Mn;
+  const Acts* a;
+  float* Y;
+  int64_t N, K;
+  template <int MT>
+  void tile(int64_t g, int64_t m0) const {
+    const int64_t B = K / QK;
+    const uint8_t* Wg = W + g * B * 128;
+    const at::Half* Dg = D + g * B * 8;
+    const at::Half* Mg = Mn + g * B * 8;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; ++b) {
+      __m256i s[MT];
+      for (int m = 0; m < MT; ++m) s[m] = _mm256_setzero_si256();
+      const uint8_t* wb = Wg + b * 128;
+      for (int j = 0; j < 4; ++j) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
+        const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = a->q8.data() + (m0 + m) * K + b * QK + 4 * j;
+          int32_t xl, xh;
+          std::memcpy(&xl, x, 4), std::memcpy(&xh, x + 16, 4);
+          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
+          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+        }
+      }
+      const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
+      const __m256 wm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mg + b * 8)));
+      for (int m = 0; m < MT; ++m) {
+        const int64_t row = m0 + m;
+        const __m256 d = _mm256_mul_ps(wd, _mm256_set1_ps(a->d[row * B + b]));
+        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_madd_epi16(s[m], ones)), acc[m]);
+        acc[m] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a->s[row * B + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(Y + (m0 + m) * N + 8 * g, acc[m]);
+  }
+};
+
+// tile<MT>(g, m0) over the N / 8 groups and M activation rows in tiles of up to K::MTM rows; many rows (a prefill) in
+// chunks of 16 groups x 64 rows, so the weights and activations a chunk reads (~74 KB each at K = 576) stay in cache
+template <class K>
+void drive_x8(const K& k, int64_t N, int64_t M) {
+  constexpr int64_t GC = 16, MC = 64;
+  const int64_t G = N / 8;
+  at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t gc = g0; gc < g1; gc += GC)
+      for (int64_t mc = 0; mc < M; mc += MC)
+        for (int64_t g = gc; g < std::min(g1, gc + GC); ++g)
+          for (int64_t m0 = mc; m0 < std::min(M, mc + MC); m0 += K::MTM) {
+            switch (std::min<int64_t>(K::MTM, M - m0)) {
+              case 4: k.template tile<4>(g, m0); break;
+              case 3: k.template tile<3>(g, m0); break;
+              case 2: k.template tile<2>(g, m0); break;
+              default: k.template tile<1>(g, m0); break;
+            }
+          }
+  });
+}
+
 // y [M, N] = x [M, K] @ W.T (+ bias)
 void linear(const Linear& L, const float* x, int64_t M, float* y, Acts& acts) {
   if (L.kind == Linear::F32) {
     drive<F32Kernel, 8>(F32Kernel{L.w.data_ptr<float>(), x, y, L.N, L.K}, L.N, M);
   } else {
-    acts.quantize(x, M, L.K);
-    if (L.kind == Linear::Q8)
-      drive<Q8Kernel, 4>(Q8Kernel{L.q.data_ptr<int8_t>(), L.d.data_ptr<at::Half>(), &acts, y, L.N, L.K}, L.N, M);
-    else
-      drive<Q4Kernel, 4>(Q4Kernel{L.q.data_ptr<uint8_t>(), L.d.data_ptr<at::Half>(), L.m.data_ptr<at::Half>(), &acts, y,
-                                  L.N, L.K}, L.N, M);
+    const bool q8 = L.kind == Linear::Q8 || L.kind == Linear::Q8X8;
+    acts.quantize(x, M, L.K, q8 ? lmq::QMAX_Q8 : lmq::QMAX_Q4);
+    const at::Half* D = L.d.data_ptr<at::Half>();
+    switch (L.kind) {
+      case Linear::Q8: drive<Q8Kernel, 4>(Q8Kernel{L.q.data_ptr<int8_t>(), D, &acts, y, L.N, L.K}, L.N, M); break;
+      case Linear::Q4:
+        drive<Q4Kernel, 4>(Q4Kernel{L.q.data_ptr<uint8_t>(), D, L.m.data_ptr<at::Half>(), &acts, y, L.N, L.K}, L.N, M);
+        break;
+      case Linear::Q8X8: drive_x8(Q8X8Kernel{L.q.data_ptr<int8_t>(), D, &acts, y, L.N, L.K}, L.N, M); break;
+      default:
+        drive_x8(Q4X8Kernel{L.q.data_ptr<uint8_t>(), D, L.m.data_ptr<at::Half>(), &acts, y, L.N, L.K}, L.N, M);
+    }
   }
   if (L.bias.defined()) {
     const float* b = L.bias.data_ptr<float>();

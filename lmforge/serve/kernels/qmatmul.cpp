@@ -1,12 +1,13 @@
-// Block-quantised matmuls for single-stream CPU decoding: llama.cpp's weight layouts (q8_0, q4_1), int16 activations.
+// Block-quantised matmuls for CPU decoding: llama.cpp's weight layouts (q8_0, q4_1), activations quantised per block.
 //
 // Weights come in blocks of 32 inputs per output row:
 //   q8: int8 q [N, K] and one float16 scale d [N, K/32]:           w = d * q            (q in -127..127)
 //   q4: uint8 nibbles [N, K/2] (byte j of a block holds elements j and j+16, low / high nibble), float16 scale d and
 //       minimum m [N, K/32]:                                         w = d * q + m        (q in 0..15)
-// The activation rows x [M, K] (float32) are quantised at the start of the call, per block of 32, to int16 (llama.cpp
-// uses int8 here: on SmolLM2 that gave int8 weights +0.59 % perplexity, int16 +0.20 %, at about the same CPU time):
-//   xd = max|x| / 32767, xq = round(x * (1 / xd)) (round half to even), xs = xd * sum(xq) (what the q4 minimum
+// The activation rows x [M, K] (float32) are quantised at the start of the call, per block of 32, to integers in
+// -A..A: A = 32767 (int16) against q8 weights, A = 127 (int8, as llama.cpp) against q4 weights (int8 activations
+// with int8 weights gave SmolLM2 +0.59 % perplexity, over issue 21's 0.5 %; int4 weights have a 1 % budget):
+//   xd = max|x| / A, xq = round(x * (1 / xd)) (round half to even), xs = xd * sum(xq) (what the q4 minimum
 //   multiplies).
 // Each output is a float sum over blocks of (integer dot product of the block) * (weight scale * activation scale):
 //   q8: y[m, n] = sum_b wd[n, b] * xd[m, b] * <wq[n, b], xq[m, b]>
@@ -14,6 +15,8 @@
 // The integer dot products are exact (AVX2 madd_epi16 on weights widened to int16), so the only difference to the
 // pure-PyTorch reference (lmforge.serve.kernels) is the order of float additions.  Every output row is computed the
 // same way whatever M is (batch-invariant).  Threads: at::parallel_for over output rows, 4 rows per pass.
+// These kernels take the row-major layouts; the runner stores weights whose row count is a multiple of 8 in the
+// row-interleaved layouts of fused_step.cpp (faster), and multiplies them there.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -44,12 +47,12 @@ struct Acts {
   std::vector<float> d, s;
 };
 
-Acts quantize_acts(const float* x, int64_t M, int64_t K) {
+Acts quantize_acts(const float* x, int64_t M, int64_t K, float qmax) {
   const int64_t B = K / QK;
   Acts a{std::vector<int16_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * B)};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      quantize_row(x + m * K, K, a.q.data() + m * K, a.d.data() + m * B, a.s.data() + m * B);
+      quantize_row(x + m * K, K, a.q.data() + m * K, a.d.data() + m * B, a.s.data() + m * B, qmax);
   });
   return a;
 }
@@ -114,9 +117,9 @@ inline void q4_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, int
 }
 
 template <typename Rows>
-torch::Tensor run_rows(const torch::Tensor& x, int64_t N, int64_t K, Rows rows) {
+torch::Tensor run_rows(const torch::Tensor& x, int64_t N, int64_t K, float qmax, Rows rows) {
   const int64_t M = x.size(0);
-  const Acts a = quantize_acts(x.data_ptr<float>(), M, K);
+  const Acts a = quantize_acts(x.data_ptr<float>(), M, K, qmax);
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, (N + 3) / 4, GRAIN / 4, [&](int64_t t0, int64_t t1) {
@@ -130,15 +133,16 @@ torch::Tensor run_rows(const torch::Tensor& x, int64_t N, int64_t K, Rows rows) 
 
 }  // namespace
 
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t qmax) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % QK == 0,
               "x must be a contiguous float32 matrix [M, K] with K a multiple of 32");
+  TORCH_CHECK(qmax == 127 || qmax == 32767, "qmax: 127 or 32767");
   const int64_t M = x.size(0), K = x.size(1), B = K / QK;
   auto q = torch::empty({M, K}, torch::kInt16);
   auto d = torch::empty({M, B}, torch::kFloat32), s = torch::empty({M, B}, torch::kFloat32);
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x.data_ptr<float>() + m * K, K, q.data_ptr<int16_t>() + m * K, d.data_ptr<float>() + m * B,
-                 s.data_ptr<float>() + m * B);
+                 s.data_ptr<float>() + m * B, static_cast<float>(qmax));
   return {q, d, s};
 }
 
@@ -148,7 +152,7 @@ torch::Tensor q8_matmul(const torch::Tensor& x, const torch::Tensor& wq, const t
   check_inputs(x, K, wd, N);
   const int8_t* W = wq.data_ptr<int8_t>();
   const at::Half* D = wd.data_ptr<at::Half>();
-  return run_rows(x, N, K, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
+  return run_rows(x, N, K, lmq::QMAX_Q8, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
     q8_rows<decltype(R)::value>(W, D, n, K, a, M, N, Y);
   });
 }
@@ -162,7 +166,7 @@ torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& wq, const t
   const uint8_t* W = wq.data_ptr<uint8_t>();
   const at::Half* D = wd.data_ptr<at::Half>();
   const at::Half* Mn = wm.data_ptr<at::Half>();
-  return run_rows(x, N, K, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
+  return run_rows(x, N, K, lmq::QMAX_Q4, [&](auto R, int64_t n, const Acts& a, int64_t M, float* Y) {
     q4_rows<decltype(R)::value>(W, D, Mn, n, K, a, M, N, Y);
   });
 }
@@ -201,7 +205,9 @@ torch::Tensor dequantize(const torch::Tensor& wq, const torch::Tensor& wd, const
 void register_fused(pybind11::module& m);  // fused_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantize_activations", &quantize_activations, "x [M, K] float32 -> (int16 [M, K], scales, scaled sums [M, K/32])");
+  m.def("quantize_activations", &quantize_activations,
+        "x [M, K] float32 -> (int16 [M, K] in -qmax..qmax, scales, scaled sums [M, K/32])", py::arg("x"),
+        py::arg("qmax") = 32767);
   m.def("q8_matmul", &q8_matmul, "x [M, K] float32 @ q8 weights [N, K] -> [M, N] float32");
   m.def("q4_matmul", &q4_matmul, "x [M, K] float32 @ q4 weights [N, K/2] -> [M, N] float32");
   m.def("dequantize", &dequantize, "q8 (q, d, None) or q4 (packed, d, m) weights -> float32 [N, K]",
