@@ -92,6 +92,13 @@ def test_team_stops_at_max_rounds_and_when_a_role_posts_nothing(tmp_path):
                            [("post_message", {"verdict": "revise", "comments": "no"})]])
     result = Team(spec(tmp_path, text), model, {"calculator": calculator}).run("t")
     assert result.stop_reason == "max_rounds" and len(result.log) == 3
+    # several post_message calls in one model turn (parallel calls): the first valid one is the role's message
+    chatty = ScriptedModel([[("post_message", {"steps": 1}), ("post_message", {"steps": ["a"]}),
+                             ("post_message", {"steps": ["b"]})],
+                            [("post_message", {"code": "x"})],
+                            [("post_message", {"verdict": "revise", "comments": "no"})]])
+    result = Team(spec(tmp_path, text), chatty, {"calculator": calculator}).run("t")
+    assert [m["content"] for m in result.log][0] == {"steps": ["a"]}
     silent = ScriptedModel([[("post_message", {"steps": ["a"]})], "I will just chat instead."] + ["chat"] * 5)
     result = Team(spec(tmp_path), silent, {"calculator": calculator}).run("t")
     assert result.stop_reason == "role_failed" and "role 'coder' posted no valid message" in result.error

@@ -219,8 +219,8 @@ class Team:
         for rec in agent.last_trace:
             rec.update(role=role.name, round=rnd)
             record(rec)
-        if posted:
-            return posted[-1]
+        if posted:  # the first valid message ends the turn; further post_message calls in that model turn are not sent
+            return posted[0]
         return f"role {role.name!r} posted no valid message in {role.max_steps} model call(s)"
 
     def run(self, task: str) -> TeamResult:
