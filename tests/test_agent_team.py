@@ -92,9 +92,55 @@ def test_team_stops_at_max_rounds_and_when_a_role_posts_nothing(tmp_path):
                            [("post_message", {"verdict": "revise", "comments": "no"})]])
     result = Team(spec(tmp_path, text), model, {"calculator": calculator}).run("t")
     assert result.stop_reason == "max_rounds" and len(result.log) == 3
+    # several post_message calls in one model turn (parallel calls): the first valid one is the role's message
+    chatty = ScriptedModel([[("post_message", {"steps": 1}), ("post_message", {"steps": ["a"]}),
+                             ("post_message", {"steps": ["b"]})],
+                            [("post_message", {"code": "x"})],
+                            [("post_message", {"verdict": "revise", "comments": "no"})]])
+    result = Team(spec(tmp_path, text), chatty, {"calculator": calculator}).run("t")
+    assert [m["content"] for m in result.log][0] == {"steps": ["a"]}
     silent = ScriptedModel([[("post_message", {"steps": ["a"]})], "I will just chat instead."] + ["chat"] * 5)
     result = Team(spec(tmp_path), silent, {"calculator": calculator}).run("t")
     assert result.stop_reason == "role_failed" and "role 'coder' posted no valid message" in result.error
+
+
+CALL_TEAM = """
+name: calc
+roles:
+  - name: solver
+    sop:
+      - {call: calculator, arguments: {expression: "{task}"}}
+      - Post the value the calculator returned.
+    message: {type: object, properties: {value: {type: number}}, required: [value]}
+max_rounds: 1
+"""
+
+
+def test_sop_call_steps_run_with_the_task_and_reach_the_model_as_data(tmp_path):
+    from lmforge.agent import calculator
+
+    s = spec(tmp_path, CALL_TEAM)
+    assert s.tool_names() == ["calculator"]
+    model = ScriptedModel([[("post_message", {"value": 42})]])
+    result = Team(s, model, {"calculator": calculator}).run("6 * 7")
+    assert result.stop_reason == "max_rounds" and result.final == {"value": 42}
+    # the team made the call itself, with the task as the argument; the model saw it as a call and its result
+    [request] = model.requests
+    system, user, call, answer = request
+    assert "1. The team called calculator(expression=\"6 * 7\") for you" in system["content"]
+    assert "2. Post the value" in system["content"]
+    assert call["role"] == "assistant" and call["tool_calls"][0]["function"] == {
+        "name": "calculator", "arguments": '{"expression": "6 * 7"}'}
+    assert answer == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "42"}
+    assert [t["function"]["name"] for t in model.tools_seen[0]] == ["post_message"]  # not offered to the model
+    [step, post] = [r for r in result.trace if r["type"] == "tool"]
+    assert step == {**step, "role": "solver", "round": 1, "sop": True, "name": "calculator", "result": "42",
+                    "error": None}
+    assert post["name"] == "post_message" and "sop" not in post
+    # a failing step is the model's to read, like any tool error (here: the task is not arithmetic)
+    model = ScriptedModel([[("post_message", {"value": 0})]])
+    result = Team(s, model, {"calculator": calculator}).run("What is the answer?")
+    assert "not an arithmetic expression" in model.requests[0][-1]["content"] and result.final == {"value": 0}
 
 
 def test_bad_team_files_are_clear_errors(tmp_path):
@@ -102,6 +148,18 @@ def test_bad_team_files_are_clear_errors(tmp_path):
         spec(tmp_path, "name: t\nroles:\n  - name: a\n    sops: [x]\n")
     with pytest.raises(ValueError, match="role 'a': unknown tool"):
         Team(spec(tmp_path, "name: t\nroles:\n  - name: a\n    tools: [shell]\n"), ScriptedModel([]))
+    with pytest.raises(ConfigError, match=r"roles\.0\.sop\.0\.call\.tool: unknown key"):
+        spec(tmp_path, "name: t\nroles:\n  - name: a\n    sop: [{tool: calculator}]\n")
+    with pytest.raises(ConfigError, match=r"roles\.0\.sop\.1: an SOP step is a string .* or \{call: TOOL"):
+        spec(tmp_path, "name: t\nroles:\n  - name: a\n    sop: [ok, 3]\n")
+    with pytest.raises(ValueError, match="role 'a': sop step 1: unknown tool 'shell'"):
+        Team(spec(tmp_path, "name: t\nroles:\n  - name: a\n    sop: [{call: shell}]\n"), ScriptedModel([]))
+    with pytest.raises(ValueError, match="role 'a': sop step 2: invalid arguments for tool 'calculator': field "
+                                         "'expression': Field required"):
+        from lmforge.agent import calculator
+
+        Team(spec(tmp_path, "name: t\nroles:\n  - name: a\n    sop: [x, {call: calculator, arguments: {expr: 1}}]\n"),
+             ScriptedModel([]), {"calculator": calculator})
     with pytest.raises(ValueError, match="stop.role: no role 'b'"):
         Team(spec(tmp_path, "name: t\nroles: [{name: a}]\nstop: {role: b, field: x, equals: 1}\n"), ScriptedModel([]))
     res = CliRunner().invoke(app, ["team", str(tmp_path / "missing.yaml"), "task", "--base-url", "http://x/v1"])

@@ -33,8 +33,8 @@ def kb(tmp_path_factory) -> Path:
 
 
 def test_bundled_team_answers_with_citations_over_an_endpoint(kb, tmp_path):
-    script = [[("search_knowledge_base", {"query": QUESTION})],
-              [("post_message", {"facts": [{"fact": "Items can be returned within 30 days of delivery.", "source": 1}]})],
+    fact = {"fact": "Items can be returned within 30 days of delivery.", "source": 1}
+    script = [[("post_message", {"facts": [fact]})],
               [("post_message", {"answer": "You have 30 days from delivery to return an item [1]."})],
               [("post_message", {"verdict": "approve", "comments": "Supported by fact 1 and cited."})]]
     out = tmp_path / "run"
@@ -45,9 +45,17 @@ def test_bundled_team_answers_with_citations_over_an_endpoint(kb, tmp_path):
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     [search] = [r for r in trace if r["type"] == "tool" and r["name"] == "search_knowledge_base"]
     assert search["error"] is None and "30" in search["result"] and "returns.md" in search["result"]
+    # the team ran the search itself (an SOP step) with the question as the query; the analyst's model read the
+    # numbered passages as a tool result and was offered only post_message
+    assert search["sop"] and search["role"] == "analyst" and json.loads(search["arguments"]) == {"query": QUESTION}
+    analyst = requests[0]["messages"]
+    assert analyst[-2]["tool_calls"][0]["function"]["name"] == "search_knowledge_base"
+    assert analyst[-1]["role"] == "tool" and json.loads(analyst[-1]["content"])[0]["source"] == 1
+    assert "returns.md" in analyst[-1]["content"]
+    assert [t["function"]["name"] for t in requests[0]["tools"]] == ["post_message"]
     # the writer sees the analyst's facts, the reviewer the writer's answer: one shared log
-    assert "30 days of delivery" in requests[2]["messages"][-1]["content"]
-    assert "[1]" in requests[3]["messages"][-1]["content"]
+    assert "30 days of delivery" in requests[1]["messages"][-1]["content"]
+    assert "[1]" in requests[2]["messages"][-1]["content"]
     log = json.loads((out / "log.json").read_text())
     assert [m["role"] for m in log] == ["analyst", "writer", "reviewer"]
     assert json.loads((out / "manifest.json").read_text())["metrics"]["stop_reason"] == "stop_condition"

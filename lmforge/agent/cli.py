@@ -286,8 +286,8 @@ def team_cmd(
         fail("give exactly one of --model MODEL_DIR or --base-url URL")
     try:
         spec = load_team(team)
-        tools = team_tools([t for r in spec.roles for t in r.tools], index)
-        unknown = sorted({t for r in spec.roles for t in r.tools} - set(tools))
+        tools = team_tools(spec.tool_names(), index)
+        unknown = sorted(set(spec.tool_names()) - set(tools))
         if unknown:
             raise ConfigError(f"{team}: unknown tool(s) {', '.join(unknown)} (built-in: calculator, "
                               "search_knowledge_base)")

@@ -9,8 +9,9 @@ A team (YAML, ``examples/teams/``)::
     roles:
       - name: analyst
         goal: find what the knowledge base says
-        sop: ["Search the knowledge base.", "Post the facts you found, each with its source number."]
-        tools: [search_knowledge_base]
+        sop:
+          - {call: search_knowledge_base, arguments: {query: "{task}"}}   # the team runs it, the model reads it
+          - Post the facts you found, each with its source number.
         message: {type: object, properties: {facts: {type: array, items: {type: string}}}, required: [facts]}
       - name: writer ...
       - name: reviewer
@@ -19,6 +20,12 @@ A team (YAML, ``examples/teams/``)::
     repeat_from: writer                 # later rounds start here (the writer revises, the reviewer reviews again)
     stop: {role: reviewer, field: verdict, equals: approve}
     max_rounds: 3
+
+An SOP step is either an instruction to the role's model (a string) or a tool call the team makes itself at the start
+of the role's turn (``{call: TOOL, arguments: {...}}``; ``{task}`` in a string argument is replaced by the team's task).
+Its result reaches the model as the result of a call in its conversation — data, as every tool result — so a step
+whose arguments must not depend on the model (a retrieval with the question as the query) does not.  ``tools`` are the
+ones the model may call on its own.
 
 Every model call, tool call and message is recorded (``trace``, ``OUT/trace.jsonl`` with the role on each record), so
 ``lmforge agent trace OUT`` prints the team's run as a tree.
@@ -31,24 +38,64 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from lmforge.agent.backends import ModelBackend
 from lmforge.agent.loop import Agent
-from lmforge.agent.tools import FunctionTool, as_tool
+from lmforge.agent.tools import Call, FunctionTool, as_tool, prepare, run_calls
 from lmforge.config import ConfigError, StageConfig, read_yaml, validate
 
 POST = "post_message"
+TASK = "{task}"
+
+
+class CallStep(StageConfig):
+    """An SOP step the team runs itself: ``call`` a tool with ``arguments`` (``{task}`` in a string: the task)."""
+
+    call: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+    def bound(self, task: str) -> dict[str, Any]:
+        """``arguments`` with ``{task}`` replaced by ``task`` in every string (nested lists and objects too)."""
+        def sub(v: Any) -> Any:
+            if isinstance(v, str):
+                return v.replace(TASK, task)
+            if isinstance(v, list):
+                return [sub(x) for x in v]
+            if isinstance(v, dict):
+                return {k: sub(x) for k, x in v.items()}
+            return v
+
+        return sub(self.arguments)
+
+    def describe(self, task: str) -> str:
+        args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in self.bound(task).items())
+        return f"The team called {self.call}({args}) for you; its result is in this conversation."
+
+
+def _step_kind(v: Any) -> str | None:
+    return "text" if isinstance(v, str) else "call" if isinstance(v, (dict, CallStep)) else None
+
+
+SopStep = Annotated[Annotated[str, Tag("text")] | Annotated[CallStep, Tag("call")], Discriminator(
+    _step_kind, custom_error_type="sop_step",
+    custom_error_message="an SOP step is a string (an instruction) or {call: TOOL, arguments: {...}}")]
 
 
 class RoleSpec(StageConfig):
     name: str
     goal: str = ""
     system_prompt: str = ""
-    sop: list[str] = Field(default_factory=list, description="The role's standard operating procedure, in order.")
-    tools: list[str] = Field(default_factory=list)
+    sop: list[SopStep] = Field(default_factory=list, description=(
+        "The role's standard operating procedure, in order: instructions (strings) and tool calls the team runs "
+        "itself before the model speaks ({call: TOOL, arguments: {...}}; {task} in an argument: the task)."))
+    tools: list[str] = Field(default_factory=list, description="Tools the role's model may call.")
+
+    @property
+    def call_steps(self) -> list[CallStep]:
+        return [s for s in self.sop if isinstance(s, CallStep)]
     message: dict = Field(default_factory=lambda: {"type": "object", "properties": {"content": {"type": "string"}},
                                                    "required": ["content"]},
                           description="JSON Schema of the message the role posts.")
@@ -69,6 +116,10 @@ class TeamSpec(StageConfig):
     repeat_from: str | None = None
     stop: StopSpec | None = None
     max_rounds: int = Field(3, ge=1, le=20)
+
+    def tool_names(self) -> list[str]:
+        """Every tool the team needs: the roles' ``tools`` and their SOP calls, in order of first use."""
+        return list(dict.fromkeys(n for r in self.roles for n in [*r.tools, *(s.call for s in r.call_steps)]))
 
 
 @dataclass
@@ -103,6 +154,12 @@ class Team:
                 raise ValueError(f"role {r.name!r}: unknown tool(s) {', '.join(missing)} (available: "
                                  f"{', '.join(self.tools) or 'none'})")
             FunctionTool.from_schema(POST, "", r.message, lambda **kw: kw)  # a schema decoding can enforce
+            for i, step in enumerate(r.sop, 1):
+                if not isinstance(step, CallStep):
+                    continue
+                ready = prepare(Call("check", step.call, json.dumps(step.bound("task"))), self.tools)
+                if isinstance(ready, str):
+                    raise ValueError(f"role {r.name!r}: sop step {i}: {ready}")
         if self.spec.repeat_from is not None and self.spec.repeat_from not in names:
             raise ValueError(f"repeat_from: no role {self.spec.repeat_from!r}")
         if self.spec.stop is not None and self.spec.stop.role not in names:
@@ -116,7 +173,8 @@ class Team:
         if role.system_prompt.strip():
             parts.append(role.system_prompt.strip())
         if role.sop:
-            parts.append("Your procedure:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(role.sop, 1)))
+            steps = [s.describe(task) if isinstance(s, CallStep) else s for s in role.sop]
+            parts.append("Your procedure:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1)))
         parts.append(f"The team's task: {task}")
         parts.append(f"End your turn by calling {POST} with your message to the team.")
         return "\n\n".join(parts)
@@ -141,7 +199,17 @@ class Team:
         tools = [self.tools[t] for t in role.tools] + [post_tool]
         agent = Agent(self.backends.get(role.name, self.backend), tools=tools, system=self._system(role, task),
                       max_steps=role.max_steps, tool_choice="required")
-        stream = agent.stream([{"role": "user", "content": self._log_text(log)}])
+        messages: list[dict] = [{"role": "user", "content": self._log_text(log)}]
+        for k, step in enumerate(role.call_steps, 1):
+            call = Call(f"sop-{rnd}-{role.name}-{k}", step.call, json.dumps(step.bound(task), ensure_ascii=False))
+            [res] = run_calls([call], self.tools)
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": res.content})
+            record({"type": "tool", "step": 0, "role": role.name, "round": rnd, "sop": True, "id": call.id,
+                    "name": call.name, "arguments": call.arguments, "seconds": round(res.seconds, 6),
+                    "result": res.content if res.error is None else None, "error": res.error})
+        stream = agent.stream(messages)
         try:
             for ev in stream:
                 if ev.type == "tool_result" and ev.call.name == POST and ev.tool_result.error is None:
@@ -151,8 +219,8 @@ class Team:
         for rec in agent.last_trace:
             rec.update(role=role.name, round=rnd)
             record(rec)
-        if posted:
-            return posted[-1]
+        if posted:  # the first valid message ends the turn; further post_message calls in that model turn are not sent
+            return posted[0]
         return f"role {role.name!r} posted no valid message in {role.max_steps} model call(s)"
 
     def run(self, task: str) -> TeamResult:
