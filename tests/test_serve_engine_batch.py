@@ -24,6 +24,23 @@ def test_generate_batch_matches_one_by_one_and_shares_prompts(tiny_model_dir):
         eng.generate_batch([p1, p2], [params[0]])
 
 
+def test_generate_batch_prefills_each_distinct_prompt_once_across_chunks(tiny_model_dir):
+    # prompts several chunks long: the copies join only once their prompt is cached whole, and compute its last token
+    eng = Engine.from_folder(tiny_model_dir, max_num_seqs=8, max_model_len=128, prefill_chunk_size=32)
+    p1 = eng.encode_chat([{"role": "user", "content": "What is a list in Python? Explain it in a few words."}])
+    p2 = eng.encode_chat([{"role": "user", "content": "How are you today? Tell me about the weather."}])
+    assert 32 < len(p1) < 64 and 32 < len(p2) < 64  # the second prompt starts in the first one's last chunk
+    prompts = [p1] * 4 + [p2] * 4
+    params = [SamplingParams(max_tokens=4, seed=i) for i in range(8)]
+    batch = eng.generate_batch(prompts, params)
+    shared = next(i for i, (a, b) in enumerate(zip(p1, p2)) if a != b)  # the chat template's head
+    assert eng.prefill_tokens_computed == len(p1) + len(p2) - shared + 6  # each prompt once, one token per copy
+    assert eng.prefix_cache_hits == 3 * (len(p1) - 1) + 3 * (len(p2) - 1) + shared
+    for p, sp, got in zip(prompts, params, batch):
+        one = Engine.from_folder(tiny_model_dir, max_num_seqs=1, max_model_len=128).generate_text(p, sp)
+        assert got.token_ids == one.token_ids
+
+
 def test_load_weights_updates_serving_weights_in_place(tiny_model_dir):
     eng = Engine.from_folder(tiny_model_dir, max_num_seqs=2, max_model_len=64)
     before = [t.data_ptr() for t in eng.runner.tensors()]

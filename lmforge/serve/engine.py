@@ -395,7 +395,10 @@ class Engine:
                 mine = self._claim()
             if mine:
                 try:
-                    while self.num_waiting:  # prefill the distinct prompts: their copies then reuse the cache
+                    # prefill the distinct prompts completely (a long one takes several chunks, and steps past the
+                    # admission of the last one): their copies then reuse the whole cached prompt, computing only its
+                    # last token, instead of each computing the part not yet cached when they join
+                    while self._prefilling([ids[i] for i in first.values()]):
                         self._step_or_fail()
                 finally:
                     with self._lock:
@@ -425,6 +428,12 @@ class Engine:
                 outs[-1].prompt_tokens, outs[-1].completion_tokens,
                 [lp for o in outs for lp in (o.logprobs or [])] if sp is not None and sp.logprobs is not None else None))
         return results
+
+    def _prefilling(self, request_ids: list[str | None]) -> bool:
+        """Whether any of these requests still waits or has prompt tokens left to compute (or other requests wait)."""
+        with self._lock:
+            return bool(self._waiting) or any(
+                (s := self._by_id.get(rid)) is not None and s.num_cached < len(s.prompt_ids) for rid in request_ids)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (call it after the weights change: cached keys/values are stale) and return the
