@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmforge.model.hf import load_model
-from lmforge.serve.engine import Engine, SamplingParams
+from lmforge.serve.engine import Engine, SamplingParams, _prefill_groups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,6 +39,34 @@ def test_generate_batch_prefills_each_distinct_prompt_once_across_chunks(tiny_mo
     for p, sp, got in zip(prompts, params, batch):
         one = Engine.from_folder(tiny_model_dir, max_num_seqs=1, max_model_len=128).generate_text(p, sp)
         assert got.token_ids == one.token_ids
+
+
+def test_prefill_groups_bound_padding():
+    assert _prefill_groups([5, 5, 4]) == [[0, 1, 2]]  # little padding: one pass, in order
+    assert _prefill_groups([344, 168]) == [[0], [1]]  # 688 padded rows for 512: apart
+    assert _prefill_groups([1] * 14 + [182]) == [[14], list(range(14))]  # the long chunk apart, the short together
+    assert _prefill_groups([10, 2, 9, 3]) == [[0, 2], [3, 1]]
+    for lens in ([7], [3, 1, 8, 8, 2, 30, 29]):
+        groups = _prefill_groups(lens)
+        assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+        for g in groups:  # padding within a quarter of each pass's rows
+            assert 4 * sum(lens[i] for i in g) >= 3 * len(g) * max(lens[i] for i in g)
+
+
+def test_unequal_prompts_in_one_step_prefill_apart_with_unchanged_output(tiny_model_dir):
+    eng = Engine.from_folder(tiny_model_dir, max_num_seqs=4, max_model_len=128)
+    passes = []
+    forward = eng.runner.forward
+    eng.runner.forward = lambda ids, *a, **k: passes.append(tuple(ids.shape)) or forward(ids, *a, **k)
+    long = eng.encode("The with statement is used to wrap the execution of a block with methods defined by a context "
+                      "manager. This allows common try except finally usage patterns to be encapsulated.")
+    short = eng.encode("An assert statement")
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    got = eng.generate_batch([long, short], params)
+    assert passes[:2] == [(1, len(long)), (1, len(short))]  # apart: no padding of the short prompt to the long one
+    for p, res in zip([long, short], got):
+        one = Engine.from_folder(tiny_model_dir, max_num_seqs=1, max_model_len=128).generate_text(p, params)
+        assert res.token_ids == one.token_ids
 
 
 def test_load_weights_updates_serving_weights_in_place(tiny_model_dir):
