@@ -15,9 +15,11 @@
 * RoPE as ``x * cos + roll(x) * sin_signed`` with the position tables gathered once per step, not per layer;
 * a decode step attends over a *view* of the cache when the batch's slots are contiguous (no gather of the whole
   prefix), and only the last real token of each row goes through ``lm_head``.
-* one stream's decode step and speculative verify pass (up to ``FUSED_MAX_T`` positions) run as one call into a fused
-  C++ step (``kernels/fused_step.cpp``: every layer, the cache writes, attention and the head, each weight read once
-  for all positions) for the Llama-family switches it implements (float32 activations, SiLU, optional q/k bias,
+* one stream's decode step and speculative verify pass (up to ``FUSED_MAX_T`` positions), and a batch of decode rows
+  (up to ``FUSED_MAX_ROWS``, each at its own position in its own cache slot: continuous batching, RL rollouts) run as
+  one call into a fused C++ step (``kernels/fused_step.cpp``: every layer, the cache writes, attention over each row's
+  slot in place, and the head, each weight read once for all rows; a row's logits are bit for bit those of its stream
+  decoded alone) for the Llama-family switches it implements (float32 activations, SiLU, optional q/k bias,
   q/k norms and sliding windows); Gemma's norms and soft-capping, bf16 activations, or no C++ extension keep the
   Python path below (decided once at init, one log line; ``fused=False`` forces it);
 
@@ -50,6 +52,9 @@ log = logging.getLogger("lmforge.serve")
 DENSE_ROWS = 64
 # the most positions a fused step takes at once (a verify pass: the last token and its drafts); more: the Python path
 FUSED_MAX_T = 16
+# the most decode rows (one token each, every row in its own slot) a batched fused step takes; more: the Python path
+# (MKL's matmuls; the fused kernels read each weight once for all rows and beat it at 16 rows: docs/benchmarks.md)
+FUSED_MAX_ROWS = 64
 
 
 class _Linear:
@@ -350,6 +355,10 @@ class ModelRunner:
         S = int(positions.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} exceeds the cache length {cache.max_len}")
+        if T == 1 and 1 < B <= FUSED_MAX_ROWS and self.fused is not None and not hidden:
+            # a batch of decode rows, each in its own slot: the fused step, attending in place (no gather, no mask)
+            return self.fused.step_rows(ids.reshape(B), positions.reshape(B).to(torch.int64).contiguous(),
+                                        rows.to(torch.int64).contiguous(), cache.k, cache.v)
         if B == 1 and T == 1 and not hidden:  # one stream's decode step: the fused or compiled step where there is one
             slot = int(rows[0])
             if self.fused is not None:

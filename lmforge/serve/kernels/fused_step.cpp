@@ -1,5 +1,6 @@
-// The fused single-stream decode step: every layer of a Llama-family model in one C++ call, for T <= 16 query
-// positions of one stream (T = 1: a decode step; T > 1: a speculative verify pass).
+// The fused decode step: every layer of a Llama-family model in one C++ call, for T <= 16 query positions of one
+// stream (T = 1: a decode step; T > 1: a speculative verify pass), or for a batch of decode rows, one token each at its
+// own position in its own cache slot (step_rows: the engine's batched decode; no gather, no mask).
 //
 // Per layer: RMSNorm, the fused QKV matmul (+ bias), optional per-head q/k RMSNorm (qk_norm families), RoPE from the
 // runner's tables (x * cos + rotate_half(x) * sin with the sign folded into sin), the keys and values written into the
@@ -12,7 +13,7 @@
 // against q4) and read each weight row once for all T rows: a tile of R weight rows times MT activation rows keeps
 // R * MT accumulators in registers.  Every output is summed in the same order whatever T and the tiling are (one
 // accumulator per output, blocks in order), so a verify pass gives bit for bit the logits of the decode steps it
-// replaces.
+// replaces, and a row of a batch the logits of that stream's step alone.
 //
 // q8 and q4 weights come in two layouts: qmatmul.cpp's row-major one, and a row-interleaved one ("x8", what the runner
 // stores when the row count is a multiple of 8; lmforge.serve.kernels.pack_x8 says how) that multiplies 8 output rows
@@ -475,12 +476,49 @@ class FusedStep {
   // written there); all_logits: every position's logits, else the last one's
   torch::Tensor step(const torch::Tensor& ids, int64_t start, int64_t slot, const std::vector<torch::Tensor>& ks,
                      const std::vector<torch::Tensor>& vs, bool all_logits) {
+    TORCH_CHECK(ids.dim() == 1, "ids: int64 [T]");
+    TORCH_CHECK(start >= 0, "at least one token");
+    const int64_t T = ids.size(0);
+    std::vector<int64_t> pos(T), slots(T, slot);
+    for (int64_t t = 0; t < T; ++t) pos[t] = start + t;
+    return run(ids, pos, slots, ks, vs, all_logits);
+  }
+
+  // logits [B, vocab] for a batch of decode rows: token ids[b] at position pos[b] of cache slot slots[b] (each row its
+  // own stream; slots need not be consecutive).  Every row's logits are bit for bit what step() gives that stream
+  // alone: the matmuls sum each output in the same order whatever the rows, attention and norms are per row.
+  torch::Tensor step_rows(const torch::Tensor& ids, const torch::Tensor& pos, const torch::Tensor& slots,
+                          const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs) {
+    TORCH_CHECK(ids.dim() == 1 && pos.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
+                    pos.numel() == ids.size(0) && slots.numel() == ids.size(0) && pos.is_contiguous() &&
+                    slots.is_contiguous(),
+                "ids, pos, slots: int64 [B]");
+    const int64_t* p = pos.data_ptr<int64_t>();
+    const int64_t* s = slots.data_ptr<int64_t>();
+    const int64_t B = ids.size(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < b; ++c)
+        TORCH_CHECK(s[b] != s[c], "rows ", c, " and ", b, " share cache slot ", s[b]);
+    return run(ids, std::vector<int64_t>(p, p + B), std::vector<int64_t>(s, s + B), ks, vs, true);
+  }
+
+ private:
+  // row t: token ids[t] at position pos[t] of cache slot slots[t]; a row sees the keys of its slot up to its position
+  // (rows of one slot: a verify pass, consecutive positions)
+  torch::Tensor run(const torch::Tensor& ids, const std::vector<int64_t>& pos, const std::vector<int64_t>& slots,
+                    const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs, bool all_logits) {
     TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids: int64 [T]");
-    const int64_t T = ids.size(0), S = start + T, h = h_, nh = nh_, nkv = nkv_, hd = hd_;
-    TORCH_CHECK(T >= 1 && start >= 0, "at least one token");
+    const int64_t T = ids.size(0), h = h_, nh = nh_, nkv = nkv_, hd = hd_;
+    TORCH_CHECK(T >= 1, "at least one token");
     TORCH_CHECK(ks.size() == layers_.size() && vs.size() == layers_.size(), "one cache tensor per layer");
+    int64_t S = 0;  // one past the furthest position
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(pos[t] >= 0, "negative position");
+      S = std::max(S, pos[t] + 1);
+    }
     const int64_t nq = (nh + 2 * nkv) * hd, inter = layers_.empty() ? 0 : layers_[0].down.K;
     std::vector<float> x(T * h), xn(T * h), qkv(T * nq), att(T * nh * hd), tmp(T * h), gu(T * 2 * inter), act(T * inter);
+    std::vector<float*> Ks(T), Vs(T);
     Acts acts;
     const int64_t* id = ids.data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t) {
@@ -492,19 +530,21 @@ class FusedStep {
       const Layer& L = layers_[i];
       const torch::Tensor &ck = ks[i], &cv = vs[i];
       TORCH_CHECK(ck.scalar_type() == torch::kFloat32 && ck.is_contiguous() && cv.is_contiguous() && ck.dim() == 4 &&
-                      ck.size(1) == nkv && ck.size(3) == hd && slot >= 0 && slot < ck.size(0) && S <= ck.size(2) &&
-                      cv.sizes() == ck.sizes() && cv.scalar_type() == torch::kFloat32,
+                      ck.size(1) == nkv && ck.size(3) == hd && S <= ck.size(2) && cv.sizes() == ck.sizes() &&
+                      cv.scalar_type() == torch::kFloat32,
                   "KV cache: float32 [slots, n_kv, max_len, head_dim] with room for position ", S - 1);
       TORCH_CHECK(S <= L.cos.size(0), "position beyond the RoPE tables");
       const int64_t maxlen = ck.size(2);
-      float* K = ck.data_ptr<float>() + slot * nkv * maxlen * hd;
-      float* V = cv.data_ptr<float>() + slot * nkv * maxlen * hd;
+      for (int64_t t = 0; t < T; ++t) {
+        TORCH_CHECK(slots[t] >= 0 && slots[t] < ck.size(0), "cache slot ", slots[t], " out of range");
+        Ks[t] = ck.data_ptr<float>() + slots[t] * nkv * maxlen * hd;
+        Vs[t] = cv.data_ptr<float>() + slots[t] * nkv * maxlen * hd;
+      }
       for (int64_t t = 0; t < T; ++t) rms_norm(x.data() + t * h, L.ln1.data_ptr<float>(), h, eps, xn.data() + t * h);
       linear(L.qkv, xn.data(), T, qkv.data(), acts);
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t pos = start + t;
-        const float* cs = L.cos.data_ptr<float>() + pos * hd;
-        const float* sn = L.sin.data_ptr<float>() + pos * hd;
+        const float* cs = L.cos.data_ptr<float>() + pos[t] * hd;
+        const float* sn = L.sin.data_ptr<float>() + pos[t] * hd;
         float rot[512];
         TORCH_CHECK(hd <= 512, "head_dim above 512");
         for (int64_t j = 0; j < nh + nkv; ++j) {
@@ -516,11 +556,11 @@ class FusedStep {
           std::copy_n(rot, hd, v);
         }
         for (int64_t j = 0; j < nkv; ++j) {
-          std::copy_n(qkv.data() + t * nq + (nh + j) * hd, hd, K + (j * maxlen + pos) * hd);
-          std::copy_n(qkv.data() + t * nq + (nh + nkv + j) * hd, hd, V + (j * maxlen + pos) * hd);
+          std::copy_n(qkv.data() + t * nq + (nh + j) * hd, hd, Ks[t] + (j * maxlen + pos[t]) * hd);
+          std::copy_n(qkv.data() + t * nq + (nh + nkv + j) * hd, hd, Vs[t] + (j * maxlen + pos[t]) * hd);
         }
       }
-      attention(L, qkv.data(), nq, T, start, K, V, maxlen, att.data());
+      attention(L, qkv.data(), nq, T, pos.data(), S, Ks.data(), Vs.data(), maxlen, att.data());
       linear(L.o, att.data(), T, tmp.data(), acts);
       for (int64_t j = 0; j < T * h; ++j) x[j] += tmp[j];
       for (int64_t t = 0; t < T; ++t) rms_norm(x.data() + t * h, L.ln2.data_ptr<float>(), h, eps, xn.data() + t * h);
@@ -547,23 +587,22 @@ class FusedStep {
     return logits;
   }
 
- private:
-  // att [T, nh * hd]: query t (position start + t) of head j over its kv head's keys lo .. start + t
-  void attention(const Layer& L, const float* qkv, int64_t nq, int64_t T, int64_t start, const float* K, const float* V,
-                 int64_t maxlen, float* att) const {
+  // att [T, nh * hd]: query t (position pos[t]) of head j over its kv head's keys lo .. pos[t] in its row's slot
+  void attention(const Layer& L, const float* qkv, int64_t nq, int64_t T, const int64_t* pos, int64_t S,
+                 float* const* Ks, float* const* Vs, int64_t maxlen, float* att) const {
     const int64_t nh = nh_, hd = hd_, group = nh_ / nkv_;
     const float scale = static_cast<float>(scale_);
     at::parallel_for(0, nh * T, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> p(start + T);
+      std::vector<float> p(S);
       std::vector<float> out(hd);
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j = i % nh, t = i / nh, pos = start + t, kv = j / group;
-        const int64_t lo = L.sliding && window_ > 0 ? std::max<int64_t>(0, pos - window_ + 1) : 0;
+        const int64_t j = i % nh, t = i / nh, kv = j / group, last = pos[t];
+        const int64_t lo = L.sliding && window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
         const float* q = qkv + t * nq + j * hd;
-        const float* Kh = K + kv * maxlen * hd;
-        const float* Vh = V + kv * maxlen * hd;
+        const float* Kh = Ks[t] + kv * maxlen * hd;
+        const float* Vh = Vs[t] + kv * maxlen * hd;
         float mx = -INFINITY;
-        for (int64_t s = lo; s <= pos; ++s) {
+        for (int64_t s = lo; s <= last; ++s) {
           const float* k = Kh + s * hd;
           __m256 acc = _mm256_setzero_ps();
           int64_t e = 0;
@@ -574,11 +613,11 @@ class FusedStep {
           mx = std::max(mx, p[s]);
         }
         const __m256 vmx = _mm256_set1_ps(mx);
-        map8(p.data() + lo, pos + 1 - lo, [&](__m256 v) { return exp8(_mm256_sub_ps(v, vmx)); });
+        map8(p.data() + lo, last + 1 - lo, [&](__m256 v) { return exp8(_mm256_sub_ps(v, vmx)); });
         float sum = 0.0f;
-        for (int64_t s = lo; s <= pos; ++s) sum += p[s];
+        for (int64_t s = lo; s <= last; ++s) sum += p[s];
         std::fill(out.begin(), out.end(), 0.0f);
-        for (int64_t s = lo; s <= pos; ++s) {
+        for (int64_t s = lo; s <= last; ++s) {
           const float* v = Vh + s * hd;
           const __m256 w = _mm256_set1_ps(p[s]);
           int64_t e = 0;
@@ -616,6 +655,7 @@ void register_fused(pybind11::module& m) {
       .def(pybind11::init<torch::Tensor, const std::vector<std::vector<c10::optional<torch::Tensor>>>&,
                           const std::vector<bool>&, torch::Tensor, const std::vector<c10::optional<torch::Tensor>>&,
                           int64_t, int64_t, int64_t, double, double, int64_t>())
-      .def("step", &FusedStep::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("step", &FusedStep::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("step_rows", &FusedStep::step_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("fused_linear", &fused_linear, "x [M, K] @ (weight, q, d, m, bias).T with the fused step's kernels");
 }
