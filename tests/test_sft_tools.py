@@ -5,6 +5,7 @@ that does not fit its tool with file:line:field."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,21 @@ def test_bundled_tool_set_is_rebuilt_exactly_and_validates():
     assert rebuilt == (root / "stdlib_tools.jsonl").read_text()  # results really come from the functions
     stats = DataStats()
     convs = read_conversations(root / "stdlib_tools.jsonl", "raise", stats)
-    assert len(convs) == stats.kept == 300
-    kinds = [json.loads(line)["kind"] for line in (root / "stdlib_tools.jsonl").read_text().splitlines()]
-    assert {"single", "parallel", "none"} == set(kinds)
+    assert len(convs) == stats.kept == 400
+    records = [json.loads(line) for line in (root / "stdlib_tools.jsonl").read_text().splitlines()]
+    assert {"single", "parallel", "none", "unavailable", "followup"} == {r["kind"] for r in records}
+    for r in records:
+        msgs = r["messages"]
+        assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"] and not msgs[-1].get("tool_calls")
+        for i, m in enumerate(msgs[:-1]):  # after the last tool result comes a text answer, not another call
+            if m["role"] == "tool" and msgs[i + 1]["role"] != "tool":
+                assert msgs[i + 1]["role"] == "assistant" and msgs[i + 1]["content"]
+        if r["kind"] in ("none", "unavailable"):
+            assert not any(m.get("tool_calls") for m in msgs)
+    # an unavailable question is one a tool answers, but not one of the offered tools
+    def asked(question: str) -> set[str]:
+        return {t.name for t in builder.TOOLS for q in t.questions
+                if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(q)), question)}
+    for r in (r for r in records if r["kind"] == "unavailable"):
+        names = {t["function"]["name"] for t in r["tools"]}
+        assert asked(r["messages"][0]["content"]) and not asked(r["messages"][0]["content"]) & names

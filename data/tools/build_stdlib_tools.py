@@ -7,7 +7,12 @@ results) as ``lmforge sft`` reads it.  Three kinds, mixed:
 * single: a question one tool answers → one call → its real result → an answer that states it;
 * parallel: two questions in one turn → two calls in one assistant turn → two results → one answer;
 * no tool: a question none of the offered tools answers (a real question/answer pair from the bundled
-  chatterbot corpus) → a plain answer.
+  chatterbot corpus) → a plain answer;
+* unavailable: a question one of these tools would answer, but that tool is not among the offered ones (e.g. a
+  median asked with only ``mean`` offered) → a plain answer saying the offered tools do not cover it, no call;
+* follow-up: a single call and its answer, then a second user turn — another tool question (→ a call, its result,
+  an answer) or a chat question (→ a plain answer), so the model learns to stop after a result and to call again
+  only when a new question needs it.
 
 Every conversation offers 3–5 tools, the right one among them, so the model learns to choose.  The tools wrap real
 standard-library functions (named in each description); descriptions, questions and answer sentences are written for
@@ -155,39 +160,71 @@ def offered(rng: random.Random, must: list[Tool]) -> list[dict]:
     return [t.spec() for t in pick]
 
 
-def build(n: int = 300, seed: int = 0) -> list[dict]:
+UNAVAILABLE = ["None of the available tools can answer that: they are {names}.",
+               "I can't do that with the tools I have ({names}), so I won't call any of them.",
+               "That needs a tool I don't have here; the offered ones ({names}) do something else."]
+KINDS, WEIGHTS = ["single", "parallel", "none", "unavailable", "followup"], [4, 2, 2, 2, 2]
+
+
+def _names(tools: list[dict]) -> str:
+    names = [t["function"]["name"] for t in tools]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def calling_turns(rng: random.Random, tools: list[Tool], cid: str) -> list[dict]:
+    """A user question for ``tools`` (one, or two asked together), the call(s), their real results, the answer."""
+    calls, results, answers, questions = [], [], [], []
+    for j, t in enumerate(tools):
+        args = t.make_args(rng)
+        c, res, ans = call(t, args, f"{cid}_{j}")
+        calls.append(c)
+        results.append(res)
+        answers.append(ans)
+        questions.append(fill(rng.choice(t.questions), args))
+    question = questions[0] if len(questions) == 1 else f"{questions[0]} Also, {questions[1][0].lower()}" \
+                                                         f"{questions[1][1:]}"
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": calls},
+            *results, {"role": "assistant", "content": " ".join(answers)}]
+
+
+def build(n: int = 400, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     chat = [json.loads(line)["messages"] for line in CHAT.read_text().splitlines()]
     records = []
     for i in range(n):
-        kind = rng.choices(["single", "parallel", "none"], weights=[6, 2, 2])[0]
+        kind = rng.choices(KINDS, weights=WEIGHTS)[0]
         if kind == "none":
             user, assistant = chat[rng.randrange(len(chat))][-2:]
             records.append({"tools": offered(rng, []), "messages": [user, assistant], "kind": kind})
-            continue
-        tools = rng.sample(TOOLS, 1 if kind == "single" else 2)
-        calls, results, answers, questions = [], [], [], []
-        for j, t in enumerate(tools):
-            args = t.make_args(rng)
-            c, res, ans = call(t, args, f"call_{i}_{j}")
-            calls.append(c)
-            results.append(res)
-            answers.append(ans)
-            questions.append(fill(rng.choice(t.questions), args))
-        question = questions[0] if len(questions) == 1 else f"{questions[0]} Also, {questions[1][0].lower()}" \
-                                                             f"{questions[1][1:]}"
-        records.append({"tools": offered(rng, tools), "kind": kind, "messages": [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": None, "tool_calls": calls},
-            *results,
-            {"role": "assistant", "content": " ".join(answers)}]})
+        elif kind == "unavailable":
+            asked = rng.choice(TOOLS)
+            others = [t for t in TOOLS if t is not asked]
+            specs = [t.spec() for t in rng.sample(others, rng.randrange(3, 6))]
+            question = fill(rng.choice(asked.questions), asked.make_args(rng))
+            records.append({"tools": specs, "kind": kind, "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": rng.choice(UNAVAILABLE).format(names=_names(specs))}]})
+        elif kind == "followup":
+            first, second = rng.sample(TOOLS, 2)
+            messages = calling_turns(rng, [first], f"call_{i}_a")
+            if rng.random() < 0.5:
+                messages += calling_turns(rng, [second], f"call_{i}_b")
+                must = [first, second]
+            else:
+                messages += chat[rng.randrange(len(chat))][-2:]
+                must = [first]
+            records.append({"tools": offered(rng, must), "kind": kind, "messages": messages})
+        else:
+            tools = rng.sample(TOOLS, 1 if kind == "single" else 2)
+            messages = calling_turns(rng, tools, f"call_{i}")
+            records.append({"tools": offered(rng, tools), "kind": kind, "messages": messages})
     return records
 
 
 def main() -> None:
     records = build()
     OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    kinds = {k: sum(r["kind"] == k for r in records) for k in ("single", "parallel", "none")}
+    kinds = {k: sum(r["kind"] == k for r in records) for k in KINDS}
     print(f"wrote {OUT} ({len(records)} conversations: {kinds})")
 
 
