@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import sharp_llama
 
-from lmforge.model.llama import Llama, LlamaConfig
+from lmforge.model.llama import Llama
 from lmforge.serve import kernels
 from lmforge.serve.runner import ModelRunner
 
@@ -26,15 +27,7 @@ SLOTS = torch.tensor([4, 0, 3, 6, 1])  # not consecutive, not sorted
 
 
 def _model(extra: dict) -> Llama:
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, **extra)
-    m = Llama(cfg)
-    m.init_weights(seed=0)
-    with torch.no_grad():
-        m.model.embed_tokens.weight.mul_(20)
-        m.lm_head.weight.mul_(30)
-    return m.eval()
+    return sharp_llama(**extra)
 
 
 def _prefilled(runner: ModelRunner, seqs: list[torch.Tensor]):
