@@ -119,12 +119,12 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(model, reference,
     import torch._inductor.config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing cached: it must compile
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
     torch._dynamo.reset()  # no graph of an earlier test reused
     ids, ref = reference
     runner = ModelRunner(model, "float32", compile=True, fused=False)  # compile: where the fused C++ step is not
-    with caplog.at_level("WARNING", logger="lmforge.serve"):
+    # inductor's own patch(): monkeypatch's undo deletes the keys of torch's config module (later compiles then fail)
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": (None, str(tmp_path / "no-such-c++"))}), \
+            caplog.at_level("WARNING", logger="lmforge.serve"):
         logits, fed = _decode(runner, ids, free_running=True)
     warnings = [r for r in caplog.records if "torch.compile of the decode step failed" in r.getMessage()]
     assert len(warnings) == 1 and runner._compiled is None
