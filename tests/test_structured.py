@@ -245,6 +245,8 @@ def test_compile_runs_off_the_driver_and_is_cached(engine):
     (GrammarSpec.json_schema({"$defs": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}),
      "'oneOf' at #/\\$defs/a/oneOf"),
     (GrammarSpec.json_schema({"items": {"type": "string", "format": "iri"}}), "format 'iri' at #/items/format"),
+    (GrammarSpec.json_schema({"properties": {"a": {"type": "string", "pattern": "^x+$", "maxLength": 3}}}),
+     "'pattern' with 'maxLength' at #/properties/a/maxLength"),
     (GrammarSpec.json_schema({"properties": {"y": {"type": "integer", "enum": ["any"]}}, "required": ["y"]}),
      "no value satisfies the schema at #/properties/y/enum"),
     (GrammarSpec.regex("(ab"), "invalid regex"),

@@ -175,6 +175,11 @@ def check_json_schema(schema: dict | bool) -> None:
             return
         if not isinstance(node, dict):
             raise StructuredOutputError(f"a subschema must be an object or a boolean at {_pointer(path)}")
+        if "pattern" in node and ("minLength" in node or "maxLength" in node):
+            length = "minLength" if "minLength" in node else "maxLength"
+            raise StructuredOutputError(f"'pattern' with {length!r} at {_pointer(path + [length])} is not supported by "
+                                        f"constrained decoding (the grammar backend enforces the pattern and would "
+                                        f"ignore the length): bound the length in the pattern, e.g. '^.{{1,200}}$'")
         for key, val in node.items():
             here = path + [key]
             if key in UNSUPPORTED_KEYWORDS:
