@@ -143,6 +143,63 @@ def test_sop_call_steps_run_with_the_task_and_reach_the_model_as_data(tmp_path):
     assert "not an arithmetic expression" in model.requests[0][-1]["content"] and result.final == {"value": 0}
 
 
+QUOTE_TEAM = """
+name: quotes
+roles:
+  - name: analyst
+    sop:
+      - {call: search, arguments: {query: "{task}"}}
+      - Quote the passages.
+    message:
+      type: object
+      properties: {facts: {type: array, minItems: 1, maxItems: 2, items: {x-quote: search}}}
+      required: [facts]
+max_rounds: 1
+"""
+PASSAGES = [{"source": 1, "text": "## Returns\nYou can return an item within 30 days\nof delivery. Refunds take 5 days."},
+            {"source": 2, "text": "- Gift cards cannot be returned.\n- 礼品卡不退。"}]
+
+
+def search(query: str) -> list:
+    """Search the passages."""
+    return PASSAGES
+
+
+def test_quoted_facts_are_sentences_of_the_sop_results_with_their_passage_numbers(tmp_path):
+    s = spec(tmp_path, QUOTE_TEAM)
+    made_up = {"quote": "Items can be returned within 30 days.", "source": 1}
+    wrong_source = {"quote": "Refunds take 5 days.", "source": 2}
+    right = [{"quote": "You can return an item within 30 days of delivery.", "source": 1},
+             {"quote": "礼品卡不退。", "source": 2}]
+    model = ScriptedModel([[("post_message", {"facts": [made_up]})], [("post_message", {"facts": [wrong_source]})],
+                           [("post_message", {"facts": right})]])
+    result = Team(s, model, {"search": search}).run("How long do I have to return an item?")
+    assert result.stop_reason == "max_rounds" and result.final == {"facts": right}
+    # the model was offered one sentence per enum entry (paragraphs joined, the heading left out), numbered
+    items = model.tools_seen[0][0]["function"]["parameters"]["properties"]["facts"]["items"]
+    assert [(o["properties"]["source"], o["properties"]["quote"]["enum"]) for o in items["anyOf"]] == [
+        ({"const": 1}, ["You can return an item within 30 days of delivery.", "Refunds take 5 days."]),
+        ({"const": 2}, ["Gift cards cannot be returned.", "礼品卡不退。"])]
+    # a paraphrase, or a sentence cited to the wrong passage, went back to the model as an error
+    errors = [r for r in result.trace if r["type"] == "tool" and r["name"] == "post_message" and r["error"]]
+    assert len(errors) == 2 and all("facts.0" in e["error"] for e in errors)
+
+
+def test_quotes_with_nothing_found_and_bad_quote_specs(tmp_path):
+    def nothing(query: str) -> list:
+        """Find nothing."""
+        return []
+
+    s = spec(tmp_path, QUOTE_TEAM)
+    model = ScriptedModel([[("post_message", {"facts": [{"quote": "(the search found no passage)", "source": 0}]})]])
+    result = Team(s, model, {"search": nothing}).run("q")
+    assert result.final == {"facts": [{"quote": "(the search found no passage)", "source": 0}]}
+    with pytest.raises(ValueError, match="role 'analyst': message schema: x-quote: 'calculator' is not a tool one of "
+                                         "this role's SOP call steps runs"):
+        Team(spec(tmp_path, QUOTE_TEAM.replace("items: {x-quote: search}", "items: {x-quote: calculator}")),
+             ScriptedModel([]), {"search": search})
+
+
 def test_bad_team_files_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"team\.yaml: roles\.0\.sops: unknown key"):
         spec(tmp_path, "name: t\nroles:\n  - name: a\n    sops: [x]\n")

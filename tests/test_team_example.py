@@ -13,7 +13,7 @@ import pytest
 from agent_fakes import fake_openai_server
 from typer.testing import CliRunner
 
-from lmforge.agent.team import load_team
+from lmforge.agent.team import expand_quotes, load_team, passages, sentences
 from lmforge.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def kb(tmp_path_factory) -> Path:
 
 
 def test_bundled_team_answers_with_citations_over_an_endpoint(kb, tmp_path):
-    fact = {"fact": "Items can be returned within 30 days of delivery.", "source": 1}
+    fact = {"quote": "You can return any delivered item within 30 days of delivery for a full refund.", "source": 1}
     script = [[("post_message", {"facts": [fact]})],
               [("post_message", {"answer": "You have 30 days from delivery to return an item [1]."})],
               [("post_message", {"verdict": "approve", "comments": "Supported by fact 1 and cited."})]]
@@ -55,6 +55,10 @@ def test_bundled_team_answers_with_citations_over_an_endpoint(kb, tmp_path):
     assert [t["function"]["name"] for t in requests[0]["tools"]] == ["post_message"]
     # the writer sees the analyst's facts, the reviewer the writer's answer: one shared log
     assert "30 days of delivery" in requests[1]["messages"][-1]["content"]
+    # the analyst could only quote the passages: its message schema is their sentences, each with its number
+    post = requests[0]["tools"][0]["function"]["parameters"]["properties"]["facts"]["items"]
+    returns = [o for o in post["anyOf"] if fact["quote"] in o["properties"]["quote"]["enum"]]
+    assert len(returns) == 1 and returns[0]["properties"]["source"] == {"const": 1}
     assert "[1]" in requests[2]["messages"][-1]["content"]
     log = json.loads((out / "log.json").read_text())
     assert [m["role"] for m in log] == ["analyst", "writer", "reviewer"]
@@ -75,5 +79,12 @@ def test_bundled_team_runs_in_process_on_a_tiny_model(kb, tmp_path):
     assert manifest["metrics"]["stop_reason"] in ("stop_condition", "max_rounds", "role_failed")
     assert manifest["metrics"]["model_calls"] >= 1
     schemas = {r.name: r.message for r in load_team(TEAM).roles}
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    found = {"search_knowledge_base": [p for r in trace if r["type"] == "tool" and r.get("sop")
+                                       for p in passages(r["result"])]}
+    assert found["search_knowledge_base"]
     for m in json.loads((out / "log.json").read_text()):
-        jsonschema.validate(m["content"], schemas[m["role"]])  # constrained decoding: always the role's schema
+        # constrained decoding: always the role's schema, the analyst's quotes verbatim from its search's passages
+        jsonschema.validate(m["content"], expand_quotes(schemas[m["role"]], found))
+        for f in m["content"].get("facts", []):
+            assert any(n == f["source"] and f["quote"] in sentences(text) for n, text in found["search_knowledge_base"])

@@ -27,6 +27,14 @@ Its result reaches the model as the result of a call in its conversation — dat
 whose arguments must not depend on the model (a retrieval with the question as the query) does not.  ``tools`` are the
 ones the model may call on its own.
 
+**Quotes.** ``{x-quote: TOOL}`` anywhere in a role's message schema stands for one sentence, verbatim, of a passage
+that TOOL returned to one of the role's SOP call steps in this turn, with that passage's number: at the start of the
+turn it becomes ``{"quote": <one of those sentences>, "source": <its passage's number>}`` (an ``anyOf`` over the
+passages, each an ``enum`` of its sentences), so constrained decoding can only post text the knowledge base holds,
+cited to the passage it came from — extraction a small model gets right where free text copies the question::
+
+    message: {type: object, properties: {facts: {type: array, maxItems: 3, items: {x-quote: search_knowledge_base}}}}
+
 Every model call, tool call and message is recorded (``trace``, ``OUT/trace.jsonl`` with the role on each record), so
 ``lmforge agent trace OUT`` prints the team's run as a tree.
 """
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +58,79 @@ from lmforge.config import ConfigError, StageConfig, read_yaml, validate
 
 POST = "post_message"
 TASK = "{task}"
+QUOTE = "x-quote"
+NOTHING_FOUND = "(the search found no passage)"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
+_MARKDOWN = re.compile(r"^\s*(?:[-*+]\s+|\d+[.)]\s+|>\s*)")
+
+
+def sentences(text: str, max_chars: int = 300) -> list[str]:
+    """The sentences of a passage, in order, without repeats.  Lines are joined into paragraphs (a blank line, a
+    markdown heading or a list item starts a new one; headings are left out, list and quote marks dropped), and
+    paragraphs split after . ! ? (and 。！？).  Fragments of fewer than 3 characters are left out and a sentence
+    longer than ``max_chars`` is cut there (a quote must fit a message)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines() + [""]:
+        starts_item = bool(_MARKDOWN.match(line))
+        if not line.strip() or line.lstrip().startswith("#") or starts_item:
+            if current:
+                blocks.append(" ".join(current))
+            current = []
+        if line.strip() and not line.lstrip().startswith("#"):
+            current.append(_MARKDOWN.sub("", line).strip())
+    out: list[str] = []
+    for block in blocks:
+        for piece in _SENTENCE_END.split(block):
+            piece = piece.strip()[:max_chars]
+            if len(piece) >= 3 and piece not in out:
+                out.append(piece)
+    return out
+
+
+def passages(content: str) -> list[tuple[int, str]]:
+    """(source number, text) of each passage in a tool result: a JSON list of objects with ``text`` (and an integer
+    ``source``, else their position from 1), as ``search_knowledge_base`` returns; any other result is one passage,
+    number 1."""
+    try:
+        data = json.loads(content)
+    except (TypeError, ValueError):
+        data = None
+    if isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in data):
+        return [(d["source"] if isinstance(d.get("source"), int) else i, d["text"]) for i, d in enumerate(data, 1)]
+    return [(1, content)] if content else []
+
+
+def quote_schema(found: list[tuple[int, str]]) -> dict:
+    """The schema ``{x-quote: TOOL}`` becomes for passages ``found``: one of their sentences and its passage number."""
+    options = [{"type": "object", "properties": {"quote": {"enum": sents}, "source": {"const": n}},
+                "required": ["quote", "source"]} for n, text in found if (sents := sentences(text))]
+    if not options:
+        options = [{"type": "object", "properties": {"quote": {"const": NOTHING_FOUND}, "source": {"const": 0}},
+                    "required": ["quote", "source"]}]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def expand_quotes(schema: Any, found: dict[str, list[tuple[int, str]]]) -> Any:
+    """``schema`` with each ``{x-quote: TOOL}`` replaced by ``quote_schema`` of the passages TOOL returned (``found``)."""
+    if isinstance(schema, dict):
+        if QUOTE in schema:
+            return quote_schema(found.get(schema[QUOTE], []))
+        return {k: expand_quotes(v, found) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [expand_quotes(v, found) for v in schema]
+    return schema
+
+
+def quoted_tools(schema: Any) -> list[str]:
+    """The tools ``{x-quote: TOOL}`` names in ``schema``."""
+    if isinstance(schema, dict):
+        if QUOTE in schema:
+            return [str(schema[QUOTE])]
+        return [t for v in schema.values() for t in quoted_tools(v)]
+    if isinstance(schema, list):
+        return [t for v in schema for t in quoted_tools(v)]
+    return []
 
 
 class CallStep(StageConfig):
@@ -153,7 +235,14 @@ class Team:
             if missing:
                 raise ValueError(f"role {r.name!r}: unknown tool(s) {', '.join(missing)} (available: "
                                  f"{', '.join(self.tools) or 'none'})")
-            FunctionTool.from_schema(POST, "", r.message, lambda **kw: kw)  # a schema decoding can enforce
+            for t in quoted_tools(r.message):
+                if t not in {s.call for s in r.call_steps}:
+                    raise ValueError(f"role {r.name!r}: message schema: {QUOTE}: {t!r} is not a tool one of this "
+                                     f"role's SOP call steps runs (quotes come from their results)")
+            # a schema decoding can enforce, with quotes from a sample passage
+            FunctionTool.from_schema(POST, "", expand_quotes(r.message, {t: [(1, "A sample sentence.")]
+                                                                         for t in quoted_tools(r.message)}),
+                                     lambda **kw: kw)
             for i, step in enumerate(r.sop, 1):
                 if not isinstance(step, CallStep):
                     continue
@@ -194,12 +283,8 @@ class Team:
             posted.append(message)
             return "posted"
 
-        post_tool = FunctionTool.from_schema(POST, "Post your message to the team (ends your turn).", role.message,
-                                             post)
-        tools = [self.tools[t] for t in role.tools] + [post_tool]
-        agent = Agent(self.backends.get(role.name, self.backend), tools=tools, system=self._system(role, task),
-                      max_steps=role.max_steps, tool_choice="required")
         messages: list[dict] = [{"role": "user", "content": self._log_text(log)}]
+        found: dict[str, list[tuple[int, str]]] = {}
         for k, step in enumerate(role.call_steps, 1):
             call = Call(f"sop-{rnd}-{role.name}-{k}", step.call, json.dumps(step.bound(task), ensure_ascii=False))
             [res] = run_calls([call], self.tools)
@@ -209,6 +294,13 @@ class Team:
             record({"type": "tool", "step": 0, "role": role.name, "round": rnd, "sop": True, "id": call.id,
                     "name": call.name, "arguments": call.arguments, "seconds": round(res.seconds, 6),
                     "result": res.content if res.error is None else None, "error": res.error})
+            if res.error is None:
+                found.setdefault(step.call, []).extend(passages(res.content))
+        post_tool = FunctionTool.from_schema(POST, "Post your message to the team (ends your turn).",
+                                             expand_quotes(role.message, found), post)
+        tools = [self.tools[t] for t in role.tools] + [post_tool]
+        agent = Agent(self.backends.get(role.name, self.backend), tools=tools, system=self._system(role, task),
+                      max_steps=role.max_steps, tool_choice="required")
         stream = agent.stream(messages)
         try:
             for ev in stream:
