@@ -103,14 +103,17 @@ class _Linear:
             self.weight[rows].copy_(weight)
             return
         q, d, m = kernels.quantize_q8(weight) + (None,) if self.quantize == "int8" else kernels.quantize_q4(weight)
-        if self.x8:  # unpack the groups of 8 rows concerned, overwrite the rows, pack them again in place
+        if self.x8:  # the groups of 8 rows concerned, packed again in place
             groups = slice(rows.start // 8, -(-rows.stop // 8))
             here = [None if t is None else t[groups] for t in (self.q, self.d, self.m)]
-            rq, rd, rm = kernels.unpack_x8(*here)
-            local = slice(rows.start - 8 * groups.start, rows.stop - 8 * groups.start)
-            rq[local], rd[local] = q, d
-            if rm is not None:
-                rm[local] = m
+            if rows.start % 8 or rows.stop % 8:  # a group shared with rows kept: unpack, overwrite, pack
+                rq, rd, rm = kernels.unpack_x8(*here)
+                local = slice(rows.start - 8 * groups.start, rows.stop - 8 * groups.start)
+                rq[local], rd[local] = q, d
+                if rm is not None:
+                    rm[local] = m
+            else:  # whole groups (a q/k/v or gate/up block of a fused matrix, usually): nothing to keep
+                rq, rd, rm = q, d, m
             for dst, src in zip(here, kernels.pack_x8(rq, rd, rm)):
                 if dst is not None:
                     dst.copy_(src)  # views of the stored tensors: in place (the fused step holds them)

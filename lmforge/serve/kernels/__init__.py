@@ -59,8 +59,11 @@ def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale, so the rounding of ``d`` is part of what the quantisation minimises)."""
     w = _blocks(weight)
     d = (w.abs().amax(-1) / 127.0).half()
-    df = d.float()
-    q = torch.where(df[..., None] > 0, torch.round(w / df[..., None]), 0.0).clamp(-127, 127)
+    df = d.float()[..., None]
+    q = (w / df).round_().clamp_(-127, 127)  # in place: this runs on every weight sync of int8 GRPO rollouts
+    zero = df == 0
+    if bool(zero.any()):  # an all-zero block (or one whose scale rounds to 0 in float16): q = 0
+        q.masked_fill_(zero, 0.0)
     return q.to(torch.int8).reshape(weight.shape).contiguous(), d.contiguous()
 
 
@@ -131,24 +134,25 @@ def pack_x8(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None
     if n % 8:
         raise ValueError(f"the x8 layout needs a multiple of 8 rows, got {n}")
     g = n // 8
-    run = 4 if m is not None else 2  # bytes per row per lane
-    qx = q.reshape(g, 8, b, QK // (2 if m is not None else 1) // run, run).permute(0, 2, 3, 1, 4)
+    # a run (2 bytes of q8, 4 of q4) moves as one int16 / int32: the permutation copies whole runs, not bytes
+    word = torch.int32 if m is not None else torch.int16
+    runs = q.contiguous().view(word).reshape(g, 8, b, -1).permute(0, 2, 3, 1)
     def scales(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(g, 8, b).permute(0, 2, 1).contiguous()
 
-    return qx.reshape(g, b, -1).contiguous(), scales(d), None if m is None else scales(m)
+    return runs.contiguous().view(q.dtype).reshape(g, b, -1), scales(d), None if m is None else scales(m)
 
 
 def unpack_x8(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The inverse of ``pack_x8``: the row-major layout."""
     g, b, nbytes = q.shape
-    run = 4 if m is not None else 2
-    rows = q.reshape(g, b, nbytes // 8 // run, 8, run).permute(0, 3, 1, 2, 4).reshape(8 * g, b * nbytes // 8)
+    word = torch.int32 if m is not None else torch.int16
+    runs = q.contiguous().view(word).reshape(g, b, -1, 8).permute(0, 3, 1, 2)
     def scales(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 2, 1).reshape(8 * g, b).contiguous()
 
-    return rows.contiguous(), scales(d), None if m is None else scales(m)
+    return runs.contiguous().view(q.dtype).reshape(8 * g, b * nbytes // 8), scales(d), None if m is None else scales(m)
 
 
 # -- the extension ------------------------------------------------------------------------------------------------------
