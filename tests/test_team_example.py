@@ -33,9 +33,9 @@ def kb(tmp_path_factory) -> Path:
 
 
 def test_bundled_team_answers_with_citations_over_an_endpoint(kb, tmp_path):
-    fact = {"quote": "You can return any delivered item within 30 days of delivery for a full refund.", "source": 1}
+    fact = {"source": 1, "quote": "You can return any delivered item within 30 days of delivery for a full refund."}
     script = [[("post_message", {"facts": [fact]})],
-              [("post_message", {"answer": "You have 30 days from delivery to return an item [1]."})],
+              [("post_message", {"answer": "You have 30 days from delivery to return an item. [1]"})],
               [("post_message", {"verdict": "approve", "comments": "Supported by fact 1 and cited."})]]
     out = tmp_path / "run"
     with fake_openai_server(script) as (base_url, requests):

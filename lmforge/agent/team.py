@@ -29,8 +29,8 @@ ones the model may call on its own.
 
 **Quotes.** ``{x-quote: TOOL}`` anywhere in a role's message schema stands for one sentence, verbatim, of a passage
 that TOOL returned to one of the role's SOP call steps in this turn, with that passage's number: at the start of the
-turn it becomes ``{"quote": <one of those sentences>, "source": <its passage's number>}`` (an ``anyOf`` over the
-passages, each an ``enum`` of its sentences), so constrained decoding can only post text the knowledge base holds,
+turn it becomes ``{"source": <a passage's number>, "quote": <one of its sentences>}`` (an ``anyOf`` over the
+passages, each an ``enum`` of its sentences; the number comes first, so decoding picks a passage, then a sentence), so constrained decoding can only post text the knowledge base holds,
 cited to the passage it came from — extraction a small model gets right where free text copies the question::
 
     message: {type: object, properties: {facts: {type: array, maxItems: 3, items: {x-quote: search_knowledge_base}}}}
@@ -103,11 +103,12 @@ def passages(content: str) -> list[tuple[int, str]]:
 
 def quote_schema(found: list[tuple[int, str]]) -> dict:
     """The schema ``{x-quote: TOOL}`` becomes for passages ``found``: one of their sentences and its passage number."""
-    options = [{"type": "object", "properties": {"quote": {"enum": sents}, "source": {"const": n}},
-                "required": ["quote", "source"]} for n, text in found if (sents := sentences(text))]
+    # the passage number first: decoding picks a passage (the search ranks them), then one of its sentences
+    options = [{"type": "object", "properties": {"source": {"const": n}, "quote": {"enum": sents}},
+                "required": ["source", "quote"]} for n, text in found if (sents := sentences(text))]
     if not options:
-        options = [{"type": "object", "properties": {"quote": {"const": NOTHING_FOUND}, "source": {"const": 0}},
-                    "required": ["quote", "source"]}]
+        options = [{"type": "object", "properties": {"source": {"const": 0}, "quote": {"const": NOTHING_FOUND}},
+                    "required": ["source", "quote"]}]
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
