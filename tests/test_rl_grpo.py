@@ -154,3 +154,37 @@ def test_all_failed_groups_are_skipped_and_reported(tiny_model_dir, tmp_path, mo
     assert m.metrics["skipped_groups"] == 3  # topic 1 is in every step's batch of 4 (of 4 prompts, test split 0)
     assert m.metrics["reward_failures"] == {"flaky:reward": 3 * 8}
     assert all(r["skipped_groups"] == 1 for r in _metrics(out) if "reward" in r)
+
+
+def test_truncated_importance_weight_scales_the_policy_term_only():
+    old = torch.tensor([-1.0, -2.0, -0.5])
+    sampled = torch.tensor([-1.0, -3.0, -0.1])  # ratios 1, e, e^-0.4
+    w, st = grpo.rollout_is_weight(old, sampled, cap=2.0)
+    assert torch.allclose(w, torch.tensor([1.0, 2.0, float(torch.exp(torch.tensor(-0.4)))]))
+    assert st["is_capped"] == 1 and abs(st["is_sum"] - (1 + torch.e + float(torch.exp(torch.tensor(-0.4))))) < 1e-5
+    cfg = grpo.Config(model="m", task="arithmetic", full=True, beta=0.5, loss_type="dapo")
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.2, -1.5, -0.5])
+    adv, row_of, n = torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0, 0, 1]), torch.tensor([2, 1])
+    plain, _ = grpo.grpo_loss(logp, logp, ref, adv, row_of, 2, n, cfg)
+    weighted, _ = grpo.grpo_loss(logp, logp, ref, adv, row_of, 2, n, cfg, is_weight=w)
+    d = ref - logp
+    kl = (torch.exp(d) - d - 1).sum() / 3
+    assert torch.isclose(plain, (-adv).sum() / 3 + 0.5 * kl)  # ratio 1: the policy term is -A per token
+    assert torch.isclose(weighted, (-adv * w).sum() / 3 + 0.5 * kl)  # the KL term is not reweighted
+
+
+def test_int8_rollouts_are_corrected_by_the_engines_sampled_log_probs(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    grpo.run(_cfg(tiny_model_dir, _task(tmp_path), max_steps=3, rollout_quantize="int8", test_size=4), out)
+    recs = [r for r in _metrics(out) if "loss" in r]
+    # the engine's int8 policy is close to the float32 one being trained: the weights are ~1, rarely capped (a
+    # misaligned or wrong-token log-prob would put them far from 1)
+    for r in recs:
+        assert abs(r["rollout_is_mean"] - 1) < 0.05 and r["rollout_is_capped"] < 0.01, r
+    out2 = tmp_path / "off"
+    grpo.run(_cfg(tiny_model_dir, _task(tmp_path), max_steps=1, rollout_quantize="int8", rollout_is_cap=0.0,
+                  test_size=4), out2)
+    assert all("rollout_is_mean" not in r for r in _metrics(out2))
+    out3 = tmp_path / "f32"  # float32 rollouts: the same policy samples and learns, nothing to correct
+    grpo.run(_cfg(tiny_model_dir, _task(tmp_path), max_steps=1, test_size=4), out3)
+    assert all("rollout_is_mean" not in r for r in _metrics(out3))

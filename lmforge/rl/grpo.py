@@ -15,6 +15,11 @@ One step:
    the clipped objective is the plain policy gradient; with more, the log-probs before the first step are the
    "old" policy's).  Per token: ``-min(ρ A, clip(ρ, 1-ε, 1+ε_high) A) + β k3``, with ``ρ = π/π_old`` and the k3 KL
    estimator ``k3 = exp(ref - logπ) - (ref - logπ) - 1`` (Schulman; always >= 0, unbiased for KL(π||ref)).
+   **Rollouts at another precision** (``rollout_dtype: bfloat16``, ``rollout_quantize: int8|int4``, cheaper to
+   sample on a CPU) come from a slightly different policy than the float32 one being trained, so each token's loss is
+   weighted by the truncated importance ratio ``min(π_train(t) / π_rollout(t), rollout_is_cap)`` with the engine's
+   log-prob of the sampled token (truncated importance sampling, as TRL and verl apply to vLLM rollouts; Yao et al.
+   2025).  ``rollout_is_mean`` and ``rollout_is_capped`` in the metrics say how far the two policies are apart.
 6. **Weight sync**: the policy's current weights (LoRA merged in) are copied into the engine's serving tensors in
    place (``Engine.update_weights``; no disk; with LoRA only the adapted layers) before the next rollout, and the
    engine's prefix cache is reset.
@@ -119,6 +124,8 @@ class Config(StageConfig):
     rollout_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Serving weights for rollouts.")
     rollout_quantize: Literal["none", "int8", "int4"] = Field("none", description="Rollout engine's linear weights "
                                                               "quantised (bf16 activations); the loss stays float32.")
+    rollout_is_cap: float = Field(2.0, ge=0, description="With bf16/int8/int4 rollouts: cap of the per-token "
+                                  "importance weight pi_train / pi_rollout (truncated IS); 0 turns the correction off.")
     max_model_len: int = Field(512, ge=16, description="Context of the rollout engine (prompt + completion).")
     eval_every: int = Field(10, ge=1, description="Steps between held-out reward measurements.")
     checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints.")
@@ -231,8 +238,10 @@ def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = Fals
 
 def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, adv_tok: torch.Tensor,
               row_of: torch.Tensor, n_rows: int, n_tokens: torch.Tensor, cfg: Config,
-              total_rows: int | None = None, total_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate + β·k3 per token, normalised by ``cfg.loss_type``; with its statistics.
+              total_rows: int | None = None, total_tokens: int | None = None,
+              is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (times ``is_weight`` per token, the truncated importance weight of rollouts sampled at
+    another precision, if given) + β·k3 per token, normalised by ``cfg.loss_type``; with its statistics.
 
     ``total_rows`` / ``total_tokens``: the completions and completion tokens of the whole step, over all data-parallel
     ranks (default: this batch's), so that each rank's loss is its share of the one-process loss.  The statistics
@@ -243,6 +252,8 @@ def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, a
     hi = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     clipped = ratio.clamp(1 - cfg.epsilon, 1 + hi)
     per_tok = -torch.min(ratio * adv_tok, clipped * adv_tok)
+    if is_weight is not None:
+        per_tok = per_tok * is_weight
     kl = None
     if ref is not None:
         d = ref - logp
@@ -260,6 +271,14 @@ def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, a
         stats = {"clipped": float(was_clipped.sum()), "kl_sum": float(kl.sum()) if kl is not None else 0.0,
                  "tokens": float(len(ratio))}
     return loss, stats
+
+
+def rollout_is_weight(old: torch.Tensor, sampled: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict]:
+    """The truncated importance weight ``min(exp(old - sampled), cap)`` per token (``old``: the float32 policy's
+    log-probs of the sampled tokens before the update, ``sampled``: the rollout engine's), with its statistics
+    (sums, to be added up over ranks): ``is_sum`` of the untruncated ratio, ``is_capped`` tokens over the cap."""
+    ratio = torch.exp(old.detach() - sampled)
+    return ratio.clamp(max=cap), {"is_sum": float(ratio.sum()), "is_capped": float((ratio > cap).sum())}
 
 
 def trained_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
@@ -429,6 +448,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                                                        f"{P_mine} prompts each" if world.distributed else ""))
 
     stop = list(engine.chat_stop_token_ids)
+    # rollouts from lower-precision weights than the trained float32 policy: correct with truncated IS
+    correct = cfg.rollout_is_cap > 0 and (cfg.rollout_dtype != "float32" or cfg.rollout_quantize != "none")
     skipped_groups = 0
     last: dict = {}
     t_start = time.time()
@@ -442,11 +463,14 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             engine.reset_prefix_cache()
             prompts = [train_prompts[i] for i in idx for _ in range(G)]
             params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                     stop_token_ids=stop, seed=_seed_of(cfg.seed, step, first * G + r))
+                                     stop_token_ids=stop, seed=_seed_of(cfg.seed, step, first * G + r),
+                                     logprobs=0 if correct else None)
                       for r in range(len(prompts))]
             results = engine.generate_batch(prompts, params)
             rollout_s = time.time() - t0
             completions = [r.token_ids for r in results]
+            sampled_lp = torch.tensor([s.logprob for r in results for s in r.logprobs], dtype=torch.float32) \
+                if correct else None
             # 2. rewards, and advantages within this rank's groups
             scored = [reward.score(_prompt_text(task.train[idx[r // G]]), res.text, task.train[idx[r // G]].fields)
                       for r, res in enumerate(results)]
@@ -487,11 +511,18 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             t0 = time.time()
             iter_stats = []
 
+            is_w: list[torch.Tensor] = []  # the truncated IS weights, from the first iteration's old log-probs
+            is_stats = {"is_sum": 0.0, "is_capped": 0.0}
+
             def loss_of(it: int) -> tuple[torch.Tensor, dict]:
                 logp, ent = token_logps(ddp, batch, with_entropy=it == 0, head=head)
                 old = old_lp if old_lp is not None else logp.detach()
+                if sampled_lp is not None and not is_w:
+                    w, st_is = rollout_is_weight(old, sampled_lp, cfg.rollout_is_cap)
+                    is_w.append(w)
+                    is_stats.update(st_is)
                 loss, st = grpo_loss(logp, old, ref_lp, adv_tok, row_of, len(prompts), batch.n_tokens, cfg,
-                                     total_rows=P * G, total_tokens=n_gen)
+                                     total_rows=P * G, total_tokens=n_gen, is_weight=is_w[0] if is_w else None)
                 if ent is not None:
                     st["entropy_sum"] = float(ent.sum())
                 # x world size: DDP averages the ranks' gradients, their sum is the one-process gradient
@@ -502,7 +533,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                                 world=world, ddp=ddp)
                 iter_stats += res.stats
             loss_value, grad_norm = res.loss, res.grad_norm
-            sums = distributed.sum_over_ranks([iter_stats[0]["entropy_sum"], iter_stats[0]["kl_sum"]]
+            sums = distributed.sum_over_ranks([iter_stats[0]["entropy_sum"], iter_stats[0]["kl_sum"],
+                                               is_stats["is_sum"], is_stats["is_capped"]]
                                               + [x["clipped"] for x in iter_stats], world)
             n_tok = max(n_gen, 1)
             train_s = time.time() - t0
@@ -516,7 +548,9 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                    **{f"reward_{n}": round(float(np.mean(all_parts[n])), 5) for n in reward.names},
                    **{f"reward_{n}_std": round(float(np.std(all_parts[n])), 5) for n in reward.names},
                    "kl": round(sums[1] / n_tok, 6),  # of the policy that sampled the batch
-                   "clip_fraction": round(float(np.mean(sums[2:])) / n_tok, 5),
+                   "clip_fraction": round(float(np.mean(sums[4:])) / n_tok, 5),
+                   **({"rollout_is_mean": round(sums[2] / n_tok, 5), "rollout_is_capped": round(sums[3] / n_tok, 5)}
+                      if correct else {}),
                    "completion_len": round(n_gen / (P * G), 2), "entropy": round(sums[0] / n_tok, 4),
                    "skipped_groups": n_skipped, "reward_failures": int(all_failed.sum()),
                    "rollout_s": round(rollout_max, 3), "ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
