@@ -70,7 +70,8 @@ def run_lmforge(args, work: Path) -> dict:
     grpo.run(cfg, work / "lmforge", force=True)
     total = time.time() - t0
     recs = [json.loads(l) for l in (work / "lmforge" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
-    steps = [{k: r[k] for k in ("rollout_s", "ref_s", "train_s", "sync_s", "completion_len")} for r in recs]
+    steps = [{k: r[k] for k in ("rollout_s", "ref_s", "train_s", "sync_s", "completion_len", "rollout_is_mean",
+                                "rollout_is_capped") if k in r} for r in recs]
     recs = recs[args.warmup:]
     parts = {k: sum(r[k] for r in recs) / len(recs) for k in ("rollout_s", "ref_s", "train_s", "sync_s")}
     step_s = sum(parts.values())
@@ -200,7 +201,9 @@ def main() -> None:
     ap.add_argument("--rollout-dtype", default="float32",
                     help="lmforge's rollout engine weights, float32 or bfloat16; a comma list runs lmforge once per "
                          "entry (each against the same TRL run; TRL's generate stays float32)")
-    ap.add_argument("--rollout-quantize", choices=["none", "int8", "int4"], default="none")
+    ap.add_argument("--rollout-quantize", default="none",
+                    help="lmforge's rollout engine linear weights: none, int8 or int4 (truncated-IS corrected); a "
+                         "comma list runs lmforge once per entry, against the same TRL run")
     ap.add_argument("--task", default="topics", help="topics (one-line prompts, token_fraction reward) or a built-in "
                                                      "RL task: arithmetic, countdown, json_format")
     ap.add_argument("--system-prompt", help="file whose text goes before every prompt as a system message")
@@ -219,22 +222,26 @@ def main() -> None:
         ap.error(f"--steps {args.steps} must be more than --warmup {args.warmup} (warm-up steps are not averaged)")
     if args.only is None:  # each framework in its own process: no shared thread pools or caches
         print(f"uptime before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-        runs = [("lmforge", d) for d in args.rollout_dtype.split(",")] + [("trl", "float32")]
+        quants = args.rollout_quantize.split(",")
+        bad = [q for q in quants if q not in ("none", "int8", "int4")]
+        if bad:
+            ap.error(f"--rollout-quantize: {bad[0]!r} is not none, int8 or int4")
+        runs = [("lmforge", d, q) for d in args.rollout_dtype.split(",") for q in quants] + [("trl", "float32", "none")]
         results = []
-        for fw, dtype in runs:
+        for fw, dtype, quant in runs:
             argv = [a for a in sys.argv[1:]]
-            if "--rollout-dtype" in argv:
-                i = argv.index("--rollout-dtype")
-                del argv[i:i + 2]
-            cmd = [sys.executable, __file__, *argv, "--rollout-dtype", dtype, "--only", fw]
+            for flag in ("--rollout-dtype", "--rollout-quantize"):
+                if flag in argv:
+                    i = argv.index(flag)
+                    del argv[i:i + 2]
+            cmd = [sys.executable, __file__, *argv, "--rollout-dtype", dtype, "--rollout-quantize", quant, "--only", fw]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode != 0:
                 print(f"{fw} failed:\n{out.stderr[-3000:]}")
                 continue
             res = json.loads(out.stdout.strip().splitlines()[-1])
             if fw == "lmforge":
-                res["framework"] = f"lmforge ({dtype} rollouts" + \
-                    (f", {args.rollout_quantize})" if args.rollout_quantize != "none" else ")")
+                res["framework"] = f"lmforge ({dtype} rollouts" + (f", {quant})" if quant != "none" else ")")
             results.append(res)
         print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         for r in results:
