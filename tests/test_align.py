@@ -391,3 +391,30 @@ def test_synth_against_our_own_server_is_accounted_and_resumable(sft_full, tmp_p
             assert 5 <= m2["requests"] <= 10  # only the 5 missing tasks were requested (1-2 requests each)
     finally:
         engine.shutdown()
+
+
+def test_keep_best_saves_the_step_with_the_lowest_held_out_loss(tiny_model_dir, tok, tmp_path):
+    from lmforge.align import sft
+    from lmforge.align.sft import assistant_loss
+
+    # 6 training conversations, many steps at a constant high rate: the model learns them by heart, so the held-out
+    # loss falls, then climbs — the best step is not the last
+    lines = CHAT.read_text().splitlines()
+    train = _write_jsonl(tmp_path / "train.jsonl", lines[:6])
+    held = _write_jsonl(tmp_path / "held.jsonl", lines[200:240])
+    out = tmp_path / "best"
+    cfg = _sft_config(tiny_model_dir, data=str(train), val_data=str(held), max_steps=30, eval_every=3, lr=1e-2,
+                      warmup_steps=0, min_lr_ratio=1.0, batch_size=2, keep_best=True)
+    m = sft.run(cfg, out).metrics
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r}
+    best_step = min(vals, key=vals.get)
+    assert best_step < 30 and m["best_step"] == best_step and m["last_val_loss"] == pytest.approx(vals[30], abs=1e-4)
+    assert m["final_val_loss"] == pytest.approx(vals[best_step], abs=1e-4)
+    assert m["final_val_loss"] < m["last_val_loss"]
+    # the written folder is the best step's model
+    val = encode_file(tok, held, max_len=CTX, on_error="skip")
+    assert assistant_loss(load_model(out), val, pad_id=tok.tokenizer.token_to_id("<|endoftext|>")) == \
+        pytest.approx(vals[best_step], abs=1e-3)
+    with pytest.raises(ValueError, match="keep_best needs held-out data"):
+        _sft_config(tiny_model_dir, keep_best=True, val_fraction=0)

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from lmforge.align.chat_data import (IGNORE, Batch, ChatTokenizer, DataStats, Example, collate, encode_file,  # noqa: F401
@@ -79,6 +79,8 @@ class Config(StageConfig):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 disables).")
     eval_every: int = Field(50, ge=1, description="Steps between held-out loss measurements.")
+    keep_best: bool = Field(False, description="Save the weights of the measurement with the lowest held-out loss "
+                                               "(every eval_every steps and the last) instead of the last step's.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     full: bool | None = Field(None, description=FULL_HELP)
@@ -111,6 +113,49 @@ class Config(StageConfig):
     @classmethod
     def _explicit_mode(cls, v: int | None, info: ValidationInfo) -> int | None:
         return check_lora_rank(v, info.data.get("full"))
+
+    @model_validator(mode="after")
+    def _best_needs_held_out(self) -> "Config":
+        if self.keep_best and self.val_fraction == 0 and not self.val_data:
+            raise ValueError("keep_best needs held-out data (val_data, or val_fraction > 0)")
+        if self.keep_best and self.parallel == "fsdp":
+            raise ValueError("keep_best is not supported with parallel=fsdp (the best weights would be shards)")
+        return self
+
+
+class BestWeights:
+    """The trainable tensors at the lowest held-out loss so far, kept on disk (``best/trainable.safetensors`` + its
+    step and loss in ``best/state.json``) so that a resumed run still knows them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        state = root / "state.json"
+        info = json.loads(state.read_text()) if state.exists() else {}
+        self.step: int | None = info.get("step")
+        self.loss: float = info.get("val_loss", float("inf"))
+
+    def offer(self, step: int, val_loss: float, model: nn.Module) -> None:
+        """Keep the model's trainable tensors if ``val_loss`` is the lowest so far (ties keep the earlier step)."""
+        if not val_loss < self.loss:
+            return
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "trainable.safetensors.tmp"
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(tmp))
+        tmp.replace(self.root / "trainable.safetensors")
+        write_json(self.root / "state.json", {"step": step, "val_loss": val_loss})
+        self.step, self.loss = step, val_loss
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the kept tensors back into ``model``."""
+        from safetensors.torch import load_file
+
+        kept = load_file(str(self.root / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in kept.items():
+                params[name].copy_(t)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,6 +405,9 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
                          if world.distributed else ""))
 
     val_loss, last_loss, tokens_seen, targets_seen = val_before, float("nan"), 0, 0
+    if step == 0:  # a fresh start: an earlier run's best weights are not this run's
+        shutil.rmtree(out / "best", ignore_errors=True)
+    best = BestWeights(out / "best") if cfg.keep_best and main else None
     t_start = time.time()
     with core.MetricsLog(out, world, resume_step=step) as log, core.bar_for(world) as bar:
         task = bar.add_task("sft", total=cfg.max_steps, completed=step, rate="")
@@ -392,6 +440,8 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             if (main or sharded) and val_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = assistant_loss(model, val_ex, pad_id, fused=not sharded)
                 rec["val_loss"] = round(val_loss, 5)
+                if best is not None:
+                    best.offer(step, val_loss, model)
             log.log(rec)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 ckpts.save(step, model, opt)
@@ -407,6 +457,12 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
             model.load_state_dict(full_sd)
     if not main:  # other ranks only train
         return {"steps": step, "world_size": world.world_size}
+    last_val_loss = val_loss
+    if best is not None and best.step is not None and best.step != step:
+        best.restore(model)  # the saved model (and the samples) are the best step's
+        val_loss = best.loss
+        console.print(f"  keep_best: the weights of step {best.step} (held-out loss {best.loss:.4f}; the last step's "
+                      f"{last_val_loss:.4f})")
     if samples:
         for s, a in zip(samples, answer_samples(model, tok, cfg.sample_prompts, cfg.sample_max_tokens)):
             s["after"] = a
@@ -428,7 +484,9 @@ def train(cfg: Config, out: Path, world: World = World()) -> dict:
         "val_conversations": len(val_ex),
         **{key: st.as_dict() for key, st in stats.items()},  # "data" (and "val_data"): kept, skipped per reason
         "val_loss_before": round(val_before, 4) if math.isfinite(val_before) else None,
-        "final_val_loss": round(val_loss, 4) if math.isfinite(val_loss) else None,
+        "final_val_loss": round(val_loss, 4) if math.isfinite(val_loss) else None,  # of the saved weights
+        **({"best_step": best.step, "last_val_loss": round(last_val_loss, 4) if math.isfinite(last_val_loss) else None}
+           if best is not None else {}),
         "final_train_loss": round(last_loss, 4),
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
