@@ -404,7 +404,8 @@ def test_keep_best_saves_the_step_with_the_lowest_held_out_loss(tiny_model_dir, 
     held = _write_jsonl(tmp_path / "held.jsonl", lines[200:240])
     out = tmp_path / "best"
     cfg = _sft_config(tiny_model_dir, data=str(train), val_data=str(held), max_steps=30, eval_every=3, lr=1e-2,
-                      warmup_steps=0, min_lr_ratio=1.0, batch_size=2, keep_best=True)
+                      warmup_steps=0, min_lr_ratio=1.0, batch_size=2, keep_best=True, checkpoint_every=6,
+                      keep_checkpoints=5)
     m = sft.run(cfg, out).metrics
     vals = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "val_loss" in r}
@@ -416,5 +417,20 @@ def test_keep_best_saves_the_step_with_the_lowest_held_out_loss(tiny_model_dir, 
     val = encode_file(tok, held, max_len=CTX, on_error="skip")
     assert assistant_loss(load_model(out), val, pad_id=tok.tokenizer.token_to_id("<|endoftext|>")) == \
         pytest.approx(vals[best_step], abs=1e-3)
+    # a crash after the step-18 checkpoint: the resumed run still knows the best step and saves the same weights
+    import shutil
+
+    from lmforge.artifacts import read_manifest, write_json
+
+    reference = load_model(out).state_dict()
+    for c in (out / "checkpoints").glob("step-*"):
+        if int(c.name.split("-")[1]) > 18:
+            shutil.rmtree(c)
+    (out / "model.safetensors").unlink()
+    write_json(out / "manifest.json", {**read_manifest(out).model_dump(), "status": "failed"})
+    resumed = sft.run(cfg, out)
+    assert resumed.status == "done" and resumed.metrics["best_step"] == best_step
+    after = load_model(out).state_dict()
+    assert all(torch.equal(reference[k], after[k]) for k in reference)
     with pytest.raises(ValueError, match="keep_best needs held-out data"):
         _sft_config(tiny_model_dir, keep_best=True, val_fraction=0)
