@@ -5,6 +5,7 @@ that does not fit its tool with file:line:field."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -100,17 +101,20 @@ def test_bundled_tool_set_is_rebuilt_exactly_and_validates():
     assert rebuilt == (root / "stdlib_tools.jsonl").read_text()  # results really come from the functions
     stats = DataStats()
     convs = read_conversations(root / "stdlib_tools.jsonl", "raise", stats)
-    assert len(convs) == stats.kept == 400
+    assert len(convs) == stats.kept == 480
     records = [json.loads(line) for line in (root / "stdlib_tools.jsonl").read_text().splitlines()]
-    assert {"single", "parallel", "none", "unavailable", "followup"} == {r["kind"] for r in records}
+    assert set(builder.KINDS) == {r["kind"] for r in records}
     for r in records:
         msgs = r["messages"]
         assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"] and not msgs[-1].get("tool_calls")
         for i, m in enumerate(msgs[:-1]):  # after the last tool result comes a text answer, not another call
             if m["role"] == "tool" and msgs[i + 1]["role"] != "tool":
                 assert msgs[i + 1]["role"] == "assistant" and msgs[i + 1]["content"]
-        if r["kind"] in ("none", "unavailable"):
+        if r["kind"] in ("none", "unavailable", "near_miss"):
             assert not any(m.get("tool_calls") for m in msgs)
+        if r["kind"] == "persona":  # a persona system prompt before the tools, a call, then a text answer
+            assert msgs[0]["role"] == "system" and msgs[0]["content"].startswith("You are ")
+            assert msgs[2].get("tool_calls") and msgs[3]["role"] == "tool" and msgs[4]["content"]
     # an unavailable question is one a tool answers, but not one of the offered tools
     def asked(question: str) -> set[str]:
         return {t.name for t in builder.TOOLS for q in t.questions
@@ -118,3 +122,12 @@ def test_bundled_tool_set_is_rebuilt_exactly_and_validates():
     for r in (r for r in records if r["kind"] == "unavailable"):
         names = {t["function"]["name"] for t in r["tools"]}
         assert asked(r["messages"][0]["content"]) and not asked(r["messages"][0]["content"]) & names
+    # a near miss offers tools on the question's topic (gcd for an LCM, sha256 for an MD5, ...), none the right one
+    near = [r for r in records if r["kind"] == "near_miss"]
+    assert len(near) > 50 and all(any(t["function"]["name"] in builder.DECOYS or t["function"]["name"] in
+                                      {n for nm in builder.NEAR_MISSES for n in nm.near} for t in r["tools"])
+                                  for r in near)
+    lcm = next(r for r in near if "lcm" in (q := r["messages"][0]["content"]) or "least common" in q)
+    a, b = map(int, re.findall(r"\d+", lcm["messages"][0]["content"]))
+    assert "gcd" in {t["function"]["name"] for t in lcm["tools"]}
+    assert str(math.lcm(a, b)) in lcm["messages"][1]["content"]
