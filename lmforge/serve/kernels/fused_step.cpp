@@ -261,25 +261,30 @@ struct Q8X8Kernel {
     const at::Half* Dg = D + g * B * 8;
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    const int16_t* xr[MT];
+    for (int m = 0; m < MT; ++m) xr[m] = a->q.data() + (m0 + m) * K;
     for (int64_t b = 0; b < B; ++b) {
-      __m256i s0[MT], s1[MT];
-      for (int m = 0; m < MT; ++m) s0[m] = _mm256_setzero_si256(), s1[m] = _mm256_setzero_si256();
+      // one int32 accumulator per row, both products of a pair of runs added before it (integer sums: exact in any
+      // order); the inner loop stays rolled, so the compiler keeps everything in registers (no spills)
+      __m256i s[MT];
+      for (int m = 0; m < MT; ++m) s[m] = _mm256_setzero_si256();
       const int8_t* wb = Wg + b * 256;
+#pragma GCC unroll 1
       for (int i = 0; i < 16; i += 2) {
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i)));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i + 16)));
         for (int m = 0; m < MT; ++m) {
-          const int16_t* x = a->q.data() + (m0 + m) * K + b * QK + 2 * i;
+          const int16_t* x = xr[m] + b * QK + 2 * i;
           int32_t x0, x1;
           std::memcpy(&x0, x, 4), std::memcpy(&x1, x + 2, 4);
-          s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(x0)));
-          s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(w1, _mm256_set1_epi32(x1)));
+          s[m] = _mm256_add_epi32(s[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(x0)),
+                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(x1))));
         }
       }
       const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
       for (int m = 0; m < MT; ++m) {
         const __m256 d = _mm256_mul_ps(wd, _mm256_set1_ps(a->d[(m0 + m) * B + b]));
-        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0[m], s1[m])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s[m]), acc[m]);
       }
     }
     for (int m = 0; m < MT; ++m) _mm256_storeu_ps(Y + (m0 + m) * N + 8 * g, acc[m]);
@@ -311,15 +316,16 @@ struct Q4X8Kernel {
       __m256i s[MT];
       for (int m = 0; m < MT; ++m) s[m] = _mm256_setzero_si256();
       const uint8_t* wb = Wg + b * 128;
-      for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 1
+      for (int j = 0; j < 4; ++j) {  // rolled, as in q8x8: no spills (int16 sums without overflow: exact in any order)
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
         const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
         for (int m = 0; m < MT; ++m) {
           const int8_t* x = a->q8.data() + (m0 + m) * K + b * QK + 4 * j;
           int32_t xl, xh;
           std::memcpy(&xl, x, 4), std::memcpy(&xh, x + 16, 4);
-          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
-          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+          s[m] = _mm256_add_epi16(s[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
+                                                         _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh))));
         }
       }
       const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
