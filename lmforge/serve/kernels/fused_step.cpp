@@ -110,8 +110,10 @@ void drive(const K& k, int64_t N, int64_t M) {
         else for (int64_t r = n; r < N; ++r) k.template tile<1, 1>(r, 0);
         continue;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += MTM) {
-        const int64_t mt = std::min<int64_t>(MTM, M - m0);
+      for (int64_t m0 = 0, mt; m0 < M; m0 += mt) {
+        // MTM rows at a time; MTM + 1 left (f32: 4 of 16) go as two pairs, not MTM and a lone row, whose tile has too
+        // few accumulators to hide the FMA latency
+        mt = M - m0 == MTM + 1 && MTM > 2 ? 2 : std::min<int64_t>(MTM, M - m0);
         for (int64_t r = n; r < std::min(N, n + RM); r += (n + RM <= N ? RM : 1)) {
           const bool full = n + RM <= N;
           switch (mt) {
