@@ -132,6 +132,22 @@ def test_fused_linear_kernels(ext, fmt, M, N, K):
     assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
 
 
+
+def test_fused_float32_adds_each_output_lanes_in_one_fixed_order(ext):
+    """With K = 8 each accumulator lane holds one product (rounded once, as float32 multiplication rounds it); the
+    eight lanes are then added pairwise as (0+4 + 2+6) + (1+5 + 3+7), whatever the tile (one row: 8 outputs per
+    tile; 2-16 rows: 4 outputs x up to 3 rows, summed four at a time), so decode rows, batches and verify passes agree
+    bit for bit.  Products of mixed magnitudes make another order give other floats."""
+    g = torch.Generator().manual_seed(5)
+    for M in (1, 2, 3, 16):
+        w = torch.randn(8, 8, generator=g) * 10.0 ** torch.randint(-3, 4, (8, 8), generator=g)
+        x = torch.randn(M, 8, generator=g) * 10.0 ** torch.randint(-3, 4, (M, 8), generator=g)
+        p = x[:, None, :] * w[None, :, :]  # [M, N, 8]
+        want = (p[..., 0] + p[..., 4] + (p[..., 2] + p[..., 6])) + (p[..., 1] + p[..., 5] + (p[..., 3] + p[..., 7]))
+        other = (p[..., 0] + p[..., 1] + (p[..., 2] + p[..., 3])) + (p[..., 4] + p[..., 5] + (p[..., 6] + p[..., 7]))
+        assert not torch.equal(want, other)
+        assert torch.equal(ext.fused_linear(x, [w, None, None, None, None]), want)
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("M,N,K", [(1, 64, 96), (3, 136, 64), (5, 16, 160), (16, 8, 32), (70, 24, 96)])
 def test_fused_linear_x8_layout(ext, fmt, M, N, K):

@@ -128,6 +128,16 @@ void drive(const K& k, int64_t N, int64_t M) {
   });
 }
 
+// hsum of four vectors at once: [hsum(a), hsum(b), hsum(c), hsum(d)], each by the same pairwise adds as hsum (lanes
+// i + (i+4), then (0+2) + (1+3)), so bit for bit hsum's results, in 8 vector ops instead of 4 x 6
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+  const __m256 s = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xee));
+  const __m256 h = _mm256_hadd_ps(s, s);  // [a c a c | b d b d]
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 struct F32Kernel {
   static constexpr int RM = 4, MTM = 3;
   const float* W;
@@ -147,6 +157,12 @@ struct F32Kernel {
         const __m256 w = _mm256_loadu_ps(W + (n + r) * K + k);
         for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(w, x[m], acc[m][r]);
       }
+    }
+    if (R % 4 == 0 && k == K) {  // four outputs' sums at once (the same adds as hsum), one store
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; r += 4)
+          _mm_storeu_ps(Y + (m0 + m) * N + n + r, hsum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
+      return;
     }
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) {
