@@ -159,7 +159,7 @@ struct F32Kernel {
   const float* X;
   float* Y;
   int64_t N, K;
-  // pf: weights to prefetch meanwhile (inputs p0 .. p1 of RM rows from there; a cache line per row every other step)
+  // pf: weights to prefetch meanwhile (inputs p0 .. p1 of RM rows from there; two cache lines per row every other step)
   template <int R, int MT>
   void tile(int64_t n, int64_t m0, const float* pf = nullptr, int64_t p0 = 0, int64_t p1 = 0) const {
     __m256 acc[MT][R];
