@@ -132,8 +132,24 @@ def test_fused_linear_kernels(ext, fmt, M, N, K):
     assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
 
 
+
+def test_fused_float32_adds_each_output_lanes_in_one_fixed_order(ext):
+    """With K = 8 each accumulator lane holds one product (rounded once, as float32 multiplication rounds it); the
+    eight lanes are then added pairwise as (0+4 + 2+6) + (1+5 + 3+7), whatever the tile (one row: 8 outputs per
+    tile; 2-16 rows: 4 outputs x up to 3 rows, summed four at a time), so decode rows, batches and verify passes agree
+    bit for bit.  Products of mixed magnitudes make another order give other floats."""
+    g = torch.Generator().manual_seed(5)
+    for M in (1, 2, 3, 16):
+        w = torch.randn(8, 8, generator=g) * 10.0 ** torch.randint(-3, 4, (8, 8), generator=g)
+        x = torch.randn(M, 8, generator=g) * 10.0 ** torch.randint(-3, 4, (M, 8), generator=g)
+        p = x[:, None, :] * w[None, :, :]  # [M, N, 8]
+        want = (p[..., 0] + p[..., 4] + (p[..., 2] + p[..., 6])) + (p[..., 1] + p[..., 5] + (p[..., 3] + p[..., 7]))
+        other = (p[..., 0] + p[..., 1] + (p[..., 2] + p[..., 3])) + (p[..., 4] + p[..., 5] + (p[..., 6] + p[..., 7]))
+        assert not torch.equal(want, other)
+        assert torch.equal(ext.fused_linear(x, [w, None, None, None, None]), want)
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-@pytest.mark.parametrize("M,N,K", [(1, 64, 96), (3, 136, 64), (5, 16, 160), (16, 8, 32)])
+@pytest.mark.parametrize("M,N,K", [(1, 64, 96), (3, 136, 64), (5, 16, 160), (16, 8, 32), (70, 24, 96)])
 def test_fused_linear_x8_layout(ext, fmt, M, N, K):
     """The row-interleaved (x8) kernels against the pure-PyTorch reference of the format (int16 activations for q8,
     int8 for q4; float summation order only), every row as computed alone (batch-invariant)."""
@@ -151,6 +167,32 @@ def test_fused_linear_x8_layout(ext, fmt, M, N, K):
     assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
     assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
 
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_fused_linear_x8_integer_sums_are_exact_at_the_extremes(ext, fmt):
+    """Weights and activations at the ends of their ranges (q8: +-127 x +-32767, q4: 0 or 15 x +-127, every product of
+    a block the same sign), so a block's integer sums reach their largest values: the x8 kernels give what the
+    reference gives (no overflow or saturation in any order of the integer adds), at 16 rows (decode) and 70 (prefill
+    tiles), each row as computed alone."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 16, 128
+    w = torch.where(torch.rand(N, K, generator=g) < 0.5, -1.0, 1.0) * 0.05
+    for M in (16, 70):
+        sign = torch.where(torch.rand(M, 1, generator=g) < 0.5, -1.0, 1.0)
+        x = (sign * 3.0 * torch.sign(w[M % N])).contiguous()  # all of row M % N's products of one sign
+        if fmt == "q8":
+            q, d = kernels.quantize_q8(w)
+            assert int(q.abs().min()) == 127
+            want, lin = kernels.q8_matmul_reference(x, q, d), [None, *kernels.pack_x8(q, d)[:2], None, None]
+        else:
+            q, d, m = kernels.quantize_q4(w)
+            want, lin = kernels.q4_matmul_reference(x, q, d, m), [None, *kernels.pack_x8(q, d, m), None]
+        got = ext.fused_linear(x, lin)
+        bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+        assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+        assert float(got.abs().max()) > 0.99 * K * 0.05 * 3.0  # the largest possible sum was reached
+        assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
 
 def test_long_verify_pass_takes_the_python_path(ext, monkeypatch):
     """More than FUSED_MAX_T positions: the Python path (the fused step is never called), same logits."""

@@ -110,13 +110,29 @@ void drive(const K& k, int64_t N, int64_t M) {
         else for (int64_t r = n; r < N; ++r) k.template tile<1, 1>(r, 0);
         continue;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += MTM) {
-        const int64_t mt = std::min<int64_t>(MTM, M - m0);
+      for (int64_t m0 = 0, mt; m0 < M; m0 += mt) {
+        // MTM rows at a time; MTM + 1 left (f32: 4 of 16) go as two pairs, not MTM and a lone row, whose tile has too
+        // few accumulators to hide the FMA latency
+        mt = M - m0 == MTM + 1 && MTM > 2 ? 2 : std::min<int64_t>(MTM, M - m0);
         for (int64_t r = n; r < std::min(N, n + RM); r += (n + RM <= N ? RM : 1)) {
           const bool full = n + RM <= N;
           switch (mt) {
             case 4: if constexpr (MTM >= 4) { full ? k.template tile<RM, 4>(r, m0) : k.template tile<1, 4>(r, m0); } break;
-            case 3: if constexpr (MTM >= 3) { full ? k.template tile<RM, 3>(r, m0) : k.template tile<1, 3>(r, m0); } break;
+            case 3:
+              if constexpr (MTM >= 3) {
+                if constexpr (K::PF) {
+                  // the full activation tiles after the first fetch the next weight tile's rows from memory, each a
+                  // share of the inputs, while the current weights (already in cache) do the arithmetic
+                  const int64_t shares = M / MTM - 1, j = m0 / MTM;
+                  if (full && j >= 1 && shares >= 1 && n + 2 * RM <= N) {
+                    const int64_t step = (k.K / shares + 31) / 32 * 32;
+                    k.template tile<RM, 3>(r, m0, k.W + (n + RM) * k.K, (j - 1) * step, std::min(k.K, j * step));
+                    break;
+                  }
+                }
+                full ? k.template tile<RM, 3>(r, m0) : k.template tile<1, 3>(r, m0);
+              }
+              break;
             case 2: full ? k.template tile<RM, 2>(r, m0) : k.template tile<1, 2>(r, m0); break;
             default: full ? k.template tile<RM, 1>(r, m0) : k.template tile<1, 1>(r, m0); break;
           }
@@ -126,25 +142,51 @@ void drive(const K& k, int64_t N, int64_t M) {
   });
 }
 
+// hsum of four vectors at once: [hsum(a), hsum(b), hsum(c), hsum(d)], each by the same pairwise adds as hsum (lanes
+// i + (i+4), then (0+2) + (1+3)), so bit for bit hsum's results, in 8 vector ops instead of 4 x 6
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+  const __m256 s = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xee));
+  const __m256 h = _mm256_hadd_ps(s, s);  // [a c a c | b d b d]
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 struct F32Kernel {
   static constexpr int RM = 4, MTM = 3;
+  static constexpr bool PF = true;
   const float* W;
   const float* X;
   float* Y;
   int64_t N, K;
+  // pf: weights to prefetch meanwhile (inputs p0 .. p1 of RM rows from there; two cache lines per row every other step)
   template <int R, int MT>
-  void tile(int64_t n, int64_t m0) const {
+  void tile(int64_t n, int64_t m0, const float* pf = nullptr, int64_t p0 = 0, int64_t p1 = 0) const {
     __m256 acc[MT][R];
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+      if (pf != nullptr && (k & 15) == 0) {
+        const int64_t at = p0 + 2 * k;  // twice as fast as k: a tile fetches twice its share of the inputs
+        if (at < p1)
+          for (int r = 0; r < RM; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + at), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + at + 16), _MM_HINT_T0);
+          }
+      }
       __m256 x[MT];
       for (int m = 0; m < MT; ++m) x[m] = _mm256_loadu_ps(X + (m0 + m) * K + k);
       for (int r = 0; r < R; ++r) {
         const __m256 w = _mm256_loadu_ps(W + (n + r) * K + k);
         for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(w, x[m], acc[m][r]);
       }
+    }
+    if (R % 4 == 0 && k == K) {  // four outputs' sums at once (the same adds as hsum), one store
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; r += 4)
+          _mm_storeu_ps(Y + (m0 + m) * N + n + r, hsum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
+      return;
     }
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) {
@@ -174,6 +216,7 @@ struct Acts {
 
 struct Q8Kernel {
   static constexpr int RM = 2, MTM = 4;
+  static constexpr bool PF = false;
   const int8_t* W;
   const at::Half* D;
   const Acts* a;
@@ -206,6 +249,7 @@ struct Q8Kernel {
 
 struct Q4Kernel {
   static constexpr int RM = 2, MTM = 4;
+  static constexpr bool PF = false;
   const uint8_t* W;
   const at::Half* D;
   const at::Half* Mn;
@@ -261,25 +305,30 @@ struct Q8X8Kernel {
     const at::Half* Dg = D + g * B * 8;
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    const int16_t* xr[MT];
+    for (int m = 0; m < MT; ++m) xr[m] = a->q.data() + (m0 + m) * K;
     for (int64_t b = 0; b < B; ++b) {
-      __m256i s0[MT], s1[MT];
-      for (int m = 0; m < MT; ++m) s0[m] = _mm256_setzero_si256(), s1[m] = _mm256_setzero_si256();
+      // one int32 accumulator per row, both products of a pair of runs added before it (integer sums: exact in any
+      // order); the inner loop stays rolled, so the compiler keeps everything in registers (no spills)
+      __m256i s[MT];
+      for (int m = 0; m < MT; ++m) s[m] = _mm256_setzero_si256();
       const int8_t* wb = Wg + b * 256;
+#pragma GCC unroll 1
       for (int i = 0; i < 16; i += 2) {
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i)));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * i + 16)));
         for (int m = 0; m < MT; ++m) {
-          const int16_t* x = a->q.data() + (m0 + m) * K + b * QK + 2 * i;
+          const int16_t* x = xr[m] + b * QK + 2 * i;
           int32_t x0, x1;
           std::memcpy(&x0, x, 4), std::memcpy(&x1, x + 2, 4);
-          s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(x0)));
-          s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(w1, _mm256_set1_epi32(x1)));
+          s[m] = _mm256_add_epi32(s[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(x0)),
+                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(x1))));
         }
       }
       const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
       for (int m = 0; m < MT; ++m) {
         const __m256 d = _mm256_mul_ps(wd, _mm256_set1_ps(a->d[(m0 + m) * B + b]));
-        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0[m], s1[m])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s[m]), acc[m]);
       }
     }
     for (int m = 0; m < MT; ++m) _mm256_storeu_ps(Y + (m0 + m) * N + 8 * g, acc[m]);
@@ -311,15 +360,16 @@ struct Q4X8Kernel {
       __m256i s[MT];
       for (int m = 0; m < MT; ++m) s[m] = _mm256_setzero_si256();
       const uint8_t* wb = Wg + b * 128;
-      for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 1
+      for (int j = 0; j < 4; ++j) {  // rolled, as in q8x8: no spills (int16 sums without overflow: exact in any order)
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
         const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
         for (int m = 0; m < MT; ++m) {
           const int8_t* x = a->q8.data() + (m0 + m) * K + b * QK + 4 * j;
           int32_t xl, xh;
           std::memcpy(&xl, x, 4), std::memcpy(&xh, x + 16, 4);
-          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
-          s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+          s[m] = _mm256_add_epi16(s[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
+                                                         _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh))));
         }
       }
       const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dg + b * 8)));
