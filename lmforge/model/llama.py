@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.prefix_groups import PrefixGroups
+
 
 @dataclass
 class LlamaConfig:
@@ -217,8 +219,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, plus_one=cfg.gemma_norms)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask`` [B, 1, T, S] (True = may attend); None means plain causal over this chunk (no cache only)."""
+                cache: KVCache | None, rows: torch.Tensor | None,
+                mask: torch.Tensor | PrefixGroups | None = None) -> torch.Tensor:
+        """``mask`` [B, 1, T, S] (True = may attend) or a ``PrefixGroups`` layout (no cache); None means plain causal
+        over this chunk (no cache only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -230,6 +234,8 @@ class Attention(nn.Module):
 
         if cache is None and mask is None:  # training / full recompute: plain causal attention over this chunk
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=gqa)
+        elif isinstance(mask, PrefixGroups):  # GRPO's packed groups, block by block
+            y = mask.attend(q, k, v, self.scale)
         elif cache is None:  # packed documents and/or a sliding window
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         else:
@@ -351,7 +357,8 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
                 last_only: bool = False, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, attention_mask: torch.Tensor | PrefixGroups | None = None
+                ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
 
         ``return_hidden``: return the final-norm hidden states [B, T, hidden] instead, without the head (for a loss that
@@ -365,8 +372,8 @@ class Llama(nn.Module):
         Without ``segment_ids`` or a cache, the rows are taken to start at position 0 (the causal mask is by column).
 
         ``attention_mask`` [B, 1, T, T] (training path only, True = may attend): a layout that ``segment_ids`` cannot
-        express, e.g. GRPO's packed groups (a prompt and its completions in one row, each completion seeing the prompt
-        and itself); give the ``positions`` with it.
+        express; or a ``PrefixGroups`` (GRPO's packed groups: a prompt and its completions in one row, each completion
+        seeing the prompt and itself), computed block by block; give the ``positions`` with it.
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -387,8 +394,10 @@ class Llama(nn.Module):
         if attention_mask is not None and (cache is not None or segment_ids is not None):
             raise ValueError("attention_mask is for the training path, without a KV cache or segment_ids")
         masks = self._masks(positions, cache, segment_ids)
-        if attention_mask is not None:
-            masks = {kind: attention_mask if m is None else m & attention_mask for kind, m in masks.items()}
+        if attention_mask is not None:  # a sliding window combines with the layout as a dense mask
+            dense = attention_mask.dense(input_ids.device) if isinstance(attention_mask, PrefixGroups) \
+                else attention_mask
+            masks = {kind: attention_mask if m is None else m & dense for kind, m in masks.items()}
         x = self.model.embed_tokens(input_ids)
         if cfg.gemma_norms:  # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as HF does
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)

@@ -72,6 +72,7 @@ from lmforge.align.lora import (DEFAULT_TARGETS, FULL_HELP, LORA_R_HELP, TOKENIZ
 from lmforge.artifacts import Manifest, write_json
 from lmforge.config import ConfigError, StageConfig
 from lmforge.model.hf import load_model, save_model
+from lmforge.model.prefix_groups import PrefixGroups
 from lmforge.progress import console
 from lmforge.rl import tasks as T
 from lmforge.rl.rewards import Reward
@@ -175,12 +176,13 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: bool) ->
 @dataclass
 class RolloutBatch:
     """A step's rollouts packed one group per row: the prompt once, then its completions one after the other, each
-    completion attending to the prompt and to itself only (``mask``) at the positions it had when sampled.  The prompt
-    is computed once per group instead of G times (the log-probs are the same up to float rounding)."""
+    completion attending to the prompt and to itself only (``mask``, computed block by block) at the positions it had
+    when sampled.  The prompt is computed once per group instead of G times (the log-probs are the same up to float
+    rounding)."""
 
     input_ids: torch.Tensor  # [groups, T], right-padded
     positions: torch.Tensor  # [groups, T]
-    mask: torch.Tensor | None  # [groups, 1, T, T], True = may attend (None: plain causal, one completion per row)
+    mask: PrefixGroups  # the layout: prompt length and completion lengths of each row
     src: torch.Tensor  # [M] flat index into [groups * T] of the hidden state that predicts each completion token
     tgt: torch.Tensor  # [M] the completion tokens, completion by completion (row-major over the completions)
     n_tokens: torch.Tensor  # [N] completion tokens per completion
@@ -191,30 +193,28 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
     groups = []
     for g in range(0, len(prompts), group_size):
         p = prompts[g]
-        ids, pos, seg, src = list(p), list(range(len(p))), [0] * len(p), []
-        for i, c in enumerate(completions[g:g + group_size]):
+        ids, pos, src = list(p), list(range(len(p))), []
+        for c in completions[g:g + group_size]:
             start = len(ids)
             # the first token is predicted by the prompt's last one, each next one by the token before it
             src += [len(p) - 1] + list(range(start, start + len(c) - 1)) if c else []
             ids += c
             pos += range(len(p), len(p) + len(c))
-            seg += [i + 1] * len(c)
-        groups.append((ids, pos, seg, src))
+        groups.append((ids, pos, src))
     T = max(len(ids) for ids, *_ in groups)
     B = len(groups)
     ids_t = torch.full((B, T), pad_id, dtype=torch.long)
     pos_t = torch.zeros((B, T), dtype=torch.long)
-    seg_t = torch.full((B, T), -1, dtype=torch.long)  # padding: its own segment, never read
     src_all = []
-    for b, (ids, pos, seg, src) in enumerate(groups):
+    for b, (ids, pos, src) in enumerate(groups):
         ids_t[b, :len(ids)] = torch.tensor(ids)
         pos_t[b, :len(pos)] = torch.tensor(pos)
-        seg_t[b, :len(seg)] = torch.tensor(seg)
         src_all += [b * T + j for j in src]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])) & causal)[:, None]
+    layout = PrefixGroups([len(prompts[g]) for g in range(0, len(prompts), group_size)],
+                          [[len(c) for c in completions[g:g + group_size]] for g in range(0, len(prompts), group_size)],
+                          T)
     tgt = [t for c in completions for t in c]
-    return RolloutBatch(ids_t, pos_t, mask, torch.tensor(src_all, dtype=torch.long),
+    return RolloutBatch(ids_t, pos_t, layout, torch.tensor(src_all, dtype=torch.long),
                         torch.tensor(tgt, dtype=torch.long), torch.tensor([len(c) for c in completions]))
 
 
@@ -231,8 +231,8 @@ def token_logps(model: nn.Module, batch: RolloutBatch, with_entropy: bool = Fals
     lp = logp_all.gather(1, batch.tgt[:, None]).squeeze(1)
     ent = None
     if with_entropy:
-        with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # in place: one [M, vocab] buffer, not two
+            ent = -logp_all.exp().mul_(logp_all).sum(-1)
     return lp, ent
 
 
