@@ -17,6 +17,7 @@ from crawl_server import SiteServer  # noqa: E402
 from test_crawl import assert_adds_up, responses, warcio_check  # noqa: E402
 
 from lmforge.crawl.stage import Config, run  # noqa: E402
+from ctrl_c import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = 60
@@ -33,7 +34,7 @@ def interrupt(seed: str, out: Path, sig: int, after_pages: int) -> tuple[float, 
     code = (f"from lmforge.crawl.stage import Config, run\n"
             f"run(Config.model_validate_json({config(seed).model_dump_json()!r}), {str(out)!r})\n")
     child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     log = out / "crawl.log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and child.poll() is None:

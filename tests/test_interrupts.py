@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmforge import registry
 from lmforge.artifacts import read_manifest
+from ctrl_c import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 8
@@ -54,7 +55,8 @@ def test_ctrl_c_during_data_run_with_workers(tmp_path, lmforge_home):
     env = dict(os.environ, LMFORGE_HOME=str(lmforge_home), HF_HUB_OFFLINE="1", COLUMNS="200")
     cmd = [sys.executable, "-m", "lmforge.cli", "data", "run", "--inputs", str(src), "--out", str(out),
            "--shards", str(SHARDS), "--workers", "2", "--minhash", "--txt-chunk-chars", "2000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 180
     workers: set[int] = set()
     while markers(out) == 0:

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from lmforge.artifacts import read_manifest
+from ctrl_c import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 40
@@ -57,7 +58,8 @@ def test_ctrl_c_during_synth_stops_sending_requests(tmp_path, lmforge_home):
                f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "m", "--mode", "grade",
                "--data", str(data), "--concurrency", "2", "--out", str(out)]
         env = dict(os.environ, LMFORGE_HOME=str(lmforge_home), HF_HUB_OFFLINE="1", OPENAI_API_KEY="x")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
         deadline = time.time() + 120
         kept = out / "synth.jsonl"
         while not (kept.exists() and len(kept.read_text().splitlines()) >= 2):
