@@ -17,11 +17,26 @@ def cell(s: dict) -> str:
     return f"{round(s['accuracy'] * s['n'])}/{s['n']} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
 
 
+def labels(runs: list[Path]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell apart runs of the same name."""
+    parts = [run.resolve().parts for run in runs]
+    out = []
+    for p in parts:
+        k = 1
+        while k < len(p) and sum(q[-k:] == p[-k:] for q in parts) > 1:
+            k += 1
+        out.append("/".join(p[-k:]))
+    return out
+
+
 def table(runs: list[Path]) -> str:
     sums = {}
-    for run in runs:
-        records = [json.loads(line) for line in (run / "items.jsonl").read_text().splitlines() if line.strip()]
-        sums[run.name] = summarize(records) if records else {}
+    for run, label in zip(runs, labels(runs)):
+        items = run / "items.jsonl"
+        if not items.exists():
+            raise SystemExit(f"{run}: no items.jsonl (not an `lmforge eval-bfcl` output folder)")
+        records = [json.loads(line) for line in items.read_text().splitlines() if line.strip()]
+        sums[label] = summarize(records) if records else {}
     cats = [c for s in sums.values() for c in s if c != "overall"]
     cats = list(dict.fromkeys(cats)) + ["overall"]
     lines = ["| run | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
