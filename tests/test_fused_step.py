@@ -148,6 +148,25 @@ def test_fused_float32_adds_each_output_lanes_in_one_fixed_order(ext):
         assert not torch.equal(want, other)
         assert torch.equal(ext.fused_linear(x, [w, None, None, None, None]), want)
 
+def _x8_weights(fmt: str, w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The reference output of ``x @ w.T`` in format ``fmt`` and the x8 weights as ``fused_linear`` takes them."""
+    if fmt == "q8":
+        q, d = kernels.quantize_q8(w)
+        return kernels.q8_matmul_reference(x, q, d), [None, *kernels.pack_x8(q, d)[:2], None, None]
+    q, d, m = kernels.quantize_q4(w)
+    return kernels.q4_matmul_reference(x, q, d, m), [None, *kernels.pack_x8(q, d, m), None]
+
+
+def _check_x8(ext, fmt: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The x8 kernel's output: within float-order rounding of the reference, and each row as computed alone."""
+    want, lin = _x8_weights(fmt, w, x)
+    got = ext.fused_linear(x, lin)
+    bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+    assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+    assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(len(x))]))
+    return got
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("M,N,K", [(1, 64, 96), (3, 136, 64), (5, 16, 160), (16, 8, 32), (70, 24, 96)])
 def test_fused_linear_x8_layout(ext, fmt, M, N, K):
@@ -156,17 +175,7 @@ def test_fused_linear_x8_layout(ext, fmt, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     w, x = torch.randn(N, K, generator=g) * 0.1, torch.randn(M, K, generator=g)
     w[0, :32] = 0.0  # an all-zero block
-    if fmt == "q8":
-        q, d = kernels.quantize_q8(w)
-        want, lin = kernels.q8_matmul_reference(x, q, d), [None, *kernels.pack_x8(q, d)[:2], None, None]
-    else:
-        q, d, m = kernels.quantize_q4(w)
-        want, lin = kernels.q4_matmul_reference(x, q, d, m), [None, *kernels.pack_x8(q, d, m), None]
-    got = ext.fused_linear(x, lin)
-    bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
-    assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
-    assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
-
+    _check_x8(ext, fmt, w, x)
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -178,21 +187,14 @@ def test_fused_linear_x8_integer_sums_are_exact_at_the_extremes(ext, fmt):
     g = torch.Generator().manual_seed(3)
     N, K = 16, 128
     w = torch.where(torch.rand(N, K, generator=g) < 0.5, -1.0, 1.0) * 0.05
+    if fmt == "q8":
+        assert int(kernels.quantize_q8(w)[0].abs().min()) == 127
     for M in (16, 70):
         sign = torch.where(torch.rand(M, 1, generator=g) < 0.5, -1.0, 1.0)
         x = (sign * 3.0 * torch.sign(w[M % N])).contiguous()  # all of row M % N's products of one sign
-        if fmt == "q8":
-            q, d = kernels.quantize_q8(w)
-            assert int(q.abs().min()) == 127
-            want, lin = kernels.q8_matmul_reference(x, q, d), [None, *kernels.pack_x8(q, d)[:2], None, None]
-        else:
-            q, d, m = kernels.quantize_q4(w)
-            want, lin = kernels.q4_matmul_reference(x, q, d, m), [None, *kernels.pack_x8(q, d, m), None]
-        got = ext.fused_linear(x, lin)
-        bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
-        assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+        got = _check_x8(ext, fmt, w, x)
         assert float(got.abs().max()) > 0.99 * K * 0.05 * 3.0  # the largest possible sum was reached
-        assert torch.equal(got, torch.cat([ext.fused_linear(x[i:i + 1].contiguous(), lin) for i in range(M)]))
+
 
 def test_long_verify_pass_takes_the_python_path(ext, monkeypatch):
     """More than FUSED_MAX_T positions: the Python path (the fused step is never called), same logits."""
